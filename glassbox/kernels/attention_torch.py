@@ -1,0 +1,112 @@
+"""Attention in plain PyTorch: the CPU path, the oracle for GPU kernels, and the only path that can hand
+out the attention probabilities.
+
+Layout of the paged KV cache (per layer): k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim].
+A token's slot is block_id * block_size + offset.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write the step's keys/values ([T, KV, D]) into their slots ([T]) of the paged cache."""
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def gather_kv(
+    cache: torch.Tensor, block_table: torch.Tensor, context_len: int
+) -> torch.Tensor:
+    """The first `context_len` cached rows of one sequence, in order: [context_len, KV, D]."""
+    block_size = cache.shape[1]
+    num_blocks = (context_len + block_size - 1) // block_size
+    return cache[block_table[:num_blocks].long()].flatten(0, 1)[:context_len]
+
+
+def causal_mask(
+    q_len: int, context_len: int, sliding_window: int | None, device: torch.device
+) -> torch.Tensor:
+    """[q_len, context_len] bool, True = may attend. Query i sits at position context_len - q_len + i."""
+    q_pos = torch.arange(context_len - q_len, context_len, device=device)[:, None]
+    k_pos = torch.arange(context_len, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if sliding_window is not None:
+        allowed &= q_pos - k_pos < sliding_window
+    return allowed
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    return_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One sequence. q: [Lq, H, D]; k, v: [Lk, KV, D] with Lk >= Lq (the queries are the last Lq
+    positions). Returns out [Lq, H, D] and, if asked, the probabilities [H, Lq, Lk] in float32."""
+    q_len, num_heads, head_dim = q.shape
+    context_len, num_kv_heads, _ = k.shape
+    group = num_heads // num_kv_heads
+    if not return_probs:
+        qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, L, D]
+        mask = None
+        is_causal = False
+        if sliding_window is not None or (q_len > 1 and q_len != context_len):
+            mask = causal_mask(q_len, context_len, sliding_window, q.device)
+        elif q_len > 1:
+            is_causal = True
+        out = F.scaled_dot_product_attention(
+            qh, kh, vh, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=group > 1
+        )
+        return out.transpose(0, 1), None
+    # The readable path: scores in float32, softmax, weighted sum.
+    qg = q.float().view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)  # [KV, G, Lq, D]
+    kf = k.float().permute(1, 0, 2)[:, None]  # [KV, 1, Lk, D]
+    vf = v.float().permute(1, 0, 2)[:, None]  # [KV, 1, Lk, D]
+    scores = (qg @ kf.transpose(-1, -2)) * scale  # [KV, G, Lq, Lk]
+    allowed = causal_mask(q_len, context_len, sliding_window, q.device)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = (probs @ vf).permute(2, 0, 1, 3).reshape(q_len, num_heads, head_dim)
+    return out.to(q.dtype), probs.reshape(num_heads, q_len, context_len)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor | None,
+    v_cache: torch.Tensor | None,
+    block_tables: torch.Tensor | None,
+    query_start_loc: list[int],
+    context_lens: list[int],
+    scale: float,
+    sliding_window: int | None = None,
+    return_probs: bool = False,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Attention for a flattened batch. q: [T, H, D]; k, v: [T, KV, D] (this step's tokens).
+
+    With a cache, sequence i attends over its first context_lens[i] cached tokens (this step's already
+    stored); without one, over its own new tokens only. Returns out [T, H, D] and, if asked, one
+    probability tensor [H, q_len, context_len] per sequence.
+    """
+    out = torch.empty_like(q)
+    all_probs: list[torch.Tensor] = []
+    for i, context_len in enumerate(context_lens):
+        start, end = query_start_loc[i], query_start_loc[i + 1]
+        if k_cache is not None:
+            keys = gather_kv(k_cache, block_tables[i], context_len)
+            values = gather_kv(v_cache, block_tables[i], context_len)
+        else:
+            keys, values = k[start:end], v[start:end]
+        out[start:end], probs = attend(q[start:end], keys, values, scale, sliding_window, return_probs)
+        if probs is not None:
+            all_probs.append(probs)
+    return out, all_probs

@@ -1,0 +1,137 @@
+"""The one attention layer every model file uses, and the per-step metadata it reads.
+
+A step's tokens are flattened: the new tokens of every sequence in the batch are concatenated into one
+[num_tokens] stream (prefill chunks and decode tokens alike), and `AttentionMetadata` says where each
+sequence starts, how long its context is and where its keys/values live in the paged KV cache.
+
+The backend (how attention is computed) is chosen from outside: `set_attention_backend(model, backend)`.
+The default `TorchAttentionBackend` is the readable CPU path and the reference for GPU kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from glassbox.kernels import attention_torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs to know about one step, passed down explicitly.
+
+    Shapes: S = number of sequences in the step, T = total new tokens, B = max blocks per sequence.
+    """
+
+    query_start_loc: torch.Tensor  # [S + 1] int32: sequence i's new tokens are [start[i], start[i+1])
+    context_lens: torch.Tensor  # [S] int32: tokens in the cache for sequence i after this step
+    slot_mapping: torch.Tensor | None = None  # [T] int64: flat KV slot of each new token; None = no cache
+    block_tables: torch.Tensor | None = None  # [S, B] int32 block ids, padded with -1
+    # Host copies of the two length vectors, so the CPU path does not sync per layer.
+    query_start_loc_list: list[int] = field(default_factory=list)
+    context_lens_list: list[int] = field(default_factory=list)
+    # Research hook: layers whose attention probabilities this step should hand out. Filled by the
+    # layer into `captured[layer_idx]` as one [H, q_len, context_len] float32 tensor per sequence.
+    capture_layers: frozenset[int] = frozenset()
+    captured: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.query_start_loc_list:
+            self.query_start_loc_list = self.query_start_loc.tolist()
+        if not self.context_lens_list:
+            self.context_lens_list = self.context_lens.tolist()
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens_list)
+
+    @classmethod
+    def for_prompts(cls, lengths: list[int], device: torch.device | str = "cpu") -> AttentionMetadata:
+        """Metadata for a cache-less forward over whole prompts of the given lengths."""
+        starts = [0]
+        for n in lengths:
+            starts.append(starts[-1] + n)
+        return cls(
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            context_lens=torch.tensor(lengths, dtype=torch.int32, device=device),
+            query_start_loc_list=starts,
+            context_lens_list=list(lengths),
+        )
+
+
+class AttentionBackend(Protocol):
+    def forward(
+        self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor: ...
+
+
+class TorchAttentionBackend:
+    """Pure-PyTorch attention over the paged cache (or over the step's own tokens without a cache)."""
+
+    def forward(
+        self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        if meta.slot_mapping is not None:
+            attention_torch.store_kv(k, v, layer.k_cache, layer.v_cache, meta.slot_mapping)
+        capture = layer.layer_idx in meta.capture_layers
+        out, probs = attention_torch.attention(
+            q,
+            k,
+            v,
+            layer.k_cache if meta.slot_mapping is not None else None,
+            layer.v_cache if meta.slot_mapping is not None else None,
+            meta.block_tables,
+            meta.query_start_loc_list,
+            meta.context_lens_list,
+            scale=layer.scale,
+            sliding_window=layer.sliding_window,
+            return_probs=capture,
+        )
+        if capture:
+            meta.captured[layer.layer_idx] = probs
+        return out
+
+
+class Attention(nn.Module):
+    """softmax(q·kᵀ·scale + causal mask)·v with grouped-query heads, over the paged KV cache.
+
+    q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] (RoPE already applied) -> [T, num_heads, head_dim].
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        layer_idx: int,
+        scale: float | None = None,
+        sliding_window: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.layer_idx = layer_idx
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.sliding_window = sliding_window
+        # Bound by the engine to views of its KV pool: [num_blocks, block_size, num_kv_heads, head_dim].
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+        self.backend: AttentionBackend = TorchAttentionBackend()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.backend.forward(self, q, k, v, meta)
+
+
+def attention_layers(model: nn.Module) -> list[Attention]:
+    """The model's attention layers in layer order."""
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    return sorted(layers, key=lambda m: m.layer_idx)
+
+
+def set_attention_backend(model: nn.Module, backend: AttentionBackend) -> None:
+    for layer in attention_layers(model):
+        layer.backend = backend

