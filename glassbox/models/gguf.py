@@ -17,17 +17,16 @@ import struct
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 
 from glassbox.config import ModelConfig
 from glassbox.errors import ModelLoadError, UnsupportedModelError
-from glassbox.models.gguf_reader import GGUFFile, GGUFFormatError
+from glassbox.models.gguf_reader import GGUFFile, GGUFFormatError, GGUFTensor
 
 GGUF_MAGIC = b"GGUF"
 CONFIG_FILE = "glassbox_config.json"
 WEIGHTS_FILE = "model.safetensors"
 # Bump when the conversion changes, so stale caches are not reused.
-CONVERSION_VERSION = 2
+CONVERSION_VERSION = 3
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")
 
@@ -209,14 +208,11 @@ def iter_tensors(gguf: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, np.
             array = _unpermute(array, config.num_key_value_heads)
         elif arch == "gpt2" and name.endswith(_GPT2_TRANSPOSED):
             array = array.T
-        if not array.flags.writeable:  # a float32 tensor comes back as a view of the read-only file
-            array = array.copy()
-        yield name, np.ascontiguousarray(array)
+        yield name, array
 
 
 def convert_gguf(path: Path, out_dir: Path, progress: bool = True) -> None:
     """Write `out_dir`/{model.safetensors, glassbox_config.json, tokenizer files} from a GGUF file."""
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     gguf = _read(path)
@@ -224,14 +220,63 @@ def convert_gguf(path: Path, out_dir: Path, progress: bool = True) -> None:
     used = [t for t in gguf.tensors if hf_name(config.architecture, t.name) is not None]
     if not used:
         raise ModelLoadError(f"GGUF file {path} holds no tensors glassbox can use")
-    tensors: dict[str, torch.Tensor] = {}
     with tqdm(total=len(used), desc=f"converting {path.name}", unit="tensor", disable=not progress, leave=False) as bar:
-        for name, array in iter_tensors(gguf, config):
-            tensors[name] = torch.from_numpy(array)
-            bar.update(1)
-    save_file(tensors, str(out_dir / WEIGHTS_FILE))
+        write_safetensors_streaming(out_dir / WEIGHTS_FILE, _hf_shapes(used, config), iter_tensors(gguf, config), bar.update)
     (out_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
     _save_tokenizer(gguf, out_dir)
+    _release_freed_memory()
+
+
+def _release_freed_memory() -> None:
+    """Hand the dequantization temporaries back to the OS (glibc keeps freed heap pages otherwise),
+    so that converting does not raise the process's peak memory above a warm start's."""
+    import ctypes
+    import ctypes.util
+
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        try:
+            ctypes.CDLL(libc_name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
+def _hf_shapes(tensors: list[GGUFTensor], config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for tensor in tensors:
+        name = hf_name(config.architecture, tensor.name)
+        transposed = config.architecture == "gpt2" and name.endswith(_GPT2_TRANSPOSED)
+        shapes[name] = tuple(reversed(tensor.shape)) if transposed else tensor.shape
+    return shapes
+
+
+def write_safetensors_streaming(
+    path: Path,
+    shapes: dict[str, tuple[int, ...]],
+    arrays: Iterator[tuple[str, np.ndarray]],
+    on_tensor: Any = lambda n: None,
+) -> None:
+    """Write float32 tensors to a safetensors file one at a time, so that only one is ever in memory.
+
+    Format: u64 header length, JSON header {name: {dtype, shape, data_offsets}} padded to 8 bytes, data.
+    `arrays` must yield the names of `shapes` in the same order.
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in shapes.items():
+        size = 4 * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for (name, array), expected in zip(arrays, shapes.items(), strict=True):
+            if (name, array.shape) != (expected[0], tuple(expected[1])):
+                raise ModelLoadError(f"GGUF tensor {name} has shape {array.shape}, expected {expected[1]}")
+            f.write(memoryview(np.ascontiguousarray(array, dtype=np.float32)))
+            on_tensor(1)
 
 
 def _save_tokenizer(gguf: GGUFFile, out_dir: Path) -> None:

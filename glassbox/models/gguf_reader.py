@@ -41,12 +41,18 @@ class GGUFTensor:
 
         return GGMLQuantizationType(self.ggml_type).name
 
-    def dequantize(self) -> np.ndarray:
-        """float32 array of `shape`."""
+    def dequantize(self, rows_per_chunk: int = 2048) -> np.ndarray:
+        """float32 array of `shape`, dequantized a few rows at a time: gguf's numpy dequantizers build
+        temporaries several times the tensor's size, which would dominate peak memory on the embedding."""
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
-        return dequantize(self.data, GGMLQuantizationType(self.ggml_type)).reshape(self.shape)
+        qtype = GGMLQuantizationType(self.ggml_type)
+        rows = self.data.reshape(-1, self.data.shape[-1])
+        out = np.empty((rows.shape[0], self.shape[-1]), dtype=np.float32)
+        for start in range(0, rows.shape[0], rows_per_chunk):
+            out[start : start + rows_per_chunk] = dequantize(rows[start : start + rows_per_chunk], qtype)
+        return out.reshape(self.shape)
 
 
 class GGUFFile:

@@ -1,0 +1,45 @@
+"""Build the per-step inputs the model reads: flattened positions and `AttentionMetadata`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from glassbox.layers.attention import AttentionMetadata
+
+
+@dataclass
+class SeqChunk:
+    """One sequence's share of a step: tokens [start, start + num_new) are computed now."""
+
+    block_table: list[int]
+    start: int
+    num_new: int
+
+
+def build_step_metadata(
+    chunks: list[SeqChunk], block_size: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, AttentionMetadata]:
+    """positions [T] and the metadata (slot mapping, padded block tables, lengths) for a step."""
+    positions: list[int] = []
+    slots: list[int] = []
+    starts = [0]
+    context_lens = []
+    for chunk in chunks:
+        for pos in range(chunk.start, chunk.start + chunk.num_new):
+            positions.append(pos)
+            slots.append(chunk.block_table[pos // block_size] * block_size + pos % block_size)
+        starts.append(starts[-1] + chunk.num_new)
+        context_lens.append(chunk.start + chunk.num_new)
+    width = max(len(c.block_table) for c in chunks)
+    tables = [c.block_table + [-1] * (width - len(c.block_table)) for c in chunks]
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+        query_start_loc_list=starts,
+        context_lens_list=context_lens,
+    )
+    return torch.tensor(positions, dtype=torch.int64, device=device), meta
