@@ -147,3 +147,25 @@ def _layer_windows(hf: dict[str, Any], num_layers: int) -> list[int | None]:
     if layer_types:
         return [window if t == "sliding_attention" else None for t in layer_types]
     return [window] * num_layers
+
+
+@dataclass
+class EngineConfig:
+    """How the engine runs: KV pool size, batching limits, scheduling policy."""
+
+    block_size: int = 16
+    kv_cache_memory: int = 1 << 30  # bytes for the KV pool (keys + values, all layers)
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory when set
+    max_num_seqs: int = 256  # sequences in one step at most
+    max_num_batched_tokens: int = 2048  # tokens in one step at most: prefill chunks share it with decodes
+    max_model_len: int | None = None  # default: the model's context length
+    enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"
+    seed: int | None = None  # of the generator used by sampled requests without their own seed
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}")

@@ -1,0 +1,266 @@
+"""The synchronous engine: requests in, one batched forward pass per `step()`, outputs out.
+
+    engine = LLMEngine(load_model(None), EngineConfig())
+    engine.add_request("r1", "Hello", SamplingParams(max_tokens=8))
+    while engine.has_unfinished_requests():
+        for out in engine.step(): ...
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from glassbox.config import EngineConfig
+from glassbox.engine.block_manager import BlockManager
+from glassbox.engine.kv_cache import KVCache
+from glassbox.engine.model_runner import ModelRunner, PromptLogprob
+from glassbox.engine.scheduler import Scheduler
+from glassbox.engine.sequence import Sequence
+from glassbox.models.loader import LoadedModel
+from glassbox.sampling import SampleRequest, SamplingParams
+
+# One output token's logprobs: the sampled token's and the top alternatives, as {token_id: logprob}.
+TokenLogprobs = dict[str, Any]
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    text: str  # the whole generated text so far (stop string removed)
+    token_ids: list[int]  # generated tokens so far
+    new_text: str  # what this step added to `text`
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    logprobs: list[TokenLogprobs] | None
+    prompt_logprobs: list[PromptLogprob | None] | None
+    num_cached_tokens: int
+    timings: dict[str, float | None]
+
+
+@dataclass(eq=False)
+class RequestState:
+    """Engine-side state of a request beyond the scheduler's Sequence: sampling and detokenization."""
+
+    seq: Sequence
+    params: SamplingParams
+    generator: torch.Generator | None
+    stop_token_ids: set[int]
+    text: str = ""
+    emitted_text_len: int = 0
+    emitted_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[PromptLogprob | None] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+        self.loaded = loaded
+        self.config = config or EngineConfig()
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = min(
+            self.config.max_model_len or loaded.config.max_position_embeddings, loaded.config.max_position_embeddings
+        )
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            self.kv_cache = KVCache(loaded.config, cfg.num_kv_blocks, cfg.block_size, loaded.dtype, loaded.device)
+        else:
+            self.kv_cache = KVCache.for_memory(
+                loaded.config, cfg.kv_cache_memory, cfg.block_size, loaded.dtype, loaded.device
+            )
+        self.block_manager = BlockManager(self.kv_cache.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.scheduling_policy)
+        self.runner = ModelRunner(loaded, self.kv_cache, cfg.seed)
+        self.requests: dict[str, RequestState] = {}
+        self.eos_token_ids = set(loaded.config.eos_token_ids) | (
+            {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        )
+        self._ids = itertools.count()
+        self.num_steps = 0
+
+    # ---- requests
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        vocab = self.loaded.config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        return list(prompt)
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> str:
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        prompt_ids = self.encode_prompt(prompt)
+        if not prompt_ids:
+            raise ValueError("prompt is empty: it must hold at least one token")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+                f"length of {self.max_model_len} tokens"
+            )
+        blocks = -(-(len(prompt_ids) + params.max_tokens) // self.config.block_size)
+        if blocks > self.kv_cache.num_blocks:
+            raise ValueError(
+                f"prompt + max_tokens needs {blocks} KV blocks but the pool has {self.kv_cache.num_blocks}; "
+                "lower max_tokens or give the KV cache more memory"
+            )
+        seq = Sequence(request_id, prompt_ids, params, priority=priority)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        self.requests[request_id] = RequestState(seq, params, generator, stop_ids)
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks. False if it is unknown or already finished."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return False
+        self._finish(state, "abort")
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one forward pass, sample, and report every request that advanced or finished."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        now = time.perf_counter()
+        sample_requests: dict[int, SampleRequest] = {}
+        prompt_logprobs: dict[int, int] = {}
+        for i, (seq, num_new) in enumerate(batch.items):
+            state = self.requests[seq.request_id]
+            if seq.timings.first_scheduled is None:
+                seq.timings.first_scheduled = now
+            if seq.num_computed_tokens + num_new == seq.num_tokens:
+                sample_requests[i] = self._sample_request(state)
+            if state.params.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens:
+                prompt_logprobs[i] = state.params.prompt_logprobs
+        result = self.runner.execute(batch, sample_requests, prompt_logprobs)
+        self.num_steps += 1
+
+        now = time.perf_counter()
+        outputs = []
+        for i, (seq, num_new) in enumerate(batch.items):
+            state = self.requests[seq.request_id]
+            if i in result.prompt_logprobs:
+                self._record_prompt_logprobs(state, seq.num_computed_tokens, result.prompt_logprobs[i])
+            seq.num_computed_tokens += num_new
+            self.block_manager.commit(seq)
+            if i not in result.sampled:
+                continue
+            self._append_token(state, result.sampled[i], result.logprobs.get(i), now)
+            outputs.append(self._output(state))
+            if seq.is_finished:
+                del self.requests[seq.request_id]
+        return outputs
+
+    def _sample_request(self, state: RequestState) -> SampleRequest:
+        seq, params = state.seq, state.params
+        banned = []
+        if seq.num_output_tokens < params.min_tokens:
+            banned = sorted(state.stop_token_ids | (set() if params.ignore_eos else self.eos_token_ids))
+        return SampleRequest(params, seq.prompt_token_ids, seq.output_token_ids, state.generator, banned)
+
+    def _record_prompt_logprobs(self, state: RequestState, start: int, entries: list[PromptLogprob]) -> None:
+        if not state.prompt_logprobs:
+            state.prompt_logprobs.append(None)  # the first prompt token has no context
+        # After a preemption the prompt is recomputed: keep only positions not recorded yet.
+        have = len(state.prompt_logprobs)
+        for offset, entry in enumerate(entries):
+            if start + 1 + offset >= have:
+                state.prompt_logprobs.append(entry)
+
+    def _append_token(
+        self, state: RequestState, token: int, logprob: tuple[float, list[tuple[int, float]]] | None, now: float
+    ) -> None:
+        seq, params = state.seq, state.params
+        seq.token_ids.append(token)
+        if seq.timings.first_token is None:
+            seq.timings.first_token = now
+        seq.timings.token_times.append(now)
+        if logprob is not None:
+            state.logprobs.append({"token_id": token, "logprob": logprob[0], "top_logprobs": dict(logprob[1])})
+        state.text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=params.skip_special_tokens)
+
+        if token in state.stop_token_ids:  # never sampled before min_tokens: they are banned until then
+            self._finish(state, "stop")
+        elif params.stop and seq.num_output_tokens >= params.min_tokens and self._truncate_at_stop(state):
+            self._finish(state, "stop")
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(state, "length")
+
+    def _truncate_at_stop(self, state: RequestState) -> bool:
+        """If a stop string appeared, cut the text there (keeping it if asked) and say so."""
+        params = state.params
+        window_start = max(0, state.emitted_text_len - max(len(s) for s in params.stop))
+        hits = [(state.text.find(s, window_start), s) for s in params.stop]
+        hits = [(index, s) for index, s in hits if index >= 0]
+        if not hits:
+            return False
+        index, stop = min(hits)
+        state.text = state.text[: index + len(stop) if params.include_stop_str_in_output else index]
+        return True
+
+    def _finish(self, state: RequestState, reason: str) -> None:
+        self.scheduler.finish(state.seq, reason)
+        state.seq.timings.finished = time.perf_counter()
+
+    def _output(self, state: RequestState) -> RequestOutput:
+        seq = state.seq
+        text = state.text
+        # Hold back an incomplete UTF-8 character (decoded as U+FFFD) until its next byte arrives.
+        visible = len(text) if seq.is_finished or not text.endswith("\ufffd") else len(text.rstrip("\ufffd"))
+        new_text = text[state.emitted_text_len : visible] if visible > state.emitted_text_len else ""
+        state.emitted_text_len = max(state.emitted_text_len, visible)
+        output_ids = seq.output_token_ids
+        new_ids = output_ids[state.emitted_tokens :]
+        state.emitted_tokens = len(output_ids)
+        params = state.params
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            text=text[:visible],
+            token_ids=list(output_ids),
+            new_text=new_text,
+            new_token_ids=new_ids,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            logprobs=list(state.logprobs) if params.logprobs is not None else None,
+            prompt_logprobs=list(state.prompt_logprobs) if params.prompt_logprobs is not None else None,
+            num_cached_tokens=seq.num_cached_tokens,
+            timings=seq.timings.summary(),
+        )
+
+    # ---- introspection
+    def stats(self) -> dict[str, Any]:
+        bm = self.block_manager
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_blocks": bm.num_blocks,
+            "num_free_blocks": bm.num_free_blocks,
+            "kv_cache_usage": bm.usage(),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_steps": self.num_steps,
+            "prefix_cache": vars(bm.stats).copy(),
+        }

@@ -1,0 +1,92 @@
+"""Runs one scheduled step on the model: builds the flattened inputs and `AttentionMetadata`, runs the
+forward pass, computes logits only for the rows that are needed, and samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from glassbox.engine.kv_cache import KVCache
+from glassbox.engine.scheduler import ScheduledBatch
+from glassbox.engine.sequence import Sequence
+from glassbox.engine.step_metadata import SeqChunk, build_step_metadata
+from glassbox.models.loader import LoadedModel
+from glassbox.sampling import SampleRequest, SampleResult, sample
+
+# (token id, logprob, [(alternative id, logprob)]) for one prompt position
+PromptLogprob = tuple[int, float, list[tuple[int, float]]]
+
+
+@dataclass
+class StepResult:
+    sampled: dict[int, int] = field(default_factory=dict)  # batch index -> sampled token
+    logprobs: dict[int, tuple[float, list[tuple[int, float]]]] = field(default_factory=dict)
+    prompt_logprobs: dict[int, list[PromptLogprob]] = field(default_factory=dict)  # batch index -> new entries
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, kv_cache: KVCache, seed: int | None = None) -> None:
+        self.model = loaded.model
+        self.device = loaded.device
+        self.kv_cache = kv_cache
+        self.block_size = kv_cache.block_size
+        kv_cache.bind(self.model)
+        self.generator = torch.Generator(device="cpu")
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+
+    @torch.inference_mode()
+    def execute(
+        self,
+        batch: ScheduledBatch,
+        sample_requests: dict[int, SampleRequest],
+        prompt_logprobs: dict[int, int],
+    ) -> StepResult:
+        """Run the batch. `sample_requests`: batch index -> how to sample that row (only for sequences
+        whose last token is computed this step). `prompt_logprobs`: batch index -> top-N wanted, for
+        sequences still in their prompt."""
+        input_ids: list[int] = []
+        chunks: list[SeqChunk] = []
+        for seq, num_new in batch.items:
+            start = seq.num_computed_tokens
+            input_ids.extend(seq.token_ids[start : start + num_new])
+            chunks.append(SeqChunk(seq.block_table, start, num_new))
+        positions, meta = build_step_metadata(chunks, self.block_size, self.device)
+        hidden = self.model(torch.tensor(input_ids, device=self.device), positions, meta)
+
+        result = StepResult()
+        ends = meta.query_start_loc_list[1:]
+        if sample_requests:
+            indices = list(sample_requests)
+            rows = torch.tensor([ends[i] - 1 for i in indices], device=self.device)
+            logits = self.model.compute_logits(hidden[rows]).float().cpu()
+            sampled: SampleResult = sample(logits, [sample_requests[i] for i in indices], self.generator)
+            for i, token, logprob in zip(indices, sampled.token_ids, sampled.logprobs):
+                result.sampled[i] = token
+                if logprob is not None:
+                    result.logprobs[i] = logprob
+        for i, top_n in prompt_logprobs.items():
+            seq, num_new = batch.items[i]
+            result.prompt_logprobs[i] = self._prompt_logprobs(seq, num_new, hidden[ends[i] - num_new : ends[i]], top_n)
+        return result
+
+    def _prompt_logprobs(self, seq: Sequence, num_new: int, hidden: torch.Tensor, top_n: int) -> list[PromptLogprob]:
+        """Logprob of each prompt token given the tokens before it, for the prompt tokens this chunk predicts."""
+        start = seq.num_computed_tokens
+        # Row j (position start + j) predicts the token at start + j + 1, while that is a prompt token.
+        count = min(num_new, seq.num_prompt_tokens - 1 - start)
+        if count <= 0:
+            return []
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden[:count]).float(), dim=-1).cpu()
+        targets = seq.token_ids[start + 1 : start + 1 + count]
+        entries = []
+        for row, target in zip(logprobs, targets):
+            top = []
+            if top_n > 0:
+                values, ids = torch.topk(row, top_n)
+                top = list(zip(ids.tolist(), values.tolist()))
+            entries.append((target, float(row[target]), top))
+        return entries

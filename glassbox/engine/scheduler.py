@@ -1,0 +1,120 @@
+"""Continuous batching: which sequences run this step and how many of their tokens. Plain Python.
+
+Every step (vLLM v1's unified rule): each sequence has tokens not yet in the cache — a whole prompt, a
+prompt's remaining chunk, or the one token sampled last step — and gets up to that many under a per-step
+token budget, so prefill chunks and decodes share one forward pass. Running sequences go first, in the
+policy's order; if the pool runs out, the policy's victim is preempted (its blocks freed, to be recomputed
+later) — never a crash. Then waiting sequences are admitted, in the policy's order, after a prefix-cache
+lookup.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from glassbox.engine.block_manager import BlockManager
+from glassbox.engine.policies import SchedulingPolicy, get_policy
+from glassbox.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work: (sequence, number of its tokens to compute) in batch order."""
+
+    items: list[tuple[Sequence, int]] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.items)
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        policy: SchedulingPolicy | str = "fcfs",
+    ) -> None:
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.policy = get_policy(policy) if isinstance(policy, str) else policy
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        self.running = self.policy.order(self.running)
+        scheduled: set[int] = set()
+
+        # 1. Running sequences: decodes and the rest of chunked prefills.
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            while not self.block_manager.allocate(seq, num_new):
+                victim = self.policy.victim([s for s in self.running if id(s) not in scheduled])
+                self._preempt(victim, batch)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:  # preempted itself
+                continue
+            batch.items.append((seq, num_new))
+            scheduled.add(id(seq))
+            budget -= num_new
+            index += 1
+
+        # 2. Admit waiting sequences, unless this step had to preempt (the pool is tight).
+        if not batch.preempted:
+            self.waiting = self.policy.order(self.waiting)
+            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                seq = self.waiting[0]
+                self.block_manager.lookup_prefix(seq)
+                num_new = min(seq.num_uncomputed_tokens, budget)
+                if not self.block_manager.allocate(seq, num_new):
+                    self.block_manager.free(seq)
+                    seq.num_computed_tokens = seq.num_cached_tokens = 0
+                    break
+                self.waiting.pop(0)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                batch.items.append((seq, num_new))
+                budget -= num_new
+        return batch
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        """Free the sequence's blocks; it goes back to waiting and recomputes its tokens when readmitted."""
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = seq.num_cached_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.insert(0, seq)
+        batch.preempted.append(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Remove a sequence (done or aborted) and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
