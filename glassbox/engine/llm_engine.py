@@ -100,10 +100,21 @@ class LLMEngine:
         request_id: str | None = None,
         priority: int = 0,
     ) -> str:
+        """Validate and queue a request; raises ValueError naming the problem. Returns its id."""
+        state = self.make_request(prompt, params, request_id, priority)
+        self.enqueue(state)
+        return state.seq.request_id
+
+    def make_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> RequestState:
+        """Tokenize and validate without touching the engine's queues (safe from another thread)."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
         prompt_ids = self.encode_prompt(prompt)
         if not prompt_ids:
             raise ValueError("prompt is empty: it must hold at least one token")
@@ -123,9 +134,14 @@ class LLMEngine:
         if params.seed is not None:
             generator = torch.Generator(device="cpu").manual_seed(params.seed)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-        self.requests[request_id] = RequestState(seq, params, generator, stop_ids)
-        self.scheduler.add(seq)
-        return request_id
+        return RequestState(seq, params, generator, stop_ids)
+
+    def enqueue(self, state: RequestState) -> None:
+        request_id = state.seq.request_id
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        self.requests[request_id] = state
+        self.scheduler.add(state.seq)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its blocks. False if it is unknown or already finished."""

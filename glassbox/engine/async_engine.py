@@ -1,0 +1,151 @@
+"""The engine behind the server: a background thread steps the engine while there is work, and every
+request gets an asyncio stream of its outputs.
+
+All engine state is touched by the loop thread only: `generate()` validates in the caller (tokenizing is
+thread-safe), then hands the request over through a queue, as does `abort()`. A step that raises marks
+the engine dead (`is_alive` turns False, /health says 503) and every open stream gets the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from glassbox.engine.llm_engine import LLMEngine, RequestOutput
+from glassbox.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped after an error; the server must be restarted."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.5) -> None:
+        self.engine = engine
+        self._ops: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._ids = itertools.count()
+        self._stopping = False
+        self._idle_wait_s = idle_wait_s
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="glassbox-engine", daemon=True)
+
+    # ---- lifecycle
+    def start(self) -> AsyncLLMEngine:
+        self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        self._thread.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def call(self, fn: Callable[[LLMEngine], Any]) -> asyncio.Future:
+        """Run fn(engine) on the loop thread between steps (for introspection and changes); await it."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def op() -> None:
+            try:
+                result = fn(self.engine)
+            except BaseException as error:  # handed to the caller, the engine goes on
+                loop.call_soon_threadsafe(_set_exception, future, error)
+            else:
+                loop.call_soon_threadsafe(_set_result, future, result)
+
+        self._submit(op)
+        return future
+
+    # ---- requests
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs as tokens arrive; the last one has finished=True. Leaving the
+        iteration early (client gone, task cancelled) aborts the request and frees its blocks."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine is not running")
+        request_id = request_id or f"async-{next(self._ids)}"
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        state = self.engine.make_request(prompt, params, request_id, priority)  # raises ValueError
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request_id] = stream
+        self._submit(lambda: self.engine.enqueue(state))
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._submit(lambda: self.engine.abort(request_id))
+
+    # ---- the loop thread
+    def _submit(self, op: Callable[[], None]) -> None:
+        self._ops.put(op)
+        self._wakeup.set()
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                while not self._ops.empty():
+                    self._ops.get()()
+                if not self.engine.has_unfinished_requests():
+                    self._wakeup.wait(self._idle_wait_s)
+                    self._wakeup.clear()
+                    continue
+                for output in self.engine.step():
+                    stream = self._streams.get(output.request_id)
+                    if stream is not None:
+                        stream.put(output)
+        except BaseException as error:
+            logger.exception("engine loop died")
+            self.error = error
+            dead = EngineDeadError(f"the engine stopped: {type(error).__name__}: {error}")
+            for stream in list(self._streams.values()):
+                stream.put(dead)
+
+
+def _set_result(future: asyncio.Future, result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future, error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

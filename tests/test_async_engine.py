@@ -1,0 +1,85 @@
+"""The async front: streams, concurrency, abort frees blocks, a dead engine is reported."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from glassbox import SamplingParams
+from glassbox.config import EngineConfig
+from glassbox.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from glassbox.engine.llm_engine import LLMEngine
+from glassbox.generate import greedy_generate
+from glassbox.models.loader import load_model
+
+
+@pytest.fixture()
+def engine(tiny_model_dir):
+    loaded = load_model(tiny_model_dir("llama"))
+    async_engine = AsyncLLMEngine(LLMEngine(loaded, EngineConfig(num_kv_blocks=200, block_size=4)), idle_wait_s=0.05)
+    yield async_engine.start()
+    async_engine.shutdown()
+
+
+async def collect(engine: AsyncLLMEngine, prompt, params):
+    outputs = [out async for out in engine.generate(prompt, params)]
+    return outputs
+
+
+def test_concurrent_streams_match_greedy_alone(engine):
+    prompts = [[5, 6, 7], [9] * 20, list(range(40, 70)), [1]]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+    async def main():
+        return await asyncio.gather(*(collect(engine, p, params) for p in prompts))
+
+    results = asyncio.run(main())
+    for prompt, outputs in zip(prompts, results):
+        assert outputs[-1].finished and not any(o.finished for o in outputs[:-1])
+        streamed = [t for o in outputs for t in o.new_token_ids]
+        assert streamed == outputs[-1].token_ids == greedy_generate(engine.engine.loaded, prompt, 10, set())
+        assert "".join(o.new_text for o in outputs) == outputs[-1].text
+    assert engine.engine.block_manager.num_free_blocks == engine.engine.block_manager.num_blocks
+
+
+def test_leaving_a_stream_aborts_and_frees_blocks(engine):
+    async def main():
+        stream = engine.generate([3, 4, 5], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
+        async for out in stream:
+            if len(out.token_ids) == 3:
+                break
+        await stream.aclose()
+        for _ in range(100):
+            stats = await engine.call(lambda e: e.stats())
+            if stats["num_running"] == 0:
+                return stats
+            await asyncio.sleep(0.01)
+        return stats
+
+    stats = asyncio.run(main())
+    assert stats["num_running"] == 0 and stats["num_free_blocks"] == stats["num_blocks"]
+
+
+def test_bad_request_raises_in_the_caller_and_engine_lives_on(engine):
+    async def main():
+        with pytest.raises(ValueError, match="context length"):
+            await collect(engine, [1] * 300, SamplingParams(max_tokens=10))
+        return await collect(engine, [1, 2], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+
+    assert len(asyncio.run(main())[-1].token_ids) == 2
+    assert engine.is_alive
+
+
+def test_a_failing_step_marks_the_engine_dead(engine):
+    def broken_step():
+        raise RuntimeError("boom")
+
+    engine.engine.step = broken_step
+
+    async def main():
+        with pytest.raises(EngineDeadError, match="boom"):
+            await collect(engine, [1, 2], SamplingParams(max_tokens=2))
+
+    asyncio.run(main())
+    assert not engine.is_alive
