@@ -162,6 +162,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"
     seed: int | None = None  # of the generator used by sampled requests without their own seed
+    quantization: str | None = None  # "int4" | "int8" weight-only (CPU); None keeps the loaded dtype
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

@@ -18,6 +18,7 @@ import torch
 from glassbox.config import EngineConfig
 from glassbox.engine.block_manager import BlockManager
 from glassbox.engine.kv_cache import KVCache
+from glassbox.engine.optimize import optimize_model
 from glassbox.engine.model_runner import ModelRunner, PromptLogprob
 from glassbox.engine.scheduler import Scheduler
 from glassbox.engine.sequence import Sequence
@@ -68,6 +69,7 @@ class LLMEngine:
             self.config.max_model_len or loaded.config.max_position_embeddings, loaded.config.max_position_embeddings
         )
         cfg = self.config
+        optimize_model(loaded.model, cfg.quantization)
         if cfg.num_kv_blocks is not None:
             self.kv_cache = KVCache(loaded.config, cfg.num_kv_blocks, cfg.block_size, loaded.dtype, loaded.device)
         else:

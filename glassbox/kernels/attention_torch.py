@@ -7,6 +7,8 @@ A token's slot is block_id * block_size + offset.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -78,6 +80,68 @@ def attend(
     return out.to(q.dtype), probs.reshape(num_heads, q_len, context_len)
 
 
+@dataclass
+class DecodeBatch:
+    """The step's decode sequences (one new token each), gathered once per step and shared by every
+    layer, so that a layer's decode attention is a dozen tensor ops whatever the batch size."""
+
+    seq_indices: list[int]  # which sequences of the step
+    rows: torch.Tensor | None  # [Sd] their rows in q; None when every row is a decode
+    tables: torch.Tensor  # [Sd, nb] int64 block ids (padding clamped to block 0, masked below)
+    lens: torch.Tensor  # [Sd, 1] context lengths
+    key_positions: torch.Tensor  # [L] = arange(nb * block_size)
+    padding: torch.Tensor  # [Sd, L] True where the key is past the context (masked out)
+
+    @classmethod
+    def build(
+        cls,
+        query_start_loc: list[int],
+        context_lens: list[int],
+        block_tables: torch.Tensor,
+        block_size: int,
+    ) -> DecodeBatch | None:
+        seqs = [i for i in range(len(context_lens)) if query_start_loc[i + 1] - query_start_loc[i] == 1]
+        if not seqs:
+            return None
+        device = block_tables.device
+        all_decode = len(seqs) == len(context_lens)
+        rows = None if all_decode else torch.tensor([query_start_loc[i] for i in seqs], device=device)
+        num_blocks = -(-max(context_lens[i] for i in seqs) // block_size)
+        tables = block_tables if all_decode else block_tables[torch.tensor(seqs, device=device)]
+        tables = tables[:, :num_blocks].clamp(min=0).long()
+        lens = torch.tensor([[context_lens[i]] for i in seqs], device=device)
+        key_positions = torch.arange(num_blocks * block_size, device=device)
+        return cls(seqs, rows, tables, lens, key_positions, key_positions[None, :] >= lens)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: DecodeBatch,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """One query per sequence, batched: the decode step. q: [Sd, H, D], each query at position
+    lens[i] - 1. Keys are gathered from the sequences' blocks into a padded [Sd, L, KV, D] batch and
+    the padding masked. Returns [Sd, H, D].
+
+    Written as two batched matmuls rather than SDPA: for one query SDPA takes its slow math path
+    (with a GQA key copy), and this is fewer dispatches per layer."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    keys = k_cache[batch.tables].view(num_seqs, -1, num_kv_heads, head_dim)  # [Sd, L, KV, D]
+    values = v_cache[batch.tables].view(num_seqs, -1, num_kv_heads, head_dim)
+    grouped_q = (q * scale).view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [Sd, KV, G, D]
+    scores = (grouped_q @ keys.permute(0, 2, 3, 1)).float()  # [Sd, KV, G, L]
+    masked = batch.padding
+    if sliding_window is not None:
+        masked = masked | (batch.key_positions[None, :] <= batch.lens - 1 - sliding_window)
+    probs = scores.masked_fill_(masked[:, None, None, :], float("-inf")).softmax(-1).to(q.dtype)
+    out = probs @ values.transpose(1, 2)  # [Sd, KV, G, D]
+    return out.view(num_seqs, num_heads, head_dim)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -90,16 +154,27 @@ def attention(
     scale: float,
     sliding_window: int | None = None,
     return_probs: bool = False,
+    decode_batch: DecodeBatch | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Attention for a flattened batch. q: [T, H, D]; k, v: [T, KV, D] (this step's tokens).
 
     With a cache, sequence i attends over its first context_lens[i] cached tokens (this step's already
-    stored); without one, over its own new tokens only. Returns out [T, H, D] and, if asked, one
+    stored); without one, over its own new tokens only. The decode sequences of `decode_batch` are done
+    together in one batched call; the others one by one. Returns out [T, H, D] and, if asked, one
     probability tensor [H, q_len, context_len] per sequence.
     """
+    if decode_batch is not None and decode_batch.rows is None:  # a pure decode step
+        return paged_decode_attention(q, k_cache, v_cache, decode_batch, scale, sliding_window), []
     out = torch.empty_like(q)
     all_probs: list[torch.Tensor] = []
+    skip: set[int] = set()
+    if decode_batch is not None:
+        rows = decode_batch.rows
+        out[rows] = paged_decode_attention(q[rows], k_cache, v_cache, decode_batch, scale, sliding_window)
+        skip = set(decode_batch.seq_indices)
     for i, context_len in enumerate(context_lens):
+        if i in skip:
+            continue
         start, end = query_start_loc[i], query_start_loc[i + 1]
         if k_cache is not None:
             keys = gather_kv(k_cache, block_tables[i], context_len)

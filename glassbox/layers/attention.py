@@ -37,6 +37,8 @@ class AttentionMetadata:
     # layer into `captured[layer_idx]` as one [H, q_len, context_len] float32 tensor per sequence.
     capture_layers: frozenset[int] = frozenset()
     captured: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    # Built by the first layer that needs it and reused by the others (see DecodeBatch).
+    decode_batch: attention_torch.DecodeBatch | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.query_start_loc_list:
@@ -77,6 +79,11 @@ class TorchAttentionBackend:
         if meta.slot_mapping is not None:
             attention_torch.store_kv(k, v, layer.k_cache, layer.v_cache, meta.slot_mapping)
         capture = layer.layer_idx in meta.capture_layers
+        cached = meta.slot_mapping is not None
+        if cached and meta.decode_batch is None:
+            meta.decode_batch = attention_torch.DecodeBatch.build(
+                meta.query_start_loc_list, meta.context_lens_list, meta.block_tables, layer.k_cache.shape[1]
+            )
         out, probs = attention_torch.attention(
             q,
             k,
@@ -89,6 +96,8 @@ class TorchAttentionBackend:
             scale=layer.scale,
             sliding_window=layer.sliding_window,
             return_probs=capture,
+            # A layer handing out probabilities takes the per-sequence path for all its sequences.
+            decode_batch=None if capture or not cached else meta.decode_batch,
         )
         if capture:
             meta.captured[layer.layer_idx] = probs

@@ -1,0 +1,73 @@
+"""Speed-ups applied to a loaded model from outside its file: weight layout and weight-only quantization.
+
+    optimize_model(model, quantization=None)    # float weights, stored column-major (faster CPU GEMMs)
+    optimize_model(model, quantization="int4")  # 4-bit group-32 weights, int8 LM head (CPU)
+    optimize_model(model, quantization="int8")  # 8-bit per-row weights (CPU)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from glassbox.layers.quantized_linear import Int4Linear, Int8Linear, int4_supported
+from glassbox.models.gpt2 import Conv1D
+
+QUANTIZATIONS = ("int4", "int8")
+
+
+def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight [out, in], bias) of a linear-like module, else None."""
+    if isinstance(module, nn.Linear):
+        return module.weight, module.bias
+    if isinstance(module, Conv1D):
+        return module.weight.t(), module.bias
+    return None
+
+
+def optimize_model(model: nn.Module, quantization: str | None = None) -> None:
+    device = next(model.parameters()).device
+    if quantization is not None:
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
+        if device.type != "cpu":
+            raise ValueError(f"quantization {quantization!r} is implemented for the CPU only")
+        _quantize(model, quantization)
+    elif device.type == "cpu":
+        _column_major(model)
+
+
+def _column_major(model: nn.Module) -> None:
+    """Store each nn.Linear weight [out, in] as the transpose of a contiguous [in, out] tensor: same
+    values, shape and name, but F.linear then hands MKL a non-transposed operand, which is up to 2x
+    faster for batched rows on this kind of CPU."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module.weight.is_contiguous():
+                if getattr(model, "lm_head", None) is module and _is_tied(model):
+                    continue  # the head shares its tensor with the embedding, whose rows must stay contiguous
+                module.weight = nn.Parameter(module.weight.t().contiguous().t(), requires_grad=False)
+
+
+def _is_tied(model: nn.Module) -> bool:
+    head = getattr(model, "lm_head", None)
+    return head is not None and any(
+        p is head.weight for name, p in model.named_parameters(remove_duplicate=False) if not name.startswith("lm_head")
+    )
+
+
+def _quantize(model: nn.Module, quantization: str) -> None:
+    replacements = []
+    for name, module in model.named_modules():
+        weight_bias = _linear_weight(module)
+        if weight_bias is None:
+            continue
+        weight, bias = weight_bias
+        out_features, in_features = weight.shape
+        if quantization == "int4" and name != "lm_head" and int4_supported(in_features, out_features):
+            replacements.append((name, Int4Linear(weight, bias)))
+        else:
+            replacements.append((name, Int8Linear(weight, bias)))
+    for name, new_module in replacements:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new_module)

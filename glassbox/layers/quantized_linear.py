@@ -1,0 +1,67 @@
+"""Weight-only quantized linear layers for the CPU, swapped in for `nn.Linear` from outside the model
+files (see engine/optimize.py).
+
+- `Int4Linear`: 4-bit weights in groups of 32 along the input dimension, each group with its own scale and
+  minimum — the layout of GGUF's Q4_1, so the default model's Q4_1 weights round-trip almost exactly (only
+  the scales are rounded to bfloat16). torch's `_weight_int4pack_mm_for_cpu`, bfloat16 activations.
+- `Int8Linear`: 8-bit weights, one scale per output row; `_weight_int8pack_mm`, bfloat16 activations.
+  Used for the LM head (GGUF stores the SmolLM2 embedding as Q8_0).
+
+Both read 4-8x fewer weight bytes than float32, which is what a batch-1 decode step is bound by.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+INT4_GROUP_SIZE = 32
+
+
+def int4_supported(in_features: int, out_features: int, group_size: int = INT4_GROUP_SIZE) -> bool:
+    return in_features % group_size == 0 and out_features % 16 == 0
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int = INT4_GROUP_SIZE) -> None:
+        """weight: [out, in] float; quantized per group of `group_size` inputs: w ≈ (q - 8) * scale + zero."""
+        super().__init__()
+        out_features, in_features = weight.shape
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = weight.float().reshape(out_features, in_features // group_size, group_size)
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scale = ((high - low) / 15).clamp_min(1e-10)
+        q = ((groups - low) / scale).round_().clamp_(0, 15).to(torch.int32).reshape(out_features, in_features)
+        zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
+        # [in / group, out, 2] (scale, zero), as the kernel wants
+        scales_zeros = torch.cat([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        self.register_buffer("packed_weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        self.register_buffer("scales_zeros", scales_zeros)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2d.to(torch.bfloat16), self.packed_weight, self.group_size, self.scales_zeros
+        ).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """weight: [out, in] float; w ≈ q * scale[row]."""
+        super().__init__()
+        self.out_features = weight.shape[0]
+        scale = weight.float().abs().amax(1).clamp_min(1e-10) / 127
+        self.register_buffer("weight_int8", (weight.float() / scale[:, None]).round_().to(torch.int8))
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        y = torch.ops.aten._weight_int8pack_mm(x2d.to(torch.bfloat16), self.weight_int8, self.scale).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
