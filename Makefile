@@ -25,6 +25,9 @@ serve: install
 test: install
 	$(PY) -m pytest -q
 
+bench: install
+	$(PY) bench/engine.py
+
 bench-startup: install
 	$(PY) bench/startup.py
 

@@ -20,13 +20,15 @@ import numpy as np
 
 from glassbox.config import ModelConfig
 from glassbox.errors import ModelLoadError, UnsupportedModelError
+from glassbox.models.packing import pack, stack_shapes
+from glassbox.models.registry import packed_modules
 from glassbox.models.gguf_reader import GGUFFile, GGUFFormatError, GGUFTensor
 
 GGUF_MAGIC = b"GGUF"
 CONFIG_FILE = "glassbox_config.json"
 WEIGHTS_FILE = "model.safetensors"
 # Bump when the conversion changes, so stale caches are not reused.
-CONVERSION_VERSION = 3
+CONVERSION_VERSION = 4
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")
 
@@ -220,8 +222,11 @@ def convert_gguf(path: Path, out_dir: Path, progress: bool = True) -> None:
     used = [t for t in gguf.tensors if hf_name(config.architecture, t.name) is not None]
     if not used:
         raise ModelLoadError(f"GGUF file {path} holds no tensors glassbox can use")
-    with tqdm(total=len(used), desc=f"converting {path.name}", unit="tensor", disable=not progress, leave=False) as bar:
-        write_safetensors_streaming(out_dir / WEIGHTS_FILE, _hf_shapes(used, config), iter_tensors(gguf, config), bar.update)
+    packed = packed_modules(config.architecture)
+    shapes = dict(pack(_hf_shapes(used, config).items(), packed, stack_shapes))
+    arrays = pack(iter_tensors(gguf, config), packed, np.concatenate)
+    with tqdm(total=len(shapes), desc=f"converting {path.name}", unit="tensor", disable=not progress, leave=False) as bar:
+        write_safetensors_streaming(out_dir / WEIGHTS_FILE, shapes, arrays, bar.update)
     (out_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
     _save_tokenizer(gguf, out_dir)
     _release_freed_memory()

@@ -1,8 +1,10 @@
 """The Llama family: Llama 2/3, SmolLM2, TinyLlama, Mistral — and Qwen2 (q/k/v bias) and Qwen3 (q/k RMSNorm),
 which differ from Llama only by the two `ModelConfig` flags `attention_bias` and `qk_norm`.
 
-Parameter names are Hugging Face's, so a `model.safetensors` loads as it is. The model is plain: attention
-goes through `layers.attention.Attention`, whose backend and KV cache are set from outside.
+Parameter names are Hugging Face's, except that q/k/v and gate/up are stacked into `qkv_proj` and
+`gate_up_proj` (one matmul each; the loader stacks the checkpoint's tensors, see `packed_modules`). The
+model is plain: attention goes through `layers.attention.Attention`, whose backend and KV cache are set
+from outside.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ class LlamaAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        hidden, q_size, kv_size = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(hidden, q_size, bias=config.attention_bias)
-        self.k_proj = nn.Linear(hidden, kv_size, bias=config.attention_bias)
-        self.v_proj = nn.Linear(hidden, kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_size, hidden, bias=config.output_bias)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        # q_proj, k_proj and v_proj of the checkpoint, stacked: one matmul instead of three.
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.output_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
@@ -41,25 +43,30 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         # x: [T, hidden]
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = apply_rotary(self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim)), cos, sin)
+            k = apply_rotary(self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim)), cos, sin)
+        else:
+            # q and k heads side by side, rotated in one go: [T, heads + kv_heads, head_dim]
+            qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, self.head_dim), cos, sin)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         out = self.attn(q, k, v, meta)  # [T, heads, head_dim]
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        # gate_proj and up_proj of the checkpoint, stacked.
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -99,6 +106,9 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    # Our stacked parameters and the checkpoint tensors they are made of (stacked along dim 0 on load).
+    packed_modules = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config

@@ -1,0 +1,105 @@
+"""Engine speed on this machine, glassbox side by side with transformers, same model, same prompts, one run.
+
+    .venv/bin/python bench/engine.py [--modes float32,int4,int8] [--new-tokens 128] [--concurrency 1,8,32]
+
+Columns: TTFT of the 14-token prompt (median of 5), decode ms/token at batch 1 (128 new tokens), and
+aggregate output tokens/s with N concurrent requests of 128 new tokens (ignore EOS). transformers runs
+`generate` (greedy) on the same GGUF, float32; its N requests are one left-padded batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+PROMPT = "The history of the Roman Empire is long and complicated. It began"
+TOPICS = ["Roman Empire", "Ming dynasty", "printing press", "steam engine", "Silk Road", "French Revolution",
+          "Internet", "Byzantine Empire"]
+
+
+def prompts(n: int) -> list[str]:
+    return [f"The history of the {TOPICS[i % len(TOPICS)]} is long and complicated. Chapter {i} begins" for i in range(n)]
+
+
+def bench_glassbox(mode: str, new_tokens: int, concurrency: list[int]) -> dict[str, float]:
+    from glassbox import LLM, SamplingParams
+
+    quantization = None if mode == "float32" else mode
+    llm = LLM(quantization=quantization, kv_cache_memory=1 << 30, max_num_batched_tokens=4096)
+    first = SamplingParams(temperature=0, max_tokens=1)
+    llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=8))  # warm-up
+    result = {"ttft_ms": statistics.median(llm.generate(PROMPT, first)[0].timings["ttft_ms"] for _ in range(5))}
+    out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))[0]
+    result["decode_ms"] = out.timings["decode_ms_per_token"]
+    for n in concurrency:
+        params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+        start = time.perf_counter()
+        outs = llm.generate(prompts(n), params)
+        result[f"tok_s_{n}"] = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
+    return result
+
+
+def bench_transformers(new_tokens: int, concurrency: list[int]) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    from glassbox.models.loader import default_model_path
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    path = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+    def generate(texts: list[str], tokens: int) -> tuple[float, int]:
+        batch = tokenizer(texts, return_tensors="pt", padding=True)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                **batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        return time.perf_counter() - start, (out.shape[1] - batch.input_ids.shape[1]) * len(texts)
+
+    generate([PROMPT], 4)  # warm-up
+    ttft = statistics.median(generate([PROMPT], 1)[0] for _ in range(5))
+    total, _ = generate([PROMPT], new_tokens)
+    result = {"ttft_ms": ttft * 1000, "decode_ms": (total - ttft) / (new_tokens - 1) * 1000}
+    for n in concurrency:
+        seconds, tokens = generate(prompts(n), new_tokens)
+        result[f"tok_s_{n}"] = tokens / seconds
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--modes", default="float32,int4,int8")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args()
+    concurrency = [int(n) for n in args.concurrency.split(",")]
+
+    rows = []
+    for mode in args.modes.split(","):
+        rows.append((f"glassbox {mode}", bench_glassbox(mode, args.new_tokens, concurrency)))
+    if not args.skip_transformers:
+        rows.append(("transformers float32 generate", bench_transformers(args.new_tokens, concurrency)))
+
+    print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF), {args.new_tokens} new tokens, greedy; torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
+    header = f"| system | TTFT (ms) | decode ms/token, batch 1 | " + " | ".join(f"tok/s, {n} concurrent" for n in concurrency) + " |"
+    print(header)
+    print("|" + "---|" * (3 + len(concurrency)))
+    for name, r in rows:
+        cells = [f"{r['ttft_ms']:.1f}", f"{r['decode_ms']:.1f}"] + [f"{r[f'tok_s_{n}']:.1f}" for n in concurrency]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The sampler's rules, on hand-made logits (no model)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from glassbox.sampling import SampleRequest, SamplingParams, apply_penalties, filter_logits, sample
+
+
+def request(params: SamplingParams, prompt=(), output=(), seed=None, banned=()) -> SampleRequest:
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return SampleRequest(params, list(prompt), list(output), generator, list(banned))
+
+
+def test_greedy_and_banned_tokens():
+    logits = torch.tensor([[0.1, 3.0, 2.0, -1.0]])
+    assert sample(logits, [request(SamplingParams(temperature=0))], torch.Generator()).token_ids == [1]
+    assert sample(logits, [request(SamplingParams(temperature=0), banned=[1])], torch.Generator()).token_ids == [2]
+
+
+def test_top_k_top_p_min_p_keep_the_right_tokens():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    kept = lambda params: torch.isfinite(filter_logits(logits.clone(), params)).tolist()  # noqa: E731
+    assert kept(SamplingParams(top_k=2)) == [True, True, False, False]
+    assert kept(SamplingParams(top_p=0.5)) == [True, False, False, False]
+    assert kept(SamplingParams(top_p=0.85)) == [True, True, True, False]
+    assert kept(SamplingParams(min_p=0.5)) == [True, True, False, False]  # 0.3 >= 0.5 * 0.5
+
+
+def test_penalties_follow_vllm_rules():
+    logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
+    out = apply_penalties(logits.clone(), request(SamplingParams(repetition_penalty=2.0), prompt=[0], output=[1]))
+    assert out.tolist() == [1.0, -4.0, 1.0, 0.5]
+    out = apply_penalties(
+        logits.clone(), request(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), output=[2, 2, 3])
+    )
+    assert out.tolist() == pytest.approx([2.0, -2.0, 1.0 - 0.5 - 0.5, 0.5 - 0.5 - 0.25])
+
+
+def test_temperature_sampling_follows_the_distribution_and_seeds_repeat():
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]])).repeat(1, 1)
+    params = SamplingParams(temperature=1.0, seed=3)
+    draws = [sample(logits, [request(params, seed=s)], torch.Generator()).token_ids[0] for s in range(3000)]
+    freq = [draws.count(t) / len(draws) for t in range(3)]
+    assert freq == pytest.approx([0.7, 0.2, 0.1], abs=0.03)
+    again = [sample(logits, [request(params, seed=s)], torch.Generator()).token_ids[0] for s in range(50)]
+    assert again == draws[:50]
+
+
+def test_logprobs_are_the_models_log_softmax():
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    result = sample(logits, [request(SamplingParams(temperature=0, logprobs=2))], torch.Generator())
+    expected = torch.log_softmax(logits[0], -1)
+    logprob, top = result.logprobs[0]
+    assert logprob == pytest.approx(expected[2].item())
+    assert [t for t, _ in top] == [2, 1] and top[1][1] == pytest.approx(expected[1].item())
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("max_tokens", 0), ("min_p", 2.0), ("logprobs", 50), ("n", 0)],
+)
+def test_invalid_parameters_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_stop_accepts_a_single_string():
+    assert SamplingParams(stop="END").stop == ["END"]
+    assert math.isclose(SamplingParams().temperature, 1.0)
