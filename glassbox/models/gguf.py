@@ -11,24 +11,26 @@ import json
 import os
 import re
 import shutil
-import tempfile
-from pathlib import Path
+import subprocess
+import sys
 import struct
-from typing import Any, Iterator
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from glassbox.config import ModelConfig
-from glassbox.errors import ModelLoadError, UnsupportedModelError
-from glassbox.models.packing import pack, stack_shapes
-from glassbox.models.registry import packed_modules
+from glassbox.errors import GlassboxError, ModelLoadError, UnsupportedModelError
 from glassbox.models.gguf_reader import GGUFFile, GGUFFormatError, GGUFTensor
+from glassbox.models.packing import PACKED_MODULES, pack, stack_shapes
 
 GGUF_MAGIC = b"GGUF"
 CONFIG_FILE = "glassbox_config.json"
 WEIGHTS_FILE = "model.safetensors"
 # Bump when the conversion changes, so stale caches are not reused.
-CONVERSION_VERSION = 4
+CONVERSION_VERSION = 5
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")
 
@@ -85,14 +87,21 @@ def cache_root() -> Path:
 
 
 def converted_folder(path: Path, progress: bool = True) -> Path:
-    """The cache folder holding this GGUF converted; converts it first if it is not there yet."""
+    """The cache folder holding this GGUF converted; converts it first if it is not there yet.
+
+    The conversion runs in a child process (without torch): its temporaries and the transformers
+    tokenizer code it imports never weigh on the server's memory, and a failure there cannot hurt it."""
     folder = cache_root() / "gguf" / f"{file_sha256(path)[:32]}-v{CONVERSION_VERSION}"
     if (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
     try:
-        convert_gguf(path, staging, progress=progress)
+        command = [sys.executable, "-m", "glassbox.models.gguf", str(path), str(staging)]
+        # stdout carries the error message, if any; stderr (the progress bar) goes to the user.
+        result = subprocess.run(command + ([] if progress else ["--quiet"]), stdout=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            raise ModelLoadError(result.stdout.strip() or f"converting {path} failed (exit code {result.returncode})")
         if folder.exists():  # another process finished first
             shutil.rmtree(staging)
         else:
@@ -222,28 +231,13 @@ def convert_gguf(path: Path, out_dir: Path, progress: bool = True) -> None:
     used = [t for t in gguf.tensors if hf_name(config.architecture, t.name) is not None]
     if not used:
         raise ModelLoadError(f"GGUF file {path} holds no tensors glassbox can use")
-    packed = packed_modules(config.architecture)
+    packed = PACKED_MODULES[config.architecture]
     shapes = dict(pack(_hf_shapes(used, config).items(), packed, stack_shapes))
     arrays = pack(iter_tensors(gguf, config), packed, np.concatenate)
     with tqdm(total=len(shapes), desc=f"converting {path.name}", unit="tensor", disable=not progress, leave=False) as bar:
         write_safetensors_streaming(out_dir / WEIGHTS_FILE, shapes, arrays, bar.update)
     (out_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
     _save_tokenizer(gguf, out_dir)
-    _release_freed_memory()
-
-
-def _release_freed_memory() -> None:
-    """Hand the dequantization temporaries back to the OS (glibc keeps freed heap pages otherwise),
-    so that converting does not raise the process's peak memory above a warm start's."""
-    import ctypes
-    import ctypes.util
-
-    libc_name = ctypes.util.find_library("c")
-    if libc_name:
-        try:
-            ctypes.CDLL(libc_name).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
 
 
 def _hf_shapes(tensors: list[GGUFTensor], config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -312,3 +306,20 @@ def _save_tokenizer(gguf: GGUFFile, out_dir: Path) -> None:
     except Exception as error:  # transformers raises many types for vocabularies it cannot convert
         raise ModelLoadError(f"cannot build the tokenizer from the GGUF metadata: {error}") from None
     tokenizer.save_pretrained(str(out_dir))
+
+
+def main(argv: list[str]) -> int:
+    """`python -m glassbox.models.gguf GGUF_FILE OUT_DIR [--quiet]`: the converter process."""
+    try:
+        convert_gguf(Path(argv[0]), Path(argv[1]), progress="--quiet" not in argv)
+    except GlassboxError as error:
+        print(error)
+        return 2
+    except Exception as error:  # anything else a damaged file can trigger: still one line, no traceback
+        print(f"cannot convert GGUF file {argv[0]}: {type(error).__name__}: {error}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

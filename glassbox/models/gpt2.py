@@ -93,8 +93,6 @@ class GPT2Model(nn.Module):
 
 
 class GPT2LMHeadModel(nn.Module):
-    packed_modules: dict[str, tuple[str, ...]] = {}  # the checkpoint already stacks q, k, v in c_attn
-
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         if config.hidden_act not in ACTIVATIONS:

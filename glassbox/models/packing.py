@@ -14,6 +14,16 @@ from glassbox.errors import ModelLoadError
 T = TypeVar("T")
 PackedModules = dict[str, tuple[str, ...]]
 
+# Per family: our stacked parameter -> the checkpoint tensors it is made of (stacked along dim 0).
+# Kept here, free of torch, so the GGUF converter process does not import torch.
+_LLAMA_PACKING: PackedModules = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+PACKED_MODULES: dict[str, PackedModules] = {
+    "llama": _LLAMA_PACKING,
+    "qwen2": _LLAMA_PACKING,
+    "qwen3": _LLAMA_PACKING,
+    "gpt2": {},  # the checkpoint already stacks q, k, v in c_attn
+}
+
 
 def _part_of(name: str, packed: PackedModules) -> tuple[str, int, int] | None:
     """(stacked name, part index, number of parts) if `name` is one part of a stacked parameter."""

@@ -17,7 +17,3 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
 def build_model(config: ModelConfig) -> nn.Module:
     return MODEL_CLASSES[config.architecture](config)
 
-
-def packed_modules(architecture: str) -> dict[str, tuple[str, ...]]:
-    """{stacked parameter: checkpoint parts} of the family (see LlamaForCausalLM.packed_modules)."""
-    return MODEL_CLASSES[architecture].packed_modules
