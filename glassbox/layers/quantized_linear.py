@@ -67,9 +67,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).float()
-        x_scale = x2d.abs().amax(1, keepdim=True).clamp_min(1e-10) / 127  # [M, 1]
-        x_int8 = (x2d / x_scale).round_().to(torch.int8)
-        y = torch._int_mm(x_int8, self.weight_int8.t()).float().mul_(x_scale * self.scale).to(x.dtype)
+        x_scale = x2d.abs().amax(1, keepdim=True).clamp_min_(1e-10).div_(127)  # [M, 1]
+        x_int8 = torch.round(x2d / x_scale).to(torch.int8)
+        y = torch._int_mm(x_int8, self.weight_int8.t()).float().mul_(x_scale).mul_(self.scale)
         if self.bias is not None:
-            y = y + self.bias
+            y += self.bias
+        y = y.to(x.dtype)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
