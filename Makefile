@@ -4,7 +4,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-PROMPT ?= The history of the Roman Empire is long and complicated. It began
 
 .PHONY: install serve test bench bench-startup clean
 
@@ -20,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 serve: install
-	$(VENV)/bin/glassbox generate "$(PROMPT)" --max-tokens 64
+	$(VENV)/bin/glassbox serve
 
 test: install
 	$(PY) -m pytest -q

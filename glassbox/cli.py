@@ -1,10 +1,16 @@
-"""Command line: `glassbox generate PROMPT [--max-tokens N] [--model PATH] [--dtype D] [--json] [--chat]`."""
+"""Command line:
+
+    glassbox generate PROMPT [--max-tokens N] [--model PATH] [--dtype D] [--json] [--chat]
+    glassbox serve [--model PATH] [--host 127.0.0.1] [--port 8000] [--api-key KEY] ...
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 from glassbox.errors import GlassboxError
 
@@ -21,6 +27,20 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="cpu")
     generate.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
     generate.add_argument("--json", action="store_true", help='print {"text": ..., "token_ids": [...]}')
+
+    serve = commands.add_parser("serve", help="start the HTTP server (the design's API + OpenAI-compatible /v1)")
+    serve.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: SmolLM2-135M)")
+    serve.add_argument("--model-name", default=None, help="the name clients use in /v1 requests")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--dtype", default="float32")
+    serve.add_argument("--device", default="cpu")
+    serve.add_argument("--quantization", choices=["int4", "int8"], default=None, help="weight quantization (CPU)")
+    serve.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB for the KV-cache pool (default 1)")
+    serve.add_argument("--max-num-seqs", type=int, default=256)
+    serve.add_argument("--scheduling-policy", default="fcfs", help="fcfs, priority or shortest_prompt_first")
+    serve.add_argument("--api-key", default=os.environ.get("GLASSBOX_API_KEY"), help="require 'Authorization: Bearer KEY'")
+    serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return parser
 
 
@@ -45,11 +65,47 @@ def run_generate(args: argparse.Namespace) -> None:
         print(text)
 
 
+def run_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from glassbox.config import EngineConfig
+    from glassbox.engine.async_engine import AsyncLLMEngine
+    from glassbox.engine.llm_engine import LLMEngine
+    from glassbox.models.loader import load_model
+    from glassbox.server.app import ServerSettings, create_app
+
+    if args.kv_cache_memory <= 0:
+        raise ValueError(f"--kv-cache-memory must be positive, got {args.kv_cache_memory}")
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    engine_config = EngineConfig(
+        kv_cache_memory=int(args.kv_cache_memory * 2**30),
+        max_num_seqs=args.max_num_seqs,
+        scheduling_policy=args.scheduling_policy,
+        quantization=args.quantization,
+    )
+    engine = AsyncLLMEngine(LLMEngine(loaded, engine_config))
+    name = args.model_name or (Path(args.model).stem if args.model else "SmolLM2-135M-Instruct")
+    settings = ServerSettings(
+        model_name=name,
+        api_key=args.api_key,
+        ready_message=f"glassbox: serving {name} on http://{args.host}:{args.port}",
+    )
+    uvicorn.run(
+        create_app(engine, settings),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=args.log_level in ("debug", "info"),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
             run_generate(args)
+        elif args.command == "serve":
+            run_serve(args)
     except (GlassboxError, ValueError) as error:
         print(f"glassbox: error: {error}", file=sys.stderr)
         return 2

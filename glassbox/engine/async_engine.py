@@ -46,6 +46,7 @@ class AsyncLLMEngine:
         self._stopping = False
         self._idle_wait_s = idle_wait_s
         self.error: BaseException | None = None
+        self._finish_listeners: list[Callable[[RequestOutput], None]] = []
         self._thread = threading.Thread(target=self._run, name="glassbox-engine", daemon=True)
 
     # ---- lifecycle
@@ -61,6 +62,10 @@ class AsyncLLMEngine:
     @property
     def is_alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
+
+    def add_finish_listener(self, listener: Callable[[RequestOutput], None]) -> None:
+        """Call listener(output) on the loop thread for every request that finishes (e.g. metrics)."""
+        self._finish_listeners.append(listener)
 
     def call(self, fn: Callable[[LLMEngine], Any]) -> asyncio.Future:
         """Run fn(engine) on the loop thread between steps (for introspection and changes); await it."""
@@ -133,6 +138,9 @@ class AsyncLLMEngine:
                     stream = self._streams.get(output.request_id)
                     if stream is not None:
                         stream.put(output)
+                    if output.finished:
+                        for listener in self._finish_listeners:
+                            listener(output)
         except BaseException as error:
             logger.exception("engine loop died")
             self.error = error

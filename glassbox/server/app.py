@@ -1,0 +1,129 @@
+"""The FastAPI application: one process, the async engine on `app.state`, thin routes.
+
+    app = create_app(AsyncLLMEngine(LLMEngine(load_model(None))), ServerSettings())
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from starlette.middleware.base import BaseHTTPMiddleware
+
+from glassbox import __version__
+from glassbox.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from glassbox.server.metrics import Metrics
+
+M = TypeVar("M", bound=BaseModel)
+
+PUBLIC_PATHS = {"/health"}
+
+
+@dataclass
+class ServerSettings:
+    model_name: str = "SmolLM2-135M-Instruct"
+    api_key: str | None = None
+    max_body_bytes: int = 4 << 20  # 4 MiB of JSON is far more than any prompt the context can hold
+    ready_message: str | None = None  # printed once the engine runs (the CLI's one line)
+
+
+class APIError(Exception):
+    """A client error to report as one JSON error object, naming the field at fault."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status)
+
+
+def json_body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
+    """A dependency that reads the body as JSON whatever its Content-Type (the design's curl examples
+    send JSON as form data) and validates it, naming the first bad field and the reason."""
+
+    async def parse(request: Request) -> M:
+        raw = await request.body()
+        try:
+            data = json.loads(raw or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise APIError(400, f"the request body is not valid JSON: {error}", "body") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "the request body must be a JSON object", "body")
+        try:
+            return model.model_validate(data)
+        except ValidationError as error:
+            first = error.errors()[0]
+            field = ".".join(str(part) for part in first["loc"]) or "body"
+            raise APIError(400, f"{field}: {first['msg']}", field) from None
+
+    return parse
+
+
+class GuardMiddleware(BaseHTTPMiddleware):
+    """API key (every path but /health) and body size, before any route runs."""
+
+    def __init__(self, app: FastAPI, settings: ServerSettings) -> None:
+        super().__init__(app)
+        self.settings = settings
+
+    async def dispatch(self, request: Request, call_next: Callable) -> object:
+        key = self.settings.api_key
+        if key and request.url.path not in PUBLIC_PATHS:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                return error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", None, "authentication_error")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.settings.max_body_bytes:
+            return error_response(413, f"request body over {self.settings.max_body_bytes} bytes", "body")
+        return await call_next(request)
+
+
+def create_app(engine: AsyncLLMEngine, settings: ServerSettings | None = None) -> FastAPI:
+    from glassbox.server import routes_generate, routes_openai, routes_ops
+
+    settings = settings or ServerSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not engine.is_alive and engine.error is None:
+            engine.start()
+        if settings.ready_message:
+            print(settings.ready_message, file=sys.stderr, flush=True)
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="glassbox", version=__version__, lifespan=lifespan)
+    app.state.engine = engine
+    app.state.settings = settings
+    app.state.metrics = Metrics(engine)
+    engine.add_finish_listener(app.state.metrics.observe)
+    app.add_middleware(GuardMiddleware, settings=settings)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError) -> JSONResponse:
+        return error_response(error.status, error.message, error.param, error.kind)
+
+    @app.exception_handler(ValueError)
+    async def value_error(request: Request, error: ValueError) -> JSONResponse:
+        # The engine's own validation (context length, token ids, ...): the message names the field.
+        return error_response(400, str(error), None)
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(request: Request, error: EngineDeadError) -> JSONResponse:
+        return error_response(503, str(error), None, "engine_dead")
+
+    app.include_router(routes_generate.router)
+    app.include_router(routes_openai.router)
+    app.include_router(routes_ops.router)
+    return app

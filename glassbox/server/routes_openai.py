@@ -1,0 +1,211 @@
+"""OpenAI-compatible API: /v1/completions, /v1/chat/completions, /v1/models (the official `openai` client
+works against it unchanged). Streams are server-sent events ending with `data: [DONE]`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from glassbox.engine.async_engine import AsyncLLMEngine
+from glassbox.engine.llm_engine import RequestOutput
+from glassbox.sampling import SamplingParams
+from glassbox.server.app import APIError, json_body
+from glassbox.server.routes_generate import run_to_end, sse
+from glassbox.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAICommon
+
+router = APIRouter(prefix="/v1")
+
+
+def _check_model(request: Request, body: OpenAICommon) -> str:
+    served = request.app.state.settings.model_name
+    if body.model not in (None, "", served):
+        raise APIError(404, f"model: unknown model {body.model!r}; this server serves {served!r}", "model", "not_found_error")
+    return served
+
+
+def _params(body: OpenAICommon, logprobs: int | None, index: int) -> SamplingParams:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    return SamplingParams(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        # n choices with a seed must differ from each other yet repeat across calls
+        seed=None if body.seed is None else body.seed + index,
+        stop=stop,
+        stop_token_ids=list(body.stop_token_ids or []),
+        max_tokens=body.max_completion_tokens or body.max_tokens or 16,
+        min_tokens=body.min_tokens,
+        ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
+    )
+
+
+def _usage(outputs: list[RequestOutput]) -> dict[str, int]:
+    prompt = len(outputs[0].prompt_token_ids) if outputs else 0
+    completion = sum(len(o.token_ids) for o in outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _completion_logprobs(engine: AsyncLLMEngine, out: RequestOutput) -> dict[str, Any] | None:
+    if out.logprobs is None:
+        return None
+    piece = engine.engine.tokenizer.decode
+    return {
+        "tokens": [piece([e["token_id"]]) for e in out.logprobs],
+        "token_logprobs": [e["logprob"] for e in out.logprobs],
+        "top_logprobs": [{piece([t]): lp for t, lp in e["top_logprobs"].items()} for e in out.logprobs],
+        "text_offset": [],
+    }
+
+
+def _chat_logprobs(engine: AsyncLLMEngine, out: RequestOutput) -> dict[str, Any] | None:
+    if out.logprobs is None:
+        return None
+    piece = engine.engine.tokenizer.decode
+    return {
+        "content": [
+            {
+                "token": piece([e["token_id"]]),
+                "logprob": e["logprob"],
+                "top_logprobs": [{"token": piece([t]), "logprob": lp} for t, lp in e["top_logprobs"].items()],
+            }
+            for e in out.logprobs
+        ]
+    }
+
+
+async def _merged(engine: AsyncLLMEngine, prompt: str | list[int], params: list[SamplingParams]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(choice index, output) from n concurrent requests, as they arrive."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, sp: SamplingParams) -> None:
+        try:
+            async for out in engine.generate(prompt, sp):
+                await queue.put((index, out))
+        except BaseException as error:  # handed to the consumer
+            await queue.put((index, error))
+
+    tasks = [asyncio.create_task(pump(i, sp)) for i, sp in enumerate(params)]
+    finished = 0
+    try:
+        while finished < len(tasks):
+            index, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item.finished:
+                finished += 1
+            yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()  # a client gone mid-stream: every choice's request is aborted
+
+
+def _validate(engine: AsyncLLMEngine, prompt: str | list[int], params: list[SamplingParams]) -> None:
+    for sp in params:
+        engine.engine.make_request(prompt, sp)
+
+
+@router.get("/models")
+async def models(request: Request) -> dict[str, Any]:
+    name = request.app.state.settings.model_name
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "glassbox"}]}
+
+
+@router.post("/completions")
+async def completions(request: Request, body: CompletionRequest = Depends(json_body(CompletionRequest))) -> object:
+    engine: AsyncLLMEngine = request.app.state.engine
+    model = _check_model(request, body)
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise APIError(400, "prompt: send one prompt per request (use n for several completions)", "prompt")
+        prompt = prompt[0]
+    params = [_params(body, body.logprobs, i) for i in range(body.n)]
+    _validate(engine, prompt, params)
+    request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    prefix = prompt if body.echo and isinstance(prompt, str) else ""
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def events() -> AsyncIterator[str]:
+            finals: dict[int, RequestOutput] = {}
+            started: set[int] = set()
+            async for index, out in _merged(engine, prompt, params):
+                text = out.new_text if index in started else prefix + out.new_text
+                started.add(index)
+                choice = {"index": index, "text": text, "logprobs": None, "finish_reason": out.finish_reason}
+                yield sse({"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": [choice]})
+                if out.finished:
+                    finals[index] = out
+            if include_usage:
+                usage = _usage([finals[i] for i in sorted(finals)])
+                yield sse({"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": usage})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    outputs = await asyncio.gather(*(run_to_end(engine, request, prompt, sp) for sp in params))
+    choices = [
+        {"index": i, "text": prefix + out.text, "logprobs": _completion_logprobs(engine, out), "finish_reason": out.finish_reason}
+        for i, out in enumerate(outputs)
+    ]
+    return {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": choices, "usage": _usage(outputs)}
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request, body: ChatCompletionRequest = Depends(json_body(ChatCompletionRequest))) -> object:
+    engine: AsyncLLMEngine = request.app.state.engine
+    model = _check_model(request, body)
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        prompt = engine.engine.tokenizer.encode_chat(messages)
+    except ValueError as error:
+        raise APIError(400, f"messages: {error}", "messages") from None
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = [_params(body, logprobs, i) for i in range(body.n)]
+    _validate(engine, prompt, params)
+    request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+            return sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices, **extra})
+
+        async def events() -> AsyncIterator[str]:
+            for index in range(body.n):
+                yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+            finals: dict[int, RequestOutput] = {}
+            async for index, out in _merged(engine, prompt, params):
+                delta = {"content": out.new_text} if out.new_text or not out.finished else {}
+                yield chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": out.finish_reason}])
+                if out.finished:
+                    finals[index] = out
+            if include_usage:
+                yield chunk([], usage=_usage([finals[i] for i in sorted(finals)]))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    outputs = await asyncio.gather(*(run_to_end(engine, request, prompt, sp) for sp in params))
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": out.text},
+            "logprobs": _chat_logprobs(engine, out),
+            "finish_reason": out.finish_reason,
+        }
+        for i, out in enumerate(outputs)
+    ]
+    return {"id": request_id, "object": "chat.completion", "created": created, "model": model, "choices": choices, "usage": _usage(outputs)}

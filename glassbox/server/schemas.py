@@ -1,0 +1,180 @@
+"""Request and response bodies of the HTTP API (pydantic). Routes stay thin: they validate into these,
+call the engine, and shape the answer."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from glassbox.sampling import SamplingParams
+
+
+class SamplingFields(BaseModel):
+    """Every sampler parameter, with vLLM's names. `temperature` 0 means greedy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(50, ge=1)
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1)
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    skip_special_tokens: bool = True
+
+    def sampling_params(self, **overrides: Any) -> SamplingParams:
+        fields = {name: getattr(self, name) for name in SamplingFields.model_fields}
+        fields["stop"] = [fields["stop"]] if isinstance(fields["stop"], str) else list(fields["stop"] or [])
+        fields["stop_token_ids"] = list(fields["stop_token_ids"] or [])
+        fields.update(overrides)
+        return SamplingParams(**fields)
+
+    @model_validator(mode="after")
+    def _min_tokens_not_above_max(self) -> SamplingFields:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError("min_tokens must not exceed max_tokens")
+        return self
+
+
+class GenerateRequest(SamplingFields):
+    prompt: str | list[int] = Field(..., description="text, or token ids")
+    stream: bool = False
+    priority: int = 0
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, prompt: str | list[int]) -> str | list[int]:
+        if len(prompt) == 0:
+            raise ValueError("must not be empty")
+        return prompt
+
+
+class BatchGenerateRequest(SamplingFields):
+    prompts: list[str | list[int]] = Field(..., min_length=1, max_length=256)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    usage: Usage
+    timings: dict[str, float | None]
+    logprobs: list[dict[str, Any]] | None = None
+    prompt_logprobs: list[Any] | None = None
+    cached_tokens: int = 0
+
+
+class BatchGenerateResponse(BaseModel):
+    results: list[GenerateResponse]
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+    add_special_tokens: bool = True
+    with_pieces: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    pieces: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tokens: list[int]
+    skip_special_tokens: bool = True
+
+
+class DetokenizeResponse(BaseModel):
+    text: str
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """One error shape for every failure (OpenAI's, as vLLM returns it)."""
+
+    error: ErrorBody
+
+
+# ---- OpenAI-compatible
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class OpenAICommon(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, ...)
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    # vLLM's extra sampling parameters
+    top_k: int = Field(0, ge=-1)
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+
+
+class CompletionRequest(OpenAICommon):
+    prompt: str | list[int] | list[str]
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+
+
+class ChatCompletionRequest(OpenAICommon):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
