@@ -83,7 +83,7 @@ def run_serve(args: argparse.Namespace) -> None:
         scheduling_policy=args.scheduling_policy,
         quantization=args.quantization,
     )
-    engine = AsyncLLMEngine(LLMEngine(loaded, engine_config))
+    engine = AsyncLLMEngine(lambda: LLMEngine(loaded, engine_config)).start()
     name = args.model_name or (Path(args.model).stem if args.model else "SmolLM2-135M-Instruct")
     settings = ServerSettings(
         model_name=name,

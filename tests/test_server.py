@@ -204,8 +204,10 @@ def test_disconnect_mid_stream_frees_the_kv_cache(server):
                 if line.startswith("data: "):
                     received += 1
                 if received == 3:
+                    # (checked inside the loop: leaving iter_lines closes the response)
+                    usage, running = kv_usage(server)
+                    assert usage > 0 and running == 1
                     break
-            assert kv_usage(server)[0] > 0
     deadline = time.time() + 30
     while time.time() < deadline and kv_usage(server) != (0.0, 0.0):
         time.sleep(0.1)

@@ -4,6 +4,10 @@ request gets an asyncio stream of its outputs.
 All engine state is touched by the loop thread only: `generate()` validates in the caller (tokenizing is
 thread-safe), then hands the request over through a queue, as does `abort()`. A step that raises marks
 the engine dead (`is_alive` turns False, /health says 503) and every open stream gets the error.
+
+Give it a factory rather than a built engine to run the engine's set-up (weight layout, KV-pool fill)
+on the loop thread too: on the CPU, torch ops issued from a second thread after the first has run
+parallel work are ~25% slower (each thread gets its own OpenMP team), so all compute stays on one.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -21,6 +26,8 @@ from glassbox.engine.llm_engine import LLMEngine, RequestOutput
 from glassbox.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+YIELD_AFTER_OUTPUT_S = 0.0005
 
 
 class EngineDeadError(RuntimeError):
@@ -37,8 +44,10 @@ class _Stream:
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.5) -> None:
-        self.engine = engine
+    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], idle_wait_s: float = 0.5) -> None:
+        self._factory = None if isinstance(engine, LLMEngine) else engine
+        self.engine: LLMEngine = engine if isinstance(engine, LLMEngine) else None  # set by start()
+        self._ready = threading.Event()
         self._ops: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
@@ -51,7 +60,11 @@ class AsyncLLMEngine:
 
     # ---- lifecycle
     def start(self) -> AsyncLLMEngine:
+        """Start the loop thread; returns once the engine is built (raises what building raised)."""
         self._thread.start()
+        self._ready.wait()
+        if self.engine is None:
+            raise self.error
         return self
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -127,6 +140,14 @@ class AsyncLLMEngine:
 
     def _run(self) -> None:
         try:
+            if self._factory is not None:
+                self.engine = self._factory()
+        except BaseException as error:
+            self.error = error
+            return
+        finally:
+            self._ready.set()
+        try:
             while not self._stopping:
                 while not self._ops.empty():
                     self._ops.get()()
@@ -134,13 +155,18 @@ class AsyncLLMEngine:
                     self._wakeup.wait(self._idle_wait_s)
                     self._wakeup.clear()
                     continue
-                for output in self.engine.step():
+                outputs = self.engine.step()
+                for output in outputs:
                     stream = self._streams.get(output.request_id)
                     if stream is not None:
                         stream.put(output)
                     if output.finished:
                         for listener in self._finish_listeners:
                             listener(output)
+                if outputs:
+                    # Let the event loop take the GIL and send these tokens now: the next step holds
+                    # it most of the time, and the tokens would otherwise wait for that step to end.
+                    time.sleep(YIELD_AFTER_OUTPUT_S)
         except BaseException as error:
             logger.exception("engine loop died")
             self.error = error

@@ -16,7 +16,7 @@ from typing import TypeVar
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
-from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from glassbox import __version__
 from glassbox.engine.async_engine import AsyncLLMEngine, EngineDeadError
@@ -54,6 +54,9 @@ def json_body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
 
     async def parse(request: Request) -> M:
         raw = await request.body()
+        limit = request.app.state.settings.max_body_bytes
+        if len(raw) > limit:  # a chunked body sends no Content-Length for the middleware to check
+            raise APIError(413, f"request body over {limit} bytes", "body")
         try:
             data = json.loads(raw or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -70,23 +73,31 @@ def json_body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
     return parse
 
 
-class GuardMiddleware(BaseHTTPMiddleware):
-    """API key (every path but /health) and body size, before any route runs."""
+class GuardMiddleware:
+    """API key (every path but /health) and body size, before any route runs.
 
-    def __init__(self, app: FastAPI, settings: ServerSettings) -> None:
-        super().__init__(app)
+    A plain ASGI middleware: Starlette's BaseHTTPMiddleware reports a disconnect to the app as soon as
+    the response starts, which would cancel every stream."""
+
+    def __init__(self, app: ASGIApp, settings: ServerSettings) -> None:
+        self.app = app
         self.settings = settings
 
-    async def dispatch(self, request: Request, call_next: Callable) -> object:
-        key = self.settings.api_key
-        if key and request.url.path not in PUBLIC_PATHS:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                return error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", None, "authentication_error")
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.settings.max_body_bytes:
-            return error_response(413, f"request body over {self.settings.max_body_bytes} bytes", "body")
-        return await call_next(request)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = {name.decode().lower(): value.decode(errors="replace") for name, value in scope["headers"]}
+            key = self.settings.api_key
+            if key and scope["path"] not in PUBLIC_PATHS:
+                given = headers.get("authorization", "")
+                if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                    message = "missing or wrong API key: send 'Authorization: Bearer KEY'"
+                    await error_response(401, message, None, "authentication_error")(scope, receive, send)
+                    return
+            length = headers.get("content-length", "")
+            if length.isdigit() and int(length) > self.settings.max_body_bytes:
+                await error_response(413, f"request body over {self.settings.max_body_bytes} bytes", "body")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def create_app(engine: AsyncLLMEngine, settings: ServerSettings | None = None) -> FastAPI:
