@@ -84,6 +84,9 @@ def run_serve(args: argparse.Namespace) -> None:
         quantization=args.quantization,
     )
     engine = AsyncLLMEngine(lambda: LLMEngine(loaded, engine_config)).start()
+    # The engine thread holds the GIL for much of each step; hand it over more often (default 5 ms) so
+    # the event loop sends tokens as they come instead of after the next step.
+    sys.setswitchinterval(float(os.environ.get("GLASSBOX_SWITCH_INTERVAL", "0.001")))
     name = args.model_name or (Path(args.model).stem if args.model else "SmolLM2-135M-Instruct")
     settings = ServerSettings(
         model_name=name,
