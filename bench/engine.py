@@ -93,7 +93,7 @@ def main() -> None:
 
     print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF), {args.new_tokens} new tokens, greedy; torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
-    header = f"| system | TTFT (ms) | decode ms/token, batch 1 | " + " | ".join(f"tok/s, {n} concurrent" for n in concurrency) + " |"
+    header = "| system | TTFT (ms) | decode ms/token, batch 1 | " + " | ".join(f"tok/s, {n} concurrent" for n in concurrency) + " |"
     print(header)
     print("|" + "---|" * (3 + len(concurrency)))
     for name, r in rows:

@@ -49,7 +49,7 @@ def first_token_ms(port: int) -> float:
     """Request sent to the first SSE event holding a token, read off a raw socket (TCP_NODELAY, as curl
     does) so that no client library's own overhead is counted."""
     body = json.dumps({"prompt": "Hi", "max_tokens": 2, "temperature": 0, "stream": True}).encode()
-    head = f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    head = "POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -73,8 +73,8 @@ def main() -> None:
     if not args.skip_transformers:
         rows.append(("transformers 5 (GGUF, float32)", [run(TRANSFORMERS, model, dict(os.environ))]))
 
-    from safetensors import safe_open  # noqa: F401  (same environment as the runs)
     import torch
+    from safetensors import safe_open  # noqa: F401  (same environment as the runs)
 
     print(f"model: {model} ({weights_mb:.0f} MB file), torch {torch.__version__}, {os.cpu_count()} CPUs")
     print(f"{'system':38} {'ready (s), median':>18} {'peak RSS (MB)':>14}  runs")

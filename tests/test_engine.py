@@ -6,8 +6,8 @@ import random
 
 import pytest
 import torch
+from conftest import load_reference, run_all
 
-from conftest import load_reference
 from glassbox import LLM, SamplingParams
 from glassbox.config import EngineConfig
 from glassbox.engine.llm_engine import LLMEngine
@@ -28,17 +28,6 @@ def default_llm():
 
 def make_engine(loaded, **options) -> LLMEngine:
     return LLMEngine(loaded, EngineConfig(**options))
-
-
-def run_all(engine: LLMEngine, prompts, params) -> list:
-    params = params if isinstance(params, list) else [params] * len(prompts)
-    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return [done[i] for i in ids]
 
 
 def random_prompts(count: int, seed: int, vocab: int = 300, lengths=(1, 60)) -> list[list[int]]:

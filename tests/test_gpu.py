@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import run_all
 
 from glassbox import SamplingParams
 from glassbox.config import EngineConfig
@@ -14,16 +15,6 @@ from glassbox.models.loader import load_model
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 PROMPTS = [[5, 6, 7, 8], [9] * 20, list(range(40, 90)), [1]]
-
-
-def run_all(engine: LLMEngine, prompts, params):
-    ids = [engine.add_request(p, params) for p in prompts]
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return [done[i] for i in ids]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])

@@ -7,8 +7,8 @@ import random
 
 import pytest
 import torch
-
 from conftest import FAMILIES, VOCAB, load_reference
+
 from glassbox.engine.kv_cache import KVCache
 from glassbox.engine.step_metadata import SeqChunk, build_step_metadata
 from glassbox.layers.attention import AttentionMetadata

@@ -18,8 +18,8 @@ import torch
 from glassbox.config import EngineConfig
 from glassbox.engine.block_manager import BlockManager
 from glassbox.engine.kv_cache import KVCache
-from glassbox.engine.optimize import optimize_model
 from glassbox.engine.model_runner import ModelRunner, PromptLogprob
+from glassbox.engine.optimize import optimize_model
 from glassbox.engine.scheduler import Scheduler
 from glassbox.engine.sequence import Sequence
 from glassbox.models.loader import LoadedModel

@@ -11,9 +11,9 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
-import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path

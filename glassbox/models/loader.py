@@ -125,7 +125,6 @@ def _build_and_load(folder: Path, config: ModelConfig, dtype: torch.dtype, devic
     with torch.device("meta"):
         model = build_model(config)
     state = _read_state_dict(folder, config, dtype)
-    embed_name, _ = _tied_names(config)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     expected = {name for name, _ in model.named_parameters(remove_duplicate=True)}
@@ -137,10 +136,7 @@ def _build_and_load(folder: Path, config: ModelConfig, dtype: torch.dtype, devic
         )
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
-        model.lm_head.weight = model.get_parameter(embed_name)
+        embed = model.transformer.wte if config.architecture == "gpt2" else model.model.embed_tokens
+        model.lm_head.weight = embed.weight
     return model.to(device).eval().requires_grad_(False)
 
-
-def _tied_names(config: ModelConfig) -> tuple[str, str]:
-    embed = "transformer.wte.weight" if config.architecture == "gpt2" else "model.embed_tokens.weight"
-    return embed, "lm_head.weight"
