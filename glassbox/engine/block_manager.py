@@ -23,6 +23,7 @@ def chain_hash(previous: int | None, tokens: tuple[int, ...]) -> int:
 class PrefixCacheStats:
     lookups: int = 0  # sequences admitted with a prefix lookup
     queried_tokens: int = 0  # prompt tokens looked up
+    queried_blocks: int = 0  # full prompt blocks looked up
     hit_tokens: int = 0
     hit_blocks: int = 0
     evictions: int = 0
@@ -67,6 +68,7 @@ class BlockManager:
             return
         self.stats.lookups += 1
         self.stats.queried_tokens += seq.num_tokens
+        self.stats.queried_blocks += (seq.num_tokens - 1) // self.block_size
         previous = None
         seq.block_hashes.clear()
         for index in range((seq.num_tokens - 1) // self.block_size):

@@ -101,7 +101,7 @@ class GuardMiddleware:
 
 
 def create_app(engine: AsyncLLMEngine, settings: ServerSettings | None = None) -> FastAPI:
-    from glassbox.server import routes_generate, routes_openai, routes_ops
+    from glassbox.server import routes_generate, routes_openai, routes_ops, routes_research
 
     settings = settings or ServerSettings()
 
@@ -137,4 +137,5 @@ def create_app(engine: AsyncLLMEngine, settings: ServerSettings | None = None) -
     app.include_router(routes_generate.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_ops.router)
+    app.include_router(routes_research.router)
     return app

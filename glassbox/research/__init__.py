@@ -1,0 +1,1 @@
+"""Instruments over the serving engine: what /debug, /cache, /optimization and /pipeline expose."""

@@ -1,0 +1,70 @@
+"""Engine introspection over the real server: /cache/stats, /cache/clear, /debug/memory_usage."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from conftest import start_server, stop_server
+from glassbox.models.loader import load_model
+from glassbox.research.memory import weight_bytes
+
+KV_GIB = 0.25
+PROMPT = "You are a careful assistant. Answer briefly and precisely. " * 6 + "Question: what is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    proc, url = start_server()  # conftest: --kv-cache-memory 0.25
+    yield url
+    stop_server(proc)
+
+
+def test_repeated_prompt_hits_the_prefix_cache_and_clear_resets_it(server):
+    body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+    first = httpx.post(f"{server}/generate", json=body, timeout=60).json()
+    second = httpx.post(f"{server}/generate", json=body, timeout=60).json()
+    assert first["cached_tokens"] == 0 and second["cached_tokens"] >= 64
+    assert second["text"] == first["text"]
+    stats = httpx.get(f"{server}/cache/stats").json()
+    assert stats["prefix_cache"]["hit_tokens"] >= 64 and stats["prefix_cache"]["token_hit_rate"] > 0
+    assert stats["blocks"]["cached_free"] > 0 and stats["blocks"]["in_use"] == 0
+
+    cleared = httpx.post(f"{server}/cache/clear").json()
+    assert cleared["freed_blocks"] == stats["blocks"]["cached_free"]
+    assert cleared["cache"]["blocks"]["cached_free"] == 0 and cleared["cache"]["prefix_cache"]["cached_blocks"] == 0
+    third = httpx.post(f"{server}/generate", json=body, timeout=60).json()
+    assert third["cached_tokens"] == 0 and third["text"] == first["text"]
+
+
+def test_clear_never_touches_a_running_request(server):
+    body = {"prompt": PROMPT, "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    alone = httpx.post(f"{server}/generate", json=body, timeout=120).json()
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(httpx.post(f"{server}/generate", json=body, timeout=120).json()))
+    worker.start()
+    deadline = time.time() + 30
+    while time.time() < deadline and httpx.get(f"{server}/cache/stats").json()["blocks"]["in_use"] == 0:
+        time.sleep(0.01)
+    in_use = httpx.get(f"{server}/cache/stats").json()["blocks"]["in_use"]
+    cleared = httpx.post(f"{server}/cache/clear").json()
+    assert in_use > 0 and cleared["cache"]["blocks"]["in_use"] > 0  # the running request kept its blocks
+    worker.join()
+    assert result["token_ids"] == alone["token_ids"]
+
+
+def test_memory_usage_matches_weights_and_pool(server):
+    memory = httpx.get(f"{server}/debug/memory_usage").json()
+    expected_weights = weight_bytes(load_model(None).model) / 2**20
+    assert memory["model_weights_mb"] == pytest.approx(expected_weights)
+    assert memory["model_weights_mb"] == pytest.approx(134_515_008 * 4 / 2**20)  # float32, tied head counted once
+    # 30 layers x K and V x 3 heads x 64 dims x 4 bytes x 16 tokens = 737,280 bytes a block
+    blocks = int(KV_GIB * 2**30 // 737_280)
+    assert memory["kv_cache_mb"]["allocated"] == pytest.approx(blocks * 737_280 / 2**20)
+    assert memory["kv_cache_mb"]["in_use"] == 0
+    assert memory["process_rss_mb"] > memory["model_weights_mb"] and memory["peak_memory_mb"] >= memory["process_rss_mb"]
+    assert memory["how"]
