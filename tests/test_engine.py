@@ -206,3 +206,18 @@ def test_bad_requests_are_refused_clearly(tiny):
     with pytest.raises(ValueError, match="empty"):
         engine.add_request([], SamplingParams())
     assert not engine.has_unfinished_requests()
+
+
+def test_int8_mode_is_batch_invariant_and_int4_agrees_with_float32():
+    """W8A8 rows are independent (integer accumulation, per-token scales), so batched == alone exactly;
+    int4 holds the default model's own Q4_1 weights, so its greedy text matches float32's here."""
+    words = "the a Rome empire history of long and river city".split()
+    rng = random.Random(3)
+    prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 30))) for _ in range(8)]
+    params = SamplingParams(temperature=0, max_tokens=8)
+    int8 = LLM(quantization="int8", kv_cache_memory=64 << 20)
+    assert [o.token_ids for o in int8.generate(prompts, params)] == [int8.generate(p, params)[0].token_ids for p in prompts]
+    int4 = LLM(quantization="int4", kv_cache_memory=64 << 20)
+    float32 = LLM(kv_cache_memory=64 << 20)
+    question = "The capital of France is"
+    assert int4.generate(question, params)[0].text == float32.generate(question, params)[0].text
