@@ -68,3 +68,20 @@ def test_memory_usage_matches_weights_and_pool(server):
     assert memory["kv_cache_mb"]["in_use"] == 0
     assert memory["process_rss_mb"] > memory["model_weights_mb"] and memory["peak_memory_mb"] >= memory["process_rss_mb"]
     assert memory["how"]
+
+
+def test_profiling_session_yields_a_chrome_trace_of_our_ops(server):
+    assert httpx.post(f"{server}/debug/profiling/stop").status_code == 409  # no session yet
+    started = httpx.post(f"{server}/debug/profiling/start", json={"record_shapes": True})
+    assert started.status_code == 200 and started.json()["activities"] == ["cpu"]
+    assert httpx.post(f"{server}/debug/profiling/start", json={}).status_code == 409  # one at a time
+    httpx.post(f"{server}/generate", json={"prompt": "Hello", "max_tokens": 4, "temperature": 0}, timeout=60)
+    stopped = httpx.post(f"{server}/debug/profiling/stop").json()
+    assert stopped["steps"] >= 4
+    names = [row["name"] for row in stopped["top_ops_by_self_cpu_time"]]
+    assert any(name.startswith("aten::") for name in names)
+    trace = httpx.get(f"{server}{stopped['trace_url']}").json()  # Chrome trace JSON
+    events = {event.get("name") for event in trace["traceEvents"]}
+    assert {"glassbox::forward", "glassbox::sample"} <= events and "aten::linear" in events
+    assert httpx.get(f"{server}/debug/profiling/traces/..%2F..%2Fetc%2Fpasswd").status_code == 404
+    assert httpx.post(f"{server}/debug/profiling/start", json={"activities": ["tpu"]}).status_code == 400

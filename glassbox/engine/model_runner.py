@@ -55,15 +55,17 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start : start + num_new])
             chunks.append(SeqChunk(seq.block_table, start, num_new))
         positions, meta = build_step_metadata(chunks, self.block_size, self.device)
-        hidden = self.model(torch.tensor(input_ids, device=self.device), positions, meta)
+        with torch.profiler.record_function("glassbox::forward"):  # names the step in profiler traces
+            hidden = self.model(torch.tensor(input_ids, device=self.device), positions, meta)
 
         result = StepResult()
         ends = meta.query_start_loc_list[1:]
         if sample_requests:
             indices = list(sample_requests)
             rows = torch.tensor([ends[i] - 1 for i in indices], device=self.device)
-            logits = self.model.compute_logits(hidden[rows]).float().cpu()
-            sampled: SampleResult = sample(logits, [sample_requests[i] for i in indices], self.generator)
+            with torch.profiler.record_function("glassbox::sample"):
+                logits = self.model.compute_logits(hidden[rows]).float().cpu()
+                sampled: SampleResult = sample(logits, [sample_requests[i] for i in indices], self.generator)
             for i, token, logprob in zip(indices, sampled.token_ids, sampled.logprobs):
                 result.sampled[i] = token
                 if logprob is not None:

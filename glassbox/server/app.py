@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from glassbox import __version__
 from glassbox.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from glassbox.research.profiler import Profiler
 from glassbox.server.metrics import Metrics
 
 M = TypeVar("M", bound=BaseModel)
@@ -118,6 +119,7 @@ def create_app(engine: AsyncLLMEngine, settings: ServerSettings | None = None) -
     app.state.engine = engine
     app.state.settings = settings
     app.state.metrics = Metrics(engine)
+    app.state.profiler = Profiler()
     engine.add_finish_listener(app.state.metrics.observe)
     app.add_middleware(GuardMiddleware, settings=settings)
 

@@ -1,14 +1,18 @@
-"""Engine introspection: /cache/stats, /cache/clear, /debug/memory_usage. Each runs on the engine's loop
-thread between two steps, so what it reads is one consistent state."""
+"""Engine introspection: /cache/stats, /cache/clear, /debug/memory_usage, /debug/profiling/*. Each runs on
+the engine's loop thread between two steps, so what it reads is one consistent state."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse
 
 from glassbox.research.cache import cache_stats, clear_prefix_cache
 from glassbox.research.memory import memory_usage
+from glassbox.research.profiler import Profiler, ProfilerError
+from glassbox.server.app import APIError, json_body
+from glassbox.server.schemas import ProfilingStart
 
 router = APIRouter()
 
@@ -27,3 +31,34 @@ async def post_cache_clear(request: Request) -> dict[str, Any]:
 @router.get("/debug/memory_usage")
 async def get_memory_usage(request: Request) -> dict[str, Any]:
     return await request.app.state.engine.call(memory_usage)
+
+
+@router.post("/debug/profiling/start")
+async def profiling_start(request: Request, body: ProfilingStart = Depends(json_body(ProfilingStart))) -> dict[str, Any]:
+    profiler: Profiler = request.app.state.profiler
+    try:
+        return await request.app.state.engine.call(
+            lambda engine: profiler.start(engine, body.activities, body.record_shapes, body.with_stack)
+        )
+    except ProfilerError as error:
+        raise APIError(409, str(error)) from None
+
+
+@router.post("/debug/profiling/stop")
+async def profiling_stop(request: Request) -> dict[str, Any]:
+    """Stops the session: the top operators by self time, and the id of its Chrome/Perfetto trace."""
+    profiler: Profiler = request.app.state.profiler
+    try:
+        result = await request.app.state.engine.call(profiler.stop)
+    except ProfilerError as error:
+        raise APIError(409, str(error)) from None
+    result["trace_url"] = f"/debug/profiling/traces/{result['trace_id']}"
+    return result
+
+
+@router.get("/debug/profiling/traces/{trace_id}")
+async def profiling_trace(request: Request, trace_id: str) -> FileResponse:
+    path = request.app.state.profiler.trace_path(trace_id)
+    if path is None:
+        raise APIError(404, f"trace_id: no trace {trace_id!r}", "trace_id", "not_found_error")
+    return FileResponse(path, media_type="application/json", filename=f"glassbox-trace-{trace_id}.json")

@@ -178,3 +178,12 @@ class ChatCompletionRequest(OpenAICommon):
     messages: list[ChatMessage] = Field(..., min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+# ---- research
+class ProfilingStart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    activities: list[Literal["cpu", "cuda"]] | None = None
+    record_shapes: bool = False
+    with_stack: bool = False
