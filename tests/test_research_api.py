@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-
 from conftest import start_server, stop_server
+
 from glassbox.models.loader import load_model
 from glassbox.research.memory import weight_bytes
 

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-
 from conftest import start_server, stop_server
+
 from glassbox.client import Client, ClientError
 
 MODEL = "SmolLM2-135M-Instruct"

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from glassbox.engine.async_engine import AsyncLLMEngine
 from glassbox.engine.llm_engine import RequestOutput
 from glassbox.sampling import SamplingParams
-from glassbox.server.app import json_body
+from glassbox.server.app import APIError, json_body
 from glassbox.server.schemas import (
     BatchGenerateRequest,
     BatchGenerateResponse,
@@ -112,8 +112,6 @@ async def detokenize(
     engine = request.app.state.engine.engine
     vocab = engine.loaded.config.vocab_size
     if any(not 0 <= t < vocab for t in body.tokens):
-        from glassbox.server.app import APIError
-
         raise APIError(400, f"tokens: every id must be in [0, {vocab})", "tokens")
     return DetokenizeResponse(text=engine.tokenizer.decode(body.tokens, skip_special_tokens=body.skip_special_tokens))
 
