@@ -85,3 +85,35 @@ def test_profiling_session_yields_a_chrome_trace_of_our_ops(server):
     assert {"glassbox::forward", "glassbox::sample"} <= events and "aten::linear" in events
     assert httpx.get(f"{server}/debug/profiling/traces/..%2F..%2Fetc%2Fpasswd").status_code == 404
     assert httpx.post(f"{server}/debug/profiling/start", json={"activities": ["tpu"]}).status_code == 400
+
+
+def test_batch_schedule_policies_give_different_orders(server):
+    requests = [
+        {"prompt": "One two three four five six seven eight nine ten", "priority": 3, "max_tokens": 6},
+        {"prompt": "Alpha beta gamma", "priority": 2, "max_tokens": 6},
+        {"prompt": "Red", "priority": 1, "max_tokens": 6},
+        {"prompt": "The quick brown fox jumps", "priority": 0, "max_tokens": 6},
+    ]
+    runs = {}
+    for algorithm in ("fcfs", "priority", "shortest_first"):
+        body = {"algorithm": algorithm, "requests": requests, "max_batch_size": 1}
+        response = httpx.post(f"{server}/optimization/batch_schedule", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        runs[algorithm] = response.json()
+    assert runs["fcfs"]["completion_order"] == [0, 1, 2, 3]
+    assert runs["priority"]["completion_order"] == [3, 2, 1, 0]  # lower value first
+    assert runs["shortest_first"]["completion_order"] == [2, 1, 3, 0]
+    # Greedy outputs do not depend on the order; waiting does.
+    texts = {name: [r["text"] for r in run["results"]] for name, run in runs.items()}
+    assert texts["fcfs"] == texts["priority"] == texts["shortest_first"]
+    fcfs, prio = runs["fcfs"]["results"], runs["priority"]["results"]
+    assert fcfs[0]["queue_ms"] < prio[0]["queue_ms"] and prio[3]["queue_ms"] < fcfs[3]["queue_ms"]
+    bad = httpx.post(f"{server}/optimization/batch_schedule", json={"algorithm": "random", "requests": requests})
+    assert bad.status_code == 400 and "algorithm" in bad.json()["error"]["message"]
+
+
+def test_serving_policy_can_be_set_for_all_traffic(server):
+    assert httpx.get(f"{server}/optimization/scheduling_policy").json()["algorithm"] == "fcfs"
+    assert httpx.post(f"{server}/optimization/scheduling_policy", json={"algorithm": "priority"}).json()["algorithm"] == "priority"
+    assert httpx.post(f"{server}/generate", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+    assert httpx.post(f"{server}/optimization/scheduling_policy", json={"algorithm": "fcfs"}).status_code == 200

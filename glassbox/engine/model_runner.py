@@ -48,6 +48,8 @@ class ModelRunner:
         """Run the batch. `sample_requests`: batch index -> how to sample that row (only for sequences
         whose last token is computed this step). `prompt_logprobs`: batch index -> top-N wanted, for
         sequences still in their prompt."""
+        # Bound per step, not once: several engines may take turns on one model (see research/schedule.py).
+        self.kv_cache.bind(self.model)
         input_ids: list[int] = []
         chunks: list[SeqChunk] = []
         for seq, num_new in batch.items:

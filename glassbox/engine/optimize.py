@@ -26,6 +26,13 @@ def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
 
 
 def optimize_model(model: nn.Module, quantization: str | None = None) -> None:
+    """Apply once per model; a second engine over the same model must ask for the same mode."""
+    done = getattr(model, "glassbox_optimized", None)
+    if done is not None:
+        if done != (quantization or "none"):
+            raise ValueError(f"this model is already prepared for quantization={done!r}, not {quantization!r}")
+        return
+    model.glassbox_optimized = quantization or "none"
     device = next(model.parameters()).device
     if quantization is not None:
         if quantization not in QUANTIZATIONS:

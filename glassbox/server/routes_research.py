@@ -11,8 +11,9 @@ from fastapi.responses import FileResponse
 from glassbox.research.cache import cache_stats, clear_prefix_cache
 from glassbox.research.memory import memory_usage
 from glassbox.research.profiler import Profiler, ProfilerError
+from glassbox.research.schedule import ScheduledRequest, run_schedule, set_serving_policy
 from glassbox.server.app import APIError, json_body
-from glassbox.server.schemas import ProfilingStart
+from glassbox.server.schemas import BatchScheduleRequest, PolicyRequest, ProfilingStart
 
 router = APIRouter()
 
@@ -62,3 +63,26 @@ async def profiling_trace(request: Request, trace_id: str) -> FileResponse:
     if path is None:
         raise APIError(404, f"trace_id: no trace {trace_id!r}", "trace_id", "not_found_error")
     return FileResponse(path, media_type="application/json", filename=f"glassbox-trace-{trace_id}.json")
+
+
+@router.post("/optimization/batch_schedule")
+async def batch_schedule(
+    request: Request, body: BatchScheduleRequest = Depends(json_body(BatchScheduleRequest))
+) -> dict[str, Any]:
+    """Run a set of requests to the end under one policy; compare the per-request times across policies."""
+    requests = [ScheduledRequest(r.prompt, r.priority, r.max_tokens) for r in body.requests]
+    return await request.app.state.engine.call(
+        lambda engine: run_schedule(engine, requests, body.algorithm, body.max_batch_size, body.strategy)
+    )
+
+
+@router.get("/optimization/scheduling_policy")
+async def get_scheduling_policy(request: Request) -> dict[str, str]:
+    policy = request.app.state.engine.engine.scheduler.policy
+    return {"algorithm": policy.name, "description": policy.description}
+
+
+@router.post("/optimization/scheduling_policy")
+async def post_scheduling_policy(request: Request, body: PolicyRequest = Depends(json_body(PolicyRequest))) -> dict[str, str]:
+    """Set the policy for all traffic."""
+    return await request.app.state.engine.call(lambda engine: set_serving_policy(engine, body.algorithm))

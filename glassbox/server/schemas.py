@@ -187,3 +187,26 @@ class ProfilingStart(BaseModel):
     activities: list[Literal["cpu", "cuda"]] | None = None
     record_shapes: bool = False
     with_stack: bool = False
+
+
+class ScheduleItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | list[int]
+    priority: int = 0
+    max_tokens: int = Field(32, ge=1, le=1024)
+
+
+class BatchScheduleRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    algorithm: str = "fcfs"
+    requests: list[ScheduleItem] = Field(..., min_length=1, max_length=128)
+    max_batch_size: int = Field(8, ge=1, le=256)
+    strategy: Literal["minimize_latency", "maximize_throughput"] = "maximize_throughput"
+
+
+class PolicyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    algorithm: str
