@@ -117,3 +117,28 @@ def test_serving_policy_can_be_set_for_all_traffic(server):
     assert httpx.post(f"{server}/optimization/scheduling_policy", json={"algorithm": "priority"}).json()["algorithm"] == "priority"
     assert httpx.post(f"{server}/generate", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
     assert httpx.post(f"{server}/optimization/scheduling_policy", json={"algorithm": "fcfs"}).status_code == 200
+
+
+def test_latency_stats_add_up_to_the_request_time(server):
+    assert httpx.get(f"{server}/debug/latency_stats").json()["enabled"] is False
+    assert httpx.post(f"{server}/debug/latency_stats/enable").json()["enabled"] is True
+    httpx.post(f"{server}/debug/latency_stats/reset")
+    out = httpx.post(
+        f"{server}/generate", json={"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    ).json()
+    stats = httpx.get(f"{server}/debug/latency_stats").json()
+    stages = stats["stages"]
+    for stage in ("tokenize", "queue", "embed", "attention", "mlp", "lm_head", "sample", "detokenize"):
+        assert stages[stage]["count"] > 0, stage
+    assert stages["attention"]["count"] == stages["mlp"]["count"] == 30 * 8  # 30 layers x 8 steps
+    assert stages["sample"]["count"] == 8 and stages["queue"]["count"] == 1
+    # Every step's time is split into stages, so the stages (without tokenize, timed before arrival, and
+    # queue) cover the request from its first step to its end: within 10% (the gaps between steps).
+    timed = stats["total_ms"] - stages["tokenize"]["total_ms"]
+    measured = out["timings"]["total_ms"] - out["timings"]["queue_ms"]
+    assert abs(timed - measured) <= 0.10 * measured, (timed, measured)
+    assert stats["attention_ms"] == stages["attention"]["total_ms"] and "perf_counter" in stats["timed_with"]
+    assert httpx.post(f"{server}/debug/latency_stats/disable").json()["enabled"] is False
+    httpx.post(f"{server}/debug/latency_stats/reset")
+    httpx.post(f"{server}/generate", json={"prompt": "Hi", "max_tokens": 2})
+    assert httpx.get(f"{server}/debug/latency_stats").json()["stages"]["attention"]["count"] == 0  # timers gone

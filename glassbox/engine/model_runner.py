@@ -67,7 +67,7 @@ class ModelRunner:
             rows = torch.tensor([ends[i] - 1 for i in indices], device=self.device)
             with torch.profiler.record_function("glassbox::sample"):
                 logits = self.model.compute_logits(hidden[rows]).float().cpu()
-                sampled: SampleResult = sample(logits, [sample_requests[i] for i in indices], self.generator)
+                sampled = self.sample(logits, [sample_requests[i] for i in indices])
             for i, token, logprob in zip(indices, sampled.token_ids, sampled.logprobs):
                 result.sampled[i] = token
                 if logprob is not None:
@@ -76,6 +76,10 @@ class ModelRunner:
             seq, num_new = batch.items[i]
             result.prompt_logprobs[i] = self._prompt_logprobs(seq, num_new, hidden[ends[i] - num_new : ends[i]], top_n)
         return result
+
+    def sample(self, logits: torch.Tensor, requests: list[SampleRequest]) -> SampleResult:
+        """logits [N, vocab] -> one token per row (a method, so instruments can wrap it from outside)."""
+        return sample(logits, requests, self.generator)
 
     def _prompt_logprobs(self, seq: Sequence, num_new: int, hidden: torch.Tensor, top_n: int) -> list[PromptLogprob]:
         """Logprob of each prompt token given the tokens before it, for the prompt tokens this chunk predicts."""

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from glassbox import __version__
 from glassbox.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from glassbox.research.latency import LatencyStats
 from glassbox.research.profiler import Profiler
 from glassbox.server.metrics import Metrics
 
@@ -120,6 +121,8 @@ def create_app(engine: AsyncLLMEngine, settings: ServerSettings | None = None) -
     app.state.settings = settings
     app.state.metrics = Metrics(engine)
     app.state.profiler = Profiler()
+    app.state.latency = LatencyStats()
+    engine.add_finish_listener(app.state.latency.observe_request)
     engine.add_finish_listener(app.state.metrics.observe)
     app.add_middleware(GuardMiddleware, settings=settings)
 

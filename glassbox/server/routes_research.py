@@ -86,3 +86,24 @@ async def get_scheduling_policy(request: Request) -> dict[str, str]:
 async def post_scheduling_policy(request: Request, body: PolicyRequest = Depends(json_body(PolicyRequest))) -> dict[str, str]:
     """Set the policy for all traffic."""
     return await request.app.state.engine.call(lambda engine: set_serving_policy(engine, body.algorithm))
+
+
+@router.get("/debug/latency_stats")
+async def latency_stats(request: Request) -> dict[str, Any]:
+    """Per-stage count, mean, p50, p95 and totals (ms) since the last reset, while enabled."""
+    return await request.app.state.engine.call(lambda engine: request.app.state.latency.report())
+
+
+@router.post("/debug/latency_stats/enable")
+async def latency_enable(request: Request) -> dict[str, Any]:
+    return await request.app.state.engine.call(request.app.state.latency.enable)
+
+
+@router.post("/debug/latency_stats/disable")
+async def latency_disable(request: Request) -> dict[str, Any]:
+    return await request.app.state.engine.call(lambda engine: request.app.state.latency.disable())
+
+
+@router.post("/debug/latency_stats/reset")
+async def latency_reset(request: Request) -> dict[str, Any]:
+    return await request.app.state.engine.call(lambda engine: request.app.state.latency.reset())
