@@ -142,3 +142,22 @@ def test_latency_stats_add_up_to_the_request_time(server):
     httpx.post(f"{server}/debug/latency_stats/reset")
     httpx.post(f"{server}/generate", json={"prompt": "Hi", "max_tokens": 2})
     assert httpx.get(f"{server}/debug/latency_stats").json()["stages"]["attention"]["count"] == 0  # timers gone
+
+
+@pytest.mark.parametrize("split_dim, gather", [(0, "concat"), (1, "sum")])
+def test_sharded_matmul_equals_unsplit(server, split_dim, gather):
+    body = {"weight": "model.layers.0.mlp.down_proj.weight", "split_dim": split_dim, "num_splits": 4}
+    split = httpx.post(f"{server}/parallel/tensor_split", json=body).json()
+    assert split["shape"] == [576, 1536] and len(split["shards"]) == 4
+    assert sum(s["shape"][split_dim] for s in split["shards"]) == split["shape"][split_dim]
+    result = httpx.post(f"{server}/parallel/execute", json={"splits": split["split_id"], "other_columns": 32}).json()
+    assert result["gather"] == gather and result["output_shape"] == [576, 32]
+    assert result["max_abs_error"] <= 1e-5 and len(result["shard_ms"]) == 4
+    random_split = httpx.post(f"{server}/parallel/tensor_split", json={"tensor_shape": [64, 48], "num_splits": 3}).json()
+    assert [s["shape"] for s in random_split["shards"]] == [[22, 48], [21, 48], [21, 48]]
+
+
+def test_tensor_split_bad_input(server):
+    assert httpx.post(f"{server}/parallel/tensor_split", json={"weight": "nope", "num_splits": 2}).status_code == 400
+    assert httpx.post(f"{server}/parallel/tensor_split", json={"tensor_shape": [4, 4], "split_dim": 5}).status_code == 400
+    assert httpx.post(f"{server}/parallel/execute", json={"splits": "0123456789abcdef"}).status_code == 404

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from glassbox import __version__
 from glassbox.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from glassbox.research.handles import HandleStore
 from glassbox.research.latency import LatencyStats
 from glassbox.research.profiler import Profiler
 from glassbox.server.metrics import Metrics
@@ -122,6 +123,7 @@ def create_app(engine: AsyncLLMEngine, settings: ServerSettings | None = None) -
     app.state.metrics = Metrics(engine)
     app.state.profiler = Profiler()
     app.state.latency = LatencyStats()
+    app.state.handles = HandleStore()
     engine.add_finish_listener(app.state.latency.observe_request)
     engine.add_finish_listener(app.state.metrics.observe)
     app.add_middleware(GuardMiddleware, settings=settings)

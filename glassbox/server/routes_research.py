@@ -3,17 +3,25 @@ the engine's loop thread between two steps, so what it reads is one consistent s
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse
 
+from glassbox.research import parallel
 from glassbox.research.cache import cache_stats, clear_prefix_cache
 from glassbox.research.memory import memory_usage
 from glassbox.research.profiler import Profiler, ProfilerError
 from glassbox.research.schedule import ScheduledRequest, run_schedule, set_serving_policy
 from glassbox.server.app import APIError, json_body
-from glassbox.server.schemas import BatchScheduleRequest, PolicyRequest, ProfilingStart
+from glassbox.server.schemas import (
+    BatchScheduleRequest,
+    ParallelExecuteRequest,
+    PolicyRequest,
+    ProfilingStart,
+    TensorSplitRequest,
+)
 
 router = APIRouter()
 
@@ -107,3 +115,30 @@ async def latency_disable(request: Request) -> dict[str, Any]:
 @router.post("/debug/latency_stats/reset")
 async def latency_reset(request: Request) -> dict[str, Any]:
     return await request.app.state.engine.call(lambda engine: request.app.state.latency.reset())
+
+
+@router.post("/parallel/tensor_split")
+async def tensor_split(request: Request, body: TensorSplitRequest = Depends(json_body(TensorSplitRequest))) -> dict[str, Any]:
+    """Split a model weight (by name) or a seeded random tensor into shards; returns a split_id (expires)."""
+    model = request.app.state.engine.engine.loaded.model
+    parts = parallel.split(model, body.weight, body.tensor_shape, body.split_dim, body.num_splits, body.seed)
+    split_id = request.app.state.handles.put(parts)
+    return {
+        "split_id": split_id,
+        "source": parts.source,
+        "shape": list(parts.full.shape),
+        "dtype": str(parts.full.dtype).removeprefix("torch."),
+        "split_dim": parts.split_dim,
+        "shards": [{"index": i, "shape": list(s.shape)} for i, s in enumerate(parts.shards)],
+    }
+
+
+@router.post("/parallel/execute")
+async def parallel_execute(
+    request: Request, body: ParallelExecuteRequest = Depends(json_body(ParallelExecuteRequest))
+) -> dict[str, Any]:
+    """Run the operation shard by shard on parallel workers, gather, and compare with the unsplit result."""
+    parts = request.app.state.handles.get(body.splits)
+    if parts is None:
+        raise APIError(404, f"splits: no split {body.splits!r} (unknown or expired)", "splits", "not_found_error")
+    return await asyncio.to_thread(parallel.execute, parts, body.other_columns, body.seed)

@@ -210,3 +210,22 @@ class PolicyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     algorithm: str
+
+
+class TensorSplitRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    weight: str | None = None
+    tensor_shape: list[int] | None = None
+    split_dim: int = 0
+    num_splits: int = Field(2, ge=1, le=64)
+    seed: int = 0
+
+
+class ParallelExecuteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    splits: str  # the split_id from /parallel/tensor_split
+    operation: Literal["matmul"] = "matmul"
+    other_columns: int = Field(64, ge=1)  # the other operand: a seeded random [inner, other_columns] matrix
+    seed: int = 0
