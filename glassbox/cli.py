@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-seqs", type=int, default=256)
     serve.add_argument("--scheduling-policy", default="fcfs", help="fcfs, priority or shortest_prompt_first")
     serve.add_argument("--api-key", default=os.environ.get("GLASSBOX_API_KEY"), help="require 'Authorization: Bearer KEY'")
+    serve.add_argument("--plugin", default=None, help="Python file registering algorithms; reloaded on change")
     serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -74,6 +75,8 @@ def run_serve(args: argparse.Namespace) -> None:
     from glassbox.models.loader import load_model
     from glassbox.server.app import ServerSettings, create_app
 
+    if args.plugin is not None and not Path(args.plugin).is_file():
+        raise ValueError(f"--plugin {args.plugin}: no such file")
     if args.kv_cache_memory <= 0:
         raise ValueError(f"--kv-cache-memory must be positive, got {args.kv_cache_memory}")
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -92,6 +95,7 @@ def run_serve(args: argparse.Namespace) -> None:
         model_name=name,
         api_key=args.api_key,
         ready_message=f"glassbox: serving {name} on http://{args.host}:{args.port}",
+        plugin=Path(args.plugin).resolve() if args.plugin else None,
     )
     uvicorn.run(
         create_app(engine, settings),

@@ -80,6 +80,10 @@ class AsyncLLMEngine:
         """Call listener(output) on the loop thread for every request that finishes (e.g. metrics)."""
         self._finish_listeners.append(listener)
 
+    def submit(self, fn: Callable[[LLMEngine], Any]) -> None:
+        """Run fn(engine) on the loop thread between steps, from any thread, without waiting."""
+        self._submit(lambda: fn(self.engine))
+
     def call(self, fn: Callable[[LLMEngine], Any]) -> asyncio.Future:
         """Run fn(engine) on the loop thread between steps (for introspection and changes); await it."""
         loop = asyncio.get_running_loop()

@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,6 +48,7 @@ class LoadedModel:
     source: str  # what the user asked for (path), for /model_info
     dtype: torch.dtype
     device: torch.device
+    loaded_at: float = field(default_factory=time.time)  # when the weights were read (unchanged by plugin reloads)
 
 
 def default_model_path() -> Path:

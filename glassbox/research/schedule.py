@@ -14,7 +14,7 @@ from typing import Any
 
 from glassbox.config import EngineConfig
 from glassbox.engine.llm_engine import LLMEngine
-from glassbox.engine.policies import POLICIES, get_policy
+from glassbox.engine.policies import POLICIES, SchedulingPolicy, get_policy
 from glassbox.sampling import SamplingParams
 
 ALIASES = {"shortest_first": "shortest_prompt_first", "sjf": "shortest_prompt_first"}
@@ -22,11 +22,15 @@ ALIASES = {"shortest_first": "shortest_prompt_first", "sjf": "shortest_prompt_fi
 STRATEGIES = {"minimize_latency": 256, "maximize_throughput": 4096}
 
 
-def policy_name(algorithm: str) -> str:
+def resolve_policy(algorithm: str, plugins: dict[str, type[SchedulingPolicy]] | None = None) -> SchedulingPolicy:
+    """A built-in policy by name (or alias), else one registered by the plugin file."""
     name = ALIASES.get(algorithm, algorithm)
-    if name not in POLICIES:
-        raise ValueError(f"algorithm: unknown {algorithm!r}; choose one of {', '.join([*POLICIES, *ALIASES])}")
-    return name
+    if name in POLICIES:
+        return get_policy(name)
+    if plugins and name in plugins:
+        return plugins[name]()
+    known = [*POLICIES, *ALIASES, *(plugins or {})]
+    raise ValueError(f"algorithm: unknown {algorithm!r}; choose one of {', '.join(known)}")
 
 
 @dataclass
@@ -42,10 +46,11 @@ def run_schedule(
     algorithm: str = "fcfs",
     max_batch_size: int = 8,
     strategy: str = "maximize_throughput",
+    plugins: dict[str, type[SchedulingPolicy]] | None = None,
 ) -> dict[str, Any]:
     """Run the set to the end under the policy (greedy decoding); per request: queue time, TTFT, finish
     time (ms from the set's start), output; and totals."""
-    name = policy_name(algorithm)
+    policy = resolve_policy(algorithm, plugins)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: unknown {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     block_size = engine.config.block_size
@@ -59,10 +64,10 @@ def run_schedule(
             max_num_seqs=max_batch_size,
             max_num_batched_tokens=STRATEGIES[strategy],
             enable_prefix_caching=False,
-            scheduling_policy=name,
             quantization=engine.config.quantization,
         ),
     )
+    private.scheduler.policy = policy
     start = time.perf_counter()
     ids = [
         private.add_request(p, SamplingParams(temperature=0, max_tokens=r.max_tokens), priority=r.priority)
@@ -94,8 +99,8 @@ def run_schedule(
         )
     tokens = sum(r["completion_tokens"] for r in results)
     return {
-        "algorithm": name,
-        "policy": get_policy(name).description,
+        "algorithm": policy.name,
+        "policy": policy.description,
         "strategy": strategy,
         "max_batch_size": max_batch_size,
         "completion_order": order,
@@ -111,8 +116,10 @@ def run_schedule(
     }
 
 
-def set_serving_policy(engine: LLMEngine, algorithm: str) -> dict[str, str]:
+def set_serving_policy(
+    engine: LLMEngine, algorithm: str, plugins: dict[str, type[SchedulingPolicy]] | None = None
+) -> dict[str, str]:
     """Switch the policy of all traffic (takes effect at the next step)."""
-    policy = get_policy(policy_name(algorithm))
+    policy = resolve_policy(algorithm, plugins)
     engine.scheduler.policy = policy
     return {"algorithm": policy.name, "description": policy.description}

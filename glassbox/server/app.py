@@ -11,6 +11,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
@@ -20,8 +21,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from glassbox import __version__
 from glassbox.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from glassbox.engine.llm_engine import LLMEngine
 from glassbox.research.handles import HandleStore
 from glassbox.research.latency import LatencyStats
+from glassbox.research.plugins import PluginManager, Registry
 from glassbox.research.profiler import Profiler
 from glassbox.server.metrics import Metrics
 
@@ -36,6 +39,7 @@ class ServerSettings:
     api_key: str | None = None
     max_body_bytes: int = 4 << 20  # 4 MiB of JSON is far more than any prompt the context can hold
     ready_message: str | None = None  # printed once the engine runs (the CLI's one line)
+    plugin: Path | None = None  # algorithm plugin file (command line only), reloaded when it changes
 
 
 class APIError(Exception):
@@ -103,6 +107,23 @@ class GuardMiddleware:
         await self.app(scope, receive, send)
 
 
+def _start_plugins(engine: AsyncLLMEngine, path: Path) -> PluginManager:
+    """Load the plugin file and watch it. On each good reload, a serving policy that came from the plugin
+    is replaced by its new version (on the loop thread, between steps)."""
+
+    def refresh(registry: Registry) -> None:
+        def swap(llm_engine: LLMEngine) -> None:
+            current = llm_engine.scheduler.policy.name
+            if current in registry.policies:
+                llm_engine.scheduler.policy = registry.policies[current]()
+
+        engine.submit(swap)
+
+    manager = PluginManager(path, on_reload=refresh)
+    manager.load()
+    return manager.watch()
+
+
 def create_app(engine: AsyncLLMEngine, settings: ServerSettings | None = None) -> FastAPI:
     from glassbox.server import routes_generate, routes_openai, routes_ops, routes_research
 
@@ -115,6 +136,8 @@ def create_app(engine: AsyncLLMEngine, settings: ServerSettings | None = None) -
         if settings.ready_message:
             print(settings.ready_message, file=sys.stderr, flush=True)
         yield
+        if app.state.plugins is not None:
+            app.state.plugins.stop()
         engine.shutdown()
 
     app = FastAPI(title="glassbox", version=__version__, lifespan=lifespan)
@@ -124,6 +147,7 @@ def create_app(engine: AsyncLLMEngine, settings: ServerSettings | None = None) -
     app.state.profiler = Profiler()
     app.state.latency = LatencyStats()
     app.state.handles = HandleStore()
+    app.state.plugins = _start_plugins(engine, settings.plugin) if settings.plugin else None
     engine.add_finish_listener(app.state.latency.observe_request)
     engine.add_finish_listener(app.state.metrics.observe)
     app.add_middleware(GuardMiddleware, settings=settings)

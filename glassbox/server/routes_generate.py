@@ -141,6 +141,7 @@ async def model_info(request: Request) -> dict:
         "kv_num_blocks": engine.kv_cache.num_blocks,
         "kv_cache_bytes": engine.kv_cache.nbytes,
         "scheduling_policy": engine.scheduler.policy.name,
+        "loaded_at": loaded.loaded_at,
     }
 
 

@@ -79,8 +79,9 @@ async def batch_schedule(
 ) -> dict[str, Any]:
     """Run a set of requests to the end under one policy; compare the per-request times across policies."""
     requests = [ScheduledRequest(r.prompt, r.priority, r.max_tokens) for r in body.requests]
+    plugins = plugin_policies(request)
     return await request.app.state.engine.call(
-        lambda engine: run_schedule(engine, requests, body.algorithm, body.max_batch_size, body.strategy)
+        lambda engine: run_schedule(engine, requests, body.algorithm, body.max_batch_size, body.strategy, plugins)
     )
 
 
@@ -93,7 +94,22 @@ async def get_scheduling_policy(request: Request) -> dict[str, str]:
 @router.post("/optimization/scheduling_policy")
 async def post_scheduling_policy(request: Request, body: PolicyRequest = Depends(json_body(PolicyRequest))) -> dict[str, str]:
     """Set the policy for all traffic."""
-    return await request.app.state.engine.call(lambda engine: set_serving_policy(engine, body.algorithm))
+    plugins = plugin_policies(request)
+    return await request.app.state.engine.call(lambda engine: set_serving_policy(engine, body.algorithm, plugins))
+
+
+def plugin_policies(request: Request) -> dict[str, Any]:
+    manager = request.app.state.plugins
+    return manager.registry.policies if manager is not None else {}
+
+
+@router.get("/plugins")
+async def plugins_status(request: Request) -> dict[str, Any]:
+    """The plugin file given with --plugin: version, what it registered, the last load error."""
+    manager = request.app.state.plugins
+    if manager is None:
+        raise APIError(404, "no plugin: start the server with --plugin FILE", None, "not_found_error")
+    return manager.status()
 
 
 @router.get("/debug/latency_stats")

@@ -1,0 +1,111 @@
+"""Algorithm plugins: a Python file named on the command line (`glassbox serve --plugin my_algo.py`) that
+registers scheduling policies (sparsity methods join once they exist), reloaded when the file changes —
+the weights stay loaded. A plugin that fails to import or to register is reported and the last good
+version keeps serving. Plugins come only from the command line, never from a request.
+
+A plugin file:
+
+    from glassbox.engine.policies import SchedulingPolicy
+
+    class LongestFirst(SchedulingPolicy):
+        name = "longest_first"
+        description = "longest prompt first"
+        def key(self, seq):
+            return (-seq.num_prompt_tokens, seq.arrival_time)
+
+    def register(registry):
+        registry.scheduling_policy(LongestFirst)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from glassbox.engine.policies import POLICIES, SchedulingPolicy
+
+logger = logging.getLogger(__name__)
+
+
+class Registry:
+    """What a plugin's `register(registry)` fills."""
+
+    def __init__(self) -> None:
+        self.policies: dict[str, type[SchedulingPolicy]] = {}
+
+    def scheduling_policy(self, policy: type[SchedulingPolicy]) -> None:
+        if not (isinstance(policy, type) and issubclass(policy, SchedulingPolicy)):
+            raise TypeError("scheduling_policy() takes a SchedulingPolicy subclass")
+        if policy.name in POLICIES:
+            raise ValueError(f"policy name {policy.name!r} is built in; choose another")
+        self.policies[policy.name] = policy
+
+
+class PluginManager:
+    def __init__(self, path: Path, on_reload: Callable[[Registry], None] | None = None, poll_s: float = 0.25) -> None:
+        self.path = path
+        self.on_reload = on_reload
+        self.poll_s = poll_s
+        self.registry = Registry()
+        self.version = 0  # successful loads
+        self.last_error: str | None = None
+        self.loaded_at: float | None = None
+        self._mtime: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def load(self) -> bool:
+        """(Re)load the file; on failure keep the last good registry and record the error."""
+        try:
+            self._mtime = self.path.stat().st_mtime
+            spec = importlib.util.spec_from_file_location(f"glassbox_plugin_{self.version + 1}", self.path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            register = getattr(module, "register", None)
+            if not callable(register):
+                raise AttributeError("the plugin defines no register(registry) function")
+            registry = Registry()
+            register(registry)
+        except Exception as error:  # a researcher's file: any error is reported, none stops the server
+            self.last_error = f"{type(error).__name__}: {error}"
+            logger.error("plugin %s failed to load, keeping version %d:\n%s", self.path, self.version, traceback.format_exc())
+            return False
+        self.registry, self.last_error = registry, None
+        self.version += 1
+        self.loaded_at = time.time()
+        logger.warning("plugin %s loaded (version %d): policies %s", self.path, self.version, sorted(registry.policies))
+        if self.on_reload is not None:
+            self.on_reload(registry)
+        return True
+
+    def watch(self) -> PluginManager:
+        """Reload whenever the file's modification time changes (polled)."""
+        self._thread = threading.Thread(target=self._poll, name="glassbox-plugins", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                mtime = self.path.stat().st_mtime
+            except OSError:
+                continue
+            if mtime != self._mtime:
+                self.load()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "version": self.version,
+            "loaded_at": self.loaded_at,
+            "policies": sorted(self.registry.policies),
+            "error": self.last_error,
+        }
