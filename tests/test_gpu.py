@@ -40,3 +40,20 @@ def test_cuda_bfloat16_logits_close_to_float32(tiny_model_dir):
     meta_gpu = AttentionMetadata.for_prompts([len(ids)], device="cuda")
     got = fast.model.compute_logits(fast.model(ids.cuda(), torch.arange(len(ids), device="cuda"), meta_gpu))
     assert (got.float().cpu() - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_cuda_memory_usage_and_latency_stats(tiny_model_dir):
+    from glassbox.research.latency import LatencyStats
+    from glassbox.research.memory import memory_usage, weight_bytes
+
+    engine = LLMEngine(load_model(tiny_model_dir("llama"), device="cuda"), EngineConfig(num_kv_blocks=100, block_size=4))
+    stats = LatencyStats()
+    stats.enable(engine)
+    run_all(engine, PROMPTS, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    report = stats.report()
+    assert report["stages"]["attention"]["count"] == 2 * 4 and "synchronize" in report["timed_with"]
+    memory = memory_usage(engine)
+    assert memory["model_weights_mb"] == weight_bytes(engine.loaded.model) / 2**20
+    assert memory["kv_cache_mb"]["allocated"] == engine.kv_cache.nbytes / 2**20
+    assert memory["peak_memory_mb"] >= memory["model_weights_mb"] + memory["kv_cache_mb"]["allocated"]
+    assert "torch.cuda.memory_stats" in memory["how"]
