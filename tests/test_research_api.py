@@ -161,3 +161,35 @@ def test_tensor_split_bad_input(server):
     assert httpx.post(f"{server}/parallel/tensor_split", json={"weight": "nope", "num_splits": 2}).status_code == 400
     assert httpx.post(f"{server}/parallel/tensor_split", json={"tensor_shape": [4, 4], "split_dim": 5}).status_code == 400
     assert httpx.post(f"{server}/parallel/execute", json={"splits": "0123456789abcdef"}).status_code == 404
+
+
+def test_attention_scores_equal_transformers(server):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from glassbox.models.loader import default_model_path
+
+    text = "The history of the Roman Empire is long and complicated."
+    one = httpx.post(f"{server}/debug/attention_scores", json={"prompt": text, "layer_idx": 3, "head_idx": 5}).json()
+    layer = httpx.post(f"{server}/debug/attention_scores", json={"prompt": text, "layer_idx": 3}).json()
+    path = default_model_path()
+    reference = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32, attn_implementation="eager"
+    )
+    with torch.no_grad():
+        attentions = reference(torch.tensor([one["token_ids"]]), output_attentions=True).attentions
+    expected = attentions[3][0]  # [heads, n, n]
+    assert (torch.tensor(one["attention_matrix"]) - expected[5]).abs().max() < 1e-4
+    assert len(layer["heads"]) == 9
+    assert (torch.tensor([h["attention_matrix"] for h in layer["heads"]]) - expected).abs().max() < 1e-4
+    n = len(one["tokens"])
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    assert one["sparsity_ratio"] == pytest.approx(((expected[5] < 0.01) & causal).sum().item() / causal.sum().item())
+    assert 0 < one["entropy"] < float(torch.log(torch.tensor(float(n)))) and 1 <= one["k_for_90pct_mass"] <= n
+    assert one["tokens"][0] == "The" and one["threshold"] == 0.01
+    summary = httpx.post(f"{server}/debug/attention_scores", json={"prompt": text}).json()
+    assert len(summary["layers"]) == 30 and "attention_matrix" not in summary["layers"][0]["heads"][0]
+    bad = httpx.post(f"{server}/debug/attention_scores", json={"prompt": text, "layer_idx": 30})
+    assert bad.status_code == 400 and "[0, 29]" in bad.json()["error"]["message"]
+    bad = httpx.post(f"{server}/debug/attention_scores", json={"prompt": text, "layer_idx": 0, "head_idx": 9})
+    assert bad.status_code == 400 and "[0, 8]" in bad.json()["error"]["message"]

@@ -10,12 +10,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse
 
 from glassbox.research import parallel
+from glassbox.research.attention import attention_scores
 from glassbox.research.cache import cache_stats, clear_prefix_cache
 from glassbox.research.memory import memory_usage
 from glassbox.research.profiler import Profiler, ProfilerError
 from glassbox.research.schedule import ScheduledRequest, run_schedule, set_serving_policy
 from glassbox.server.app import APIError, json_body
 from glassbox.server.schemas import (
+    AttentionScoresRequest,
     BatchScheduleRequest,
     ParallelExecuteRequest,
     PolicyRequest,
@@ -158,3 +160,14 @@ async def parallel_execute(
     if parts is None:
         raise APIError(404, f"splits: no split {body.splits!r} (unknown or expired)", "splits", "not_found_error")
     return await asyncio.to_thread(parallel.execute, parts, body.other_columns, body.seed)
+
+
+@router.post("/debug/attention_scores")
+async def debug_attention_scores(
+    request: Request, body: AttentionScoresRequest = Depends(json_body(AttentionScoresRequest))
+) -> dict[str, Any]:
+    """Post-softmax attention of the live model on a prompt: a [query][key] matrix for one head, one per
+    head for a layer, or per-head statistics for every layer; sparsity, entropy and k for 90% mass."""
+    engine = request.app.state.engine
+    ids = engine.engine.encode_prompt(body.prompt if body.prompt is not None else body.token_ids)
+    return await engine.call(lambda e: attention_scores(e, ids, body.layer_idx, body.head_idx, body.threshold))

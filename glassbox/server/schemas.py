@@ -229,3 +229,20 @@ class ParallelExecuteRequest(BaseModel):
     operation: Literal["matmul"] = "matmul"
     other_columns: int = Field(64, ge=1)  # the other operand: a seeded random [inner, other_columns] matrix
     seed: int = 0
+
+
+class AttentionScoresRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = None
+    token_ids: list[int] | None = None
+    layer_idx: int | None = None
+    head_idx: int | None = None
+    threshold: float = Field(0.01, gt=0, lt=1)
+    format: Literal["json"] = "json"
+
+    @model_validator(mode="after")
+    def _one_input(self) -> AttentionScoresRequest:
+        if (self.prompt is None) == (self.token_ids is None):
+            raise ValueError("give exactly one of prompt and token_ids")
+        return self
