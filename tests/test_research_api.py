@@ -193,3 +193,12 @@ def test_attention_scores_equal_transformers(server):
     assert bad.status_code == 400 and "[0, 29]" in bad.json()["error"]["message"]
     bad = httpx.post(f"{server}/debug/attention_scores", json={"prompt": text, "layer_idx": 0, "head_idx": 9})
     assert bad.status_code == 400 and "[0, 8]" in bad.json()["error"]["message"]
+
+
+def test_attention_heatmap_png(server):
+    body = {"prompt": "The Roman Empire began", "layer_idx": 2, "head_idx": 0, "format": "png"}
+    response = httpx.post(f"{server}/debug/attention_scores", json=body)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert response.content.startswith(b"\x89PNG\r\n\x1a\n") and len(response.content) > 5000
+    no_head = httpx.post(f"{server}/debug/attention_scores", json={"prompt": "x", "layer_idx": 2, "format": "png"})
+    assert no_head.status_code == 400 and "head_idx" in no_head.json()["error"]["message"]

@@ -7,11 +7,12 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 from glassbox.research import parallel
 from glassbox.research.attention import attention_scores
 from glassbox.research.cache import cache_stats, clear_prefix_cache
+from glassbox.research.heatmap import attention_png
 from glassbox.research.memory import memory_usage
 from glassbox.research.profiler import Profiler, ProfilerError
 from glassbox.research.schedule import ScheduledRequest, run_schedule, set_serving_policy
@@ -165,9 +166,14 @@ async def parallel_execute(
 @router.post("/debug/attention_scores")
 async def debug_attention_scores(
     request: Request, body: AttentionScoresRequest = Depends(json_body(AttentionScoresRequest))
-) -> dict[str, Any]:
+) -> Any:
     """Post-softmax attention of the live model on a prompt: a [query][key] matrix for one head, one per
     head for a layer, or per-head statistics for every layer; sparsity, entropy and k for 90% mass."""
     engine = request.app.state.engine
     ids = engine.engine.encode_prompt(body.prompt if body.prompt is not None else body.token_ids)
-    return await engine.call(lambda e: attention_scores(e, ids, body.layer_idx, body.head_idx, body.threshold))
+    scores = await engine.call(lambda e: attention_scores(e, ids, body.layer_idx, body.head_idx, body.threshold))
+    if body.format == "png":
+        title = f"layer {body.layer_idx}, head {body.head_idx}: sparsity {scores['sparsity_ratio']:.2f}, entropy {scores['entropy']:.2f}"
+        png = await asyncio.to_thread(attention_png, scores["attention_matrix"], scores["tokens"], title)
+        return Response(png, media_type="image/png")
+    return scores

@@ -239,10 +239,12 @@ class AttentionScoresRequest(BaseModel):
     layer_idx: int | None = None
     head_idx: int | None = None
     threshold: float = Field(0.01, gt=0, lt=1)
-    format: Literal["json"] = "json"
+    format: Literal["json", "png"] = "json"
 
     @model_validator(mode="after")
     def _one_input(self) -> AttentionScoresRequest:
         if (self.prompt is None) == (self.token_ids is None):
             raise ValueError("give exactly one of prompt and token_ids")
+        if self.format == "png" and (self.layer_idx is None or self.head_idx is None):
+            raise ValueError("format png draws one head: give layer_idx and head_idx")
         return self
