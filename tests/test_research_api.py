@@ -202,3 +202,46 @@ def test_attention_heatmap_png(server):
     assert response.content.startswith(b"\x89PNG\r\n\x1a\n") and len(response.content) > 5000
     no_head = httpx.post(f"{server}/debug/attention_scores", json={"prompt": "x", "layer_idx": 2, "format": "png"})
     assert no_head.status_code == 400 and "head_idx" in no_head.json()["error"]["message"]
+
+
+def test_pipeline_chain_reproduces_the_full_forward(server):
+    import torch
+
+    from glassbox.layers.attention import AttentionMetadata
+
+    text = "The history of the Roman Empire"
+    first = httpx.post(f"{server}/pipeline/step_execute", json={"step": "embed", "prompt": text}).json()
+    assert first["shape"] == [len(first["token_ids"]), 576] and first["dtype"] == "float32"
+    handle = first["handle"]
+    for layer in range(30):
+        if layer % 2:  # whole layers and attention+mlp halves chain alike
+            handle = httpx.post(f"{server}/pipeline/step_execute", json={"step": "layer", "layer_idx": layer, "input": handle}).json()["handle"]
+        else:
+            for step in ("attention", "mlp"):
+                handle = httpx.post(f"{server}/pipeline/step_execute", json={"step": step, "layer_idx": layer, "input": handle}).json()["handle"]
+    normed = httpx.post(f"{server}/pipeline/step_execute", json={"step": "final_norm", "input": handle}).json()
+    body = {"step": "lm_head", "input": normed["handle"], "return_intermediate": True}
+    too_big = httpx.post(f"{server}/pipeline/step_execute", json=body)
+    assert too_big.status_code == 400 and "cap" in too_big.json()["error"]["message"]  # 6 x 49152 values
+    logits_stats = httpx.post(f"{server}/pipeline/step_execute", json={**body, "return_intermediate": False}).json()
+
+    loaded = load_model(None)
+    ids = torch.tensor(first["token_ids"])
+    with torch.no_grad():
+        expected = loaded.model.compute_logits(loaded.model(ids, torch.arange(len(ids)), AttentionMetadata.for_prompts([len(ids)])))
+    assert logits_stats["shape"] == list(expected.shape)
+    assert logits_stats["stats"]["max"] == pytest.approx(expected.max().item(), abs=1e-3)
+    assert logits_stats["stats"]["mean"] == pytest.approx(expected.mean().item(), abs=1e-4)
+    # The values themselves, on a short chain: the first layer's output matches the model's own hooks.
+    one = httpx.post(f"{server}/pipeline/schedule", json={"input_ids": [1, 2, 3], "return_intermediate": True,
+                     "steps": [{"step": "embed"}, {"step": "layer", "layer_idx": 0}]}).json()
+    assert [s["step"] for s in one["steps"]] == ["embed", "layer"] and one["total_ms"] > 0
+    captured = {}
+    hook = loaded.model.model.layers[0].register_forward_hook(lambda m, a, out: captured.setdefault("out", out))
+    with torch.no_grad():
+        loaded.model(torch.tensor([1, 2, 3]), torch.arange(3), AttentionMetadata.for_prompts([3]))
+    hook.remove()
+    # (1e-4: the server's weights are stored column-major, so float32 sums round differently)
+    assert (torch.tensor(one["steps"][1]["values"]) - captured["out"]).abs().max() < 1e-4
+    bad = httpx.post(f"{server}/pipeline/step_execute", json={"step": "layer", "layer_idx": 30, "prompt": "x"})
+    assert bad.status_code == 400 and "[0, 29]" in bad.json()["error"]["message"]

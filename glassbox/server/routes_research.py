@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
 
-from glassbox.research import parallel
+from glassbox.research import parallel, pipeline
 from glassbox.research.attention import attention_scores
 from glassbox.research.cache import cache_stats, clear_prefix_cache
 from glassbox.research.heatmap import attention_png
@@ -21,8 +21,11 @@ from glassbox.server.schemas import (
     AttentionScoresRequest,
     BatchScheduleRequest,
     ParallelExecuteRequest,
+    PipelineInput,
+    PipelineScheduleRequest,
     PolicyRequest,
     ProfilingStart,
+    StepExecuteRequest,
     TensorSplitRequest,
 )
 
@@ -177,3 +180,39 @@ async def debug_attention_scores(
         png = await asyncio.to_thread(attention_png, scores["attention_matrix"], scores["tokens"], title)
         return Response(png, media_type="image/png")
     return scores
+
+
+def _pipeline_input(request: Request, body: PipelineInput) -> pipeline.Activation:
+    if body.input is not None:
+        activation = request.app.state.handles.get(body.input)
+        if not isinstance(activation, pipeline.Activation):
+            raise APIError(404, f"input: no activation handle {body.input!r} (unknown or expired)", "input", "not_found_error")
+        return activation
+    ids = request.app.state.engine.engine.encode_prompt(body.prompt if body.prompt is not None else body.input_ids)
+    return pipeline.Activation(None, ids)
+
+
+async def _run_pipeline(request: Request, body: PipelineInput, steps: list[tuple[str, int | None]]) -> dict[str, Any]:
+    activation = _pipeline_input(request, body)
+    reports, outputs = await request.app.state.engine.call(
+        lambda engine: pipeline.execute(engine, steps, activation, body.return_intermediate)
+    )
+    for report, out in zip(reports, outputs):
+        report["handle"] = request.app.state.handles.put(pipeline.Activation(out, activation.token_ids))
+    return {"token_ids": activation.token_ids, "steps": reports, "total_ms": sum(r["ms"] for r in reports)}
+
+
+@router.post("/pipeline/step_execute")
+async def step_execute(request: Request, body: StepExecuteRequest = Depends(json_body(StepExecuteRequest))) -> dict[str, Any]:
+    """Run one piece of the model (embed, norm, attention, mlp, layer, final_norm, lm_head); the output's
+    shape, dtype, statistics, a handle to chain from, and its values if asked (capped)."""
+    result = await _run_pipeline(request, body, [(body.step, body.layer_idx)])
+    return {"token_ids": result["token_ids"], **result["steps"][0]}
+
+
+@router.post("/pipeline/schedule")
+async def pipeline_schedule(
+    request: Request, body: PipelineScheduleRequest = Depends(json_body(PipelineScheduleRequest))
+) -> dict[str, Any]:
+    """Run a list of steps in order, each on the previous one's output, with the time of each."""
+    return await _run_pipeline(request, body, [(s.step, s.layer_idx) for s in body.steps])

@@ -248,3 +248,33 @@ class AttentionScoresRequest(BaseModel):
         if self.format == "png" and (self.layer_idx is None or self.head_idx is None):
             raise ValueError("format png draws one head: give layer_idx and head_idx")
         return self
+
+
+class PipelineStep(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    step: Literal["embed", "norm", "attention", "mlp", "layer", "final_norm", "lm_head"]
+    layer_idx: int | None = None
+
+
+class PipelineInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = None
+    input_ids: list[int] | None = None
+    input: str | None = None  # a handle returned by an earlier step
+    return_intermediate: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> PipelineInput:
+        if sum(x is not None for x in (self.prompt, self.input_ids, self.input)) != 1:
+            raise ValueError("give exactly one of prompt, input_ids and input (a handle)")
+        return self
+
+
+class StepExecuteRequest(PipelineInput, PipelineStep):
+    pass
+
+
+class PipelineScheduleRequest(PipelineInput):
+    steps: list[PipelineStep] = Field(..., min_length=1, max_length=512)
