@@ -27,6 +27,7 @@ class Tokenizer:
         self._tok = FastTokenizer.from_file(str(tokenizer_file))
         self.config: dict[str, Any] = _read_json(folder / "tokenizer_config.json")
         self.chat_template: str | None = _chat_template(folder, self.config)
+        self._compiled_template: Any = None
         self.bos_token: str | None = _token_text(self.config.get("bos_token"))
         self.eos_token: str | None = _token_text(self.config.get("eos_token"))
         self.bos_token_id = self.token_to_id(self.bos_token)
@@ -50,8 +51,9 @@ class Tokenizer:
         """The prompt text for a list of {"role", "content"} messages, rendered like transformers does."""
         if self.chat_template is None:
             raise ValueError("this model has no chat template; send a plain prompt instead of messages")
-        template = _compile_template(self.chat_template)
-        return template.render(
+        if self._compiled_template is None:  # compiled once, on first use
+            self._compiled_template = _compile_template(self.chat_template)
+        return self._compiled_template.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",

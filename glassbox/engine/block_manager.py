@@ -63,14 +63,14 @@ class BlockManager:
 
         At least one token is always left to compute, since its logits are needed to sample."""
         assert not seq.block_table, "prefix lookup is for sequences without blocks"
-        seq.num_computed_tokens = seq.num_cached_tokens = seq.num_hashed_blocks = 0
+        seq.num_computed_tokens = seq.num_cached_tokens = 0
+        seq.block_hashes.clear()
         if not self.enable_prefix_caching:
             return
         self.stats.lookups += 1
         self.stats.queried_tokens += seq.num_tokens
         self.stats.queried_blocks += (seq.num_tokens - 1) // self.block_size
         previous = None
-        seq.block_hashes.clear()
         for index in range((seq.num_tokens - 1) // self.block_size):
             tokens = tuple(seq.token_ids[index * self.block_size : (index + 1) * self.block_size])
             key = chain_hash(previous, tokens)
@@ -85,7 +85,6 @@ class BlockManager:
             previous = key
         hits = len(seq.block_table)
         seq.num_computed_tokens = seq.num_cached_tokens = hits * self.block_size
-        seq.num_hashed_blocks = hits
         self.stats.hit_blocks += hits
         self.stats.hit_tokens += hits * self.block_size
 
@@ -116,17 +115,15 @@ class BlockManager:
         """Register the sequence's newly completed full blocks in the prefix cache."""
         if not self.enable_prefix_caching:
             return
-        for index in range(seq.num_hashed_blocks, seq.num_computed_tokens // self.block_size):
+        for index in range(len(seq.block_hashes), seq.num_computed_tokens // self.block_size):
             tokens = tuple(seq.token_ids[index * self.block_size : (index + 1) * self.block_size])
-            key = chain_hash(seq.block_hashes[index - 1] if index else None, tokens)
-            del seq.block_hashes[index:]
+            key = chain_hash(seq.block_hashes[-1] if index else None, tokens)
             seq.block_hashes.append(key)
             block = seq.block_table[index]
             # If another sequence cached the same content first, this block stays private.
             if key not in self.cached and self.block_keys[block] is None:
                 self.cached[key] = block
                 self.block_keys[block] = (key, tokens)
-            seq.num_hashed_blocks = index + 1
 
     # ---- release
     def free(self, seq: Sequence) -> None:
@@ -139,7 +136,7 @@ class BlockManager:
                 else:
                     self.free_blocks.append(block)
         seq.block_table = []
-        seq.num_hashed_blocks = 0
+        seq.block_hashes = []
 
     def reset_prefix_cache(self) -> int:
         """Forget every unreferenced cached block (e.g. after weights change). Returns how many."""

@@ -58,8 +58,8 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose keys/values are in the cache
     num_cached_tokens: int = 0  # of those, how many came from the prefix cache (last admission)
     block_table: list[int] = field(default_factory=list)
-    num_hashed_blocks: int = 0  # leading full blocks already registered in the prefix cache
-    block_hashes: list[int] = field(default_factory=list)  # chained hash of each full block
+    # Chained hash of each leading full block already registered in the prefix cache.
+    block_hashes: list[int] = field(default_factory=list)
     num_preemptions: int = 0
     finish_reason: str | None = None
     timings: Timings = field(default_factory=Timings)

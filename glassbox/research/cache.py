@@ -12,7 +12,6 @@ from glassbox.engine.llm_engine import LLMEngine
 def cache_stats(engine: LLMEngine) -> dict[str, Any]:
     bm = engine.block_manager
     s = bm.stats
-    in_use = sum(1 for count in bm.ref_counts if count > 0)
     block_bytes = bytes_per_block(engine.loaded.config, bm.block_size, engine.loaded.dtype)
     return {
         "prefix_cache": {
@@ -30,7 +29,7 @@ def cache_stats(engine: LLMEngine) -> dict[str, Any]:
         "blocks": {
             "block_size": bm.block_size,
             "total": bm.num_blocks,
-            "in_use": in_use,  # referenced by running or waiting-with-prefix requests
+            "in_use": bm.num_used_blocks,  # referenced by running or waiting-with-prefix requests
             "cached_free": len(bm.evictable),  # unreferenced, contents kept for reuse
             "free": len(bm.free_blocks),
             "bytes_per_block": block_bytes,

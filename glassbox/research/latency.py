@@ -22,7 +22,7 @@ from glassbox.engine.llm_engine import LLMEngine, RequestOutput
 from glassbox.layers.attention import Attention
 
 STAGES = ("tokenize", "queue", "embed", "attention", "mlp", "lm_head", "forward_other", "sample", "detokenize", "step_other")
-_FORWARD_PARTS = ("embed", "attention", "mlp", "lm_head")
+_FORWARD_PARTS = ("embed", "attention", "mlp")  # timed inside the model's forward
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -34,8 +34,9 @@ class LatencyStats:
     def __init__(self) -> None:
         self.enabled = False
         self.samples: dict[str, list[float]] = {stage: [] for stage in STAGES}
+        # Running sums of the samples: the step and forward wrappers read their parts off these deltas.
+        self.totals: dict[str, float] = dict.fromkeys(STAGES, 0.0)
         self._undo: list[Callable[[], None]] = []
-        self._step_parts: dict[str, float] = {}
         self._forward_seconds = 0.0
         self._cuda = False
         self._sync: Callable[[], None] = lambda: None
@@ -66,12 +67,13 @@ class LatencyStats:
     def reset(self) -> dict[str, Any]:
         for values in self.samples.values():
             values.clear()
+        self.totals = dict.fromkeys(STAGES, 0.0)
         return self.status()
 
     def observe_request(self, out: RequestOutput) -> None:
         """Finish listener: the request's queue time."""
         if self.enabled and out.timings.get("queue_ms") is not None:
-            self.samples["queue"].append(out.timings["queue_ms"] / 1000)
+            self._record("queue", out.timings["queue_ms"] / 1000)
 
     # ---- instrumentation
     @staticmethod
@@ -90,8 +92,10 @@ class LatencyStats:
 
     def _record(self, stage: str, seconds: float) -> None:
         self.samples[stage].append(seconds)
-        if stage in _FORWARD_PARTS:
-            self._step_parts[stage] = self._step_parts.get(stage, 0.0) + seconds
+        self.totals[stage] += seconds
+
+    def _covered(self, stages: tuple[str, ...]) -> float:
+        return sum(self.totals[stage] for stage in stages)
 
     def _hook(self, module: nn.Module, stage: str) -> None:
         starts: list[float] = []
@@ -125,18 +129,18 @@ class LatencyStats:
 
     def _wrap_forward(self, model: nn.Module) -> None:
         """Time the whole forward; what its parts (embed, attention, mlp) do not cover is forward_other."""
-        starts: list[float] = []
+        starts: list[tuple[float, float]] = []
 
         def before(_module: nn.Module, _args: Any) -> None:
-            self._step_parts.clear()
             self._sync()
-            starts.append(time.perf_counter())
+            starts.append((time.perf_counter(), self._covered(_FORWARD_PARTS)))
 
         def after(_module: nn.Module, _args: Any, _out: Any) -> None:
             self._sync()
-            covered = sum(self._step_parts.get(s, 0.0) for s in ("embed", "attention", "mlp"))
-            self._forward_seconds = time.perf_counter() - starts.pop()
-            self.samples["forward_other"].append(max(self._forward_seconds - covered, 0.0))
+            start, covered_before = starts.pop()
+            self._forward_seconds = time.perf_counter() - start
+            covered = self._covered(_FORWARD_PARTS) - covered_before
+            self._record("forward_other", max(self._forward_seconds - covered, 0.0))
 
         handles = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
         self._undo.append(lambda: [h.remove() for h in handles])
@@ -145,22 +149,17 @@ class LatencyStats:
         """Time each step; what the timed stages inside it do not cover is step_other."""
         original = engine.step
 
+        # Timed inside a step outside the model's forward (the LM head runs on the sampled rows only).
+        outside_forward = ("lm_head", "sample", "detokenize")
+
         def timed_step() -> list[RequestOutput]:
             self._forward_seconds = 0.0
-            sample_before = sum(self.samples["sample"])
-            detok_before = sum(self.samples["detokenize"])
-            lm_head_before = sum(self.samples["lm_head"])
+            before = self._covered(outside_forward)
             start = time.perf_counter()
             outputs = original()
             elapsed = time.perf_counter() - start
-            inside = (
-                self._forward_seconds
-                + sum(self.samples["sample"]) - sample_before
-                + sum(self.samples["detokenize"]) - detok_before
-            )
-            # The LM head runs after the model's forward (on the sampled rows only): counted on its own.
-            inside += sum(self.samples["lm_head"]) - lm_head_before
-            self.samples["step_other"].append(max(elapsed - inside, 0.0))
+            inside = self._forward_seconds + self._covered(outside_forward) - before
+            self._record("step_other", max(elapsed - inside, 0.0))
             return outputs
 
         engine.step = timed_step
@@ -183,12 +182,12 @@ class LatencyStats:
             ms = [v * 1000 for v in values]
             stages[stage] = {
                 "count": len(ms),
-                "total_ms": sum(ms),
+                "total_ms": self.totals[stage] * 1000,
                 "mean_ms": sum(ms) / len(ms) if ms else 0.0,
                 "p50_ms": _percentile(ms, 0.5) if ms else 0.0,
                 "p95_ms": _percentile(ms, 0.95) if ms else 0.0,
             }
-        total = {stage: stages[stage]["total_ms"] for stage in STAGES}
+        total = {stage: self.totals[stage] * 1000 for stage in STAGES}
         return {
             **self.status(),
             "stages": stages,
