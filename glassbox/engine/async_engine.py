@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from glassbox.engine.llm_engine import LLMEngine, RequestOutput
+from glassbox.layers.sparsity import SparsityMethod
 from glassbox.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ class AsyncLLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         priority: int = 0,
+        sparsity: SparsityMethod | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as tokens arrive; the last one has finished=True. Leaving the
         iteration early (client gone, task cancelled) aborts the request and frees its blocks."""
@@ -115,7 +117,7 @@ class AsyncLLMEngine:
         request_id = request_id or f"async-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        state = self.engine.make_request(prompt, params, request_id, priority)  # raises ValueError
+        state = self.engine.make_request(prompt, params, request_id, priority, sparsity)  # raises ValueError
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
         self._submit(lambda: self.engine.enqueue(state))

@@ -65,7 +65,7 @@ class BlockManager:
         assert not seq.block_table, "prefix lookup is for sequences without blocks"
         seq.num_computed_tokens = seq.num_cached_tokens = 0
         seq.block_hashes.clear()
-        if not self.enable_prefix_caching:
+        if not (self.enable_prefix_caching and seq.prefix_cacheable):
             return
         self.stats.lookups += 1
         self.stats.queried_tokens += seq.num_tokens
@@ -113,7 +113,7 @@ class BlockManager:
 
     def commit(self, seq: Sequence) -> None:
         """Register the sequence's newly completed full blocks in the prefix cache."""
-        if not self.enable_prefix_caching:
+        if not (self.enable_prefix_caching and seq.prefix_cacheable):
             return
         for index in range(len(seq.block_hashes), seq.num_computed_tokens // self.block_size):
             tokens = tuple(seq.token_ids[index * self.block_size : (index + 1) * self.block_size])

@@ -22,6 +22,7 @@ from glassbox.engine.model_runner import ModelRunner, PromptLogprob
 from glassbox.engine.optimize import optimize_model
 from glassbox.engine.scheduler import Scheduler
 from glassbox.engine.sequence import Sequence
+from glassbox.layers.sparsity import SparsityMethod, SparsityState
 from glassbox.models.loader import LoadedModel
 from glassbox.sampling import SampleRequest, SamplingParams
 
@@ -43,6 +44,7 @@ class RequestOutput:
     prompt_logprobs: list[PromptLogprob | None] | None
     num_cached_tokens: int
     timings: dict[str, float | None]
+    sparsity: dict[str, Any] | None = None  # the mask applied and its realised density
 
 
 @dataclass(eq=False)
@@ -85,6 +87,8 @@ class LLMEngine:
         )
         self._ids = itertools.count()
         self.num_steps = 0
+        # Applied to new requests that name no sparsity of their own (POST /optimization/sparsity_mask).
+        self.default_sparsity: SparsityMethod | None = None
 
     # ---- requests
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -101,9 +105,10 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         priority: int = 0,
+        sparsity: SparsityMethod | None = None,
     ) -> str:
         """Validate and queue a request; raises ValueError naming the problem. Returns its id."""
-        state = self.make_request(prompt, params, request_id, priority)
+        state = self.make_request(prompt, params, request_id, priority, sparsity)
         self.enqueue(state)
         return state.seq.request_id
 
@@ -113,8 +118,10 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         priority: int = 0,
+        sparsity: SparsityMethod | None = None,
     ) -> RequestState:
-        """Tokenize and validate without touching the engine's queues (safe from another thread)."""
+        """Tokenize and validate without touching the engine's queues (safe from another thread).
+        `sparsity`: a mask for this request's attention; None = the engine's default (usually none)."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         prompt_ids = self.encode_prompt(prompt)
@@ -132,6 +139,9 @@ class LLMEngine:
                 "lower max_tokens or give the KV cache more memory"
             )
         seq = Sequence(request_id, prompt_ids, params, priority=priority)
+        sparsity = sparsity or self.default_sparsity
+        if sparsity is not None and sparsity.name != "dense":
+            seq.sparsity, seq.prefix_cacheable = SparsityState(sparsity), False
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device="cpu").manual_seed(params.seed)
@@ -267,6 +277,7 @@ class LLMEngine:
             prompt_logprobs=list(state.prompt_logprobs) if params.prompt_logprobs is not None else None,
             num_cached_tokens=seq.num_cached_tokens,
             timings=seq.timings.summary(),
+            sparsity=seq.sparsity.report() if seq.sparsity is not None else None,
         )
 
     # ---- introspection

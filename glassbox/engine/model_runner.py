@@ -11,6 +11,7 @@ from glassbox.engine.kv_cache import KVCache
 from glassbox.engine.scheduler import ScheduledBatch
 from glassbox.engine.sequence import Sequence
 from glassbox.engine.step_metadata import SeqChunk, build_step_metadata
+from glassbox.layers.attention import AttentionMetadata
 from glassbox.models.loader import LoadedModel
 from glassbox.sampling import SampleRequest, SampleResult, sample
 
@@ -28,6 +29,7 @@ class StepResult:
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, kv_cache: KVCache, seed: int | None = None) -> None:
         self.model = loaded.model
+        self.config = loaded.config
         self.device = loaded.device
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
@@ -57,6 +59,7 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start : start + num_new])
             chunks.append(SeqChunk(seq.block_table, start, num_new))
         positions, meta = build_step_metadata(chunks, self.block_size, self.device)
+        self._apply_sparsity(batch, meta)
         with torch.profiler.record_function("glassbox::forward"):  # names the step in profiler traces
             hidden = self.model(torch.tensor(input_ids, device=self.device), positions, meta)
 
@@ -76,6 +79,18 @@ class ModelRunner:
             seq, num_new = batch.items[i]
             result.prompt_logprobs[i] = self._prompt_logprobs(seq, num_new, hidden[ends[i] - num_new : ends[i]], top_n)
         return result
+
+    def _apply_sparsity(self, batch: ScheduledBatch, meta: AttentionMetadata) -> None:
+        """Hand the attention the masks of the sequences that have one and drop keys at this length."""
+        for i, (seq, num_new) in enumerate(batch.items):
+            state = seq.sparsity
+            if state is None:
+                continue
+            context_len = meta.context_lens_list[i]
+            if state.method.is_dense(context_len):  # keeps everything: the plain path, exactly dense
+                state.record_dense(num_new, context_len, self.config.num_attention_heads, self.config.layer_windows)
+            else:
+                meta.sparsity[i] = state
 
     def sample(self, logits: torch.Tensor, requests: list[SampleRequest]) -> SampleResult:
         """logits [N, vocab] -> one token per row (a method, so instruments can wrap it from outside)."""

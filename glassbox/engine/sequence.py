@@ -60,6 +60,10 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     # Chained hash of each leading full block already registered in the prefix cache.
     block_hashes: list[int] = field(default_factory=list)
+    # False for sequences whose KV differs from the plain model's (a sparsity mask changes every layer's
+    # input after the first): they neither reuse nor publish prefix-cache blocks.
+    prefix_cacheable: bool = True
+    sparsity: Any = None  # layers.sparsity.SparsityState while a mask applies (read by the model runner)
     num_preemptions: int = 0
     finish_reason: str | None = None
     timings: Timings = field(default_factory=Timings)

@@ -8,6 +8,7 @@ A token's slot is block_id * block_size + offset.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Collection
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,11 @@ def causal_mask(
     return allowed
 
 
+# A sparsity mask for one sequence: (scores [H, Lq, Lk] float32 with -inf where not allowed, allowed [Lq, Lk],
+# q [Lq, H, D], keys [Lk, KV, D]) -> keep [H, Lq, Lk] bool. See layers/sparsity.py.
+Selector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -50,13 +56,15 @@ def attend(
     scale: float,
     sliding_window: int | None = None,
     return_probs: bool = False,
+    select: Selector | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One sequence. q: [Lq, H, D]; k, v: [Lk, KV, D] with Lk >= Lq (the queries are the last Lq
-    positions). Returns out [Lq, H, D] and, if asked, the probabilities [H, Lq, Lk] in float32."""
+    positions). Returns out [Lq, H, D] and, if asked, the probabilities [H, Lq, Lk] in float32.
+    `select` masks further keys (sparse attention); dropped scores become -inf before the softmax."""
     q_len, num_heads, head_dim = q.shape
     context_len, num_kv_heads, _ = k.shape
     group = num_heads // num_kv_heads
-    if not return_probs:
+    if not return_probs and select is None:
         qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, L, D]
         mask = None
         is_causal = False
@@ -75,6 +83,10 @@ def attend(
     scores = (qg @ kf.transpose(-1, -2)) * scale  # [KV, G, Lq, Lk]
     allowed = causal_mask(q_len, context_len, sliding_window, q.device)
     scores = scores.masked_fill(~allowed, float("-inf"))
+    if select is not None:
+        heads = scores.view(num_heads, q_len, context_len)
+        keep = select(heads, allowed, q, k).view(num_kv_heads, group, q_len, context_len)
+        scores = scores.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = (probs @ vf).permute(2, 0, 1, 3).reshape(q_len, num_heads, head_dim)
     return out.to(q.dtype), probs.reshape(num_heads, q_len, context_len)
@@ -99,8 +111,14 @@ class DecodeBatch:
         context_lens: list[int],
         block_tables: torch.Tensor,
         block_size: int,
+        exclude: Collection[int] = (),
     ) -> DecodeBatch | None:
-        seqs = [i for i in range(len(context_lens)) if query_start_loc[i + 1] - query_start_loc[i] == 1]
+        """`exclude`: sequences that must take the per-sequence path (sparsity masks)."""
+        seqs = [
+            i
+            for i in range(len(context_lens))
+            if query_start_loc[i + 1] - query_start_loc[i] == 1 and i not in exclude
+        ]
         if not seqs:
             return None
         device = block_tables.device
@@ -155,14 +173,17 @@ def attention(
     sliding_window: int | None = None,
     return_probs: bool = False,
     decode_batch: DecodeBatch | None = None,
+    selectors: dict[int, Selector] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Attention for a flattened batch. q: [T, H, D]; k, v: [T, KV, D] (this step's tokens).
 
     With a cache, sequence i attends over its first context_lens[i] cached tokens (this step's already
     stored); without one, over its own new tokens only. The decode sequences of `decode_batch` are done
     together in one batched call; the others one by one. Returns out [T, H, D] and, if asked, one
-    probability tensor [H, q_len, context_len] per sequence.
+    probability tensor [H, q_len, context_len] per sequence. `selectors`: sequence index -> its sparsity
+    mask (those sequences take the readable per-sequence path).
     """
+    selectors = selectors or {}
     if decode_batch is not None and decode_batch.rows is None:  # a pure decode step
         return paged_decode_attention(q, k_cache, v_cache, decode_batch, scale, sliding_window), []
     out = torch.empty_like(q)
@@ -181,7 +202,9 @@ def attention(
             values = gather_kv(v_cache, block_tables[i], context_len)
         else:
             keys, values = k[start:end], v[start:end]
-        out[start:end], probs = attend(q[start:end], keys, values, scale, sliding_window, return_probs)
+        out[start:end], probs = attend(
+            q[start:end], keys, values, scale, sliding_window, return_probs, selectors.get(i)
+        )
         if probs is not None:
             all_probs.append(probs)
     return out, all_probs

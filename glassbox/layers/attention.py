@@ -11,12 +11,14 @@ The default `TorchAttentionBackend` is the readable CPU path and the reference f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import torch
 from torch import nn
 
 from glassbox.kernels import attention_torch
+from glassbox.layers.sparsity import SparsityState
 
 
 @dataclass
@@ -37,6 +39,8 @@ class AttentionMetadata:
     # layer into `captured[layer_idx]` as one [H, q_len, context_len] float32 tensor per sequence.
     capture_layers: frozenset[int] = frozenset()
     captured: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    # Research hook: sequence index -> its sparsity mask, for the sequences whose mask drops keys this step.
+    sparsity: dict[int, SparsityState] = field(default_factory=dict)
     # Built by the first layer that needs it and reused by the others (see DecodeBatch).
     decode_batch: attention_torch.DecodeBatch | None = field(default=None, repr=False)
 
@@ -82,8 +86,13 @@ class TorchAttentionBackend:
         cached = meta.slot_mapping is not None
         if cached and meta.decode_batch is None:
             meta.decode_batch = attention_torch.DecodeBatch.build(
-                meta.query_start_loc_list, meta.context_lens_list, meta.block_tables, layer.k_cache.shape[1]
+                meta.query_start_loc_list,
+                meta.context_lens_list,
+                meta.block_tables,
+                layer.k_cache.shape[1],
+                exclude=meta.sparsity.keys(),
             )
+        selectors = {i: partial(state.select, layer.layer_idx) for i, state in meta.sparsity.items()}
         out, probs = attention_torch.attention(
             q,
             k,
@@ -98,6 +107,7 @@ class TorchAttentionBackend:
             return_probs=capture,
             # A layer handing out probabilities takes the per-sequence path for all its sequences.
             decode_batch=None if capture or not cached else meta.decode_batch,
+            selectors=selectors,
         )
         if capture:
             meta.captured[layer.layer_idx] = probs

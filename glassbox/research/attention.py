@@ -2,6 +2,7 @@
 
 One cache-less forward over the prompt with the chosen layers in `AttentionMetadata.capture_layers`: those
 layers take the readable PyTorch path and hand out softmax(q·kᵀ) per head; the others run as usual.
+With a sparsity method, the probabilities are those of the masked attention (every layer masked).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 
 from glassbox.engine.llm_engine import LLMEngine
 from glassbox.layers.attention import AttentionMetadata
+from glassbox.layers.sparsity import SparsityMethod, SparsityState
 
 MAX_TOKENS = 1024  # a [heads, n, n] float32 matrix per layer: keep responses and memory bounded
 
@@ -30,7 +32,12 @@ def head_stats(probs: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]
 
 @torch.inference_mode()
 def attention_scores(
-    engine: LLMEngine, token_ids: list[int], layer_idx: int | None, head_idx: int | None, threshold: float
+    engine: LLMEngine,
+    token_ids: list[int],
+    layer_idx: int | None,
+    head_idx: int | None,
+    threshold: float,
+    sparsity: SparsityMethod | None = None,
 ) -> dict[str, Any]:
     config = engine.loaded.config
     if not 1 <= len(token_ids) <= MAX_TOKENS:
@@ -46,9 +53,14 @@ def attention_scores(
     n = len(token_ids)
     meta = AttentionMetadata.for_prompts([n], device=device)
     meta.capture_layers = frozenset(layers)
+    state = SparsityState(sparsity) if sparsity is not None and not sparsity.is_dense(n) else None
+    if state is not None:
+        meta.sparsity = {0: state}
     engine.loaded.model(torch.tensor(token_ids, device=device), torch.arange(n, device=device), meta)
     tokens = [engine.tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
     result: dict[str, Any] = {"tokens": tokens, "token_ids": token_ids, "threshold": threshold, "num_tokens": n}
+    if sparsity is not None:
+        result["sparsity"] = state.report() if state is not None else {**sparsity.spec(), "density": 1.0}
     per_layer = []
     for layer in layers:
         probs = meta.captured[layer][0].cpu()  # [H, n, n]

@@ -1,5 +1,5 @@
 """Algorithm plugins: a Python file named on the command line (`glassbox serve --plugin my_algo.py`) that
-registers scheduling policies (sparsity methods join once they exist), reloaded when the file changes —
+registers scheduling policies and sparse-attention methods, reloaded when the file changes —
 the weights stay loaded. A plugin that fails to import or to register is reported and the last good
 version keeps serving. Plugins come only from the command line, never from a request.
 
@@ -13,8 +13,18 @@ A plugin file:
         def key(self, seq):
             return (-seq.num_prompt_tokens, seq.arrival_time)
 
+    class LocalOnly(SparsityMethod):          # from glassbox.layers.sparsity import Params, SparsityMethod
+        name = "local_only"
+        def __init__(self, window): self.window = window
+        @classmethod
+        def parse(cls, params: Params):
+            return cls(params.number("window", 8, integer=True, minimum=1))
+        def keep(self, x):                      # x: MaskInputs; -> bool broadcastable to [H, Lq, Lk]
+            return x.k_positions > x.q_positions - self.window
+
     def register(registry):
         registry.scheduling_policy(LongestFirst)
+        registry.sparsity_method(LocalOnly, example={"window": 4})
 """
 
 from __future__ import annotations
@@ -27,7 +37,10 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from glassbox.engine.policies import POLICIES, SchedulingPolicy
+from glassbox.layers.sparsity import BUILTIN_METHODS, SparsityMethod, SparsityState, parse_sparsity
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +50,7 @@ class Registry:
 
     def __init__(self) -> None:
         self.policies: dict[str, type[SchedulingPolicy]] = {}
+        self.sparsity_methods: dict[str, type[SparsityMethod]] = {}
 
     def scheduling_policy(self, policy: type[SchedulingPolicy]) -> None:
         if not (isinstance(policy, type) and issubclass(policy, SchedulingPolicy)):
@@ -44,6 +58,30 @@ class Registry:
         if policy.name in POLICIES:
             raise ValueError(f"policy name {policy.name!r} is built in; choose another")
         self.policies[policy.name] = policy
+
+    def sparsity_method(self, method: type[SparsityMethod], example: dict[str, Any] | None = None) -> None:
+        """Register a sparse-attention method. It is tried once on random scores with the `example`
+        parameters, so a method that raises or returns a wrong shape fails the load, not a request."""
+        if not (isinstance(method, type) and issubclass(method, SparsityMethod)):
+            raise TypeError("sparsity_method() takes a SparsityMethod subclass")
+        if method.name in BUILTIN_METHODS:
+            raise ValueError(f"sparsity method name {method.name!r} is built in; choose another")
+        instance = parse_sparsity({"method": method.name, **(example or {})}, {method.name: method})
+        _try_method(instance)
+        self.sparsity_methods[method.name] = method
+
+
+def _try_method(method: SparsityMethod, heads: int = 2, q_len: int = 5, context_len: int = 9, dim: int = 8) -> None:
+    """Run the method on one random prefill chunk; raise what it raised."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(q_len, heads, dim, generator=generator)
+    keys = torch.randn(context_len, 1, dim, generator=generator)
+    allowed = torch.arange(context_len)[None, :] <= torch.arange(context_len - q_len, context_len)[:, None]
+    scores = torch.einsum("qhd,kd->hqk", q, keys[:, 0]).masked_fill(~allowed, float("-inf"))
+    state = SparsityState(method)
+    state.select(0, scores, allowed, q, keys)
+    if state.error:
+        raise RuntimeError(f"sparsity method {method.name!r} failed on a test input: {state.error}")
 
 
 class PluginManager:
@@ -78,7 +116,10 @@ class PluginManager:
         self.registry, self.last_error = registry, None
         self.version += 1
         self.loaded_at = time.time()
-        logger.warning("plugin %s loaded (version %d): policies %s", self.path, self.version, sorted(registry.policies))
+        logger.warning(
+            "plugin %s loaded (version %d): policies %s, sparsity methods %s",
+            self.path, self.version, sorted(registry.policies), sorted(registry.sparsity_methods),
+        )
         if self.on_reload is not None:
             self.on_reload(registry)
         return True
@@ -107,5 +148,6 @@ class PluginManager:
             "version": self.version,
             "loaded_at": self.loaded_at,
             "policies": sorted(self.registry.policies),
+            "sparsity_methods": sorted(self.registry.sparsity_methods),
             "error": self.last_error,
         }

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from glassbox import __version__
 from glassbox.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from glassbox.engine.llm_engine import LLMEngine
+from glassbox.layers.sparsity import SparsityError, SparsityMethod, parse_sparsity
 from glassbox.research.handles import HandleStore
 from glassbox.research.latency import LatencyStats
 from glassbox.research.plugins import PluginManager, Registry
@@ -80,6 +81,17 @@ def json_body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
     return parse
 
 
+def sparsity_of(request: Request, spec: dict[str, Any] | None, field: str = "sparsity") -> SparsityMethod | None:
+    """A request's sparsity spec -> a method (built in or from the plugin file); 400 naming the field."""
+    if spec is None:
+        return None
+    plugins = request.app.state.plugins
+    try:
+        return parse_sparsity(spec, plugins.registry.sparsity_methods if plugins else None, field)
+    except SparsityError as error:
+        raise APIError(400, str(error), error.field) from None
+
+
 class GuardMiddleware:
     """API key (every path but /health) and body size, before any route runs.
 
@@ -108,14 +120,20 @@ class GuardMiddleware:
 
 
 def _start_plugins(engine: AsyncLLMEngine, path: Path) -> PluginManager:
-    """Load the plugin file and watch it. On each good reload, a serving policy that came from the plugin
-    is replaced by its new version (on the loop thread, between steps)."""
+    """Load the plugin file and watch it. On each good reload, a serving policy or global sparsity mask
+    that came from the plugin is replaced by its new version (on the loop thread, between steps)."""
 
     def refresh(registry: Registry) -> None:
         def swap(llm_engine: LLMEngine) -> None:
             current = llm_engine.scheduler.policy.name
             if current in registry.policies:
                 llm_engine.scheduler.policy = registry.policies[current]()
+            mask = llm_engine.default_sparsity
+            if mask is not None and mask.name in registry.sparsity_methods:
+                try:
+                    llm_engine.default_sparsity = parse_sparsity(mask.spec(), registry.sparsity_methods)
+                except SparsityError:  # the new version's parameters differ: the global mask is dropped
+                    llm_engine.default_sparsity = None
 
         engine.submit(swap)
 
@@ -125,7 +143,7 @@ def _start_plugins(engine: AsyncLLMEngine, path: Path) -> PluginManager:
 
 
 def create_app(engine: AsyncLLMEngine, settings: ServerSettings | None = None) -> FastAPI:
-    from glassbox.server import routes_generate, routes_openai, routes_ops, routes_research
+    from glassbox.server import routes_generate, routes_openai, routes_ops, routes_research, routes_sparsity
 
     settings = settings or ServerSettings()
 
@@ -169,4 +187,5 @@ def create_app(engine: AsyncLLMEngine, settings: ServerSettings | None = None) -
     app.include_router(routes_openai.router)
     app.include_router(routes_ops.router)
     app.include_router(routes_research.router)
+    app.include_router(routes_sparsity.router)
     return app

@@ -12,7 +12,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from glassbox.engine.async_engine import AsyncLLMEngine
 from glassbox.engine.llm_engine import RequestOutput
 from glassbox.sampling import SamplingParams
-from glassbox.server.app import APIError, json_body
+from glassbox.layers.sparsity import SparsityMethod
+from glassbox.server.app import APIError, json_body, sparsity_of
 from glassbox.server.schemas import (
     BatchGenerateRequest,
     BatchGenerateResponse,
@@ -44,15 +45,21 @@ def response_of(out: RequestOutput) -> GenerateResponse:
         logprobs=out.logprobs,
         prompt_logprobs=out.prompt_logprobs,
         cached_tokens=out.num_cached_tokens,
+        sparsity=out.sparsity,
     )
 
 
 async def run_to_end(
-    engine: AsyncLLMEngine, request: Request, prompt: str | list[int], params: SamplingParams, priority: int = 0
+    engine: AsyncLLMEngine,
+    request: Request,
+    prompt: str | list[int],
+    params: SamplingParams,
+    priority: int = 0,
+    sparsity: SparsityMethod | None = None,
 ) -> RequestOutput:
     """The final output of one request; aborted (blocks freed) if the client goes away meanwhile."""
     final = None
-    async for out in engine.generate(prompt, params, priority=priority):
+    async for out in engine.generate(prompt, params, priority=priority, sparsity=sparsity):
         final = out
         if await request.is_disconnected():
             break  # leaving the stream aborts the request
@@ -63,9 +70,11 @@ def sse(data: object) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def stream_events(engine: AsyncLLMEngine, body: GenerateRequest, params: SamplingParams) -> AsyncIterator[str]:
+async def stream_events(
+    engine: AsyncLLMEngine, body: GenerateRequest, params: SamplingParams, sparsity: SparsityMethod | None
+) -> AsyncIterator[str]:
     """Server-sent events: one per step with the new text and ids; the last carries the full result."""
-    async for out in engine.generate(body.prompt, params, priority=body.priority):
+    async for out in engine.generate(body.prompt, params, priority=body.priority, sparsity=sparsity):
         event = {"text": out.new_text, "token_ids": out.new_token_ids, "finished": out.finished}
         if out.finished:
             event["result"] = response_of(out).model_dump()
@@ -77,11 +86,12 @@ async def stream_events(engine: AsyncLLMEngine, body: GenerateRequest, params: S
 async def generate(request: Request, body: GenerateRequest = Depends(json_body(GenerateRequest))) -> object:
     engine: AsyncLLMEngine = request.app.state.engine
     params = body.sampling_params()
+    sparsity = sparsity_of(request, body.sparsity)
     if body.stream:
         # Validate before the 200 goes out: errors must still be 4xx.
         engine.engine.make_request(body.prompt, params)
-        return StreamingResponse(stream_events(engine, body, params), media_type="text/event-stream")
-    return response_of(await run_to_end(engine, request, body.prompt, params, body.priority))
+        return StreamingResponse(stream_events(engine, body, params, sparsity), media_type="text/event-stream")
+    return response_of(await run_to_end(engine, request, body.prompt, params, body.priority, sparsity))
 
 
 @router.post("/batch_generate", response_model=BatchGenerateResponse)
@@ -91,9 +101,10 @@ async def batch_generate(
     """All prompts go to the engine at once and share its batches; results come back in order."""
     engine: AsyncLLMEngine = request.app.state.engine
     params = body.sampling_params()
+    sparsity = sparsity_of(request, body.sparsity)
     for prompt in body.prompts:  # validate all before starting any
         engine.engine.make_request(prompt, params)
-    outputs = await asyncio.gather(*(run_to_end(engine, request, p, params) for p in body.prompts))
+    outputs = await asyncio.gather(*(run_to_end(engine, request, p, params, sparsity=sparsity) for p in body.prompts))
     return BatchGenerateResponse(results=[response_of(out) for out in outputs])
 
 

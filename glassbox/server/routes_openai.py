@@ -15,7 +15,8 @@ from fastapi.responses import StreamingResponse
 from glassbox.engine.async_engine import AsyncLLMEngine
 from glassbox.engine.llm_engine import RequestOutput
 from glassbox.sampling import SamplingParams
-from glassbox.server.app import APIError, json_body
+from glassbox.layers.sparsity import SparsityMethod
+from glassbox.server.app import APIError, json_body, sparsity_of
 from glassbox.server.routes_generate import run_to_end, sse
 from glassbox.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAICommon
 
@@ -84,13 +85,15 @@ def _chat_logprobs(engine: AsyncLLMEngine, out: RequestOutput) -> dict[str, Any]
     }
 
 
-async def _merged(engine: AsyncLLMEngine, prompt: str | list[int], params: list[SamplingParams]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def _merged(
+    engine: AsyncLLMEngine, prompt: str | list[int], params: list[SamplingParams], sparsity: SparsityMethod | None
+) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(choice index, output) from n concurrent requests, as they arrive."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, sp: SamplingParams) -> None:
         try:
-            async for out in engine.generate(prompt, sp):
+            async for out in engine.generate(prompt, sp, sparsity=sparsity):
                 await queue.put((index, out))
         except BaseException as error:  # handed to the consumer
             await queue.put((index, error))
@@ -108,6 +111,11 @@ async def _merged(engine: AsyncLLMEngine, prompt: str | list[int], params: list[
     finally:
         for task in tasks:
             task.cancel()  # a client gone mid-stream: every choice's request is aborted
+
+
+def _sparsity_field(out: RequestOutput) -> dict[str, Any]:
+    """glassbox's addition to a choice: the mask applied and its realised density, when there was one."""
+    return {"sparsity": out.sparsity} if out.sparsity is not None else {}
 
 
 def _validate(engine: AsyncLLMEngine, prompt: str | list[int], params: list[SamplingParams]) -> None:
@@ -132,6 +140,7 @@ async def completions(request: Request, body: CompletionRequest = Depends(json_b
         prompt = prompt[0]
     params = [_params(body, body.logprobs, i) for i in range(body.n)]
     _validate(engine, prompt, params)
+    sparsity = sparsity_of(request, body.sparsity)
     request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     prefix = prompt if body.echo and isinstance(prompt, str) else ""
 
@@ -141,10 +150,11 @@ async def completions(request: Request, body: CompletionRequest = Depends(json_b
         async def events() -> AsyncIterator[str]:
             finals: dict[int, RequestOutput] = {}
             started: set[int] = set()
-            async for index, out in _merged(engine, prompt, params):
+            async for index, out in _merged(engine, prompt, params, sparsity):
                 text = out.new_text if index in started else prefix + out.new_text
                 started.add(index)
                 choice = {"index": index, "text": text, "logprobs": None, "finish_reason": out.finish_reason}
+                choice.update(_sparsity_field(out) if out.finished else {})
                 yield sse({"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": [choice]})
                 if out.finished:
                     finals[index] = out
@@ -155,9 +165,15 @@ async def completions(request: Request, body: CompletionRequest = Depends(json_b
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    outputs = await asyncio.gather(*(run_to_end(engine, request, prompt, sp) for sp in params))
+    outputs = await asyncio.gather(*(run_to_end(engine, request, prompt, sp, sparsity=sparsity) for sp in params))
     choices = [
-        {"index": i, "text": prefix + out.text, "logprobs": _completion_logprobs(engine, out), "finish_reason": out.finish_reason}
+        {
+            "index": i,
+            "text": prefix + out.text,
+            "logprobs": _completion_logprobs(engine, out),
+            "finish_reason": out.finish_reason,
+            **_sparsity_field(out),
+        }
         for i, out in enumerate(outputs)
     ]
     return {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": choices, "usage": _usage(outputs)}
@@ -175,6 +191,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest = Depen
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = [_params(body, logprobs, i) for i in range(body.n)]
     _validate(engine, prompt, params)
+    sparsity = sparsity_of(request, body.sparsity)
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     if body.stream:
@@ -187,9 +204,10 @@ async def chat_completions(request: Request, body: ChatCompletionRequest = Depen
             for index in range(body.n):
                 yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
             finals: dict[int, RequestOutput] = {}
-            async for index, out in _merged(engine, prompt, params):
+            async for index, out in _merged(engine, prompt, params, sparsity):
                 delta = {"content": out.new_text} if out.new_text or not out.finished else {}
-                yield chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": out.finish_reason}])
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": out.finish_reason}
+                yield chunk([{**choice, **(_sparsity_field(out) if out.finished else {})}])
                 if out.finished:
                     finals[index] = out
             if include_usage:
@@ -198,13 +216,14 @@ async def chat_completions(request: Request, body: ChatCompletionRequest = Depen
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    outputs = await asyncio.gather(*(run_to_end(engine, request, prompt, sp) for sp in params))
+    outputs = await asyncio.gather(*(run_to_end(engine, request, prompt, sp, sparsity=sparsity) for sp in params))
     choices = [
         {
             "index": i,
             "message": {"role": "assistant", "content": out.text},
             "logprobs": _chat_logprobs(engine, out),
             "finish_reason": out.finish_reason,
+            **_sparsity_field(out),
         }
         for i, out in enumerate(outputs)
     ]

@@ -16,7 +16,7 @@ from glassbox.research.heatmap import attention_png
 from glassbox.research.memory import memory_usage
 from glassbox.research.profiler import Profiler, ProfilerError
 from glassbox.research.schedule import ScheduledRequest, run_schedule, set_serving_policy
-from glassbox.server.app import APIError, json_body
+from glassbox.server.app import APIError, json_body, sparsity_of
 from glassbox.server.schemas import (
     AttentionScoresRequest,
     BatchScheduleRequest,
@@ -174,7 +174,10 @@ async def debug_attention_scores(
     head for a layer, or per-head statistics for every layer; sparsity, entropy and k for 90% mass."""
     engine = request.app.state.engine
     ids = engine.engine.encode_prompt(body.prompt if body.prompt is not None else body.token_ids)
-    scores = await engine.call(lambda e: attention_scores(e, ids, body.layer_idx, body.head_idx, body.threshold))
+    sparsity = sparsity_of(request, body.sparsity)
+    scores = await engine.call(
+        lambda e: attention_scores(e, ids, body.layer_idx, body.head_idx, body.threshold, sparsity)
+    )
     if body.format == "png":
         title = f"layer {body.layer_idx}, head {body.head_idx}: sparsity {scores['sparsity_ratio']:.2f}, entropy {scores['entropy']:.2f}"
         png = await asyncio.to_thread(attention_png, scores["attention_matrix"], scores["tokens"], title)

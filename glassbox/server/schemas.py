@@ -47,10 +47,16 @@ class SamplingFields(BaseModel):
         return self
 
 
+# A sparse-attention mask for the request: {"method": "top_k", "k": 32}, or the design's
+# {"mask_pattern": "top_k", "k": 32, "threshold": 0.1}; parsed by layers.sparsity.parse_sparsity.
+SparsitySpec = dict[str, Any] | None
+
+
 class GenerateRequest(SamplingFields):
     prompt: str | list[int] = Field(..., description="text, or token ids")
     stream: bool = False
     priority: int = 0
+    sparsity: SparsitySpec = None
 
     @field_validator("prompt")
     @classmethod
@@ -62,6 +68,7 @@ class GenerateRequest(SamplingFields):
 
 class BatchGenerateRequest(SamplingFields):
     prompts: list[str | list[int]] = Field(..., min_length=1, max_length=256)
+    sparsity: SparsitySpec = None
 
 
 class Usage(BaseModel):
@@ -79,6 +86,7 @@ class GenerateResponse(BaseModel):
     logprobs: list[dict[str, Any]] | None = None
     prompt_logprobs: list[Any] | None = None
     cached_tokens: int = 0
+    sparsity: dict[str, Any] | None = None  # the mask applied and its realised density
 
 
 class BatchGenerateResponse(BaseModel):
@@ -154,6 +162,7 @@ class OpenAICommon(BaseModel):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    sparsity: SparsitySpec = None  # glassbox's own: a sparse-attention mask
 
 
 class CompletionRequest(OpenAICommon):
@@ -240,6 +249,7 @@ class AttentionScoresRequest(BaseModel):
     head_idx: int | None = None
     threshold: float = Field(0.01, gt=0, lt=1)
     format: Literal["json", "png"] = "json"
+    sparsity: SparsitySpec = None  # show the attention as this mask leaves it
 
     @model_validator(mode="after")
     def _one_input(self) -> AttentionScoresRequest:
@@ -278,3 +288,17 @@ class StepExecuteRequest(PipelineInput, PipelineStep):
 
 class PipelineScheduleRequest(PipelineInput):
     steps: list[PipelineStep] = Field(..., min_length=1, max_length=512)
+
+
+class SparsityMaskRequest(BaseModel):
+    """The body of POST /optimization/sparsity_mask: a sparsity spec, as the `sparsity` field of a request."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class EvaluateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[str | list[int]] = Field(..., min_length=1, max_length=16)
+    sparsity: dict[str, Any]
+    add_special_tokens: bool = True

@@ -1,0 +1,495 @@
+"""Attention over the paged KV cache in Triton: the GPU path. `attention_torch.py` is the reference.
+
+Layout of the paged KV cache (per layer): k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim],
+contiguous. A token's slot is block_id * block_size + offset; sequence i's token at position p lives in block
+block_tables[i, p // block_size] at offset p % block_size.
+
+Three kernels, each with a launcher that checks its arguments:
+  store_kv                -- write the step's keys/values into their slots (slot < 0: padding row, skipped)
+  paged_decode_attention  -- one query per sequence; split-K ("flash decoding") when the batch is small
+  prefill_attention       -- varlen causal attention of a flattened batch of query chunks over the cache
+
+Every kernel reads lengths from device tensors, never on the host, and its grid depends only on tensor
+shapes, so a step can be captured in a CUDA graph. Scores and softmax are float32 whatever the input dtype;
+the softmax uses exp2 on scores pre-multiplied by log2(e). The grouped-query heads that share a KV head are
+computed in one program so that each key/value tile is loaded once. Every tl.dot operand is at least 16 in
+each dimension (a GPU requirement; the interpreter does not check it): groups and head_dim are padded to 16.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2_E = 1.4426950408889634
+DECODE_BLOCK_N = 64  # keys per step of the decode loop
+PREFILL_BLOCK_M = 64  # (query, head) rows per prefill program
+PREFILL_BLOCK_N = 64  # keys per step of the prefill loop
+# Split-K for decode: split the keys of a sequence over programs only while the batch alone launches fewer
+# than this many programs, and give every split at least MIN_SPLIT_TOKENS keys.
+TARGET_DECODE_PROGRAMS = 256
+MIN_SPLIT_TOKENS = 256
+NO_MAX = tl.constexpr(-1e30)  # running-max start: finite, so fully masked tiles give exp2(-inf - NO_MAX) = 0, never NaN
+
+
+class TritonAttentionError(ValueError):
+    """Arguments the Triton kernels cannot take; the message says which and what was expected."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise TritonAttentionError(message)
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    _check(k_cache.dim() == 4, f"k_cache must be [num_blocks, block_size, KV, D], got {tuple(k_cache.shape)}")
+    _check(v_cache.shape == k_cache.shape, f"v_cache {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}")
+    _check(k_cache.is_contiguous() and v_cache.is_contiguous(), "k_cache and v_cache must be contiguous")
+    block_size = k_cache.shape[1]
+    _check(block_size & (block_size - 1) == 0, f"block_size must be a power of two, got {block_size}")
+
+
+def _block_d(head_dim: int) -> int:
+    """Head dim padded to a power of two and to the 16 that tl.dot needs."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # float32 inputs: full-precision products (the default would round them to tf32 on the GPU).
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# store_kv
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _store_kv_kernel(
+    k_ptr,  # [T, KV, D]
+    v_ptr,  # [T, KV, D]
+    k_cache_ptr,  # [num_blocks * block_size, KV, D] (the cache, seen as slots)
+    v_cache_ptr,
+    slot_mapping_ptr,  # [T] int64, < 0 = padding row
+    stride_k_token,
+    stride_k_head,
+    stride_v_token,
+    stride_v_head,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_KV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    token = tl.program_id(0)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    heads = tl.arange(0, BLOCK_KV)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (heads[:, None] < NUM_KV_HEADS) & (dims[None, :] < HEAD_DIM) & (slot >= 0)
+    k = tl.load(k_ptr + token * stride_k_token + heads[:, None] * stride_k_head + dims[None, :], mask=mask)
+    v = tl.load(v_ptr + token * stride_v_token + heads[:, None] * stride_v_head + dims[None, :], mask=mask)
+    cache_offsets = slot * (NUM_KV_HEADS * HEAD_DIM) + heads[:, None] * HEAD_DIM + dims[None, :]
+    tl.store(k_cache_ptr + cache_offsets, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + cache_offsets, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write the step's keys/values ([T, KV, D]) into their slots ([T]) of the paged cache; slots < 0 are skipped."""
+    _check_cache(k_cache, v_cache)
+    num_tokens, num_kv_heads, head_dim = k.shape
+    _check(v.shape == k.shape, f"v {tuple(v.shape)} != k {tuple(k.shape)}")
+    _check(k_cache.shape[2:] == (num_kv_heads, head_dim), f"k {tuple(k.shape)} does not fit {tuple(k_cache.shape)}")
+    _check(k.stride(-1) == 1 and v.stride(-1) == 1, "k and v need a contiguous last (head_dim) axis")
+    _check(slot_mapping.shape == (num_tokens,), f"slot_mapping must be [{num_tokens}], got {tuple(slot_mapping.shape)}")
+    if num_tokens == 0:
+        return
+    _store_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_KV=triton.next_power_of_2(num_kv_heads),
+        BLOCK_D=triton.next_power_of_2(head_dim),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# decode: one query per sequence
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,  # [S, H, D]
+    k_cache_ptr,  # [num_blocks, block_size, KV, D]
+    v_cache_ptr,
+    block_tables_ptr,  # [S, max_blocks]
+    context_lens_ptr,  # [S]
+    out_ptr,  # [S, H, D]; written when not SPLIT
+    partial_acc_ptr,  # [S, H, num_splits, D] float32: unnormalised output of each split (SPLIT only)
+    partial_max_ptr,  # [S, H, num_splits] float32: each split's running max (log2 units)
+    partial_sum_ptr,  # [S, H, num_splits] float32: each split's sum of exp2(score - max)
+    qk_scale,  # softmax scale * log2(e)
+    num_heads,
+    num_splits,
+    split_tokens,  # keys per split, a multiple of BLOCK_N
+    stride_q_seq,
+    stride_q_head,
+    stride_out_seq,
+    stride_out_head,
+    stride_table_seq,
+    stride_cache_block,
+    stride_cache_token,
+    stride_cache_head,
+    GROUP: tl.constexpr,  # query heads per KV head
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # tokens per cache block
+    SLIDING_WINDOW: tl.constexpr,  # 0 = none
+    SPLIT: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_G: tl.constexpr,  # GROUP padded to >= 16
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    context_len = tl.load(context_lens_ptr + seq)
+    query_pos = context_len - 1
+
+    # This program's keys: [lo, hi) of the sequence, cut to the sliding window. Padding rows (context 0) and
+    # splits past the context get an empty range and write zeros.
+    lo = split * split_tokens
+    hi = tl.minimum(lo + split_tokens, context_len)
+    if SLIDING_WINDOW > 0:
+        lo = tl.maximum(lo, query_pos - SLIDING_WINDOW + 1)
+
+    groups = tl.arange(0, BLOCK_G)
+    dims = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + groups  # [BLOCK_G]
+    head_mask = groups < GROUP
+    dim_mask = dims < HEAD_DIM
+    q = tl.load(
+        q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :],
+        mask=head_mask[:, None] & dim_mask[None, :],
+        other=0.0,
+    ).to(k_cache_ptr.dtype.element_ty)  # [BLOCK_G, BLOCK_D]
+
+    running_max = tl.full([BLOCK_G], NO_MAX, tl.float32)
+    running_sum = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    table = block_tables_ptr + seq * stride_table_seq
+    for start in range(lo, hi, BLOCK_N):
+        positions = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        key_mask = positions < hi
+        # Each key's block through the table; masked keys read block 0 (never a -1 padding entry).
+        block = tl.load(table + positions // BLOCK_SIZE, mask=key_mask, other=0).to(tl.int64)
+        offsets = (
+            block[:, None] * stride_cache_block
+            + (positions % BLOCK_SIZE)[:, None] * stride_cache_token
+            + kv_head * stride_cache_head
+            + dims[None, :]
+        )  # [BLOCK_N, BLOCK_D]
+        kv_mask = key_mask[:, None] & dim_mask[None, :]
+        k = tl.load(k_cache_ptr + offsets, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + offsets, mask=kv_mask, other=0.0)
+        scores = _dot(q, tl.trans(k), IEEE) * qk_scale  # [BLOCK_G, BLOCK_N]
+        scores = tl.where(key_mask[None, :], scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, 1))
+        rescale = tl.exp2(running_max - new_max)
+        probs = tl.exp2(scores - new_max[:, None])
+        running_sum = running_sum * rescale + tl.sum(probs, 1)
+        acc = acc * rescale[:, None] + _dot(probs.to(v.dtype), v, IEEE)
+        running_max = new_max
+
+    if SPLIT:
+        row = (seq * num_heads + heads) * num_splits + split  # [BLOCK_G]
+        tl.store(partial_max_ptr + row, running_max, mask=head_mask)
+        tl.store(partial_sum_ptr + row, running_sum, mask=head_mask)
+        tl.store(
+            partial_acc_ptr + row[:, None] * HEAD_DIM + dims[None, :],
+            acc,
+            mask=head_mask[:, None] & dim_mask[None, :],
+        )
+    else:
+        out = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
+        tl.store(
+            out_ptr + seq * stride_out_seq + heads[:, None] * stride_out_head + dims[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=head_mask[:, None] & dim_mask[None, :],
+        )
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    partial_acc_ptr,  # [S, H, num_splits, D] float32
+    partial_max_ptr,  # [S, H, num_splits] float32
+    partial_sum_ptr,  # [S, H, num_splits] float32
+    out_ptr,  # [S, H, D]
+    num_splits,
+    stride_out_seq,
+    stride_out_head,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # Merge the splits' softmaxes: weight each by exp2(its max - overall max).
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, BLOCK_SPLITS)
+    dims = tl.arange(0, BLOCK_D)
+    split_mask = splits < num_splits
+    row = (seq * tl.num_programs(1) + head) * num_splits + splits  # [BLOCK_SPLITS]
+    split_max = tl.load(partial_max_ptr + row, mask=split_mask, other=NO_MAX)
+    split_sum = tl.load(partial_sum_ptr + row, mask=split_mask, other=0.0)
+    split_acc = tl.load(
+        partial_acc_ptr + row[:, None] * HEAD_DIM + dims[None, :],
+        mask=split_mask[:, None] & (dims[None, :] < HEAD_DIM),
+        other=0.0,
+    )  # [BLOCK_SPLITS, BLOCK_D]
+    weights = tl.exp2(split_max - tl.max(split_max, 0))
+    total = tl.sum(split_sum * weights, 0)
+    out = tl.sum(split_acc * weights[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(
+        out_ptr + seq * stride_out_seq + head * stride_out_head + dims,
+        out.to(out_ptr.dtype.element_ty),
+        mask=dims < HEAD_DIM,
+    )
+
+
+def _decode_splits(num_seqs: int, num_kv_heads: int, max_tokens: int) -> int:
+    """How many programs share one sequence's keys: enough to fill the GPU when the batch alone doesn't.
+    Depends only on shapes, so a captured CUDA graph stays valid."""
+    programs = num_seqs * num_kv_heads
+    if programs >= TARGET_DECODE_PROGRAMS:
+        return 1
+    return max(1, min(triton.cdiv(TARGET_DECODE_PROGRAMS, programs), triton.cdiv(max_tokens, MIN_SPLIT_TOKENS)))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    out: torch.Tensor | None = None,
+    *,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """One query per sequence (the decode step). q: [S, H, D], query i at position context_lens[i] - 1;
+    block_tables: [S, max_blocks] block ids (entries past the context are never read); context_lens: [S] on
+    the device (0 = padding row, output zeros). Returns out [S, H, D] (written in place when given).
+    `num_splits` overrides the split-K heuristic (tests)."""
+    _check_cache(k_cache, v_cache)
+    _check(q.dim() == 3 and q.stride(-1) == 1, f"q must be [S, H, D] with contiguous D, got {tuple(q.shape)}")
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
+    _check(cache_head_dim == head_dim, f"q head_dim {head_dim} != cache head_dim {cache_head_dim}")
+    _check(num_heads % num_kv_heads == 0, f"{num_heads} query heads do not group onto {num_kv_heads} KV heads")
+    _check(block_tables.dim() == 2 and block_tables.shape[0] == num_seqs, f"block_tables must be [{num_seqs}, B]")
+    _check(block_tables.stride(1) == 1, "block_tables needs a contiguous last axis")
+    _check(context_lens.shape == (num_seqs,), f"context_lens must be [{num_seqs}], got {tuple(context_lens.shape)}")
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _check(out.shape == q.shape and out.stride(-1) == 1, f"out must be {tuple(q.shape)} with contiguous D")
+    if num_seqs == 0:
+        return out
+
+    group = num_heads // num_kv_heads
+    max_tokens = block_tables.shape[1] * block_size
+    if num_splits is None:
+        num_splits = _decode_splits(num_seqs, num_kv_heads, max_tokens)
+    split_tokens = triton.cdiv(triton.cdiv(max_tokens, num_splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
+    num_splits = triton.cdiv(max_tokens, split_tokens)
+    split = num_splits > 1
+    if split:
+        partial_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        partial_max = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+        partial_sum = torch.empty_like(partial_max)
+    else:  # unused by the kernel; any float32 tensor will do
+        partial_acc = partial_max = partial_sum = out.new_empty(1, dtype=torch.float32)
+    block_d = _block_d(head_dim)
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, partial_acc, partial_max, partial_sum,
+        scale * LOG2_E, num_heads, num_splits, split_tokens,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        SLIDING_WINDOW=sliding_window or 0,
+        SPLIT=split,
+        IEEE=k_cache.dtype == torch.float32,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_D=block_d,
+        BLOCK_N=DECODE_BLOCK_N,
+    )  # fmt: skip
+    if split:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            partial_acc, partial_max, partial_sum, out, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim,
+            BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+            BLOCK_D=block_d,
+        )  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prefill: varlen causal query chunks over the cache
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,  # [T, H, D]
+    k_cache_ptr,  # [num_blocks, block_size, KV, D]
+    v_cache_ptr,
+    block_tables_ptr,  # [S, max_blocks]
+    query_start_loc_ptr,  # [S + 1]
+    context_lens_ptr,  # [S]
+    out_ptr,  # [T, H, D]
+    qk_scale,  # softmax scale * log2(e)
+    stride_q_token,
+    stride_q_head,
+    stride_out_token,
+    stride_out_head,
+    stride_table_seq,
+    stride_cache_block,
+    stride_cache_token,
+    stride_cache_head,
+    GROUP: tl.constexpr,  # query heads per KV head
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # tokens per cache block
+    SLIDING_WINDOW: tl.constexpr,  # 0 = none
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows of the tile: BLOCK_Q queries x GROUP heads (+ padding rows)
+    BLOCK_Q: tl.constexpr,  # queries per program = BLOCK_M // GROUP
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    query_block = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    query_start = tl.load(query_start_loc_ptr + seq)
+    query_len = tl.load(query_start_loc_ptr + seq + 1) - query_start
+    context_len = tl.load(context_lens_ptr + seq)
+    first_query = query_block * BLOCK_Q
+    if first_query >= query_len:  # the grid is sized for the longest sequence
+        return
+    # The queries are the last query_len positions of the context.
+    first_pos = context_len - query_len + first_query
+
+    # Row r of the tile is query first_query + r // GROUP of head kv_head * GROUP + r % GROUP: the GROUP heads
+    # sharing this KV head ride in one tile, so each key/value tile is loaded once for all of them.
+    rows = tl.arange(0, BLOCK_M)
+    query_idx = first_query + rows // GROUP  # [BLOCK_M]
+    heads = kv_head * GROUP + rows % GROUP
+    row_mask = (rows < BLOCK_Q * GROUP) & (query_idx < query_len)
+    query_pos = first_pos + rows // GROUP  # [BLOCK_M]
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HEAD_DIM
+    tile_mask = row_mask[:, None] & dim_mask[None, :]
+    tokens = query_start + query_idx  # [BLOCK_M] rows of q and out
+    q_offsets = tokens[:, None] * stride_q_token + heads[:, None] * stride_q_head + dims[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=tile_mask, other=0.0).to(k_cache_ptr.dtype.element_ty)  # [BLOCK_M, BLOCK_D]
+
+    # Keys [lo, hi): up to the last query of the tile, from the window start of its first query.
+    hi = context_len - query_len + tl.minimum(first_query + BLOCK_Q, query_len)
+    lo = 0
+    if SLIDING_WINDOW > 0:
+        lo = tl.maximum(first_pos - SLIDING_WINDOW + 1, 0)
+
+    running_max = tl.full([BLOCK_M], NO_MAX, tl.float32)
+    running_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table = block_tables_ptr + seq * stride_table_seq
+    for start in range(lo, hi, BLOCK_N):
+        positions = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        key_mask = positions < hi
+        block = tl.load(table + positions // BLOCK_SIZE, mask=key_mask, other=0).to(tl.int64)
+        offsets = (
+            block[:, None] * stride_cache_block
+            + (positions % BLOCK_SIZE)[:, None] * stride_cache_token
+            + kv_head * stride_cache_head
+            + dims[None, :]
+        )  # [BLOCK_N, BLOCK_D]
+        kv_mask = key_mask[:, None] & dim_mask[None, :]
+        k = tl.load(k_cache_ptr + offsets, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + offsets, mask=kv_mask, other=0.0)
+        scores = _dot(q, tl.trans(k), IEEE) * qk_scale  # [BLOCK_M, BLOCK_N]
+        allowed = key_mask[None, :] & (positions[None, :] <= query_pos[:, None])
+        if SLIDING_WINDOW > 0:
+            allowed = allowed & (positions[None, :] > query_pos[:, None] - SLIDING_WINDOW)
+        scores = tl.where(allowed, scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, 1))
+        rescale = tl.exp2(running_max - new_max)
+        probs = tl.exp2(scores - new_max[:, None])
+        running_sum = running_sum * rescale + tl.sum(probs, 1)
+        acc = acc * rescale[:, None] + _dot(probs.to(v.dtype), v, IEEE)
+        running_max = new_max
+
+    out = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
+    out_offsets = tokens[:, None] * stride_out_token + heads[:, None] * stride_out_head + dims[None, :]
+    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=tile_mask)
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    sliding_window: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of a flattened batch over the paged cache (this step's keys already stored).
+    q: [T, H, D]; sequence i's queries are rows [query_start_loc[i], query_start_loc[i+1]) ([S + 1] on the
+    device) at the last q_len positions of its context_lens[i] ([S] on the device). max_query_len: a host
+    bound on q_len that sizes the grid. Decode rows (q_len 1) may be mixed in. Returns out [T, H, D]."""
+    _check_cache(k_cache, v_cache)
+    _check(q.dim() == 3 and q.stride(-1) == 1, f"q must be [T, H, D] with contiguous D, got {tuple(q.shape)}")
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
+    _check(cache_head_dim == head_dim, f"q head_dim {head_dim} != cache head_dim {cache_head_dim}")
+    _check(num_heads % num_kv_heads == 0, f"{num_heads} query heads do not group onto {num_kv_heads} KV heads")
+    num_seqs = context_lens.shape[0]
+    _check(query_start_loc.shape == (num_seqs + 1,), f"query_start_loc must be [{num_seqs + 1}]")
+    _check(block_tables.dim() == 2 and block_tables.shape[0] == num_seqs, f"block_tables must be [{num_seqs}, B]")
+    _check(block_tables.stride(1) == 1, "block_tables needs a contiguous last axis")
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _check(out.shape == q.shape and out.stride(-1) == 1, f"out must be {tuple(q.shape)} with contiguous D")
+    if num_tokens == 0 or num_seqs == 0 or max_query_len <= 0:
+        return out
+
+    group = num_heads // num_kv_heads
+    block_m = max(PREFILL_BLOCK_M, triton.next_power_of_2(group))
+    block_q = block_m // group
+    grid = (triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out,
+        scale * LOG2_E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        SLIDING_WINDOW=sliding_window or 0,
+        IEEE=k_cache.dtype == torch.float32,
+        BLOCK_M=block_m,
+        BLOCK_Q=block_q,
+        BLOCK_D=_block_d(head_dim),
+        BLOCK_N=PREFILL_BLOCK_N,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,394 @@
+"""Sparse attention masks applied inside the live attention: which keys each query may keep.
+
+A method looks at one sequence's attention in one layer and returns a keep mask; the readable PyTorch
+path (kernels/attention_torch.attend) sets the dropped scores to -inf before the softmax, so the kept
+probabilities are renormalised. Only the sequences that ask for a mask take that path; the others run as
+usual. Masks work on prefill and decode alike.
+
+What this costs, honestly: every method here runs over the dense scores and then masks them ("simulated
+sparsity") — it measures the effect on quality, it saves no compute. `sliding_window` and `block_sparse`
+choose keys without looking at the scores (positions, per-block key bounds), so a kernel could skip the
+dropped blocks; `top_k`, `threshold` and `h2o` need the scores (or their history) first.
+
+A method is a small class: parse its parameters with `Params`, answer `is_dense` (keeps everything at this
+context length: the sequence then takes the dense path and gives exactly the dense output), and `keep`.
+Plugins register more (research/plugins.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+
+class SparsityError(ValueError):
+    """A bad sparsity spec; `field` names the offending field (e.g. "sparsity.k")."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+_MISSING = object()
+
+
+class Params:
+    """A method's parameters from a request, read one by one with their checks."""
+
+    def __init__(self, values: dict[str, Any], prefix: str = "sparsity") -> None:
+        self.values = dict(values)
+        self.prefix = prefix
+        self.read: set[str] = set()
+
+    def error(self, name: str, message: str) -> SparsityError:
+        return SparsityError(f"{self.prefix}.{name}", message)
+
+    def number(
+        self,
+        name: str,
+        default: Any = _MISSING,
+        *,
+        integer: bool = False,
+        minimum: float | None = None,
+        maximum: float | None = None,
+        exclusive: bool = False,
+    ) -> Any:
+        """An int (integer=True) or float in [minimum, maximum] ((minimum, maximum) if exclusive); None
+        when absent and default is None."""
+        self.read.add(name)
+        value = self.values.get(name, default)
+        if value is _MISSING:
+            raise self.error(name, "is required")
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+            raise self.error(name, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
+        if not math.isfinite(value):
+            raise self.error(name, "must be finite")
+        low_bad = minimum is not None and (value <= minimum if exclusive else value < minimum)
+        high_bad = maximum is not None and (value >= maximum if exclusive else value > maximum)
+        if low_bad or high_bad:
+            brackets = "()" if exclusive else "[]"
+            lo = "-inf" if minimum is None else minimum
+            hi = "inf" if maximum is None else maximum
+            raise self.error(name, f"must be in {brackets[0]}{lo}, {hi}{brackets[1]}, got {value}")
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.values) - self.read)
+        if unknown:
+            raise self.error(unknown[0], f"unknown parameter; this method takes {', '.join(sorted(self.read)) or 'none'}")
+
+
+@dataclass
+class MaskInputs:
+    """What a method sees for one sequence in one layer. H = query heads, Lq = new queries, Lk = keys."""
+
+    scores: torch.Tensor  # [H, Lq, Lk] float32 scaled scores, -inf where not allowed
+    allowed: torch.Tensor  # [Lq, Lk] bool: causal (and the model's own window)
+    q: torch.Tensor  # [Lq, H, D] queries (RoPE applied)
+    keys: torch.Tensor  # [Lk, KV, D] every key of the context
+    layer_idx: int
+    state: dict[str, Any]  # this sequence's memory for this layer, kept across steps (h2o's history)
+
+    @property
+    def q_positions(self) -> torch.Tensor:  # [Lq, 1]: query i sits at position Lk - Lq + i
+        lq, lk = self.allowed.shape
+        return torch.arange(lk - lq, lk, device=self.allowed.device)[:, None]
+
+    @property
+    def k_positions(self) -> torch.Tensor:  # [1, Lk]
+        return torch.arange(self.allowed.shape[1], device=self.allowed.device)[None, :]
+
+    def rank_keep(self, ranking: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Keep the `counts[i]` best keys of each row of `ranking` ([H, Lq, Lk], higher = better,
+        -inf = never); counts [Lq] or [H, Lq]. -> [H, Lq, Lk] bool."""
+        top = int(counts.max().clamp(max=ranking.shape[-1]))
+        if top <= 0:
+            return torch.zeros_like(ranking, dtype=torch.bool)
+        order = ranking.topk(top, dim=-1).indices  # [H, Lq, top]
+        within = torch.arange(top, device=ranking.device) < counts[..., None]  # [.., Lq, top]
+        keep = torch.zeros_like(ranking, dtype=torch.bool)
+        return keep.scatter_(-1, order, within.expand_as(order)) & (ranking > float("-inf"))
+
+
+class SparsityMethod:
+    """Base class: subclasses set `name`, `description`, `selects_from` and implement `parse` and `keep`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    # What the choice of keys depends on; "scores" means the dense scores must be computed first.
+    selects_from: ClassVar[str] = "scores"
+
+    @classmethod
+    def parse(cls, params: Params) -> SparsityMethod:
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+    def spec(self) -> dict[str, Any]:
+        return {"method": self.name, **self.params()}
+
+    def is_dense(self, context_len: int) -> bool:
+        """True if the mask keeps every allowed key of every query at this context length."""
+        return False
+
+    def keep(self, x: MaskInputs) -> torch.Tensor:
+        """-> bool mask broadcastable to [H, Lq, Lk]; True = keep. Anded with `allowed` afterwards."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.params()})"
+
+
+class Dense(SparsityMethod):
+    name = "dense"
+    description = "no mask (opts a request out of a global mask)"
+    selects_from = "nothing"
+
+    @classmethod
+    def parse(cls, params: Params) -> Dense:
+        return cls()
+
+    def is_dense(self, context_len: int) -> bool:
+        return True
+
+    def keep(self, x: MaskInputs) -> torch.Tensor:
+        return x.allowed
+
+
+class TopK(SparsityMethod):
+    name = "top_k"
+    description = "each query keeps its k highest-scoring keys (or the top 1 - sparsity_ratio share of them)"
+
+    def __init__(self, k: int | None, sparsity_ratio: float | None, threshold: float | None) -> None:
+        self.k, self.sparsity_ratio, self.threshold = k, sparsity_ratio, threshold
+
+    @classmethod
+    def parse(cls, params: Params) -> TopK:
+        k = params.number("k", None, integer=True, minimum=1)
+        ratio = params.number("sparsity_ratio", None, minimum=0, maximum=1)
+        # The design's {"mask_pattern": "top_k", "k": 32, "threshold": 0.1}: of the top k, also drop keys whose
+        # probability is below the threshold (the row's best key always stays).
+        threshold = params.number("threshold", None, minimum=0, maximum=1)
+        if (k is None) == (ratio is None):
+            raise params.error("k", "give exactly one of k and sparsity_ratio")
+        if ratio == 1:
+            raise params.error("sparsity_ratio", "must be below 1 (every query keeps at least one key)")
+        return cls(k, ratio, threshold)
+
+    def is_dense(self, context_len: int) -> bool:
+        if self.threshold:
+            return False
+        return self.k >= context_len if self.k is not None else self.sparsity_ratio == 0
+
+    def keep(self, x: MaskInputs) -> torch.Tensor:
+        allowed_per_row = x.allowed.sum(-1)  # [Lq]
+        if self.k is not None:
+            counts = allowed_per_row.clamp(max=self.k)
+        else:
+            counts = torch.ceil(allowed_per_row * (1 - self.sparsity_ratio)).long().clamp(min=1)
+        keep = x.rank_keep(x.scores, counts)
+        if self.threshold:
+            keep &= above_threshold(x.scores, self.threshold)
+        return keep
+
+
+def above_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Keys whose dense probability reaches the threshold, and each row's best key."""
+    probs = scores.softmax(-1)
+    return (probs >= threshold) | (probs == probs.amax(-1, keepdim=True))
+
+
+class Threshold(SparsityMethod):
+    name = "threshold"
+    description = "each query keeps the keys whose dense probability is at least `threshold` (and its best key)"
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+
+    @classmethod
+    def parse(cls, params: Params) -> Threshold:
+        return cls(params.number("threshold", minimum=0, maximum=1, exclusive=True))
+
+    def keep(self, x: MaskInputs) -> torch.Tensor:
+        return above_threshold(x.scores, self.threshold)
+
+
+class SlidingWindow(SparsityMethod):
+    name = "sliding_window"
+    description = "StreamingLLM: the first `sink_tokens` keys and the last `window` (the query's own included)"
+    selects_from = "positions"
+
+    def __init__(self, window: int, sink_tokens: int) -> None:
+        self.window, self.sink_tokens = window, sink_tokens
+
+    @classmethod
+    def parse(cls, params: Params) -> SlidingWindow:
+        window = params.number("window", integer=True, minimum=1)
+        return cls(window, params.number("sink_tokens", 4, integer=True, minimum=0))
+
+    def is_dense(self, context_len: int) -> bool:
+        # The last query (position context_len - 1) drops keys sink_tokens .. context_len - 1 - window.
+        return context_len <= self.window + self.sink_tokens
+
+    def keep(self, x: MaskInputs) -> torch.Tensor:
+        k_pos = x.k_positions
+        return (k_pos > x.q_positions - self.window) | (k_pos < self.sink_tokens)
+
+
+class BlockSparse(SparsityMethod):
+    name = "block_sparse"
+    description = (
+        "Quest: keys in blocks of `block_size`; each query keeps its own block and the `top_blocks` - 1 others "
+        "with the highest upper bound of q·k from the blocks' per-channel key min/max"
+    )
+    selects_from = "per-block key bounds"
+
+    def __init__(self, block_size: int, top_blocks: int) -> None:
+        self.block_size, self.top_blocks = block_size, top_blocks
+
+    @classmethod
+    def parse(cls, params: Params) -> BlockSparse:
+        block_size = params.number("block_size", 16, integer=True, minimum=1)
+        return cls(block_size, params.number("top_blocks", integer=True, minimum=1))
+
+    def is_dense(self, context_len: int) -> bool:
+        return -(-context_len // self.block_size) <= self.top_blocks
+
+    def keep(self, x: MaskInputs) -> torch.Tensor:
+        lk, num_kv, head_dim = x.keys.shape
+        lq, num_heads = x.q.shape[:2]
+        num_blocks = -(-lk // self.block_size)
+        padded = torch.full((num_blocks * self.block_size, num_kv, head_dim), float("nan"), device=x.keys.device)
+        padded[:lk] = x.keys.float()
+        blocks = padded.view(num_blocks, self.block_size, num_kv, head_dim)
+        kmin = blocks.nan_to_num(float("inf")).amin(1)  # [nb, KV, D]
+        kmax = blocks.nan_to_num(float("-inf")).amax(1)
+        group = num_heads // num_kv
+        q = x.q.float().view(lq, num_kv, group, head_dim).permute(1, 2, 0, 3)  # [KV, G, Lq, D]
+        # max over the box of q·k = Σ_d max(q_d·min_d, q_d·max_d)
+        bound = q.clamp(min=0) @ kmax.permute(1, 2, 0)[:, None] + q.clamp(max=0) @ kmin.permute(1, 2, 0)[:, None]
+        bound = bound.reshape(num_heads, lq, num_blocks)
+        q_block = x.q_positions // self.block_size  # [Lq, 1]
+        block_ids = torch.arange(num_blocks, device=bound.device)[None, :]
+        bound = bound.masked_fill(block_ids > q_block, float("-inf"))  # blocks wholly in the future
+        bound = bound.masked_fill(block_ids == q_block, float("inf"))  # the query's own block always
+        counts = torch.full((lq,), self.top_blocks, device=bound.device)
+        chosen = x.rank_keep(bound, counts)  # [H, Lq, nb]
+        return chosen.repeat_interleave(self.block_size, dim=-1)[..., :lk]
+
+
+class H2O(SparsityMethod):
+    name = "h2o"
+    description = (
+        "Heavy-hitter oracle: each query keeps its most recent recent_ratio share of keys and the heavy_ratio share "
+        "of older keys that received the most attention from all earlier queries"
+    )
+    selects_from = "history of scores"
+
+    def __init__(self, heavy_ratio: float, recent_ratio: float) -> None:
+        self.heavy_ratio, self.recent_ratio = heavy_ratio, recent_ratio
+
+    @classmethod
+    def parse(cls, params: Params) -> H2O:
+        heavy = params.number("heavy_ratio", 0.1, minimum=0, maximum=1)
+        recent = params.number("recent_ratio", 0.1, minimum=0, maximum=1)
+        if heavy + recent <= 0:
+            raise params.error("heavy_ratio", "heavy_ratio + recent_ratio must be above 0")
+        return cls(heavy, recent)
+
+    def is_dense(self, context_len: int) -> bool:
+        return self.heavy_ratio + self.recent_ratio >= 1
+
+    def keep(self, x: MaskInputs) -> torch.Tensor:
+        num_heads, lq, lk = x.scores.shape
+        start = lk - lq
+        history = x.state.get("h2o")  # [H, start]: attention each key received from queries before this step
+        if history is None or history.shape[-1] != start:  # first step, or recomputed after a preemption
+            history = torch.zeros(num_heads, start, device=x.scores.device)
+        probs = x.scores.softmax(-1)  # dense probabilities [H, Lq, Lk]
+        received = torch.nn.functional.pad(history, (0, lq))[:, None, :] + probs.cumsum(1) - probs
+        x.state["h2o"] = received[:, -1] + probs[:, -1]
+        n = x.allowed.sum(-1)  # [Lq] keys each query may see
+        recent = (n * self.recent_ratio).long().clamp(min=1)
+        is_recent = x.k_positions > x.q_positions - recent[:, None]
+        older = received.masked_fill(is_recent | ~x.allowed, float("-inf"))
+        return is_recent | x.rank_keep(older, (n * self.heavy_ratio).long())
+
+
+BUILTIN_METHODS: dict[str, type[SparsityMethod]] = {
+    m.name: m for m in (Dense, TopK, Threshold, SlidingWindow, BlockSparse, H2O)
+}
+
+
+def parse_sparsity(
+    spec: dict[str, Any] | SparsityMethod, extra: dict[str, type[SparsityMethod]] | None = None, prefix: str = "sparsity"
+) -> SparsityMethod:
+    """A request's sparsity object -> a method. Names the method with "method" (or the design's
+    "mask_pattern"); the other keys are its parameters. Raises SparsityError naming the field."""
+    if isinstance(spec, SparsityMethod):
+        return spec
+    if not isinstance(spec, dict):
+        raise SparsityError(prefix, "must be an object like {\"method\": \"top_k\", \"k\": 32}")
+    values = dict(spec)
+    name = values.pop("method", None)
+    pattern = values.pop("mask_pattern", None)
+    if name is not None and pattern is not None and name != pattern:
+        raise SparsityError(f"{prefix}.mask_pattern", f"names {pattern!r} but method names {name!r}")
+    name = name if name is not None else pattern
+    methods = {**BUILTIN_METHODS, **(extra or {})}
+    if name is None:
+        raise SparsityError(f"{prefix}.method", f"is required; one of {', '.join(methods)}")
+    if name not in methods:
+        raise SparsityError(f"{prefix}.method", f"unknown {name!r}; one of {', '.join(methods)}")
+    params = Params(values, prefix)
+    method = methods[name].parse(params)
+    params.finish()
+    return method
+
+
+@dataclass(eq=False)
+class SparsityState:
+    """A sequence's mask: the method, its per-layer memory, and the realised density so far."""
+
+    method: SparsityMethod
+    layer_state: dict[int, dict[str, Any]] = field(default_factory=dict)
+    kept: torch.Tensor | int = 0  # attention entries kept (summed over layers, heads, queries)
+    allowed: torch.Tensor | int = 0  # causal entries they were chosen from
+    error: str | None = None  # a plugin method that raised: the rest of the request runs dense
+
+    def select(
+        self, layer_idx: int, scores: torch.Tensor, allowed: torch.Tensor, q: torch.Tensor, keys: torch.Tensor
+    ) -> torch.Tensor:
+        """The keep mask [H, Lq, Lk] for one layer of this sequence (called from the attention kernel)."""
+        inputs = MaskInputs(scores, allowed, q, keys, layer_idx, self.layer_state.setdefault(layer_idx, {}))
+        keep = allowed.expand_as(scores)
+        if self.error is None:
+            try:
+                keep = self.method.keep(inputs).expand_as(scores) & allowed
+            except Exception as error:  # a plugin's method must not take the engine down
+                self.error = f"{type(error).__name__}: {error}"
+        self.kept = self.kept + keep.sum()
+        self.allowed = self.allowed + allowed.sum() * scores.shape[0]
+        return keep
+
+    def record_dense(self, q_len: int, context_len: int, num_heads: int, layer_windows: list[int | None]) -> None:
+        """Account for a step that ran dense (the mask kept everything at this length)."""
+        positions = range(context_len - q_len, context_len)
+        visible = sum(min(p + 1, window or p + 1) for window in layer_windows for p in positions) * num_heads
+        self.kept = self.kept + visible
+        self.allowed = self.allowed + visible
+
+    def density(self) -> float | None:
+        return None if not isinstance(self.allowed, torch.Tensor) and self.allowed == 0 else float(self.kept / self.allowed)
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {**self.method.spec(), "density": self.density()}
+        if self.error:
+            out["error"] = self.error
+        return out

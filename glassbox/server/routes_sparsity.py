@@ -1,0 +1,81 @@
+"""Sparse attention over REST: the global mask (/optimization/sparsity_mask) and its measured effect on
+quality (/optimization/evaluate). Per-request masks are the `sparsity` field of /generate and /v1/*."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from glassbox.layers.sparsity import BUILTIN_METHODS, SparsityMethod
+from glassbox.research.evaluate import evaluate
+from glassbox.server.app import json_body, sparsity_of
+from glassbox.server.schemas import EvaluateRequest, SparsityMaskRequest
+
+router = APIRouter(prefix="/optimization")
+
+COMPUTE_NOTE = (
+    "masks run over the dense scores on the readable PyTorch path (simulated sparsity): they change the "
+    "attention, not its cost; sequences without a mask keep the fast path"
+)
+
+
+def _methods(request: Request) -> dict[str, type[SparsityMethod]]:
+    plugins = request.app.state.plugins
+    return {**BUILTIN_METHODS, **(plugins.registry.sparsity_methods if plugins else {})}
+
+
+def _describe(method: SparsityMethod | None) -> dict[str, Any]:
+    return {
+        "active": method.spec() if method is not None else None,
+        "applies_to": "requests that arrive from now on and name no sparsity of their own",
+        "compute": COMPUTE_NOTE,
+    }
+
+
+@router.get("/sparsity_mask")
+async def get_sparsity_mask(request: Request) -> dict[str, Any]:
+    """The global mask (or null) and the methods a request may name, with what each selects keys from."""
+    methods = [
+        {"method": name, "description": cls.description, "selects_from": cls.selects_from}
+        for name, cls in _methods(request).items()
+    ]
+    return {**_describe(request.app.state.engine.engine.default_sparsity), "methods": methods}
+
+
+@router.post("/sparsity_mask")
+async def set_sparsity_mask(
+    request: Request, body: SparsityMaskRequest = Depends(json_body(SparsityMaskRequest))
+) -> dict[str, Any]:
+    """Set the mask for all new requests: {"method": "top_k", "k": 32}, {"mask_pattern": "top_k", "k": 32,
+    "threshold": 0.1} or {"sparsity_ratio": 0.8, "method": "top_k"}."""
+    method = sparsity_of(request, body.model_dump(), field="body")
+
+    def apply(engine: Any) -> None:
+        engine.default_sparsity = None if method.name == "dense" else method
+
+    await request.app.state.engine.call(apply)
+    return _describe(request.app.state.engine.engine.default_sparsity)
+
+
+@router.delete("/sparsity_mask")
+async def clear_sparsity_mask(request: Request) -> dict[str, Any]:
+    def clear(engine: Any) -> None:
+        engine.default_sparsity = None
+
+    await request.app.state.engine.call(clear)
+    return _describe(None)
+
+
+@router.post("/evaluate")
+async def evaluate_sparsity(request: Request, body: EvaluateRequest = Depends(json_body(EvaluateRequest))) -> dict[str, Any]:
+    """Teacher-forced dense vs sparse on the same texts: perplexity both ways, KL(dense‖sparse), top-1
+    agreement, realised density, per-layer attention-output error."""
+    method = sparsity_of(request, body.sparsity)
+    engine = request.app.state.engine
+    tokenizer = engine.engine.tokenizer
+    texts = [
+        tokenizer.encode(t, add_special_tokens=body.add_special_tokens) if isinstance(t, str) else engine.engine.encode_prompt(t)
+        for t in body.texts
+    ]
+    return await engine.call(lambda e: evaluate(e, texts, method))
