@@ -74,3 +74,62 @@ def test_plugin_policy_reloads_on_edit_without_reloading_the_model(tmp_path, tin
         assert httpx.post(f"{url}/generate", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
     finally:
         stop_server(proc)
+
+
+SPARSITY_PLUGIN = '''
+from glassbox.layers.sparsity import SparsityMethod
+
+
+class LastN(SparsityMethod):
+    name = "last_n"
+    description = "each query keeps its last few keys"
+    selects_from = "positions"
+
+    def __init__(self, n):
+        self.n = n
+
+    @classmethod
+    def parse(cls, params):
+        return cls(params.number("n", integer=True, minimum=1))
+
+    def keep(self, x):
+        return x.k_positions > x.q_positions - self.n * SCALE
+
+
+def register(registry):
+    registry.sparsity_method(LastN, example={"n": 2})
+'''
+
+
+def kept_per_row(url: str) -> int:
+    body = {"token_ids": list(range(1, 21)), "layer_idx": 0, "head_idx": 0, "sparsity": {"method": "last_n", "n": 2}}
+    response = httpx.post(f"{url}/debug/attention_scores", json=body)
+    assert response.status_code == 200, response.text
+    return max(sum(p > 0 for p in row) for row in response.json()["attention_matrix"])
+
+
+def test_plugin_sparsity_method_reloads_on_edit(tmp_path, tiny_model_dir):
+    plugin = tmp_path / "my_mask.py"
+    plugin.write_text(SPARSITY_PLUGIN.replace("SCALE", "1"))
+    proc, url = start_server("--model", str(tiny_model_dir("llama")), "--plugin", str(plugin))
+    try:
+        assert httpx.get(f"{url}/plugins").json()["sparsity_methods"] == ["last_n"]
+        assert kept_per_row(url) == 2
+        methods = httpx.get(f"{url}/optimization/sparsity_mask").json()["methods"]
+        assert {"method": "last_n", "description": "each query keeps its last few keys", "selects_from": "positions"} in methods
+        body = {"prompt": [1, 2, 3, 4, 5, 6, 7, 8], "max_tokens": 4, "temperature": 0, "sparsity": {"method": "last_n", "n": 2}}
+        assert httpx.post(f"{url}/generate", json=body).json()["sparsity"]["density"] < 1
+        assert httpx.post(f"{url}/optimization/sparsity_mask", json={"method": "last_n", "n": 1}).status_code == 200
+
+        plugin.write_text(SPARSITY_PLUGIN.replace("SCALE", "2"))
+        assert wait_for_version(url, 2)["version"] == 2
+        assert kept_per_row(url) == 4  # the edited method, weights untouched
+        assert httpx.get(f"{url}/optimization/sparsity_mask").json()["active"] == {"method": "last_n", "n": 1}
+
+        plugin.write_text(SPARSITY_PLUGIN.replace("SCALE", "undefined_name"))  # raises on the test input
+        status = wait_for_version(url, 3)
+        assert status["version"] == 2 and "NameError" in status["error"]
+        assert kept_per_row(url) == 4  # the last good version keeps serving
+        assert httpx.post(f"{url}/generate", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+    finally:
+        stop_server(proc)
