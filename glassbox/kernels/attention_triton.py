@@ -30,6 +30,7 @@ PREFILL_BLOCK_N = 64  # keys per step of the prefill loop
 # than this many programs, and give every split at least MIN_SPLIT_TOKENS keys.
 TARGET_DECODE_PROGRAMS = 256
 MIN_SPLIT_TOKENS = 256
+MAX_DECODE_SPLITS = 64  # the merge kernel holds [splits, head_dim] float32 in registers
 NO_MAX = tl.constexpr(-1e30)  # running-max start: finite, so fully masked tiles give exp2(-inf - NO_MAX) = 0, never NaN
 
 
@@ -269,7 +270,8 @@ def _decode_splits(num_seqs: int, num_kv_heads: int, max_tokens: int) -> int:
     programs = num_seqs * num_kv_heads
     if programs >= TARGET_DECODE_PROGRAMS:
         return 1
-    return max(1, min(triton.cdiv(TARGET_DECODE_PROGRAMS, programs), triton.cdiv(max_tokens, MIN_SPLIT_TOKENS)))
+    wanted = min(triton.cdiv(TARGET_DECODE_PROGRAMS, programs), triton.cdiv(max_tokens, MIN_SPLIT_TOKENS))
+    return max(1, min(wanted, MAX_DECODE_SPLITS))
 
 
 def paged_decode_attention(
