@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("prompt")
     generate.add_argument("--max-tokens", type=int, default=64, help="new tokens at most (default 64)")
     generate.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: SmolLM2-135M)")
-    generate.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    generate.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16")
     generate.add_argument("--device", default="cpu")
     generate.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
     generate.add_argument("--json", action="store_true", help='print {"text": ..., "token_ids": [...]}')
@@ -33,10 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-name", default=None, help="the name clients use in /v1 requests")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--dtype", default="float32")
+    serve.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16")
     serve.add_argument("--device", default="cpu")
     serve.add_argument("--quantization", choices=["int4", "int8"], default=None, help="weight quantization (CPU)")
-    serve.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB for the KV-cache pool (default 1)")
+    serve.add_argument(
+        "--kv-cache-memory", type=float, default=None,
+        help="GiB for the KV-cache pool (default: 1 on the CPU; on CUDA, 90%% of the device's memory less the rest)",
+    )
     serve.add_argument("--max-num-seqs", type=int, default=256)
     serve.add_argument("--scheduling-policy", default="fcfs", help="fcfs, priority or shortest_prompt_first")
     serve.add_argument("--api-key", default=os.environ.get("GLASSBOX_API_KEY"), help="require 'Authorization: Bearer KEY'")
@@ -77,11 +80,11 @@ def run_serve(args: argparse.Namespace) -> None:
 
     if args.plugin is not None and not Path(args.plugin).is_file():
         raise ValueError(f"--plugin {args.plugin}: no such file")
-    if args.kv_cache_memory <= 0:
+    if args.kv_cache_memory is not None and args.kv_cache_memory <= 0:
         raise ValueError(f"--kv-cache-memory must be positive, got {args.kv_cache_memory}")
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     engine_config = EngineConfig(
-        kv_cache_memory=int(args.kv_cache_memory * 2**30),
+        kv_cache_memory=int(args.kv_cache_memory * 2**30) if args.kv_cache_memory is not None else None,
         max_num_seqs=args.max_num_seqs,
         scheduling_policy=args.scheduling_policy,
         quantization=args.quantization,

@@ -154,8 +154,12 @@ class EngineConfig:
     """How the engine runs: KV pool size, batching limits, scheduling policy."""
 
     block_size: int = 16
-    kv_cache_memory: int = 1 << 30  # bytes for the KV pool (keys + values, all layers)
+    # Bytes for the KV pool (keys + values, all layers). None: 1 GiB on the CPU; on CUDA, what is left of
+    # gpu_memory_utilization x the device's memory after the weights and a warm-up pass's activations.
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None  # overrides kv_cache_memory when set
+    enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
     max_num_seqs: int = 256  # sequences in one step at most
     max_num_batched_tokens: int = 2048  # tokens in one step at most: prefill chunks share it with decodes
     max_model_len: int | None = None  # default: the model's context length

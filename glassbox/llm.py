@@ -23,7 +23,7 @@ class LLM:
     def __init__(
         self,
         model: str | None = None,
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype | None = None,
         device: str = "cpu",
         **engine_options: Any,
     ) -> None:

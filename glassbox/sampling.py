@@ -120,14 +120,19 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, requests: list[SampleRequest], default_generator: torch.Generator) -> SampleResult:
-    """logits [N, vocab] of the N sequences that sample this step -> one token each (+ logprobs if asked)."""
-    logits = logits.float()
+    """logits [N, vocab] of the N sequences that sample this step -> one token each (+ logprobs if asked).
+    On a GPU, a batch of plain greedy rows is decided there (N ids cross to the host, not N x vocab
+    logits); anything else is sampled on the CPU."""
+    plain = [not r.params.needs_penalties and not r.banned_token_ids for r in requests]
+    wants_logprobs = any(r.params.logprobs is not None for r in requests)
+    if all(plain) and all(r.params.greedy for r in requests) and not wants_logprobs:
+        return SampleResult(logits.argmax(dim=-1).tolist(), [None] * len(requests))
+    logits = logits.float().cpu()
     raw_logprobs = None
-    if any(r.params.logprobs is not None for r in requests):
+    if wants_logprobs:
         raw_logprobs = torch.log_softmax(logits, dim=-1)  # as vLLM: of the model's distribution
 
-    # Fast path: every row greedy without penalties or bans -> one argmax over the batch.
-    plain = [not r.params.needs_penalties and not r.banned_token_ids for r in requests]
+    # Every row greedy without penalties or bans -> one argmax over the batch.
     if all(plain) and all(r.params.greedy for r in requests):
         token_ids = logits.argmax(dim=-1).tolist()
     else:

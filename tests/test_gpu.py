@@ -1,4 +1,5 @@
-"""The engine on CUDA (skipped without a GPU; run on the lent device machine)."""
+"""The engine on CUDA: Triton attention, CUDA graphs for decode, bfloat16 by default, the KV pool sized from
+free memory, research hooks on the GPU path (skipped without a GPU; run on the lent device machine)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def test_cuda_float32_engine_matches_cpu(tiny_model_dir, family):
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     folder = tiny_model_dir(family)
     cpu = run_all(LLMEngine(load_model(folder), EngineConfig(num_kv_blocks=100, block_size=4)), PROMPTS, params)
-    gpu_engine = LLMEngine(load_model(folder, device="cuda"), EngineConfig(num_kv_blocks=100, block_size=4))
+    gpu_engine = LLMEngine(load_model(folder, dtype="float32", device="cuda"), EngineConfig(num_kv_blocks=100, block_size=4))
+    assert gpu_engine.runner.graphs is not None
     gpu = run_all(gpu_engine, PROMPTS, params)
     assert [o.token_ids for o in gpu] == [o.token_ids for o in cpu]
     assert gpu_engine.block_manager.num_free_blocks == gpu_engine.block_manager.num_blocks
@@ -47,6 +49,7 @@ def test_cuda_memory_usage_and_latency_stats(tiny_model_dir):
     from glassbox.research.memory import memory_usage, weight_bytes
 
     engine = LLMEngine(load_model(tiny_model_dir("llama"), device="cuda"), EngineConfig(num_kv_blocks=100, block_size=4))
+    assert engine.loaded.dtype == torch.bfloat16  # the CUDA default
     stats = LatencyStats()
     stats.enable(engine)
     run_all(engine, PROMPTS, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
@@ -57,3 +60,71 @@ def test_cuda_memory_usage_and_latency_stats(tiny_model_dir):
     assert memory["kv_cache_mb"]["allocated"] == engine.kv_cache.nbytes / 2**20
     assert memory["peak_memory_mb"] >= memory["model_weights_mb"] + memory["kv_cache_mb"]["allocated"]
     assert "torch.cuda.memory_stats" in memory["how"]
+
+
+def test_cuda_graph_steps_equal_eager_steps(tiny_model_dir):
+    """Batches of every size up to past a bucket edge: the replayed graphs give the eager path's tokens."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    folder = tiny_model_dir("qwen3")
+    prompts = [list(range(3 + i, 10 + 3 * i)) for i in range(19)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    config = dict(num_kv_blocks=400, block_size=16)
+    graphs = run_all(LLMEngine(load_model(folder, dtype="float32", device="cuda"), EngineConfig(**config)), prompts, params)
+    eager_engine = LLMEngine(load_model(folder, dtype="float32", device="cuda"), EngineConfig(**config, enforce_eager=True))
+    assert eager_engine.runner.graphs is None
+    eager = run_all(eager_engine, prompts, params)
+    assert [o.token_ids for o in graphs] == [o.token_ids for o in eager]
+
+
+def test_bfloat16_batched_equals_alone(tiny_model_dir):
+    """bf16 + graphs: greedy text of 24 requests run together vs one at a time (agreement reported)."""
+    engine = LLMEngine(load_model(tiny_model_dir("llama"), device="cuda"), EngineConfig(num_kv_blocks=600, block_size=16))
+    prompts = [[(7 * i + j) % 250 + 1 for j in range(5 + 3 * i)] for i in range(24)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    together = run_all(engine, prompts, params)
+    alone = [run_all(engine, [p], params)[0] for p in prompts]
+    same = sum(a.token_ids == b.token_ids for a, b in zip(together, alone))
+    print(f"bf16 batched == alone: {same}/{len(prompts)} sequences")
+    assert same >= 0.9 * len(prompts)
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_kv_pool_sized_from_free_memory(tiny_model_dir):
+    engine = LLMEngine(load_model(tiny_model_dir("llama"), device="cuda"), EngineConfig(max_num_seqs=8))
+    free, total = torch.cuda.mem_get_info()  # after the pool was allocated
+    assert engine.kv_cache.nbytes > 0.5 * (total * 0.9 - (total - free - engine.kv_cache.nbytes))
+    assert total - free <= 0.9 * total + (64 << 20)  # within the utilization (plus allocator rounding)
+    del engine
+    torch.cuda.empty_cache()
+
+
+def test_masks_and_attention_scores_on_the_gpu_path(tiny_model_dir):
+    """Masked sequences recompute their rows on the readable path inside the Triton backend; plain ones
+    in the same batch are untouched. Attention scores equal the CPU's."""
+    from glassbox.layers.sparsity import parse_sparsity
+    from glassbox.research.attention import attention_scores
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    folder = tiny_model_dir("llama")
+    cpu = LLMEngine(load_model(folder), EngineConfig(num_kv_blocks=200, block_size=4))
+    gpu = LLMEngine(load_model(folder, dtype="float32", device="cuda"), EngineConfig(num_kv_blocks=200, block_size=4))
+    mask = parse_sparsity({"method": "top_k", "k": 3})
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+    def run(engine, masked):
+        ids = [engine.add_request(p, params, sparsity=mask if m else None) for p, m in zip(PROMPTS, masked)]
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update({o.request_id: o for o in engine.step() if o.finished})
+        return [done[i] for i in ids]
+
+    masked = [True, False, True, False]
+    on_gpu, on_cpu = run(gpu, masked), run(cpu, masked)
+    assert [o.token_ids for o in on_gpu] == [o.token_ids for o in on_cpu]
+    plain = run(gpu, [False] * 4)
+    assert [o.token_ids for o in on_gpu][1::2] == [o.token_ids for o in plain][1::2]
+    assert on_gpu[0].sparsity["density"] == pytest.approx(on_cpu[0].sparsity["density"])
+    scores_gpu = attention_scores(gpu, PROMPTS[2], 1, None, 0.01)
+    scores_cpu = attention_scores(cpu, PROMPTS[2], 1, None, 0.01)
+    for a, b in zip(scores_gpu["heads"], scores_cpu["heads"]):
+        assert (torch.tensor(a["attention_matrix"]) - torch.tensor(b["attention_matrix"])).abs().max() < 1e-4

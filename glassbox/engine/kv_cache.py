@@ -10,7 +10,10 @@ import torch
 from torch import nn
 
 from glassbox.config import ModelConfig
-from glassbox.layers.attention import attention_layers
+from glassbox.layers.attention import AttentionMetadata, attention_layers
+
+# Device memory kept out of the KV pool for CUDA graphs' private pool and the sampler's buffers.
+CUDA_RESERVE_BYTES = 1 << 30
 
 
 def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -41,6 +44,40 @@ class KVCache:
             need = bytes_per_block(config, block_size, dtype) / 2**20
             raise ValueError(f"KV cache memory {memory_bytes / 2**20:.1f} MiB holds no block; one block needs {need:.2f} MiB")
         return cls(config, int(num_blocks), block_size, dtype, device)
+
+    @classmethod
+    def for_free_device_memory(
+        cls,
+        config: ModelConfig,
+        model: nn.Module,
+        utilization: float,
+        warmup_tokens: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> KVCache:
+        """CUDA: run one forward pass of `warmup_tokens` tokens to measure the activations' peak, then take
+        what is left of utilization x the device's memory (after weights, that peak, other processes and a
+        reserve) for the pool."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        with torch.inference_mode():
+            ids = torch.zeros(warmup_tokens, dtype=torch.int64, device=device)
+            hidden = model(ids, torch.arange(warmup_tokens, device=device), AttentionMetadata.for_prompts([warmup_tokens], device))
+            model.compute_logits(hidden[-256:])  # the sampled rows of a full decode batch
+            del hidden
+        torch.cuda.synchronize(device)
+        activation_peak = torch.cuda.max_memory_allocated(device) - before
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(device)
+        budget = int(total * utilization) - (total - free) - activation_peak - CUDA_RESERVE_BYTES
+        if budget <= 0:
+            raise ValueError(
+                f"no device memory left for the KV cache: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB, "
+                f"activations need {activation_peak / 2**30:.2f} GiB; raise gpu_memory_utilization or free memory"
+            )
+        return cls.for_memory(config, budget, block_size, dtype, device)
 
     @property
     def nbytes(self) -> int:

@@ -17,7 +17,9 @@ import torch
 
 from glassbox.config import EngineConfig
 from glassbox.engine.block_manager import BlockManager
+from glassbox.engine.cuda_graphs import DecodeGraphs
 from glassbox.engine.kv_cache import KVCache
+from glassbox.layers.attention import TritonAttentionBackend, set_attention_backend
 from glassbox.engine.model_runner import ModelRunner, PromptLogprob
 from glassbox.engine.optimize import optimize_model
 from glassbox.engine.scheduler import Scheduler
@@ -57,6 +59,11 @@ class RequestState:
     stop_token_ids: set[int]
     text: str = ""
     emitted_text_len: int = 0
+    # Incremental detokenization (vLLM's): `decoded` is the text of output tokens [0, read_offset), stable;
+    # each step decodes only the window from prefix_offset on, so a step costs the same at any length.
+    decoded: str = ""
+    prefix_offset: int = 0
+    read_offset: int = 0
     emitted_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[PromptLogprob | None] = field(default_factory=list)
@@ -71,16 +78,30 @@ class LLMEngine:
             self.config.max_model_len or loaded.config.max_position_embeddings, loaded.config.max_position_embeddings
         )
         cfg = self.config
+        on_cuda = loaded.device.type == "cuda"
         optimize_model(loaded.model, cfg.quantization)
+        if on_cuda:
+            set_attention_backend(loaded.model, TritonAttentionBackend())
         if cfg.num_kv_blocks is not None:
             self.kv_cache = KVCache(loaded.config, cfg.num_kv_blocks, cfg.block_size, loaded.dtype, loaded.device)
+        elif cfg.kv_cache_memory is None and on_cuda:
+            self.kv_cache = KVCache.for_free_device_memory(
+                loaded.config, loaded.model, cfg.gpu_memory_utilization, cfg.max_num_batched_tokens,
+                cfg.block_size, loaded.dtype, loaded.device,
+            )
         else:
             self.kv_cache = KVCache.for_memory(
-                loaded.config, cfg.kv_cache_memory, cfg.block_size, loaded.dtype, loaded.device
+                loaded.config, cfg.kv_cache_memory or 1 << 30, cfg.block_size, loaded.dtype, loaded.device
             )
         self.block_manager = BlockManager(self.kv_cache.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.scheduling_policy)
-        self.runner = ModelRunner(loaded, self.kv_cache, cfg.seed)
+        graphs = None
+        if on_cuda and not cfg.enforce_eager:
+            max_blocks = -(-self.max_model_len // cfg.block_size)
+            graphs = DecodeGraphs(loaded.model, cfg.max_num_seqs, max_blocks, loaded.device)
+        self.runner = ModelRunner(loaded, self.kv_cache, cfg.seed, graphs)
+        if graphs is not None:
+            graphs.capture()  # after the runner bound the KV pool: the graphs hold its addresses
         self.requests: dict[str, RequestState] = {}
         self.eos_token_ids = set(loaded.config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
@@ -228,7 +249,7 @@ class LLMEngine:
         seq.timings.token_times.append(now)
         if logprob is not None:
             state.logprobs.append({"token_id": token, "logprob": logprob[0], "top_logprobs": dict(logprob[1])})
-        state.text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=params.skip_special_tokens)
+        self._detokenize(state)
 
         if token in state.stop_token_ids:  # never sampled before min_tokens: they are banned until then
             self._finish(state, "stop")
@@ -236,6 +257,22 @@ class LLMEngine:
             self._finish(state, "stop")
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(state, "length")
+
+    def _detokenize(self, state: RequestState) -> None:
+        """Extend state.text by the new token's text. The window's text is the full text's tail only when
+        decoded with the tokens before it (spaces, merged bytes); an incomplete UTF-8 character (U+FFFD)
+        stays pending until the bytes that complete it arrive."""
+        ids = state.seq.output_token_ids
+        skip = state.params.skip_special_tokens
+        before = self.tokenizer.decode(ids[state.prefix_offset : state.read_offset], skip_special_tokens=skip)
+        window = self.tokenizer.decode(ids[state.prefix_offset :], skip_special_tokens=skip)
+        new = window[len(before) :]
+        if window.endswith("\ufffd"):
+            state.text = state.decoded + new
+            return
+        state.decoded += new
+        state.text = state.decoded
+        state.prefix_offset, state.read_offset = state.read_offset, len(ids)
 
     def _truncate_at_stop(self, state: RequestState) -> bool:
         """If a stop string appeared, cut the text there (keeping it if asked) and say so."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from glassbox.engine.cuda_graphs import DecodeGraphs
 from glassbox.engine.kv_cache import KVCache
 from glassbox.engine.scheduler import ScheduledBatch
 from glassbox.engine.sequence import Sequence
@@ -27,13 +28,17 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, kv_cache: KVCache, seed: int | None = None) -> None:
+    def __init__(
+        self, loaded: LoadedModel, kv_cache: KVCache, seed: int | None = None, graphs: DecodeGraphs | None = None
+    ) -> None:
         self.model = loaded.model
         self.config = loaded.config
         self.device = loaded.device
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         kv_cache.bind(self.model)
+        self.graphs = graphs  # CUDA graphs of decode steps (captured over this KV pool), or None
+        self.use_graphs = graphs is not None  # turned off while module hooks must fire (latency timers)
         self.generator = torch.Generator(device="cpu")
         if seed is None:
             self.generator.seed()
@@ -60,16 +65,24 @@ class ModelRunner:
             chunks.append(SeqChunk(seq.block_table, start, num_new))
         positions, meta = build_step_metadata(chunks, self.block_size, self.device)
         self._apply_sparsity(batch, meta)
-        with torch.profiler.record_function("glassbox::forward"):  # names the step in profiler traces
-            hidden = self.model(torch.tensor(input_ids, device=self.device), positions, meta)
-
+        ids = torch.tensor(input_ids, device=self.device)
         result = StepResult()
         ends = meta.query_start_loc_list[1:]
+        if self._graph_step(meta, len(sample_requests)) and not prompt_logprobs:
+            with torch.profiler.record_function("glassbox::forward_graph"):
+                all_logits = self.graphs.run(ids, positions, meta)  # every row samples in a decode step
+        else:
+            with torch.profiler.record_function("glassbox::forward"):  # names the step in profiler traces
+                hidden = self.model(ids, positions, meta)
+            all_logits = None
         if sample_requests:
             indices = list(sample_requests)
-            rows = torch.tensor([ends[i] - 1 for i in indices], device=self.device)
             with torch.profiler.record_function("glassbox::sample"):
-                logits = self.model.compute_logits(hidden[rows]).float().cpu()
+                if all_logits is not None:
+                    logits = all_logits[indices] if len(indices) < len(all_logits) else all_logits
+                else:
+                    rows = torch.tensor([ends[i] - 1 for i in indices], device=self.device)
+                    logits = self.model.compute_logits(hidden[rows])
                 sampled = self.sample(logits, [sample_requests[i] for i in indices])
             for i, token, logprob in zip(indices, sampled.token_ids, sampled.logprobs):
                 result.sampled[i] = token
@@ -79,6 +92,16 @@ class ModelRunner:
             seq, num_new = batch.items[i]
             result.prompt_logprobs[i] = self._prompt_logprobs(seq, num_new, hidden[ends[i] - num_new : ends[i]], top_n)
         return result
+
+    def _graph_step(self, meta: AttentionMetadata, num_sampled: int) -> bool:
+        """A pure decode step with nothing that needs the eager path."""
+        return (
+            self.use_graphs
+            and meta.max_query_len == 1
+            and num_sampled == meta.num_seqs
+            and not meta.sparsity
+            and self.graphs.can_run(meta.num_seqs)
+        )
 
     def _apply_sparsity(self, batch: ScheduledBatch, meta: AttentionMetadata) -> None:
         """Hand the attention the masks of the sequences that have one and drop keys at this length."""
@@ -93,7 +116,8 @@ class ModelRunner:
                 meta.sparsity[i] = state
 
     def sample(self, logits: torch.Tensor, requests: list[SampleRequest]) -> SampleResult:
-        """logits [N, vocab] -> one token per row (a method, so instruments can wrap it from outside)."""
+        """logits [N, vocab] (on the model's device) -> one token per row (a method, so instruments can wrap
+        it from outside)."""
         return sample(logits, requests, self.generator)
 
     def _prompt_logprobs(self, seq: Sequence, num_new: int, hidden: torch.Tensor, top_n: int) -> list[PromptLogprob]:

@@ -5,7 +5,8 @@ A step's tokens are flattened: the new tokens of every sequence in the batch are
 sequence starts, how long its context is and where its keys/values live in the paged KV cache.
 
 The backend (how attention is computed) is chosen from outside: `set_attention_backend(model, backend)`.
-The default `TorchAttentionBackend` is the readable CPU path and the reference for GPU kernels.
+The default `TorchAttentionBackend` is the readable CPU path and the reference for GPU kernels;
+`TritonAttentionBackend` is the GPU path.
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return len(self.context_lens_list)
+
+    @property
+    def max_query_len(self) -> int:
+        starts = self.query_start_loc_list
+        return max(b - a for a, b in zip(starts, starts[1:]))
 
     @classmethod
     def for_prompts(cls, lengths: list[int], device: torch.device | str = "cpu") -> AttentionMetadata:
@@ -111,6 +117,44 @@ class TorchAttentionBackend:
         )
         if capture:
             meta.captured[layer.layer_idx] = probs
+        return out
+
+
+class TritonAttentionBackend:
+    """The GPU path: Triton kernels over the paged cache, reading lengths on the device only (so a decode
+    step can be captured in a CUDA graph). What the kernels do not cover goes to the readable path: a
+    layer handing out probabilities, a forward without a cache, and the rows of masked sequences (their
+    keys are stored first; their rows are then recomputed with the mask — the others are not slowed)."""
+
+    def __init__(self) -> None:
+        from glassbox.kernels import attention_triton  # imported here: Triton is GPU-only
+
+        self.kernels = attention_triton
+        self.reference = TorchAttentionBackend()
+
+    def forward(
+        self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        if meta.slot_mapping is None or layer.layer_idx in meta.capture_layers:
+            return self.reference.forward(layer, q, k, v, meta)
+        kernels, k_cache, v_cache = self.kernels, layer.k_cache, layer.v_cache
+        kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.max_query_len == 1:
+            out = kernels.paged_decode_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.context_lens, layer.scale, layer.sliding_window
+            )
+        else:
+            out = kernels.prefill_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.context_lens,
+                meta.max_query_len, layer.scale, layer.sliding_window,
+            )
+        starts = meta.query_start_loc_list
+        for i, state in meta.sparsity.items():
+            keys = attention_torch.gather_kv(k_cache, meta.block_tables[i], meta.context_lens_list[i])
+            values = attention_torch.gather_kv(v_cache, meta.block_tables[i], meta.context_lens_list[i])
+            rows = slice(starts[i], starts[i + 1])
+            select = partial(state.select, layer.layer_idx)
+            out[rows], _ = attention_torch.attend(q[rows], keys, values, layer.scale, layer.sliding_window, select=select)
         return out
 
 

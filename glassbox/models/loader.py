@@ -65,9 +65,12 @@ def default_model_path() -> Path:
     return path
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
+    """None or "auto": bfloat16 on CUDA, float32 elsewhere (this CPU kind has no fast bfloat16)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -75,12 +78,13 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def load_model(
     path: str | Path | None = None,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> LoadedModel:
-    """Load weights, config and tokenizer. Raises ModelLoadError with a message saying what to do."""
-    torch_dtype = resolve_dtype(dtype)
+    """Load weights, config and tokenizer. Raises ModelLoadError with a message saying what to do.
+    dtype None: bfloat16 on CUDA, float32 on the CPU."""
+    torch_dtype = resolve_dtype(dtype, device)
     source = Path(path).expanduser() if path is not None else default_model_path()
     if not source.exists():
         raise ModelLoadError(

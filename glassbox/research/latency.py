@@ -56,6 +56,10 @@ class LatencyStats:
         self._wrap(engine.runner, "sample", "sample")
         self._wrap_forward(model)
         self._wrap_step(engine)
+        # A CUDA graph replays kernels without calling the modules: time decode steps eagerly meanwhile.
+        runner, used_graphs = engine.runner, engine.runner.use_graphs
+        runner.use_graphs = False
+        self._undo.append(lambda: setattr(runner, "use_graphs", used_graphs))
         return self.status()
 
     def disable(self) -> dict[str, Any]:
