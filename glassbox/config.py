@@ -160,6 +160,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None  # overrides kv_cache_memory when set
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
+    compile: bool = True  # CUDA: torch.compile the decoder layers (fused elementwise work)
     max_num_seqs: int = 256  # sequences in one step at most
     max_num_batched_tokens: int = 2048  # tokens in one step at most: prefill chunks share it with decodes
     max_model_len: int | None = None  # default: the model's context length

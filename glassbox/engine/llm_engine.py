@@ -21,7 +21,7 @@ from glassbox.engine.cuda_graphs import DecodeGraphs
 from glassbox.engine.kv_cache import KVCache
 from glassbox.layers.attention import TritonAttentionBackend, set_attention_backend
 from glassbox.engine.model_runner import ModelRunner, PromptLogprob
-from glassbox.engine.optimize import optimize_model
+from glassbox.engine.optimize import compile_layers, optimize_model
 from glassbox.engine.scheduler import Scheduler
 from glassbox.engine.sequence import Sequence
 from glassbox.layers.sparsity import SparsityMethod, SparsityState
@@ -82,6 +82,8 @@ class LLMEngine:
         optimize_model(loaded.model, cfg.quantization)
         if on_cuda:
             set_attention_backend(loaded.model, TritonAttentionBackend())
+            if cfg.compile:
+                compile_layers(loaded.model)
         if cfg.num_kv_blocks is not None:
             self.kv_cache = KVCache(loaded.config, cfg.num_kv_blocks, cfg.block_size, loaded.dtype, loaded.device)
         elif cfg.kv_cache_memory is None and on_cuda:
@@ -305,7 +307,7 @@ class LLMEngine:
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,
             text=text[:visible],
-            token_ids=list(output_ids),
+            token_ids=output_ids,  # a fresh list (a slice)
             new_text=new_text,
             new_token_ids=new_ids,
             finished=seq.is_finished,

@@ -46,6 +46,17 @@ def optimize_model(model: nn.Module, quantization: str | None = None) -> None:
         _copy_out_of_checkpoint(model)
 
 
+def compile_layers(model: nn.Module) -> None:
+    """CUDA: torch.compile every decoder layer, so that the norms, rotary embedding, SiLU·mul and residual
+    adds around the matmuls become a few fused kernels (a decode step of a small model is bound by the
+    number of kernels, not by their work). Attention itself stays eager (see layers/attention.py). Shapes
+    are dynamic: one compiled graph serves every batch size and every layer."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList):
+            for layer in module:
+                layer.compile(dynamic=True)
+
+
 def _column_major(model: nn.Module) -> None:
     """Store each nn.Linear weight [out, in] as the transpose of a contiguous [in, out] tensor: same
     values, shape and name, but F.linear then hands MKL a non-transposed operand, which is up to 2x

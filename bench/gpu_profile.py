@@ -1,0 +1,72 @@
+"""Where a decode step's time goes on the GPU: the whole engine step vs the CUDA-graph replay alone, and
+the kernels one replay launches (torch.profiler). Random SmolLM2-135M-shaped weights.
+
+    python bench/gpu_profile.py [--shape smollm2-135m] [--batches 1,128] [--no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu import SHAPES, random_model_folder  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="smollm2-135m")
+    parser.add_argument("--batches", default="1,128")
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+
+    from glassbox.config import EngineConfig
+    from glassbox.engine.llm_engine import LLMEngine
+    from glassbox.models.loader import load_model
+    from glassbox.sampling import SamplingParams
+
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = load_model(random_model_folder(args.shape, Path(tmp)), device="cuda")
+    start = time.perf_counter()
+    engine = LLMEngine(loaded, EngineConfig(kv_cache_memory=8 << 30, compile=not args.no_compile))
+    print(f"{args.shape}: engine set-up (compile + graph capture) {time.perf_counter() - start:.1f} s")
+    vocab = SHAPES[args.shape]["vocab_size"]
+    for batch in [int(b) for b in args.batches.split(",")]:
+        for i in range(batch):
+            engine.add_request(torch.randint(0, vocab, (128,)).tolist(), SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+        while engine.runner.graphs is not None and engine.num_steps < 3 or any(
+            s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running + list(engine.scheduler.waiting)
+        ):
+            engine.step()
+        torch.cuda.synchronize()
+        steps, t0 = 20, time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        step_ms = (time.perf_counter() - t0) / steps * 1000
+        graphs = engine.runner.graphs
+        size = graphs.buckets[[b >= batch for b in graphs.buckets].index(True)]
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            graphs.graphs[size].replay()
+        torch.cuda.synchronize()
+        replay_ms = (time.perf_counter() - t0) / steps * 1000
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            graphs.graphs[size].replay()
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        print(f"batch {batch}: engine step {step_ms:.3f} ms, graph replay {replay_ms:.3f} ms, "
+              f"{len(kernels)} kernels per replay")
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+        print(table)
+        while engine.has_unfinished_requests():
+            engine.step()
+
+
+if __name__ == "__main__":
+    main()
