@@ -18,6 +18,27 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gpu import SHAPES, random_model_folder  # noqa: E402
 
 
+def profile_prefill(engine, vocab: int) -> None:
+    """One 128-token request to its first token (TTFT), with the CPU-side cost of each op."""
+    from glassbox.sampling import SamplingParams
+
+    def first_token() -> None:
+        engine.add_request(torch.randint(0, vocab, (128,)).tolist(), SamplingParams(temperature=0, max_tokens=1))
+        while engine.has_unfinished_requests():
+            engine.step()
+        torch.cuda.synchronize()
+
+    for _ in range(3):
+        first_token()
+    t0 = time.perf_counter()
+    first_token()
+    print(f"prefill of 128 tokens to the first token: {(time.perf_counter() - t0) * 1000:.2f} ms")
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        first_token()
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="smollm2-135m")
@@ -36,6 +57,7 @@ def main() -> None:
     engine = LLMEngine(loaded, EngineConfig(kv_cache_memory=8 << 30, compile=not args.no_compile))
     print(f"{args.shape}: engine set-up (compile + graph capture) {time.perf_counter() - start:.1f} s")
     vocab = SHAPES[args.shape]["vocab_size"]
+    profile_prefill(engine, vocab)
     for batch in [int(b) for b in args.batches.split(",")]:
         for i in range(batch):
             engine.add_request(torch.randint(0, vocab, (128,)).tolist(), SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))

@@ -84,6 +84,11 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
     def bind(self, model: nn.Module) -> None:
-        """Point every attention layer of `model` at its slice of the pool."""
-        for i, layer in enumerate(attention_layers(model)):
-            layer.k_cache, layer.v_cache = self.k[i], self.v[i]
+        """Point every attention layer of `model` at its slice of the pool (done before every step, since
+        engines may take turns on one model: the layer list and the slices are found once)."""
+        if getattr(self, "_bound_model", None) is not model:
+            self._layers = attention_layers(model)
+            self._slices = [(self.k[i], self.v[i]) for i in range(len(self._layers))]
+            self._bound_model = model
+        for layer, (k, v) in zip(self._layers, self._slices):
+            layer.k_cache, layer.v_cache = k, v

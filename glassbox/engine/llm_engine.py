@@ -45,7 +45,7 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] | None
     prompt_logprobs: list[PromptLogprob | None] | None
     num_cached_tokens: int
-    timings: dict[str, float | None]
+    timings: dict[str, float | None]  # filled in the finished output (empty before)
     sparsity: dict[str, Any] | None = None  # the mask applied and its realised density
 
 
@@ -230,7 +230,9 @@ class LLMEngine:
         banned = []
         if seq.num_output_tokens < params.min_tokens:
             banned = sorted(state.stop_token_ids | (set() if params.ignore_eos else self.eos_token_ids))
-        return SampleRequest(params, seq.prompt_token_ids, seq.output_token_ids, state.generator, banned)
+        # The history is only read by the penalties: no per-step copy of it otherwise.
+        history = seq.output_token_ids if params.needs_penalties else []
+        return SampleRequest(params, seq.prompt_token_ids, history, state.generator, banned)
 
     def _record_prompt_logprobs(self, state: RequestState, start: int, entries: list[PromptLogprob]) -> None:
         if not state.prompt_logprobs:
@@ -315,7 +317,7 @@ class LLMEngine:
             logprobs=list(state.logprobs) if params.logprobs is not None else None,
             prompt_logprobs=list(state.prompt_logprobs) if params.prompt_logprobs is not None else None,
             num_cached_tokens=seq.num_cached_tokens,
-            timings=seq.timings.summary(),
+            timings=seq.timings.summary() if seq.is_finished else {},  # summed up once, at the end
             sparsity=seq.sparsity.report() if seq.sparsity is not None else None,
         )
 

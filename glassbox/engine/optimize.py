@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from glassbox.layers.attention import Attention
 from glassbox.layers.quantized_linear import Int4Linear, Int8Linear, int4_supported
 from glassbox.models.gpt2 import Conv1D
 
@@ -49,8 +50,12 @@ def optimize_model(model: nn.Module, quantization: str | None = None) -> None:
 def compile_layers(model: nn.Module) -> None:
     """CUDA: torch.compile every decoder layer, so that the norms, rotary embedding, SiLU·mul and residual
     adds around the matmuls become a few fused kernels (a decode step of a small model is bound by the
-    number of kernels, not by their work). Attention itself stays eager (see layers/attention.py). Shapes
-    are dynamic: one compiled graph serves every batch size and every layer."""
+    number of kernels, not by their work). Attention itself stays eager: its backends branch on per-step
+    metadata and launch their own kernels. Shapes are dynamic: one compiled graph serves every batch size
+    and every layer."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.forward = torch.compiler.disable(module.forward)
     for module in model.modules():
         if isinstance(module, nn.ModuleList):
             for layer in module:

@@ -186,14 +186,7 @@ class Attention(nn.Module):
         self.backend: AttentionBackend = TorchAttentionBackend()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return _run_backend(self, q, k, v, meta)
-
-
-@torch.compiler.disable
-def _run_backend(layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-    # Outside torch.compile (engine/optimize.compile_layers): the backends branch on per-step metadata and
-    # launch their own kernels; the layer around them is what compiling fuses.
-    return layer.backend.forward(layer, q, k, v, meta)
+        return self.backend.forward(self, q, k, v, meta)
 
 
 def attention_layers(model: nn.Module) -> list[Attention]:
