@@ -60,10 +60,10 @@ def main() -> None:
     profile_prefill(engine, vocab)
     for batch in [int(b) for b in args.batches.split(",")]:
         for i in range(batch):
-            engine.add_request(torch.randint(0, vocab, (128,)).tolist(), SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
-        while engine.runner.graphs is not None and engine.num_steps < 3 or any(
-            s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running + list(engine.scheduler.waiting)
-        ):
+            prompt = torch.randint(0, vocab, (128,)).tolist()
+            engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+        waiting = engine.scheduler.waiting
+        while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running + list(waiting)):
             engine.step()
         torch.cuda.synchronize()
         steps, t0 = 20, time.perf_counter()
@@ -84,8 +84,12 @@ def main() -> None:
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         print(f"batch {batch}: engine step {step_ms:.3f} ms, graph replay {replay_ms:.3f} ms, "
               f"{len(kernels)} kernels per replay")
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
-        print(table)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(10):
+                engine.step()
+        print("CPU side of 10 engine steps:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
         while engine.has_unfinished_requests():
             engine.step()
 

@@ -7,6 +7,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -48,9 +51,11 @@ def optimize_model(model: nn.Module, quantization: str | None = None) -> None:
 
 
 def compile_layers(model: nn.Module) -> None:
-    """CUDA: torch.compile every decoder layer, so that the norms, rotary embedding, SiLU·mul and residual
-    adds around the matmuls become a few fused kernels (a decode step of a small model is bound by the
-    number of kernels, not by their work). Attention itself stays eager: its backends branch on per-step
+    """CUDA: a torch.compiled version of every decoder layer, used by the steps whose metadata says
+    `compiled` (the CUDA-graph captures): the norms, rotary embedding, SiLU·mul and residual adds around the
+    matmuls become a few fused kernels, and a decode step of a small model is bound by its number of
+    kernels. Eager steps (prefill) keep the plain forward: a compiled region's Python entry costs more
+    there than it saves. Attention stays outside the compiled code: its backends branch on per-step
     metadata and launch their own kernels. Shapes are dynamic: one compiled graph serves every batch size
     and every layer."""
     for module in model.modules():
@@ -59,7 +64,16 @@ def compile_layers(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.ModuleList):
             for layer in module:
-                layer.compile(dynamic=True)
+                layer.forward = _dispatch(layer.forward, torch.compile(layer.forward, dynamic=True))
+
+
+def _dispatch(eager: Callable[..., torch.Tensor], compiled: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A layer forward (x, ..., meta) that takes the compiled path when the step's metadata asks for it."""
+
+    def forward(*args: Any) -> torch.Tensor:
+        return compiled(*args) if args[-1].compiled else eager(*args)
+
+    return forward
 
 
 def _column_major(model: nn.Module) -> None:

@@ -42,6 +42,8 @@ class AttentionMetadata:
     captured: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     # Research hook: sequence index -> its sparsity mask, for the sequences whose mask drops keys this step.
     sparsity: dict[int, SparsityState] = field(default_factory=dict)
+    # Run the torch.compiled layers (set for the CUDA-graph captures; see engine/optimize.compile_layers).
+    compiled: bool = False
     # Built by the first layer that needs it and reused by the others (see DecodeBatch).
     decode_batch: attention_torch.DecodeBatch | None = field(default=None, repr=False)
 
