@@ -105,7 +105,7 @@ def generate(engine: Any, prompts: list[list[int]], max_tokens: list[int]) -> tu
     """Submit everything at once, step until done: (wall seconds, finished outputs in prompt order)."""
     from glassbox.sampling import SamplingParams
 
-    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, output_kind="final_only"))
            for p, n in zip(prompts, max_tokens)]
     torch.cuda.synchronize()
     start = time.perf_counter()

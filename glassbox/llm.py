@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Sequence as SequenceABC
 from typing import Any
 
@@ -44,6 +46,8 @@ class LLM:
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} SamplingParams")
+        # Only the final outputs are wanted: the engine skips the per-step reports (and their text).
+        params_list = [dataclasses.replace(sp, output_kind="final_only") for sp in params_list]
         ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params_list)]
         finished: dict[str, RequestOutput] = {}
         try:

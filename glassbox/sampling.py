@@ -34,6 +34,9 @@ class SamplingParams:
     logprobs: int | None = None  # log-probability of each sampled token plus this many top alternatives
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # vLLM's RequestOutputKind: "cumulative" reports the request at every step (streaming); "final_only"
+    # only when it finishes, and detokenizes once at the end unless stop strings need the text earlier.
+    output_kind: str = "cumulative"
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -52,6 +55,7 @@ class SamplingParams:
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs", "must be in [0, 20]"),
             (all(s for s in self.stop), "stop", "must not contain empty strings"),
+            (self.output_kind in ("cumulative", "final_only"), "output_kind", "must be cumulative or final_only"),
         ]
         for ok, name, reason in checks:
             if not ok:

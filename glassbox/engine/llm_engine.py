@@ -220,7 +220,8 @@ class LLMEngine:
             if i not in result.sampled:
                 continue
             self._append_token(state, result.sampled[i], result.logprobs.get(i), now)
-            outputs.append(self._output(state))
+            if seq.is_finished or state.params.output_kind == "cumulative":
+                outputs.append(self._output(state))
             if seq.is_finished:
                 del self.requests[seq.request_id]
         return outputs
@@ -253,7 +254,9 @@ class LLMEngine:
         seq.timings.token_times.append(now)
         if logprob is not None:
             state.logprobs.append({"token_id": token, "logprob": logprob[0], "top_logprobs": dict(logprob[1])})
-        self._detokenize(state)
+        incremental = params.output_kind == "cumulative" or bool(params.stop)
+        if incremental:
+            self._detokenize(state)
 
         if token in state.stop_token_ids:  # never sampled before min_tokens: they are banned until then
             self._finish(state, "stop")
@@ -261,6 +264,8 @@ class LLMEngine:
             self._finish(state, "stop")
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(state, "length")
+        if seq.is_finished and not incremental:  # final_only: one decode of the whole output
+            state.text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=params.skip_special_tokens)
 
     def _detokenize(self, state: RequestState) -> None:
         """Extend state.text by the new token's text. The window's text is the full text's tail only when

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from glassbox.layers.attention import AttentionMetadata
@@ -33,12 +34,14 @@ def build_step_metadata(
         starts.append(starts[-1] + chunk.num_new)
         context_lens.append(chunk.start + chunk.num_new)
     width = max(len(c.block_table) for c in chunks)
-    tables = [c.block_table + [-1] * (width - len(c.block_table)) for c in chunks]
+    tables = np.full((len(chunks), width), -1, dtype=np.int32)  # row by row: cheaper than nested lists
+    for row, chunk in zip(tables, chunks):
+        row[: len(chunk.block_table)] = chunk.block_table
     meta = AttentionMetadata(
         query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
         context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
         slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+        block_tables=torch.from_numpy(tables).to(device),
         query_start_loc_list=starts,
         context_lens_list=context_lens,
     )
