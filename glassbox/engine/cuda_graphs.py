@@ -14,34 +14,43 @@ from __future__ import annotations
 
 import bisect
 
+import numpy as np
 import torch
 from torch import nn
 
+from glassbox.engine.step_metadata import SeqChunk
 from glassbox.layers.attention import AttentionMetadata
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
 
 class DecodeGraphs:
-    def __init__(self, model: nn.Module, max_batch_size: int, max_blocks_per_seq: int, device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, max_batch_size: int, max_blocks_per_seq: int, block_size: int, device: torch.device
+    ) -> None:
         self.model = model
+        self.block_size = block_size
         self.buckets = [b for b in BUCKETS if b < max_batch_size] + [min(max_batch_size, BUCKETS[-1])]
         self.max_batch_size = self.buckets[-1]
         n = self.max_batch_size
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        # Static inputs, and pinned host copies of them that each step fills and copies over asynchronously
+        # (three copies per step instead of a tensor per field).
+        self.ids_positions_slots = torch.zeros(3, n, dtype=torch.int64, device=device)
         self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.host = [torch.zeros_like(t, device="cpu").pin_memory() for t in self._inputs()]
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}  # bucket -> its output buffer [bucket, vocab]
+
+    def _inputs(self) -> list[torch.Tensor]:
+        return [self.ids_positions_slots, self.context_lens, self.block_tables]
 
     def _meta(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(
             query_start_loc=self.query_start_loc[: size + 1],
             context_lens=self.context_lens[:size],
-            slot_mapping=self.slot_mapping[:size],
+            slot_mapping=self.ids_positions_slots[2, :size],
             block_tables=self.block_tables[:size],
             query_start_loc_list=list(range(size + 1)),
             context_lens_list=[0] * size,  # the Triton path reads the device tensor only
@@ -49,12 +58,14 @@ class DecodeGraphs:
         )
 
     def _forward(self, size: int) -> torch.Tensor:
-        hidden = self.model(self.input_ids[:size], self.positions[:size], self._meta(size))
-        return self.model.compute_logits(hidden)
+        ids, positions = self.ids_positions_slots[0, :size], self.ids_positions_slots[1, :size]
+        return self.model.compute_logits(self.model(ids, positions, self._meta(size)))
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every bucket, largest first, sharing one memory pool (as vLLM does)."""
+        """Capture every bucket, largest first, sharing one memory pool (as vLLM does). Padding rows
+        (slot -1, context 0) are what every row is at capture time."""
+        self.ids_positions_slots[2].fill_(-1)
         pool = None
         for size in reversed(self.buckets):
             self._forward(size)  # warm-up: compiles the kernels outside the capture
@@ -70,17 +81,24 @@ class DecodeGraphs:
         return num_seqs <= self.max_batch_size
 
     @torch.inference_mode()
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """A decode step's inputs (as built for the eager path) -> logits [num_seqs, vocab]."""
-        n = input_ids.shape[0]
+    def run(self, input_ids: list[int], chunks: list[SeqChunk]) -> torch.Tensor:
+        """A decode step (one new token per sequence) -> logits [num_seqs, vocab]. The caller reads the
+        result before the next call (which reuses the pinned host buffers)."""
+        n = len(chunks)
         size = self.buckets[bisect.bisect_left(self.buckets, n)]
-        width = meta.block_tables.shape[1]
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(meta.slot_mapping)
-        self.slot_mapping[n:size].fill_(-1)
-        self.context_lens[:n].copy_(meta.context_lens)
-        self.context_lens[n:size].fill_(0)
-        self.block_tables[:n, :width].copy_(meta.block_tables)
+        ids_positions_slots, context_lens, block_tables = (t.numpy() for t in self.host)
+        positions = np.fromiter((c.start for c in chunks), np.int64, n)
+        blocks = np.fromiter((c.block_table[c.start // self.block_size] for c in chunks), np.int64, n)
+        ids_positions_slots[0, :n] = input_ids
+        ids_positions_slots[1, :n] = positions
+        ids_positions_slots[2, :n] = blocks * self.block_size + positions % self.block_size
+        ids_positions_slots[2, n:size] = -1  # padding rows store nothing...
+        context_lens[:n] = positions + 1
+        context_lens[n:size] = 0  # ...and attend to nothing
+        for row, chunk in zip(block_tables, chunks):
+            row[: len(chunk.block_table)] = chunk.block_table
+        for device_tensor, host in zip(self._inputs(), self.host):
+            rows = size if device_tensor is self.block_tables else len(host)
+            device_tensor[:rows].copy_(host[:rows], non_blocking=True)
         self.graphs[size].replay()
         return self.logits[size][:n]

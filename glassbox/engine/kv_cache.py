@@ -6,6 +6,8 @@ views k[i], v[i]; a sequence's block table lists which blocks hold its tokens, i
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -86,9 +88,13 @@ class KVCache:
     def bind(self, model: nn.Module) -> None:
         """Point every attention layer of `model` at its slice of the pool (done before every step, since
         engines may take turns on one model: the layer list and the slices are found once)."""
+        bound = getattr(model, "glassbox_kv_cache", None)
+        if bound is not None and bound() is self:  # still bound: nothing to do
+            return
         if getattr(self, "_bound_model", None) is not model:
             self._layers = attention_layers(model)
             self._slices = [(self.k[i], self.v[i]) for i in range(len(self._layers))]
             self._bound_model = model
         for layer, (k, v) in zip(self._layers, self._slices):
             layer.k_cache, layer.v_cache = k, v
+        model.glassbox_kv_cache = weakref.ref(self)  # weak: the model must not keep a dropped pool alive

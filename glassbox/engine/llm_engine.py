@@ -100,7 +100,7 @@ class LLMEngine:
         graphs = None
         if on_cuda and not cfg.enforce_eager:
             max_blocks = -(-self.max_model_len // cfg.block_size)
-            graphs = DecodeGraphs(loaded.model, cfg.max_num_seqs, max_blocks, loaded.device)
+            graphs = DecodeGraphs(loaded.model, cfg.max_num_seqs, max_blocks, cfg.block_size, loaded.device)
         self.runner = ModelRunner(loaded, self.kv_cache, cfg.seed, graphs)
         if graphs is not None:
             graphs.capture()  # after the runner bound the KV pool: the graphs hold its addresses

@@ -12,7 +12,7 @@ from glassbox.engine.kv_cache import KVCache
 from glassbox.engine.scheduler import ScheduledBatch
 from glassbox.engine.sequence import Sequence
 from glassbox.engine.step_metadata import SeqChunk, build_step_metadata
-from glassbox.layers.attention import AttentionMetadata
+from glassbox.layers.sparsity import SparsityState
 from glassbox.models.loader import LoadedModel
 from glassbox.sampling import SampleRequest, SampleResult, sample
 
@@ -63,23 +63,23 @@ class ModelRunner:
             start = seq.num_computed_tokens
             input_ids.extend(seq.token_ids[start : start + num_new])
             chunks.append(SeqChunk(seq.block_table, start, num_new))
-        positions, meta = build_step_metadata(chunks, self.block_size, self.device)
-        self._apply_sparsity(batch, meta)
-        ids = torch.tensor(input_ids, device=self.device)
+        sparse = self._masked_sequences(batch)
         result = StepResult()
-        ends = meta.query_start_loc_list[1:]
-        if self._graph_step(meta, len(sample_requests)) and not prompt_logprobs:
+        if self._graph_step(chunks, len(sample_requests), sparse, prompt_logprobs):
             with torch.profiler.record_function("glassbox::forward_graph"):
-                all_logits = self.graphs.run(ids, positions, meta)  # every row samples in a decode step
+                all_logits = self.graphs.run(input_ids, chunks)  # every row samples in a decode step
         else:
+            positions, meta = build_step_metadata(chunks, self.block_size, self.device)
+            meta.sparsity = sparse
+            ends = meta.query_start_loc_list[1:]
             with torch.profiler.record_function("glassbox::forward"):  # names the step in profiler traces
-                hidden = self.model(ids, positions, meta)
+                hidden = self.model(torch.tensor(input_ids, device=self.device), positions, meta)
             all_logits = None
         if sample_requests:
             indices = list(sample_requests)
             with torch.profiler.record_function("glassbox::sample"):
-                if all_logits is not None:
-                    logits = all_logits[indices] if len(indices) < len(all_logits) else all_logits
+                if all_logits is not None:  # a graph step: every row samples, in order
+                    logits = all_logits
                 else:
                     rows = torch.tensor([ends[i] - 1 for i in indices], device=self.device)
                     logits = self.model.compute_logits(hidden[rows])
@@ -93,27 +93,33 @@ class ModelRunner:
             result.prompt_logprobs[i] = self._prompt_logprobs(seq, num_new, hidden[ends[i] - num_new : ends[i]], top_n)
         return result
 
-    def _graph_step(self, meta: AttentionMetadata, num_sampled: int) -> bool:
+    def _graph_step(
+        self, chunks: list[SeqChunk], num_sampled: int, sparse: dict[int, SparsityState], prompt_logprobs: dict[int, int]
+    ) -> bool:
         """A pure decode step with nothing that needs the eager path."""
         return (
             self.use_graphs
-            and meta.max_query_len == 1
-            and num_sampled == meta.num_seqs
-            and not meta.sparsity
-            and self.graphs.can_run(meta.num_seqs)
+            and num_sampled == len(chunks)
+            and not sparse
+            and not prompt_logprobs
+            and all(chunk.num_new == 1 for chunk in chunks)
+            and self.graphs.can_run(len(chunks))
         )
 
-    def _apply_sparsity(self, batch: ScheduledBatch, meta: AttentionMetadata) -> None:
-        """Hand the attention the masks of the sequences that have one and drop keys at this length."""
+    def _masked_sequences(self, batch: ScheduledBatch) -> dict[int, SparsityState]:
+        """Batch index -> mask, for the sequences whose mask drops keys at this step's length; a mask that
+        keeps everything lets its sequence take the plain path (and exactly the dense output)."""
+        sparse = {}
         for i, (seq, num_new) in enumerate(batch.items):
             state = seq.sparsity
             if state is None:
                 continue
-            context_len = meta.context_lens_list[i]
-            if state.method.is_dense(context_len):  # keeps everything: the plain path, exactly dense
+            context_len = seq.num_computed_tokens + num_new
+            if state.method.is_dense(context_len):
                 state.record_dense(num_new, context_len, self.config.num_attention_heads, self.config.layer_windows)
             else:
-                meta.sparsity[i] = state
+                sparse[i] = state
+        return sparse
 
     def sample(self, logits: torch.Tensor, requests: list[SampleRequest]) -> SampleResult:
         """logits [N, vocab] (on the model's device) -> one token per row (a method, so instruments can wrap
