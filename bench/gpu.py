@@ -161,11 +161,45 @@ def bench_nano(folder: Path, eager: bool) -> dict[str, Any]:
     engine = make_engine(folder, kv_memory, eager)
     # Warm-up (nano-vllm runs one short generate) with prompts of its own: the real ones would hit the prefix cache.
     generate(engine, [[1] * length for length in (1024, 512, 256, 100)], [8] * 4)
+    steps = watch_steps(engine)
     seconds, outs = generate(engine, prompts, max_tokens)
     tokens = sum(len(o.token_ids) for o in outs)
     return {"requests": len(prompts), "output_tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds,
             "kv_GiB": kv_memory / GiB, "preemptions": engine.scheduler.num_preemptions,
-            "sampling": "greedy (nano-vllm: temperature 0.6)"}
+            "sampling": "greedy (nano-vllm: temperature 0.6)", "steps": steps}
+
+
+def watch_steps(engine: Any) -> dict[str, float]:
+    """Where the workload's time goes: steps replayed from a CUDA graph vs eager (prefill) steps, and the
+    time spent waiting for the device (the sampler's host copy of the token ids)."""
+    totals = {"graph_steps": 0, "graph_s": 0.0, "eager_steps": 0, "eager_s": 0.0, "sample_wait_s": 0.0}
+    runner, step, sample = engine.runner, engine.step, engine.runner.sample
+    graph_run = runner.graphs.run if runner.graphs is not None else None
+    used_graph = []
+
+    def timed_step() -> list:
+        used_graph.clear()
+        start = time.perf_counter()
+        outputs = step()
+        kind = "graph" if used_graph else "eager"
+        totals[f"{kind}_steps"] += 1
+        totals[f"{kind}_s"] += time.perf_counter() - start
+        return outputs
+
+    def timed_sample(*args: Any) -> Any:
+        start = time.perf_counter()
+        result = sample(*args)
+        totals["sample_wait_s"] += time.perf_counter() - start
+        return result
+
+    def noted_graph_run(*args: Any) -> Any:
+        used_graph.append(True)
+        return graph_run(*args)
+
+    engine.step, runner.sample = timed_step, timed_sample
+    if graph_run is not None:
+        runner.graphs.run = noted_graph_run
+    return totals
 
 
 def print_tables(out: dict[str, Any], shapes: list[str], batches: list[int]) -> None:
@@ -182,6 +216,7 @@ def print_tables(out: dict[str, Any], shapes: list[str], batches: list[int]) -> 
         nano = out["nano"]
         print("\n| nano-vllm workload (Qwen3-0.6B shape, greedy) | output tokens | time s | tok/s |\n|---|---|---|---|")
         print(f"| {nano['requests']} seqs, in/out 100-1024 | {nano['output_tokens']:,} | {nano['seconds']:.2f} | {nano['tok_s']:,.0f} |")
+        print("nano steps:", json.dumps(nano["steps"]))
 
 
 def package_version(name: str) -> str:
