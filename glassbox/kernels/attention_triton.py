@@ -126,6 +126,40 @@ def store_kv(
 
 
 @triton.jit
+def _load_kv_tile(
+    table,
+    k_cache_ptr,
+    v_cache_ptr,
+    start,
+    hi,
+    kv_head,
+    dims,
+    dim_mask,
+    stride_cache_block,
+    stride_cache_token,
+    stride_cache_head,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """One sequence's keys and values at positions [start, start + BLOCK_N) (those < hi), through its block
+    table `table`: positions [BLOCK_N], their mask, k and v [BLOCK_N, BLOCK_D]."""
+    positions = start + tl.arange(0, BLOCK_N)
+    key_mask = positions < hi
+    # Each key's block through the table; masked keys read block 0 (never a -1 padding entry).
+    block = tl.load(table + positions // BLOCK_SIZE, mask=key_mask, other=0).to(tl.int64)
+    offsets = (
+        block[:, None] * stride_cache_block
+        + (positions % BLOCK_SIZE)[:, None] * stride_cache_token
+        + kv_head * stride_cache_head
+        + dims[None, :]
+    )  # [BLOCK_N, BLOCK_D]
+    kv_mask = key_mask[:, None] & dim_mask[None, :]
+    k = tl.load(k_cache_ptr + offsets, mask=kv_mask, other=0.0)
+    v = tl.load(v_cache_ptr + offsets, mask=kv_mask, other=0.0)
+    return positions, key_mask, k, v
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr,  # [S, H, D]
     k_cache_ptr,  # [num_blocks, block_size, KV, D]
@@ -187,19 +221,10 @@ def _decode_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table = block_tables_ptr + seq * stride_table_seq
     for start in range(lo, hi, BLOCK_N):
-        positions = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-        key_mask = positions < hi
-        # Each key's block through the table; masked keys read block 0 (never a -1 padding entry).
-        block = tl.load(table + positions // BLOCK_SIZE, mask=key_mask, other=0).to(tl.int64)
-        offsets = (
-            block[:, None] * stride_cache_block
-            + (positions % BLOCK_SIZE)[:, None] * stride_cache_token
-            + kv_head * stride_cache_head
-            + dims[None, :]
-        )  # [BLOCK_N, BLOCK_D]
-        kv_mask = key_mask[:, None] & dim_mask[None, :]
-        k = tl.load(k_cache_ptr + offsets, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + offsets, mask=kv_mask, other=0.0)
+        positions, key_mask, k, v = _load_kv_tile(
+            table, k_cache_ptr, v_cache_ptr, start, hi, kv_head, dims, dim_mask,
+            stride_cache_block, stride_cache_token, stride_cache_head, BLOCK_N, BLOCK_SIZE,
+        )
         scores = _dot(q, tl.trans(k), IEEE) * qk_scale  # [BLOCK_G, BLOCK_N]
         scores = tl.where(key_mask[None, :], scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, 1))
@@ -414,18 +439,10 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table = block_tables_ptr + seq * stride_table_seq
     for start in range(lo, hi, BLOCK_N):
-        positions = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-        key_mask = positions < hi
-        block = tl.load(table + positions // BLOCK_SIZE, mask=key_mask, other=0).to(tl.int64)
-        offsets = (
-            block[:, None] * stride_cache_block
-            + (positions % BLOCK_SIZE)[:, None] * stride_cache_token
-            + kv_head * stride_cache_head
-            + dims[None, :]
-        )  # [BLOCK_N, BLOCK_D]
-        kv_mask = key_mask[:, None] & dim_mask[None, :]
-        k = tl.load(k_cache_ptr + offsets, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + offsets, mask=kv_mask, other=0.0)
+        positions, key_mask, k, v = _load_kv_tile(
+            table, k_cache_ptr, v_cache_ptr, start, hi, kv_head, dims, dim_mask,
+            stride_cache_block, stride_cache_token, stride_cache_head, BLOCK_N, BLOCK_SIZE,
+        )
         scores = _dot(q, tl.trans(k), IEEE) * qk_scale  # [BLOCK_M, BLOCK_N]
         allowed = key_mask[None, :] & (positions[None, :] <= query_pos[:, None])
         if SLIDING_WINDOW > 0:
