@@ -310,11 +310,15 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     *,
     num_splits: int | None = None,
+    block_n: int = DECODE_BLOCK_N,
+    num_warps: int = 4,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """One query per sequence (the decode step). q: [S, H, D], query i at position context_lens[i] - 1;
     block_tables: [S, max_blocks] block ids (entries past the context are never read); context_lens: [S] on
     the device (0 = padding row, output zeros). Returns out [S, H, D] (written in place when given).
-    `num_splits` overrides the split-K heuristic (tests)."""
+    `num_splits` overrides the split-K heuristic (tests); block_n, num_warps, num_stages are tuning knobs
+    (bench/gpu_kernels.py)."""
     _check_cache(k_cache, v_cache)
     _check(q.dim() == 3 and q.stride(-1) == 1, f"q must be [S, H, D] with contiguous D, got {tuple(q.shape)}")
     num_seqs, num_heads, head_dim = q.shape
@@ -334,7 +338,7 @@ def paged_decode_attention(
     max_tokens = block_tables.shape[1] * block_size
     if num_splits is None:
         num_splits = _decode_splits(num_seqs, num_kv_heads, max_tokens)
-    split_tokens = triton.cdiv(triton.cdiv(max_tokens, num_splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
+    split_tokens = triton.cdiv(triton.cdiv(max_tokens, num_splits), block_n) * block_n
     num_splits = triton.cdiv(max_tokens, split_tokens)
     split = num_splits > 1
     if split:
@@ -357,7 +361,9 @@ def paged_decode_attention(
         IEEE=k_cache.dtype == torch.float32,
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d,
-        BLOCK_N=DECODE_BLOCK_N,
+        BLOCK_N=block_n,
+        num_warps=num_warps,
+        **({} if num_stages is None else {"num_stages": num_stages}),
     )  # fmt: skip
     if split:
         _decode_reduce_kernel[(num_seqs, num_heads)](
