@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Sequence as SequenceABC
 from typing import Any
 

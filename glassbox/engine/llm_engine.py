@@ -19,11 +19,11 @@ from glassbox.config import EngineConfig
 from glassbox.engine.block_manager import BlockManager
 from glassbox.engine.cuda_graphs import DecodeGraphs
 from glassbox.engine.kv_cache import KVCache
-from glassbox.layers.attention import TritonAttentionBackend, set_attention_backend
 from glassbox.engine.model_runner import ModelRunner, PromptLogprob
 from glassbox.engine.optimize import compile_layers, optimize_model
 from glassbox.engine.scheduler import Scheduler
 from glassbox.engine.sequence import Sequence
+from glassbox.layers.attention import TritonAttentionBackend, set_attention_backend
 from glassbox.layers.sparsity import SparsityMethod, SparsityState
 from glassbox.models.loader import LoadedModel
 from glassbox.sampling import SampleRequest, SamplingParams

@@ -11,8 +11,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from glassbox.engine.async_engine import AsyncLLMEngine
 from glassbox.engine.llm_engine import RequestOutput
-from glassbox.sampling import SamplingParams
 from glassbox.layers.sparsity import SparsityMethod
+from glassbox.sampling import SamplingParams
 from glassbox.server.app import APIError, json_body, sparsity_of
 from glassbox.server.schemas import (
     BatchGenerateRequest,

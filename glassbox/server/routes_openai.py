@@ -14,8 +14,8 @@ from fastapi.responses import StreamingResponse
 
 from glassbox.engine.async_engine import AsyncLLMEngine
 from glassbox.engine.llm_engine import RequestOutput
-from glassbox.sampling import SamplingParams
 from glassbox.layers.sparsity import SparsityMethod
+from glassbox.sampling import SamplingParams
 from glassbox.server.app import APIError, json_body, sparsity_of
 from glassbox.server.routes_generate import run_to_end, sse
 from glassbox.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAICommon
