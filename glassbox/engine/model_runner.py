@@ -110,14 +110,10 @@ class ModelRunner:
         """Batch index -> mask, for the sequences whose mask drops keys at this step's length; a mask that
         keeps everything lets its sequence take the plain path (and exactly the dense output)."""
         sparse = {}
+        heads, windows = self.config.num_attention_heads, self.config.layer_windows
         for i, (seq, num_new) in enumerate(batch.items):
             state = seq.sparsity
-            if state is None:
-                continue
-            context_len = seq.num_computed_tokens + num_new
-            if state.method.is_dense(context_len):
-                state.record_dense(num_new, context_len, self.config.num_attention_heads, self.config.layer_windows)
-            else:
+            if state is not None and state.masks_step(num_new, seq.num_computed_tokens + num_new, heads, windows):
                 sparse[i] = state
         return sparse
 

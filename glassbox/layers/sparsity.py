@@ -377,12 +377,16 @@ class SparsityState:
         self.allowed = self.allowed + allowed.sum() * scores.shape[0]
         return keep
 
-    def record_dense(self, q_len: int, context_len: int, num_heads: int, layer_windows: list[int | None]) -> None:
-        """Account for a step that ran dense (the mask kept everything at this length)."""
+    def masks_step(self, q_len: int, context_len: int, num_heads: int, layer_windows: list[int | None]) -> bool:
+        """Whether this step's attention must be masked. A mask that keeps everything at this length lets
+        the step run the plain path (exactly the dense output); its entries are counted as kept."""
+        if not self.method.is_dense(context_len):
+            return True
         positions = range(context_len - q_len, context_len)
         visible = sum(min(p + 1, window or p + 1) for window in layer_windows for p in positions) * num_heads
         self.kept = self.kept + visible
         self.allowed = self.allowed + visible
+        return False
 
     def density(self) -> float | None:
         return None if not isinstance(self.allowed, torch.Tensor) and self.allowed == 0 else float(self.kept / self.allowed)

@@ -53,14 +53,14 @@ def attention_scores(
     n = len(token_ids)
     meta = AttentionMetadata.for_prompts([n], device=device)
     meta.capture_layers = frozenset(layers)
-    state = SparsityState(sparsity) if sparsity is not None and not sparsity.is_dense(n) else None
-    if state is not None:
+    state = SparsityState(sparsity) if sparsity is not None else None
+    if state is not None and state.masks_step(n, n, config.num_attention_heads, config.layer_windows):
         meta.sparsity = {0: state}
     engine.loaded.model(torch.tensor(token_ids, device=device), torch.arange(n, device=device), meta)
     tokens = [engine.tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
     result: dict[str, Any] = {"tokens": tokens, "token_ids": token_ids, "threshold": threshold, "num_tokens": n}
-    if sparsity is not None:
-        result["sparsity"] = state.report() if state is not None else {**sparsity.spec(), "density": 1.0}
+    if state is not None:
+        result["sparsity"] = state.report()
     per_layer = []
     for layer in layers:
         probs = meta.captured[layer][0].cpu()  # [H, n, n]

@@ -34,11 +34,9 @@ def _forward(
     try:
         n = len(token_ids)
         meta = AttentionMetadata.for_prompts([n], device=device)
-        if sparsity is not None and not sparsity.method.is_dense(n):
+        config = engine.loaded.config
+        if sparsity is not None and sparsity.masks_step(n, n, config.num_attention_heads, config.layer_windows):
             meta.sparsity = {0: sparsity}
-        elif sparsity is not None:
-            config = engine.loaded.config
-            sparsity.record_dense(n, n, config.num_attention_heads, config.layer_windows)
         hidden = model(torch.tensor(token_ids, device=device), torch.arange(n, device=device), meta)
     finally:
         for hook in hooks:
