@@ -175,7 +175,6 @@ def _decode_kernel(
     qk_scale,  # softmax scale * log2(e)
     num_heads,
     num_splits,
-    split_tokens,  # keys per split, a multiple of BLOCK_N
     stride_q_seq,
     stride_q_head,
     stride_out_seq,
@@ -202,6 +201,9 @@ def _decode_kernel(
 
     # This program's keys: [lo, hi) of the sequence, cut to the sliding window. Padding rows (context 0) and
     # splits past the context get an empty range and write zeros.
+    # The context is shared evenly by the splits (whole BLOCK_N tiles each), read here from the device: a short
+    # context in a graph captured for long ones still spreads over every split instead of loading one.
+    split_tokens = tl.cdiv(tl.cdiv(context_len, num_splits), BLOCK_N) * BLOCK_N
     lo = split * split_tokens
     hi = tl.minimum(lo + split_tokens, context_len)
     if SLIDING_WINDOW > 0:
@@ -340,8 +342,7 @@ def paged_decode_attention(
     max_tokens = block_tables.shape[1] * block_size
     if num_splits is None:
         num_splits = _decode_splits(num_seqs, num_kv_heads, max_tokens)
-    split_tokens = triton.cdiv(triton.cdiv(max_tokens, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(max_tokens, split_tokens)
+    num_splits = min(num_splits, triton.cdiv(max_tokens, block_n))  # no split without a tile of its own
     split = num_splits > 1
     if split:
         partial_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
@@ -352,7 +353,7 @@ def paged_decode_attention(
     block_d = _block_d(head_dim)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, partial_acc, partial_max, partial_sum,
-        scale * LOG2_E, num_heads, num_splits, split_tokens,
+        scale * LOG2_E, num_heads, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group,
