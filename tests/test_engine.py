@@ -221,3 +221,15 @@ def test_int8_mode_is_batch_invariant_and_int4_agrees_with_float32():
     float32 = LLM(kv_cache_memory=64 << 20)
     question = "The capital of France is"
     assert int4.generate(question, params)[0].text == float32.generate(question, params)[0].text
+
+
+def test_compile_layers_wraps_a_model_once(tiny_model_dir):
+    """Engines sharing a model (research/schedule.py) must not stack wrappers on its layers."""
+    from glassbox.engine.optimize import compile_layers
+    from glassbox.models.loader import load_model
+
+    model = load_model(tiny_model_dir("llama")).model
+    compile_layers(model)
+    first = model.model.layers[0].forward
+    compile_layers(model)
+    assert model.model.layers[0].forward is first

@@ -124,7 +124,9 @@ def test_latency_stats_add_up_to_the_request_time(server):
     assert httpx.post(f"{server}/debug/latency_stats/enable").json()["enabled"] is True
     httpx.post(f"{server}/debug/latency_stats/reset")
     out = httpx.post(
-        f"{server}/generate", json={"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        f"{server}/generate",
+        json={"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "ignore_eos": True},
+        timeout=60,  # the timers slow every step down; httpx's default 5 s is too tight on a loaded machine
     ).json()
     stats = httpx.get(f"{server}/debug/latency_stats").json()
     stages = stats["stages"]
@@ -140,7 +142,7 @@ def test_latency_stats_add_up_to_the_request_time(server):
     assert stats["attention_ms"] == stages["attention"]["total_ms"] and "perf_counter" in stats["timed_with"]
     assert httpx.post(f"{server}/debug/latency_stats/disable").json()["enabled"] is False
     httpx.post(f"{server}/debug/latency_stats/reset")
-    httpx.post(f"{server}/generate", json={"prompt": "Hi", "max_tokens": 2})
+    httpx.post(f"{server}/generate", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
     assert httpx.get(f"{server}/debug/latency_stats").json()["stages"]["attention"]["count"] == 0  # timers gone
 
 

@@ -12,7 +12,7 @@ import torch
 from glassbox.config import EngineConfig
 from glassbox.engine.llm_engine import LLMEngine
 from glassbox.kernels.attention_torch import attend, causal_mask
-from glassbox.layers.sparsity import MaskInputs, SparsityError, SparsityState, parse_sparsity
+from glassbox.layers.sparsity import MaskInputs, SparsityError, SparsityMethod, SparsityState, parse_sparsity, share
 from glassbox.models.loader import load_model
 from glassbox.sampling import SamplingParams
 
@@ -91,7 +91,7 @@ def test_h2o_keeps_recent_and_heavy_keys():
     probs, state = masked_probs({"method": "h2o", "heavy_ratio": 0.25, "recent_ratio": 0.25}, q_len=20, context_len=20)
     n = torch.arange(1, 21)
     kept = (probs > 0).sum(-1)  # [H, Lq]
-    assert (kept <= (n * 0.25).long().clamp(min=1) + (n * 0.25).long()).all()
+    assert (kept <= share(n, 0.25).clamp(min=1) + share(n, 0.25)).all()
     assert (probs[:, torch.arange(20), torch.arange(20)] > 0).all()  # the query itself is recent
     assert 0 < state.density() < 1
 
@@ -111,12 +111,36 @@ def test_h2o_keeps_recent_and_heavy_keys():
         ({"method": "nope"}, "sparsity.method"),
         ({"k": 4}, "sparsity.method"),
         ({"method": "top_k", "mask_pattern": "h2o", "k": 1}, "sparsity.mask_pattern"),
+        ({"method": ["top_k"]}, "sparsity.method"),
+        ({"method": "top_k", "k": 10**400}, "sparsity.k"),
     ],
 )
 def test_bad_specs_name_the_field(spec, field):
     with pytest.raises(SparsityError) as error:
         parse_sparsity(spec)
     assert error.value.field == field and str(error.value).startswith(field)
+
+
+def test_a_method_returning_no_bool_mask_runs_dense_and_says_why():
+    class Broken(SparsityMethod):
+        name = "broken"
+
+        def keep(self, x: MaskInputs) -> torch.Tensor:
+            return x.allowed.int()  # not a bool mask
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(4, H, D, generator=g), torch.randn(6, KV, D, generator=g), torch.randn(6, KV, D, generator=g)
+    state = SparsityState(Broken())
+    _, probs = attend(q, k, v, D**-0.5, return_probs=True, select=lambda *a: state.select(0, *a))
+    _, dense = attend(q, k, v, D**-0.5, return_probs=True)
+    assert torch.allclose(probs, dense) and "bool" in state.error and state.density() == 1.0
+
+
+def test_ratios_round_up_exactly():
+    probs, _ = masked_probs({"method": "top_k", "sparsity_ratio": 0.4}, q_len=25, context_len=25)
+    assert int((probs[0, -1] > 0).sum()) == 15  # ceil(25 x 0.6), not 16 from float32 rounding
+    h2o, state = masked_probs({"method": "h2o", "heavy_ratio": 0.5, "recent_ratio": 0.5}, q_len=3, context_len=3)
+    assert ((h2o > 0).sum(-1) == torch.arange(1, 4)).all()  # heavy + recent >= 1 keeps every key
 
 
 @pytest.fixture(scope="module")

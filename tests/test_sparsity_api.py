@@ -59,7 +59,7 @@ def test_attention_scores_show_the_masked_attention(server):
 
     def matrix(spec):
         body = {"prompt": TEXT, "layer_idx": 4, "head_idx": 2, "sparsity": spec}
-        response = httpx.post(f"{server}/debug/attention_scores", json=body)
+        response = httpx.post(f"{server}/debug/attention_scores", json=body, timeout=60)
         assert response.status_code == 200, response.text
         return response.json()
 
@@ -121,7 +121,7 @@ def test_openai_api_takes_a_sparsity_field(server):
     ],
 )
 def test_bad_sparsity_is_a_400_naming_the_field(server, path, body, param):
-    response = httpx.post(f"{server}{path}", json=body)
+    response = httpx.post(f"{server}{path}", json=body, timeout=60)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and (param is None or error["message"].startswith(param))
@@ -134,7 +134,8 @@ def test_evaluate_dense_perplexity_equals_transformers(server):
 
     from glassbox.models.loader import default_model_path
 
-    same = httpx.post(f"{server}/optimization/evaluate", json={"texts": [TEXT], "sparsity": {"method": "top_k", "k": 4096}}).json()
+    body = {"texts": [TEXT], "sparsity": {"method": "top_k", "k": 4096}}
+    same = httpx.post(f"{server}/optimization/evaluate", json=body, timeout=120).json()
     ids = httpx.post(f"{server}/tokenize", json={"text": TEXT}).json()["tokens"]
     path = default_model_path()
     reference = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
@@ -146,12 +147,14 @@ def test_evaluate_dense_perplexity_equals_transformers(server):
     assert same["num_positions"] == len(ids) - 1
 
     window = httpx.post(f"{server}/optimization/evaluate",
-                        json={"texts": [TEXT, "Short text here."], "sparsity": {"method": "sliding_window", "window": 8, "sink_tokens": 4}}).json()
+                        json={"texts": [TEXT, "Short text here."], "sparsity": {"method": "sliding_window", "window": 8, "sink_tokens": 4}},
+                        timeout=120).json()
     assert window["perplexity_dense"] != same["perplexity_dense"]  # two texts now
     assert window["per_text"][0]["perplexity_dense"] == pytest.approx(same["perplexity_dense"], rel=1e-6)
     assert window["kl_dense_sparse"] > 0 and window["top1_agreement"] < 1 and 0 < window["density"] < 1
     errors = window["attention_output_rel_error"]
     assert len(errors) == 30 and all(e > 0 for e in errors)
     no_sinks = httpx.post(f"{server}/optimization/evaluate",
-                          json={"texts": [TEXT], "sparsity": {"method": "sliding_window", "window": 8, "sink_tokens": 0}}).json()
+                          json={"texts": [TEXT], "sparsity": {"method": "sliding_window", "window": 8, "sink_tokens": 0}},
+                          timeout=120).json()
     assert no_sinks["perplexity_sparse"] > window["per_text"][0]["perplexity_sparse"]  # StreamingLLM: sinks matter

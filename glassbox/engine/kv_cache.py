@@ -64,9 +64,13 @@ class KVCache:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
+        # As many tokens as a step may hold, in prompts no longer than the model's positions (GPT-2 has 1024).
+        lengths = [min(config.max_position_embeddings, warmup_tokens - start)
+                   for start in range(0, warmup_tokens, config.max_position_embeddings)]
         with torch.inference_mode():
             ids = torch.zeros(warmup_tokens, dtype=torch.int64, device=device)
-            hidden = model(ids, torch.arange(warmup_tokens, device=device), AttentionMetadata.for_prompts([warmup_tokens], device))
+            positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+            hidden = model(ids, positions, AttentionMetadata.for_prompts(lengths, device))
             model.compute_logits(hidden[-256:])  # the sampled rows of a full decode batch
             del hidden
         torch.cuda.synchronize(device)

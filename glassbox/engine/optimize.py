@@ -58,6 +58,9 @@ def compile_layers(model: nn.Module) -> None:
     there than it saves. Attention stays outside the compiled code: its backends branch on per-step
     metadata and launch their own kernels. Shapes are dynamic: one compiled graph serves every batch size
     and every layer."""
+    if getattr(model, "glassbox_compiled", False):  # once per model: engines may share one (research/schedule.py)
+        return
+    model.glassbox_compiled = True
     for module in model.modules():
         if isinstance(module, Attention):
             module.forward = torch.compiler.disable(module.forward)

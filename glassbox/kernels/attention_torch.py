@@ -85,7 +85,7 @@ def attend(
     scores = scores.masked_fill(~allowed, float("-inf"))
     if select is not None:
         heads = scores.view(num_heads, q_len, context_len)
-        keep = select(heads, allowed, q, k).view(num_kv_heads, group, q_len, context_len)
+        keep = select(heads, allowed, q, k).reshape(num_kv_heads, group, q_len, context_len)
         scores = scores.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = (probs @ vf).permute(2, 0, 1, 3).reshape(q_len, num_heads, head_dim)

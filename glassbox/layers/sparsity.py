@@ -66,8 +66,12 @@ class Params:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
             raise self.error(name, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
-        if not math.isfinite(value):
-            raise self.error(name, "must be finite")
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer beyond float range
+            finite = False
+        if not finite:
+            raise self.error(name, "must be a finite number in range")
         low_bad = minimum is not None and (value <= minimum if exclusive else value < minimum)
         high_bad = maximum is not None and (value >= maximum if exclusive else value > maximum)
         if low_bad or high_bad:
@@ -191,11 +195,17 @@ class TopK(SparsityMethod):
         if self.k is not None:
             counts = allowed_per_row.clamp(max=self.k)
         else:
-            counts = torch.ceil(allowed_per_row * (1 - self.sparsity_ratio)).long().clamp(min=1)
+            counts = share(allowed_per_row, 1 - self.sparsity_ratio).clamp(min=1)
         keep = x.rank_keep(x.scores, counts)
         if self.threshold:
             keep &= above_threshold(x.scores, self.threshold)
         return keep
+
+
+def share(counts: torch.Tensor, fraction: float) -> torch.Tensor:
+    """ceil(counts x fraction) as integers, computed in float64 so that an exact product is not rounded up
+    (float32 made 0.6 x 25 = 15.000001 -> 16)."""
+    return torch.ceil(counts.double() * fraction - 1e-9).long()
 
 
 def above_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -315,10 +325,11 @@ class H2O(SparsityMethod):
         received = torch.nn.functional.pad(history, (0, lq))[:, None, :] + probs.cumsum(1) - probs
         x.state["h2o"] = received[:, -1] + probs[:, -1]
         n = x.allowed.sum(-1)  # [Lq] keys each query may see
-        recent = (n * self.recent_ratio).long().clamp(min=1)
+        # Rounded up, so that heavy_ratio + recent_ratio >= 1 keeps everything (is_dense).
+        recent = share(n, self.recent_ratio).clamp(min=1)
         is_recent = x.k_positions > x.q_positions - recent[:, None]
         older = received.masked_fill(is_recent | ~x.allowed, float("-inf"))
-        return is_recent | x.rank_keep(older, (n * self.heavy_ratio).long())
+        return is_recent | x.rank_keep(older, share(n, self.heavy_ratio))
 
 
 BUILTIN_METHODS: dict[str, type[SparsityMethod]] = {
@@ -342,6 +353,8 @@ def parse_sparsity(
         raise SparsityError(f"{prefix}.mask_pattern", f"names {pattern!r} but method names {name!r}")
     name = name if name is not None else pattern
     methods = {**BUILTIN_METHODS, **(extra or {})}
+    if name is not None and not isinstance(name, str):
+        raise SparsityError(f"{prefix}.method", f"must be a string naming one of {', '.join(methods)}")
     if name is None:
         raise SparsityError(f"{prefix}.method", f"is required; one of {', '.join(methods)}")
     if name not in methods:
@@ -370,7 +383,10 @@ class SparsityState:
         keep = allowed.expand_as(scores)
         if self.error is None:
             try:
-                keep = self.method.keep(inputs).expand_as(scores) & allowed
+                chosen = self.method.keep(inputs)
+                if not isinstance(chosen, torch.Tensor) or chosen.dtype != torch.bool:
+                    raise TypeError(f"keep() must return a bool tensor, got {getattr(chosen, 'dtype', type(chosen))}")
+                keep = chosen.expand_as(scores) & allowed
             except Exception as error:  # a plugin's method must not take the engine down
                 self.error = f"{type(error).__name__}: {error}"
         self.kept = self.kept + keep.sum()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -30,6 +31,7 @@ from glassbox.research.profiler import Profiler
 from glassbox.server.metrics import Metrics
 
 M = TypeVar("M", bound=BaseModel)
+logger = logging.getLogger(__name__)
 
 PUBLIC_PATHS = {"/health"}
 
@@ -132,7 +134,8 @@ def _start_plugins(engine: AsyncLLMEngine, path: Path) -> PluginManager:
             if mask is not None and mask.name in registry.sparsity_methods:
                 try:
                     llm_engine.default_sparsity = parse_sparsity(mask.spec(), registry.sparsity_methods)
-                except SparsityError:  # the new version's parameters differ: the global mask is dropped
+                except Exception:  # the new version rejects the old parameters: the global mask is dropped
+                    logger.exception("plugin reload: the global sparsity mask %s no longer parses; cleared", mask.spec())
                     llm_engine.default_sparsity = None
 
         engine.submit(swap)
