@@ -128,16 +128,16 @@ def sample(logits: torch.Tensor, requests: list[SampleRequest], default_generato
     On a GPU, a batch of plain greedy rows is decided there (N ids cross to the host, not N x vocab
     logits); anything else is sampled on the CPU."""
     plain = [not r.params.needs_penalties and not r.banned_token_ids for r in requests]
+    all_plain_greedy = all(plain) and all(r.params.greedy for r in requests)
     wants_logprobs = any(r.params.logprobs is not None for r in requests)
-    if all(plain) and all(r.params.greedy for r in requests) and not wants_logprobs:
+    if all_plain_greedy and not wants_logprobs:
         return SampleResult(logits.argmax(dim=-1).tolist(), [None] * len(requests))
     logits = logits.float().cpu()
     raw_logprobs = None
     if wants_logprobs:
         raw_logprobs = torch.log_softmax(logits, dim=-1)  # as vLLM: of the model's distribution
 
-    # Every row greedy without penalties or bans -> one argmax over the batch.
-    if all(plain) and all(r.params.greedy for r in requests):
+    if all_plain_greedy:  # one argmax over the batch
         token_ids = logits.argmax(dim=-1).tolist()
     else:
         token_ids = []

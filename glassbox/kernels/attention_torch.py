@@ -92,6 +92,23 @@ def attend(
     return out.to(q.dtype), probs.reshape(num_heads, q_len, context_len)
 
 
+def attend_cached(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_len: int,
+    scale: float,
+    sliding_window: int | None = None,
+    return_probs: bool = False,
+    select: Selector | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`attend` for one sequence over its first `context_len` cached keys/values (q: its last Lq positions)."""
+    keys = gather_kv(k_cache, block_table, context_len)
+    values = gather_kv(v_cache, block_table, context_len)
+    return attend(q, keys, values, scale, sliding_window, return_probs, select)
+
+
 @dataclass
 class DecodeBatch:
     """The step's decode sequences (one new token each), gathered once per step and shared by every
@@ -196,15 +213,14 @@ def attention(
     for i, context_len in enumerate(context_lens):
         if i in skip:
             continue
-        start, end = query_start_loc[i], query_start_loc[i + 1]
+        rows = slice(query_start_loc[i], query_start_loc[i + 1])
         if k_cache is not None:
-            keys = gather_kv(k_cache, block_tables[i], context_len)
-            values = gather_kv(v_cache, block_tables[i], context_len)
+            out[rows], probs = attend_cached(
+                q[rows], k_cache, v_cache, block_tables[i], context_len, scale, sliding_window, return_probs,
+                selectors.get(i),
+            )
         else:
-            keys, values = k[start:end], v[start:end]
-        out[start:end], probs = attend(
-            q[start:end], keys, values, scale, sliding_window, return_probs, selectors.get(i)
-        )
+            out[rows], probs = attend(q[rows], k[rows], v[rows], scale, sliding_window, return_probs, selectors.get(i))
         if probs is not None:
             all_probs.append(probs)
     return out, all_probs

@@ -12,7 +12,7 @@ The default `TorchAttentionBackend` is the readable CPU path and the reference f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from typing import Protocol
 
 import torch
@@ -57,7 +57,7 @@ class AttentionMetadata:
     def num_seqs(self) -> int:
         return len(self.context_lens_list)
 
-    @property
+    @cached_property  # read by every layer of a step
     def max_query_len(self) -> int:
         starts = self.query_start_loc_list
         return max(b - a for a, b in zip(starts, starts[1:]))
@@ -152,11 +152,11 @@ class TritonAttentionBackend:
             )
         starts = meta.query_start_loc_list
         for i, state in meta.sparsity.items():
-            keys = attention_torch.gather_kv(k_cache, meta.block_tables[i], meta.context_lens_list[i])
-            values = attention_torch.gather_kv(v_cache, meta.block_tables[i], meta.context_lens_list[i])
             rows = slice(starts[i], starts[i + 1])
-            select = partial(state.select, layer.layer_idx)
-            out[rows], _ = attention_torch.attend(q[rows], keys, values, layer.scale, layer.sliding_window, select=select)
+            out[rows], _ = attention_torch.attend_cached(
+                q[rows], k_cache, v_cache, meta.block_tables[i], meta.context_lens_list[i], layer.scale,
+                layer.sliding_window, select=partial(state.select, layer.layer_idx),
+            )
         return out
 
 

@@ -120,7 +120,8 @@ class MaskInputs:
 
 
 class SparsityMethod:
-    """Base class: subclasses set `name`, `description`, `selects_from` and implement `parse` and `keep`."""
+    """Base class: subclasses set `name`, `description`, `selects_from` and implement `keep` (and `parse`
+    when they take parameters)."""
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
@@ -129,7 +130,8 @@ class SparsityMethod:
 
     @classmethod
     def parse(cls, params: Params) -> SparsityMethod:
-        raise NotImplementedError
+        """Read the parameters (methods without any keep this default)."""
+        return cls()
 
     def params(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if v is not None}
@@ -153,10 +155,6 @@ class Dense(SparsityMethod):
     name = "dense"
     description = "no mask (opts a request out of a global mask)"
     selects_from = "nothing"
-
-    @classmethod
-    def parse(cls, params: Params) -> Dense:
-        return cls()
 
     def is_dense(self, context_len: int) -> bool:
         return True
@@ -337,6 +335,11 @@ BUILTIN_METHODS: dict[str, type[SparsityMethod]] = {
 }
 
 
+def available_methods(extra: dict[str, type[SparsityMethod]] | None = None) -> dict[str, type[SparsityMethod]]:
+    """The built-in methods and those a plugin registered (`extra`), by name."""
+    return {**BUILTIN_METHODS, **(extra or {})}
+
+
 def parse_sparsity(
     spec: dict[str, Any] | SparsityMethod, extra: dict[str, type[SparsityMethod]] | None = None, prefix: str = "sparsity"
 ) -> SparsityMethod:
@@ -352,7 +355,7 @@ def parse_sparsity(
     if name is not None and pattern is not None and name != pattern:
         raise SparsityError(f"{prefix}.mask_pattern", f"names {pattern!r} but method names {name!r}")
     name = name if name is not None else pattern
-    methods = {**BUILTIN_METHODS, **(extra or {})}
+    methods = available_methods(extra)
     if name is not None and not isinstance(name, str):
         raise SparsityError(f"{prefix}.method", f"must be a string naming one of {', '.join(methods)}")
     if name is None:

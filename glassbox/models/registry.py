@@ -16,4 +16,3 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
 
 def build_model(config: ModelConfig) -> nn.Module:
     return MODEL_CLASSES[config.architecture](config)
-

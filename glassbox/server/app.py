@@ -83,13 +83,18 @@ def json_body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
     return parse
 
 
+def plugin_registry(request: Request) -> Registry:
+    """What the --plugin file registered (an empty registry without one)."""
+    manager = request.app.state.plugins
+    return manager.registry if manager is not None else Registry()
+
+
 def sparsity_of(request: Request, spec: dict[str, Any] | None, field: str = "sparsity") -> SparsityMethod | None:
     """A request's sparsity spec -> a method (built in or from the plugin file); 400 naming the field."""
     if spec is None:
         return None
-    plugins = request.app.state.plugins
     try:
-        return parse_sparsity(spec, plugins.registry.sparsity_methods if plugins else None, field)
+        return parse_sparsity(spec, plugin_registry(request).sparsity_methods, field)
     except SparsityError as error:
         raise APIError(400, str(error), error.field) from None
 

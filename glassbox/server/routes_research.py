@@ -16,7 +16,7 @@ from glassbox.research.heatmap import attention_png
 from glassbox.research.memory import memory_usage
 from glassbox.research.profiler import Profiler, ProfilerError
 from glassbox.research.schedule import ScheduledRequest, run_schedule, set_serving_policy
-from glassbox.server.app import APIError, json_body, sparsity_of
+from glassbox.server.app import APIError, json_body, plugin_registry, sparsity_of
 from glassbox.server.schemas import (
     AttentionScoresRequest,
     BatchScheduleRequest,
@@ -85,7 +85,7 @@ async def batch_schedule(
 ) -> dict[str, Any]:
     """Run a set of requests to the end under one policy; compare the per-request times across policies."""
     requests = [ScheduledRequest(r.prompt, r.priority, r.max_tokens) for r in body.requests]
-    plugins = plugin_policies(request)
+    plugins = plugin_registry(request).policies
     return await request.app.state.engine.call(
         lambda engine: run_schedule(engine, requests, body.algorithm, body.max_batch_size, body.strategy, plugins)
     )
@@ -100,13 +100,8 @@ async def get_scheduling_policy(request: Request) -> dict[str, str]:
 @router.post("/optimization/scheduling_policy")
 async def post_scheduling_policy(request: Request, body: PolicyRequest = Depends(json_body(PolicyRequest))) -> dict[str, str]:
     """Set the policy for all traffic."""
-    plugins = plugin_policies(request)
+    plugins = plugin_registry(request).policies
     return await request.app.state.engine.call(lambda engine: set_serving_policy(engine, body.algorithm, plugins))
-
-
-def plugin_policies(request: Request) -> dict[str, Any]:
-    manager = request.app.state.plugins
-    return manager.registry.policies if manager is not None else {}
 
 
 @router.get("/plugins")

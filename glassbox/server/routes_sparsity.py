@@ -7,9 +7,9 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from glassbox.layers.sparsity import BUILTIN_METHODS, SparsityMethod
+from glassbox.layers.sparsity import SparsityMethod, available_methods
 from glassbox.research.evaluate import evaluate
-from glassbox.server.app import json_body, sparsity_of
+from glassbox.server.app import json_body, plugin_registry, sparsity_of
 from glassbox.server.schemas import EvaluateRequest, SparsityMaskRequest
 
 router = APIRouter(prefix="/optimization")
@@ -18,11 +18,6 @@ COMPUTE_NOTE = (
     "masks run over the dense scores on the readable PyTorch path (simulated sparsity): they change the "
     "attention, not its cost; sequences without a mask keep the fast path"
 )
-
-
-def _methods(request: Request) -> dict[str, type[SparsityMethod]]:
-    plugins = request.app.state.plugins
-    return {**BUILTIN_METHODS, **(plugins.registry.sparsity_methods if plugins else {})}
 
 
 def _describe(method: SparsityMethod | None) -> dict[str, Any]:
@@ -38,7 +33,7 @@ async def get_sparsity_mask(request: Request) -> dict[str, Any]:
     """The global mask (or null) and the methods a request may name, with what each selects keys from."""
     methods = [
         {"method": name, "description": cls.description, "selects_from": cls.selects_from}
-        for name, cls in _methods(request).items()
+        for name, cls in available_methods(plugin_registry(request).sparsity_methods).items()
     ]
     return {**_describe(request.app.state.engine.engine.default_sparsity), "methods": methods}
 
