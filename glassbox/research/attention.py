@@ -30,6 +30,15 @@ def head_stats(probs: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]
     return {"sparsity_ratio": sparsity, "entropy": entropy, "k_for_90pct_mass": k90}
 
 
+def prompt_metadata(engine: LLMEngine, n: int, sparsity: SparsityState | None) -> AttentionMetadata:
+    """Metadata for a cache-less forward over one n-token prompt, with its mask where the mask drops keys."""
+    config = engine.loaded.config
+    meta = AttentionMetadata.for_prompts([n], device=engine.loaded.device)
+    if sparsity is not None and sparsity.masks_step(n, n, config.num_attention_heads, config.layer_windows):
+        meta.sparsity = {0: sparsity}
+    return meta
+
+
 @torch.inference_mode()
 def attention_scores(
     engine: LLMEngine,
@@ -51,11 +60,9 @@ def attention_scores(
     layers = [layer_idx] if layer_idx is not None else list(range(config.num_hidden_layers))
     device = engine.loaded.device
     n = len(token_ids)
-    meta = AttentionMetadata.for_prompts([n], device=device)
-    meta.capture_layers = frozenset(layers)
     state = SparsityState(sparsity) if sparsity is not None else None
-    if state is not None and state.masks_step(n, n, config.num_attention_heads, config.layer_windows):
-        meta.sparsity = {0: state}
+    meta = prompt_metadata(engine, n, state)
+    meta.capture_layers = frozenset(layers)
     engine.loaded.model(torch.tensor(token_ids, device=device), torch.arange(n, device=device), meta)
     tokens = [engine.tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
     result: dict[str, Any] = {"tokens": tokens, "token_ids": token_ids, "threshold": threshold, "num_tokens": n}

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from glassbox.engine.llm_engine import LLMEngine
-from glassbox.layers.attention import AttentionMetadata, attention_layers
+from glassbox.layers.attention import attention_layers
 from glassbox.layers.sparsity import SparsityMethod, SparsityState
+from glassbox.research.attention import prompt_metadata
 
 MAX_TOKENS = 1024  # per text
 ROWS = 256  # logits computed this many positions at a time ([ROWS, vocab] float32)
@@ -33,10 +34,7 @@ def _forward(
     hooks = [layer.register_forward_hook(lambda m, args, out: outputs.append(out.float())) for layer in attention_layers(model)]
     try:
         n = len(token_ids)
-        meta = AttentionMetadata.for_prompts([n], device=device)
-        config = engine.loaded.config
-        if sparsity is not None and sparsity.masks_step(n, n, config.num_attention_heads, config.layer_windows):
-            meta.sparsity = {0: sparsity}
+        meta = prompt_metadata(engine, n, sparsity)
         hidden = model(torch.tensor(token_ids, device=device), torch.arange(n, device=device), meta)
     finally:
         for hook in hooks:
