@@ -40,11 +40,11 @@ def order(url: str) -> list[int]:
 def wait_for_version(url: str, version: int) -> dict:
     deadline = time.time() + 2.0  # the bound: behaviour changes within 2 s of the edit
     while time.time() < deadline:
-        status = httpx.get(f"{url}/plugins").json()
+        status = httpx.get(f"{url}/plugins", timeout=60).json()
         if status["version"] >= version or status["error"]:
             return status
         time.sleep(0.05)
-    return httpx.get(f"{url}/plugins").json()
+    return httpx.get(f"{url}/plugins", timeout=60).json()
 
 
 def test_plugin_policy_reloads_on_edit_without_reloading_the_model(tmp_path, tiny_model_dir):
@@ -52,8 +52,8 @@ def test_plugin_policy_reloads_on_edit_without_reloading_the_model(tmp_path, tin
     plugin.write_text(PLUGIN.replace("SIGN", "1"))
     proc, url = start_server("--model", str(tiny_model_dir("llama")), "--plugin", str(plugin))
     try:
-        assert httpx.get(f"{url}/plugins").json()["policies"] == ["length_order"]
-        loaded_at = httpx.get(f"{url}/model_info").json()["loaded_at"]
+        assert httpx.get(f"{url}/plugins", timeout=60).json()["policies"] == ["length_order"]
+        loaded_at = httpx.get(f"{url}/model_info", timeout=60).json()["loaded_at"]
         assert order(url) == [1, 2, 0]  # shortest first
 
         edited = time.time()
@@ -62,16 +62,16 @@ def test_plugin_policy_reloads_on_edit_without_reloading_the_model(tmp_path, tin
         assert status["version"] == 2 and status["error"] is None
         assert order(url) == [0, 2, 1]  # longest first, from the edited file
         assert time.time() - edited < 2.0 + 1.0  # reload within 2 s, plus the request itself
-        assert httpx.get(f"{url}/model_info").json()["loaded_at"] == loaded_at  # weights not reloaded
+        assert httpx.get(f"{url}/model_info", timeout=60).json()["loaded_at"] == loaded_at  # weights not reloaded
 
         # The serving policy follows the plugin's new versions too.
-        assert httpx.post(f"{url}/optimization/scheduling_policy", json={"algorithm": "length_order"}).status_code == 200
+        assert httpx.post(f"{url}/optimization/scheduling_policy", json={"algorithm": "length_order"}, timeout=60).status_code == 200
 
         plugin.write_text("this is not python(")
         status = wait_for_version(url, 3)
         assert status["version"] == 2 and "SyntaxError" in status["error"]
         assert order(url) == [0, 2, 1]  # the last good version keeps serving
-        assert httpx.post(f"{url}/generate", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+        assert httpx.post(f"{url}/generate", json={"prompt": "hi", "max_tokens": 2}, timeout=60).status_code == 200
     finally:
         stop_server(proc)
 
@@ -103,7 +103,7 @@ def register(registry):
 
 def kept_per_row(url: str) -> int:
     body = {"token_ids": list(range(1, 21)), "layer_idx": 0, "head_idx": 0, "sparsity": {"method": "last_n", "n": 2}}
-    response = httpx.post(f"{url}/debug/attention_scores", json=body)
+    response = httpx.post(f"{url}/debug/attention_scores", json=body, timeout=60)
     assert response.status_code == 200, response.text
     return max(sum(p > 0 for p in row) for row in response.json()["attention_matrix"])
 
@@ -113,23 +113,23 @@ def test_plugin_sparsity_method_reloads_on_edit(tmp_path, tiny_model_dir):
     plugin.write_text(SPARSITY_PLUGIN.replace("SCALE", "1"))
     proc, url = start_server("--model", str(tiny_model_dir("llama")), "--plugin", str(plugin))
     try:
-        assert httpx.get(f"{url}/plugins").json()["sparsity_methods"] == ["last_n"]
+        assert httpx.get(f"{url}/plugins", timeout=60).json()["sparsity_methods"] == ["last_n"]
         assert kept_per_row(url) == 2
-        methods = httpx.get(f"{url}/optimization/sparsity_mask").json()["methods"]
+        methods = httpx.get(f"{url}/optimization/sparsity_mask", timeout=60).json()["methods"]
         assert {"method": "last_n", "description": "each query keeps its last few keys", "selects_from": "positions"} in methods
         body = {"prompt": [1, 2, 3, 4, 5, 6, 7, 8], "max_tokens": 4, "temperature": 0, "sparsity": {"method": "last_n", "n": 2}}
-        assert httpx.post(f"{url}/generate", json=body).json()["sparsity"]["density"] < 1
-        assert httpx.post(f"{url}/optimization/sparsity_mask", json={"method": "last_n", "n": 1}).status_code == 200
+        assert httpx.post(f"{url}/generate", json=body, timeout=60).json()["sparsity"]["density"] < 1
+        assert httpx.post(f"{url}/optimization/sparsity_mask", json={"method": "last_n", "n": 1}, timeout=60).status_code == 200
 
         plugin.write_text(SPARSITY_PLUGIN.replace("SCALE", "2"))
         assert wait_for_version(url, 2)["version"] == 2
         assert kept_per_row(url) == 4  # the edited method, weights untouched
-        assert httpx.get(f"{url}/optimization/sparsity_mask").json()["active"] == {"method": "last_n", "n": 1}
+        assert httpx.get(f"{url}/optimization/sparsity_mask", timeout=60).json()["active"] == {"method": "last_n", "n": 1}
 
         plugin.write_text(SPARSITY_PLUGIN.replace("SCALE", "undefined_name"))  # raises on the test input
         status = wait_for_version(url, 3)
         assert status["version"] == 2 and "NameError" in status["error"]
         assert kept_per_row(url) == 4  # the last good version keeps serving
-        assert httpx.post(f"{url}/generate", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+        assert httpx.post(f"{url}/generate", json={"prompt": "hi", "max_tokens": 2}, timeout=60).status_code == 200
     finally:
         stop_server(proc)

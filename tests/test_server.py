@@ -30,7 +30,7 @@ def client(server) -> Iterator[Client]:
 
 
 def kv_usage(url: str) -> tuple[float, float]:
-    text = httpx.get(f"{url}/metrics").text
+    text = httpx.get(f"{url}/metrics", timeout=60).text
     values = {}
     for line in text.splitlines():
         if line.startswith(("glassbox:kv_cache_usage_perc ", "glassbox:num_requests_running ")):
@@ -45,7 +45,7 @@ def test_health_model_info_and_version(client, server):
     assert info["architecture"] == "llama" and info["num_layers"] == 30 and info["num_kv_heads"] == 3
     assert info["vocab_size"] == 49152 and info["context_length"] == 8192 and info["kv_block_size"] == 16
     assert info["num_parameters"] == 134_515_008 and info["dtype"] == "float32"
-    assert httpx.get(f"{server}/version").json()["version"]
+    assert httpx.get(f"{server}/version", timeout=60).json()["version"]
 
 
 def test_generate_matches_the_engine_alone(client):
@@ -64,8 +64,8 @@ def test_generate_matches_the_engine_alone(client):
 
 def test_curl_style_bodies_without_json_content_type(server):
     body = json.dumps({"prompt": "Hello", "max_tokens": 3, "temperature": 0})
-    form = httpx.post(f"{server}/generate", content=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
-    bare = httpx.post(f"{server}/generate", content=body, headers={})
+    form = httpx.post(f"{server}/generate", content=body, headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=60)
+    bare = httpx.post(f"{server}/generate", content=body, headers={}, timeout=60)
     assert form.status_code == bare.status_code == 200
     assert form.json()["text"] == bare.json()["text"]
 
@@ -113,16 +113,16 @@ def test_tokenize_and_detokenize(client):
     ],
 )
 def test_bad_input_is_a_clear_4xx(server, path, body, status, field):
-    response = httpx.post(f"{server}{path}", json=body)
+    response = httpx.post(f"{server}{path}", json=body, timeout=60)
     assert response.status_code == status
     assert field in response.json()["error"]["message"]
 
 
 def test_bad_json_and_oversized_body(server):
-    assert httpx.post(f"{server}/generate", content=b"{not json").status_code == 400
+    assert httpx.post(f"{server}/generate", content=b"{not json", timeout=60).status_code == 400
     huge = b'{"prompt": "' + b"a" * (5 << 20) + b'"}'
-    assert httpx.post(f"{server}/generate", content=huge).status_code == 413
-    assert httpx.get(f"{server}/health").status_code == 200  # and the engine is still alive
+    assert httpx.post(f"{server}/generate", content=huge, timeout=60).status_code == 413
+    assert httpx.get(f"{server}/health", timeout=60).status_code == 200  # and the engine is still alive
 
 
 def test_openai_client(server):
@@ -197,7 +197,7 @@ def test_64_concurrent_streams_equal_alone(server, client):
 
 
 def test_metrics_names(server):
-    text = httpx.get(f"{server}/metrics").text
+    text = httpx.get(f"{server}/metrics", timeout=60).text
     for name in (
         "glassbox:num_requests_running",
         "glassbox:num_requests_waiting",
@@ -216,9 +216,9 @@ def test_metrics_names(server):
 def test_api_key(tiny_model_dir):
     proc, url = start_server("--model", str(tiny_model_dir("llama")), "--api-key", "s3cret")
     try:
-        assert httpx.get(f"{url}/health").status_code == 200  # open: load balancers probe it
-        assert httpx.post(f"{url}/generate", json={"prompt": "hi", "max_tokens": 2}).status_code == 401
-        assert httpx.get(f"{url}/model_info", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(f"{url}/health", timeout=60).status_code == 200  # open: load balancers probe it
+        assert httpx.post(f"{url}/generate", json={"prompt": "hi", "max_tokens": 2}, timeout=60).status_code == 401
+        assert httpx.get(f"{url}/model_info", headers={"Authorization": "Bearer wrong"}, timeout=60).status_code == 401
         with Client(url, api_key="s3cret") as c:
             assert len(c.generate("hi", max_tokens=2, temperature=0, ignore_eos=True)["token_ids"]) == 2
         with pytest.raises(ClientError) as error, Client(url) as c:

@@ -49,7 +49,7 @@ def test_design_shapes_and_the_stream_report_density(server):
         out = generate(server, sparsity=spec)
         assert 0 < out["sparsity"]["density"] < 1
     with httpx.stream("POST", f"{server}/generate", json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0,
-                      "stream": True, "sparsity": {"method": "h2o", "heavy_ratio": 0.1, "recent_ratio": 0.2}}) as r:
+                      "stream": True, "sparsity": {"method": "h2o", "heavy_ratio": 0.1, "recent_ratio": 0.2}}, timeout=60) as r:
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     assert events[-1]["result"]["sparsity"]["method"] == "h2o" and events[-1]["result"]["sparsity"]["density"] < 1
 
@@ -79,20 +79,20 @@ def test_attention_scores_show_the_masked_attention(server):
 
 def test_global_mask_set_shown_and_cleared(server):
     dense = generate(server)
-    shown = httpx.get(f"{server}/optimization/sparsity_mask").json()
+    shown = httpx.get(f"{server}/optimization/sparsity_mask", timeout=60).json()
     assert shown["active"] is None and {m["method"] for m in shown["methods"]} >= {
         "top_k", "threshold", "sliding_window", "block_sparse", "h2o"}
     assert "simulated" in shown["compute"]
-    set_ = httpx.post(f"{server}/optimization/sparsity_mask", json={"mask_pattern": "top_k", "k": 2})
+    set_ = httpx.post(f"{server}/optimization/sparsity_mask", json={"mask_pattern": "top_k", "k": 2}, timeout=60)
     assert set_.status_code == 200 and set_.json()["active"] == {"method": "top_k", "k": 2}
     try:
         masked = generate(server)
         opted_out = generate(server, sparsity={"method": "dense"})
         assert masked["sparsity"]["method"] == "top_k" and masked["token_ids"] != dense["token_ids"]
         assert opted_out["sparsity"] is None and opted_out["token_ids"] == dense["token_ids"]
-        assert httpx.get(f"{server}/optimization/sparsity_mask").json()["active"]["k"] == 2
+        assert httpx.get(f"{server}/optimization/sparsity_mask", timeout=60).json()["active"]["k"] == 2
     finally:
-        cleared = httpx.delete(f"{server}/optimization/sparsity_mask")
+        cleared = httpx.delete(f"{server}/optimization/sparsity_mask", timeout=60)
     assert cleared.json()["active"] is None and generate(server)["token_ids"] == dense["token_ids"]
 
 
@@ -125,7 +125,7 @@ def test_bad_sparsity_is_a_400_naming_the_field(server, path, body, param):
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and (param is None or error["message"].startswith(param))
-    assert httpx.get(f"{server}/health").status_code == 200
+    assert httpx.get(f"{server}/health", timeout=60).status_code == 200
 
 
 def test_evaluate_dense_perplexity_equals_transformers(server):
@@ -136,7 +136,7 @@ def test_evaluate_dense_perplexity_equals_transformers(server):
 
     body = {"texts": [TEXT], "sparsity": {"method": "top_k", "k": 4096}}
     same = httpx.post(f"{server}/optimization/evaluate", json=body, timeout=120).json()
-    ids = httpx.post(f"{server}/tokenize", json={"text": TEXT}).json()["tokens"]
+    ids = httpx.post(f"{server}/tokenize", json={"text": TEXT}, timeout=60).json()["tokens"]
     path = default_model_path()
     reference = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     with torch.no_grad():
