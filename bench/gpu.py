@@ -170,12 +170,21 @@ def bench_nano(folder: Path, eager: bool) -> dict[str, Any]:
 
 
 def watch_steps(engine: Any) -> dict[str, float]:
-    """Where the workload's time goes: steps replayed from a CUDA graph vs eager (prefill) steps, and the
-    time spent waiting for the device (the sampler's host copy of the token ids)."""
-    totals = {"graph_steps": 0, "graph_s": 0.0, "eager_steps": 0, "eager_s": 0.0, "sample_wait_s": 0.0}
-    runner, step, sample = engine.runner, engine.step, engine.runner.sample
+    """Where the workload's time goes: steps replayed from a CUDA graph vs eager (prefill) steps, the time
+    the host spent waiting for the device (the sampler's or an overlapped step's copy of the token ids),
+    and how many decode steps were launched before the host had read the step before them."""
+    totals = {"graph_steps": 0, "graph_s": 0.0, "eager_steps": 0, "eager_s": 0.0, "wait_s": 0.0, "overlapped": 0}
+    runner, step, sample, launch = engine.runner, engine.step, engine.runner.sample, engine.runner.launch_decode
     graph_run = runner.graphs.run if runner.graphs is not None else None
     used_graph = []
+
+    def timed(fn: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            totals["wait_s"] += time.perf_counter() - start
+            return result
+        return call
 
     def timed_step() -> list:
         used_graph.clear()
@@ -186,17 +195,17 @@ def watch_steps(engine: Any) -> dict[str, float]:
         totals[f"{kind}_s"] += time.perf_counter() - start
         return outputs
 
-    def timed_sample(*args: Any) -> Any:
-        start = time.perf_counter()
-        result = sample(*args)
-        totals["sample_wait_s"] += time.perf_counter() - start
-        return result
+    def noted_launch(seqs: list, input_ids: list | None = None, previous: Any = None) -> Any:
+        totals["overlapped"] += previous is not None
+        pending = launch(seqs, input_ids, previous)
+        pending.token_ids = timed(pending.token_ids)
+        return pending
 
     def noted_graph_run(*args: Any) -> Any:
         used_graph.append(True)
         return graph_run(*args)
 
-    engine.step, runner.sample = timed_step, timed_sample
+    engine.step, runner.sample, runner.launch_decode = timed_step, timed(sample), noted_launch
     if graph_run is not None:
         runner.graphs.run = noted_graph_run
     return totals

@@ -69,6 +69,11 @@ class SamplingParams:
     def needs_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
+    @property
+    def plain_greedy(self) -> bool:
+        """An argmax of the model's logits, with nothing to report but the token (min_tokens aside)."""
+        return self.greedy and not self.needs_penalties and self.logprobs is None
+
 
 @dataclass
 class SampleRequest:
@@ -123,6 +128,11 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def plain_greedy(request: SampleRequest) -> bool:
+    """An argmax of the model's logits and nothing else: decided where the logits are, nothing to report."""
+    return request.params.plain_greedy and not request.banned_token_ids
+
+
 def sample(logits: torch.Tensor, requests: list[SampleRequest], default_generator: torch.Generator) -> SampleResult:
     """logits [N, vocab] of the N sequences that sample this step -> one token each (+ logprobs if asked).
     On a GPU, a batch of plain greedy rows is decided there (N ids cross to the host, not N x vocab
@@ -130,7 +140,7 @@ def sample(logits: torch.Tensor, requests: list[SampleRequest], default_generato
     plain = [not r.params.needs_penalties and not r.banned_token_ids for r in requests]
     all_plain_greedy = all(plain) and all(r.params.greedy for r in requests)
     wants_logprobs = any(r.params.logprobs is not None for r in requests)
-    if all_plain_greedy and not wants_logprobs:
+    if all(plain_greedy(r) for r in requests):
         return SampleResult(logits.argmax(dim=-1).tolist(), [None] * len(requests))
     logits = logits.float().cpu()
     raw_logprobs = None

@@ -8,6 +8,11 @@ rows beyond the real batch are padding: slot -1 (nothing stored), context length
 
 Captured graphs hold the addresses of the KV pool they were captured with, so they belong to one engine.
 Steps with prefill tokens, masked sequences or attention capture run eagerly.
+
+Greedy tokens can stay on the device (`greedy`): the next step then takes its input ids from them
+(`run(previous_rows=...)`) and can be launched before the host has read them — the host reads and reports
+step N's tokens while the device runs step N + 1. Host buffers come in pairs for that: a step's inputs are
+filled while the previous step's copies may still be queued.
 """
 
 from __future__ import annotations
@@ -33,12 +38,16 @@ class DecodeGraphs:
         self.buckets = [b for b in BUCKETS if b < max_batch_size] + [min(max_batch_size, BUCKETS[-1])]
         self.max_batch_size = self.buckets[-1]
         n = self.max_batch_size
-        # Static inputs, and pinned host copies of them that each step fills and copies over asynchronously
-        # (three copies per step instead of a tensor per field).
-        self.ids_positions_slots = torch.zeros(3, n, dtype=torch.int64, device=device)
+        # Static inputs (rows: input ids, positions, KV slots, each row's index in the previous step when
+        # its input is that step's sampled token), and two sets of pinned host copies of them that steps
+        # fill in turn and copy over asynchronously (three copies per step instead of a tensor per field).
+        self.ids_positions_slots = torch.zeros(4, n, dtype=torch.int64, device=device)
         self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.host = [torch.zeros_like(t, device="cpu").pin_memory() for t in self._inputs()]
+        self.host = [[torch.zeros_like(t, device="cpu").pin_memory() for t in self._inputs()] for _ in range(2)]
+        self.sampled = torch.zeros(n, dtype=torch.int64, device=device)  # the last `greedy` step's tokens
+        self.host_sampled = [torch.zeros(n, dtype=torch.int64).pin_memory() for _ in range(2)]
+        self._turn = 0
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}  # bucket -> its output buffer [bucket, vocab]
@@ -81,15 +90,24 @@ class DecodeGraphs:
         return num_seqs <= self.max_batch_size
 
     @torch.inference_mode()
-    def run(self, input_ids: list[int], chunks: list[SeqChunk]) -> torch.Tensor:
-        """A decode step (one new token per sequence) -> logits [num_seqs, vocab]. The caller reads the
-        result before the next call (which reuses the pinned host buffers)."""
+    def run(
+        self, chunks: list[SeqChunk], input_ids: list[int] | None = None, previous_rows: list[int] | None = None
+    ) -> torch.Tensor:
+        """A decode step (one new token per sequence) -> logits [num_seqs, vocab]. The inputs are
+        `input_ids` from the host or, with `previous_rows`, the tokens the last `greedy` call left on the
+        device: row i reads the one at previous_rows[i]. The host buffers alternate, so the caller waits
+        for step N's output before launching step N + 2."""
         n = len(chunks)
         size = self.buckets[bisect.bisect_left(self.buckets, n)]
-        ids_positions_slots, context_lens, block_tables = (t.numpy() for t in self.host)
+        host = self.host[self._turn]
+        self._turn ^= 1
+        ids_positions_slots, context_lens, block_tables = (t.numpy() for t in host)
         positions = np.fromiter((c.start for c in chunks), np.int64, n)
         blocks = np.fromiter((c.block_table[c.start // self.block_size] for c in chunks), np.int64, n)
-        ids_positions_slots[0, :n] = input_ids
+        if previous_rows is None:
+            ids_positions_slots[0, :n] = input_ids
+        else:
+            ids_positions_slots[3, :n] = previous_rows
         ids_positions_slots[1, :n] = positions
         ids_positions_slots[2, :n] = blocks * self.block_size + positions % self.block_size
         ids_positions_slots[2, n:size] = -1  # padding rows store nothing...
@@ -97,8 +115,21 @@ class DecodeGraphs:
         context_lens[n:size] = 0  # ...and attend to nothing
         for row, chunk in zip(block_tables, chunks):
             row[: len(chunk.block_table)] = chunk.block_table
-        for device_tensor, host in zip(self._inputs(), self.host):
-            rows = size if device_tensor is self.block_tables else len(host)
-            device_tensor[:rows].copy_(host[:rows], non_blocking=True)
+        for device_tensor, source in zip(self._inputs(), host):
+            rows = size if device_tensor is self.block_tables else len(source)
+            device_tensor[:rows].copy_(source[:rows], non_blocking=True)
+        if previous_rows is not None:
+            torch.index_select(self.sampled, 0, self.ids_positions_slots[3, :n], out=self.ids_positions_slots[0, :n])
         self.graphs[size].replay()
         return self.logits[size][:n]
+
+    def greedy(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Argmax of each row, kept on the device for the next `run` and copied to a pinned host buffer:
+        (that buffer [num_rows], an event to wait on before reading it)."""
+        n = logits.shape[0]
+        torch.argmax(logits, dim=-1, out=self.sampled[:n])
+        host = self.host_sampled[self._turn]  # alternates with the steps, as the input buffers do
+        host[:n].copy_(self.sampled[:n], non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return host[:n], ready

@@ -19,7 +19,7 @@ from glassbox.config import EngineConfig
 from glassbox.engine.block_manager import BlockManager
 from glassbox.engine.cuda_graphs import DecodeGraphs
 from glassbox.engine.kv_cache import KVCache
-from glassbox.engine.model_runner import ModelRunner, PromptLogprob
+from glassbox.engine.model_runner import ModelRunner, PendingDecode, PromptLogprob
 from glassbox.engine.optimize import compile_layers, optimize_model
 from glassbox.engine.scheduler import Scheduler
 from glassbox.engine.sequence import Sequence
@@ -110,6 +110,7 @@ class LLMEngine:
         )
         self._ids = itertools.count()
         self.num_steps = 0
+        self._pending: PendingDecode | None = None  # a greedy decode step whose tokens are not read yet
         # Applied to new requests that name no sparsity of their own (POST /optimization/sparsity_mask).
         self.default_sparsity: SparsityMethod | None = None
 
@@ -191,7 +192,13 @@ class LLMEngine:
 
     # ---- the step
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one forward pass, sample, and report every request that advanced or finished."""
+        """Schedule, run one forward pass, sample, and report every request that advanced or finished.
+
+        Greedy decode steps on CUDA graphs overlap with the host: step N + 1 is launched before the host
+        reads step N's tokens (which it then reports), so the device never waits for the host's
+        bookkeeping (see `_launch_next`)."""
+        if self._pending is not None:
+            return self._step_pending()
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -206,25 +213,85 @@ class LLMEngine:
                 sample_requests[i] = self._sample_request(state)
             if state.params.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens:
                 prompt_logprobs[i] = state.params.prompt_logprobs
-        result = self.runner.execute(batch, sample_requests, prompt_logprobs)
         self.num_steps += 1
+        if self.runner.can_launch_decode(batch, sample_requests, prompt_logprobs):
+            seqs = [seq for seq, _ in batch.items]
+            self._pending = self.runner.launch_decode(seqs, input_ids=[seq.token_ids[-1] for seq in seqs])
+            for seq in seqs:
+                seq.num_computed_tokens += 1
+            return self._step_pending()
+        result = self.runner.execute(batch, sample_requests, prompt_logprobs)
 
         now = time.perf_counter()
-        outputs = []
+        outputs: list[RequestOutput] = []
         for i, (seq, num_new) in enumerate(batch.items):
             state = self.requests[seq.request_id]
             if i in result.prompt_logprobs:
                 self._record_prompt_logprobs(state, seq.num_computed_tokens, result.prompt_logprobs[i])
             seq.num_computed_tokens += num_new
             self.block_manager.commit(seq)
-            if i not in result.sampled:
-                continue
-            self._append_token(state, result.sampled[i], result.logprobs.get(i), now)
-            if seq.is_finished or state.params.output_kind == "cumulative":
-                outputs.append(self._output(state))
-            if seq.is_finished:
-                del self.requests[seq.request_id]
+            if i in result.sampled:
+                self._advance(state, result.sampled[i], result.logprobs.get(i), now, outputs)
         return outputs
+
+    def _step_pending(self) -> list[RequestOutput]:
+        """Launch the next decode step if it needs nothing from the scheduler, then read and report the
+        pending step's tokens while the device runs it."""
+        pending = self._pending
+        self._pending = self._launch_next(pending)
+        tokens = pending.token_ids()
+        now = time.perf_counter()
+        outputs: list[RequestOutput] = []
+        for seq, token in zip(pending.seqs, tokens):
+            if seq.is_finished:  # aborted, or ended on its previous token while this step ran: a spare row
+                continue
+            self.block_manager.commit(seq)  # its tokens are all known now
+            self._advance(self.requests[seq.request_id], token, None, now, outputs)
+        return outputs
+
+    def _launch_next(self, pending: PendingDecode) -> PendingDecode | None:
+        """The decode step after `pending`, launched before `pending`'s tokens are known (each sequence's
+        input is the token `pending` samples for it, still on the device), if it is the step the scheduler
+        would make: nothing waiting or mid-prefill, every sequence plain greedy, a KV slot for each.
+        Sequences that `pending`'s token ends by length drop out; one that it ends by a stop token costs
+        a spare row, skipped when read. None: read `pending` and let the scheduler make the next step."""
+        live = [seq for seq in pending.seqs if not seq.is_finished]
+        if self.scheduler.waiting or len(live) != len(self.scheduler.running) or not self.runner.use_graphs:
+            return None
+        seqs = []
+        for seq in live:
+            state = self.requests[seq.request_id]
+            params = state.params
+            if seq.num_output_tokens + 1 >= params.max_tokens or seq.num_tokens + 1 >= self.max_model_len:
+                continue  # `pending`'s token is its last
+            if not params.plain_greedy or seq.sparsity is not None or seq.num_output_tokens + 1 < params.min_tokens:
+                return None  # the host must see its logits (or ban stop tokens) first
+            seqs.append(seq)
+        if not seqs or not self.runner.graphs.can_run(len(seqs)):
+            return None
+        if not all(self.block_manager.allocate(seq, 1) for seq in seqs):
+            return None  # the pool is short: the scheduler decides who is preempted
+        self.num_steps += 1
+        launched = self.runner.launch_decode(seqs, previous=pending)
+        for seq in seqs:
+            seq.num_computed_tokens += 1
+        return launched
+
+    def _advance(
+        self,
+        state: RequestState,
+        token: int,
+        logprob: tuple[float, list[tuple[int, float]]] | None,
+        now: float,
+        outputs: list[RequestOutput],
+    ) -> None:
+        """Append a sampled token and report the request if it finished or streams."""
+        seq = state.seq
+        self._append_token(state, token, logprob, now)
+        if seq.is_finished or state.params.output_kind == "cumulative":
+            outputs.append(self._output(state))
+        if seq.is_finished:
+            del self.requests[seq.request_id]
 
     def _sample_request(self, state: RequestState) -> SampleRequest:
         seq, params = state.seq, state.params

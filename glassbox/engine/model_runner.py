@@ -1,5 +1,8 @@
 """Runs one scheduled step on the model: builds the flattened inputs and `AttentionMetadata`, runs the
-forward pass, computes logits only for the rows that are needed, and samples."""
+forward pass, computes logits only for the rows that are needed, and samples.
+
+A greedy decode step on CUDA graphs can instead be launched without waiting for it (`launch_decode`): its
+tokens stay on the device, where the next decode step reads them, and the host reads them later."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from glassbox.engine.sequence import Sequence
 from glassbox.engine.step_metadata import SeqChunk, build_step_metadata
 from glassbox.layers.sparsity import SparsityState
 from glassbox.models.loader import LoadedModel
-from glassbox.sampling import SampleRequest, SampleResult, sample
+from glassbox.sampling import SampleRequest, SampleResult, plain_greedy, sample
 
 # (token id, logprob, [(alternative id, logprob)]) for one prompt position
 PromptLogprob = tuple[int, float, list[tuple[int, float]]]
@@ -25,6 +28,20 @@ class StepResult:
     sampled: dict[int, int] = field(default_factory=dict)  # batch index -> sampled token
     logprobs: dict[int, tuple[float, list[tuple[int, float]]]] = field(default_factory=dict)
     prompt_logprobs: dict[int, list[PromptLogprob]] = field(default_factory=dict)  # batch index -> new entries
+
+
+@dataclass
+class PendingDecode:
+    """A greedy decode step launched on the device whose tokens the host has not read yet."""
+
+    seqs: list[Sequence]  # batch order
+    tokens: torch.Tensor  # pinned host [len(seqs)], filled by an asynchronous copy
+    ready: torch.cuda.Event
+
+    def token_ids(self) -> list[int]:
+        """Wait for the step, then its tokens in batch order."""
+        self.ready.synchronize()
+        return self.tokens.tolist()
 
 
 class ModelRunner:
@@ -65,9 +82,9 @@ class ModelRunner:
             chunks.append(SeqChunk(seq.block_table, start, num_new))
         sparse = self._masked_sequences(batch)
         result = StepResult()
-        if self._graph_step(chunks, len(sample_requests), sparse, prompt_logprobs):
+        if self._graph_step(batch, len(sample_requests), sparse, prompt_logprobs):
             with torch.profiler.record_function("glassbox::forward_graph"):
-                all_logits = self.graphs.run(input_ids, chunks)  # every row samples in a decode step
+                all_logits = self.graphs.run(chunks, input_ids)  # every row samples in a decode step
         else:
             positions, meta = build_step_metadata(chunks, self.block_size, self.device)
             meta.sparsity = sparse
@@ -93,17 +110,43 @@ class ModelRunner:
             result.prompt_logprobs[i] = self._prompt_logprobs(seq, num_new, hidden[ends[i] - num_new : ends[i]], top_n)
         return result
 
+    def can_launch_decode(
+        self, batch: ScheduledBatch, sample_requests: dict[int, SampleRequest], prompt_logprobs: dict[int, int]
+    ) -> bool:
+        """Whether `batch` can run as `launch_decode`: a graph step whose every row samples greedily with
+        nothing the host must apply (penalties, banned tokens) or report (logprobs)."""
+        return all(plain_greedy(r) for r in sample_requests.values()) and self._graph_step(
+            batch, len(sample_requests), self._masked_sequences(batch), prompt_logprobs
+        )
+
+    @torch.inference_mode()
+    def launch_decode(
+        self, seqs: list[Sequence], input_ids: list[int] | None = None, previous: PendingDecode | None = None
+    ) -> PendingDecode:
+        """Launch a greedy decode step of `seqs` (each computes the token at position seq.num_computed_tokens)
+        and return without waiting. The inputs are `input_ids`, or the tokens of `previous` (a step the
+        host has not read yet: each sequence then computes the token that step samples for it)."""
+        self.kv_cache.bind(self.model)
+        chunks = [SeqChunk(seq.block_table, seq.num_computed_tokens, 1) for seq in seqs]
+        rows = None
+        if previous is not None:
+            index = {id(seq): row for row, seq in enumerate(previous.seqs)}
+            rows = [index[id(seq)] for seq in seqs]
+        with torch.profiler.record_function("glassbox::forward_graph"):
+            logits = self.graphs.run(chunks, input_ids, rows)
+        return PendingDecode(seqs, *self.graphs.greedy(logits))
+
     def _graph_step(
-        self, chunks: list[SeqChunk], num_sampled: int, sparse: dict[int, SparsityState], prompt_logprobs: dict[int, int]
+        self, batch: ScheduledBatch, num_sampled: int, sparse: dict[int, SparsityState], prompt_logprobs: dict[int, int]
     ) -> bool:
         """A pure decode step with nothing that needs the eager path."""
         return (
             self.use_graphs
-            and num_sampled == len(chunks)
+            and num_sampled == len(batch.items)
             and not sparse
             and not prompt_logprobs
-            and all(chunk.num_new == 1 for chunk in chunks)
-            and self.graphs.can_run(len(chunks))
+            and all(num_new == 1 for _, num_new in batch.items)
+            and self.graphs.can_run(len(batch.items))
         )
 
     def _masked_sequences(self, batch: ScheduledBatch) -> dict[int, SparsityState]:

@@ -6,7 +6,8 @@ block_tables[i, p // block_size] at offset p % block_size.
 
 Three kernels, each with a launcher that checks its arguments:
   store_kv                -- write the step's keys/values into their slots (slot < 0: padding row, skipped)
-  paged_decode_attention  -- one query per sequence; split-K ("flash decoding") when the batch is small
+  paged_decode_attention  -- one query per sequence; split-K ("flash decoding") when the batch is small;
+                             optionally stores the step's keys/values itself (one launch fewer per layer)
   prefill_attention       -- varlen causal attention of a flattened batch of query chunks over the cache
 
 Every kernel reads lengths from device tensors, never on the host, and its grid depends only on tensor
@@ -172,11 +173,18 @@ def _decode_kernel(
     partial_acc_ptr,  # [S, H, num_splits, D] float32: unnormalised output of each split (SPLIT only)
     partial_max_ptr,  # [S, H, num_splits] float32: each split's running max (log2 units)
     partial_sum_ptr,  # [S, H, num_splits] float32: each split's sum of exp2(score - max)
+    k_new_ptr,  # [S, KV, D]: this step's keys and values (STORE only)
+    v_new_ptr,
+    slot_mapping_ptr,  # [S] int64: where they go, < 0 = padding row (STORE only)
     qk_scale,  # softmax scale * log2(e)
     num_heads,
     num_splits,
     stride_q_seq,
     stride_q_head,
+    stride_k_new_seq,
+    stride_k_new_head,
+    stride_v_new_seq,
+    stride_v_new_head,
     stride_out_seq,
     stride_out_head,
     stride_table_seq,
@@ -188,6 +196,7 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
     SLIDING_WINDOW: tl.constexpr,  # 0 = none
     SPLIT: tl.constexpr,
+    STORE: tl.constexpr,  # store k_new/v_new into the cache (the store_kv kernel's work) and attend to them
     IEEE: tl.constexpr,
     BLOCK_G: tl.constexpr,  # GROUP padded to >= 16
     BLOCK_D: tl.constexpr,
@@ -220,6 +229,22 @@ def _decode_kernel(
         other=0.0,
     ).to(k_cache_ptr.dtype.element_ty)  # [BLOCK_G, BLOCK_D]
 
+    if STORE:
+        # The query's own key and value: stored by the one program whose range holds the query's position,
+        # and taken from registers in the loop below (the cache is not read back after this program's store).
+        k_new = tl.load(
+            k_new_ptr + seq * stride_k_new_seq + kv_head * stride_k_new_head + dims, mask=dim_mask, other=0.0
+        ).to(k_cache_ptr.dtype.element_ty)
+        v_new = tl.load(
+            v_new_ptr + seq * stride_v_new_seq + kv_head * stride_v_new_head + dims, mask=dim_mask, other=0.0
+        ).to(v_cache_ptr.dtype.element_ty)
+        # As [BLOCK_D] tensors like the others (a scalar bool in a mask trips Triton 3.9's interpreter).
+        slot = tl.zeros([BLOCK_D], tl.int64) + tl.load(slot_mapping_ptr + seq)
+        owner = (slot >= 0) & (slot * 0 + query_pos >= lo) & (slot * 0 + query_pos < hi)
+        cache_offsets = slot * stride_cache_token + kv_head * stride_cache_head + dims
+        tl.store(k_cache_ptr + cache_offsets, k_new, mask=owner & dim_mask)
+        tl.store(v_cache_ptr + cache_offsets, v_new, mask=owner & dim_mask)
+
     running_max = tl.full([BLOCK_G], NO_MAX, tl.float32)
     running_sum = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -229,6 +254,10 @@ def _decode_kernel(
             table, k_cache_ptr, v_cache_ptr, start, hi, kv_head, dims, dim_mask,
             stride_cache_block, stride_cache_token, stride_cache_head, BLOCK_N, BLOCK_SIZE,
         )
+        if STORE:
+            is_new = (positions == query_pos)[:, None]
+            k = tl.where(is_new, k_new[None, :], k)
+            v = tl.where(is_new, v_new[None, :], v)
         scores = _dot(q, tl.trans(k), IEEE) * qk_scale  # [BLOCK_G, BLOCK_N]
         scores = tl.where(key_mask[None, :], scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, 1))
@@ -313,6 +342,9 @@ def paged_decode_attention(
     sliding_window: int | None = None,
     out: torch.Tensor | None = None,
     *,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
     num_splits: int | None = None,
     block_n: int = DECODE_BLOCK_N,
     num_warps: int = 4,
@@ -321,6 +353,8 @@ def paged_decode_attention(
     """One query per sequence (the decode step). q: [S, H, D], query i at position context_lens[i] - 1;
     block_tables: [S, max_blocks] block ids (entries past the context are never read); context_lens: [S] on
     the device (0 = padding row, output zeros). Returns out [S, H, D] (written in place when given).
+    With k_new, v_new [S, KV, D] and slot_mapping [S], the kernel also does `store_kv`'s work: it writes
+    them to their slots and attends to them as the keys/values at each query's position.
     `num_splits` overrides the split-K heuristic (tests); block_n, num_warps, num_stages are tuning knobs
     (bench/gpu_kernels.py)."""
     _check_cache(k_cache, v_cache)
@@ -335,6 +369,15 @@ def paged_decode_attention(
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _check(out.shape == q.shape and out.stride(-1) == 1, f"out must be {tuple(q.shape)} with contiguous D")
+    store = k_new is not None
+    if store:
+        new_shape = (num_seqs, num_kv_heads, head_dim)
+        _check(k_new.shape == new_shape and v_new is not None and v_new.shape == new_shape,
+               f"k_new and v_new must be {new_shape}")  # fmt: skip
+        _check(k_new.stride(-1) == 1 and v_new.stride(-1) == 1, "k_new and v_new need a contiguous last (head_dim) axis")
+        _check(slot_mapping is not None and slot_mapping.shape == (num_seqs,), f"slot_mapping must be [{num_seqs}]")
+    else:
+        k_new = v_new = slot_mapping = q  # unused by the kernel
     if num_seqs == 0:
         return out
 
@@ -353,14 +396,16 @@ def paged_decode_attention(
     block_d = _block_d(head_dim)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, partial_acc, partial_max, partial_sum,
-        scale * LOG2_E, num_heads, num_splits,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_new, v_new, slot_mapping, scale * LOG2_E, num_heads, num_splits,
+        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+        out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group,
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         SLIDING_WINDOW=sliding_window or 0,
         SPLIT=split,
+        STORE=store,
         IEEE=k_cache.dtype == torch.float32,
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d,

@@ -140,12 +140,13 @@ class TritonAttentionBackend:
         if meta.slot_mapping is None or layer.layer_idx in meta.capture_layers:
             return self.reference.forward(layer, q, k, v, meta)
         kernels, k_cache, v_cache = self.kernels, layer.k_cache, layer.v_cache
-        kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        if meta.max_query_len == 1:
+        if meta.max_query_len == 1:  # the decode kernel stores this step's keys/values itself
             out = kernels.paged_decode_attention(
-                q, k_cache, v_cache, meta.block_tables, meta.context_lens, layer.scale, layer.sliding_window
-            )
+                q, k_cache, v_cache, meta.block_tables, meta.context_lens, layer.scale, layer.sliding_window,
+                k_new=k, v_new=v, slot_mapping=meta.slot_mapping,
+            )  # fmt: skip
         else:
+            kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
             out = kernels.prefill_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.context_lens,
                 meta.max_query_len, layer.scale, layer.sliding_window,
