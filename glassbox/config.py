@@ -161,6 +161,10 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides kv_cache_memory when set
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
     compile: bool = True  # CUDA: torch.compile the decoder layers (fused elementwise work)
+    # Launch greedy decode step N + 1 before the host has read step N's tokens, so the device does not wait
+    # for the host's bookkeeping (vLLM's async scheduling). None: where CUDA graphs run. On the CPU the
+    # steps run in turn anyway, so it only changes the order of the bookkeeping (tests use that).
+    async_scheduling: bool | None = None
     max_num_seqs: int = 256  # sequences in one step at most
     max_num_batched_tokens: int = 2048  # tokens in one step at most: prefill chunks share it with decodes
     max_model_len: int | None = None  # default: the model's context length

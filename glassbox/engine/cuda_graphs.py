@@ -10,9 +10,9 @@ Captured graphs hold the addresses of the KV pool they were captured with, so th
 Steps with prefill tokens, masked sequences or attention capture run eagerly.
 
 Greedy tokens can stay on the device (`greedy`): the next step then takes its input ids from them
-(`run(previous_rows=...)`) and can be launched before the host has read them — the host reads and reports
-step N's tokens while the device runs step N + 1. Host buffers come in pairs for that: a step's inputs are
-filled while the previous step's copies may still be queued.
+(`run(previous_tokens=...)`) and can be launched before the host has read them — the host reads and reports
+step N's tokens while the device runs step N + 1. The pinned input buffers come in pairs for that: a step's
+inputs are filled while the previous step's copies may still be queued.
 """
 
 from __future__ import annotations
@@ -45,9 +45,8 @@ class DecodeGraphs:
         self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.host = [[torch.zeros_like(t, device="cpu").pin_memory() for t in self._inputs()] for _ in range(2)]
-        self.sampled = torch.zeros(n, dtype=torch.int64, device=device)  # the last `greedy` step's tokens
-        self.host_sampled = [torch.zeros(n, dtype=torch.int64).pin_memory() for _ in range(2)]
         self._turn = 0
+        self.sampled = torch.zeros(n, dtype=torch.int64, device=device)  # the last `greedy` step's tokens
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}  # bucket -> its output buffer [bucket, vocab]
@@ -91,12 +90,16 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(
-        self, chunks: list[SeqChunk], input_ids: list[int] | None = None, previous_rows: list[int] | None = None
+        self,
+        chunks: list[SeqChunk],
+        input_ids: list[int] | None = None,
+        previous_tokens: torch.Tensor | None = None,
+        previous_rows: list[int] | None = None,
     ) -> torch.Tensor:
         """A decode step (one new token per sequence) -> logits [num_seqs, vocab]. The inputs are
-        `input_ids` from the host or, with `previous_rows`, the tokens the last `greedy` call left on the
-        device: row i reads the one at previous_rows[i]. The host buffers alternate, so the caller waits
-        for step N's output before launching step N + 2."""
+        `input_ids` from the host, or tokens of an earlier step still on the device: row i reads
+        previous_tokens[previous_rows[i]]. The host buffers alternate, so the caller waits for step N's
+        output before launching step N + 2."""
         n = len(chunks)
         size = self.buckets[bisect.bisect_left(self.buckets, n)]
         host = self.host[self._turn]
@@ -119,17 +122,14 @@ class DecodeGraphs:
             rows = size if device_tensor is self.block_tables else len(source)
             device_tensor[:rows].copy_(source[:rows], non_blocking=True)
         if previous_rows is not None:
-            torch.index_select(self.sampled, 0, self.ids_positions_slots[3, :n], out=self.ids_positions_slots[0, :n])
+            ids, rows = self.ids_positions_slots[0, :n], self.ids_positions_slots[3, :n]
+            torch.index_select(previous_tokens, 0, rows, out=ids)
         self.graphs[size].replay()
         return self.logits[size][:n]
 
-    def greedy(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
-        """Argmax of each row, kept on the device for the next `run` and copied to a pinned host buffer:
-        (that buffer [num_rows], an event to wait on before reading it)."""
+    def greedy(self, logits: torch.Tensor) -> torch.Tensor:
+        """The argmax of each row of a `run`'s logits, on the device: [num_rows] int64, valid until the
+        next call (the next step's `run` may read it first: the device keeps the order)."""
         n = logits.shape[0]
         torch.argmax(logits, dim=-1, out=self.sampled[:n])
-        host = self.host_sampled[self._turn]  # alternates with the steps, as the input buffers do
-        host[:n].copy_(self.sampled[:n], non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return host[:n], ready
+        return self.sampled[:n]

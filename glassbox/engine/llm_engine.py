@@ -102,6 +102,7 @@ class LLMEngine:
             max_blocks = -(-self.max_model_len // cfg.block_size)
             graphs = DecodeGraphs(loaded.model, cfg.max_num_seqs, max_blocks, cfg.block_size, loaded.device)
         self.runner = ModelRunner(loaded, self.kv_cache, cfg.seed, graphs)
+        self.runner.overlap = graphs is not None if cfg.async_scheduling is None else cfg.async_scheduling
         if graphs is not None:
             graphs.capture()  # after the runner bound the KV pool: the graphs hold its addresses
         self.requests: dict[str, RequestState] = {}
@@ -194,9 +195,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward pass, sample, and report every request that advanced or finished.
 
-        Greedy decode steps on CUDA graphs overlap with the host: step N + 1 is launched before the host
-        reads step N's tokens (which it then reports), so the device never waits for the host's
-        bookkeeping (see `_launch_next`)."""
+        With async scheduling (the default on CUDA graphs), greedy decode steps overlap with the host: step
+        N + 1 is launched before the host reads step N's tokens (which it then reports), so the device does
+        not wait for the host's bookkeeping (see `_launch_next`)."""
         if self._pending is not None:
             return self._step_pending()
         batch = self.scheduler.schedule()
@@ -256,7 +257,7 @@ class LLMEngine:
         Sequences that `pending`'s token ends by length drop out; one that it ends by a stop token costs
         a spare row, skipped when read. None: read `pending` and let the scheduler make the next step."""
         live = [seq for seq in pending.seqs if not seq.is_finished]
-        if self.scheduler.waiting or len(live) != len(self.scheduler.running) or not self.runner.use_graphs:
+        if self.scheduler.waiting or len(live) != len(self.scheduler.running) or not self.runner.overlap:
             return None
         seqs = []
         for seq in live:
@@ -267,7 +268,7 @@ class LLMEngine:
             if not params.plain_greedy or seq.sparsity is not None or seq.num_output_tokens + 1 < params.min_tokens:
                 return None  # the host must see its logits (or ban stop tokens) first
             seqs.append(seq)
-        if not seqs or not self.runner.graphs.can_run(len(seqs)):
+        if not seqs:
             return None
         if not all(self.block_manager.allocate(seq, 1) for seq in seqs):
             return None  # the pool is short: the scheduler decides who is preempted

@@ -32,16 +32,19 @@ class StepResult:
 
 @dataclass
 class PendingDecode:
-    """A greedy decode step launched on the device whose tokens the host has not read yet."""
+    """A greedy decode step launched without waiting for it: its tokens are on the device, where the next
+    step can read them, and reach the host when `token_ids()` is called."""
 
     seqs: list[Sequence]  # batch order
-    tokens: torch.Tensor  # pinned host [len(seqs)], filled by an asynchronous copy
-    ready: torch.cuda.Event
+    device_tokens: torch.Tensor  # [len(seqs)] int64 on the model's device
+    host_tokens: torch.Tensor  # [len(seqs)] on the host: pinned and filled asynchronously on CUDA
+    ready: torch.cuda.Event | None  # recorded after the copy to the host (None off CUDA: nothing to wait for)
 
     def token_ids(self) -> list[int]:
         """Wait for the step, then its tokens in batch order."""
-        self.ready.synchronize()
-        return self.tokens.tolist()
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host_tokens.tolist()
 
 
 class ModelRunner:
@@ -56,6 +59,10 @@ class ModelRunner:
         kv_cache.bind(self.model)
         self.graphs = graphs  # CUDA graphs of decode steps (captured over this KV pool), or None
         self.use_graphs = graphs is not None  # turned off while module hooks must fire (latency timers)
+        # Whether greedy decode steps may be launched ahead (`launch_decode`); the engine sets it.
+        self.overlap = False
+        self._host_tokens = [torch.empty(0, dtype=torch.int64)] * 2  # CUDA: pinned, grown on first use
+        self._turn = 0
         self.generator = torch.Generator(device="cpu")
         if seed is None:
             self.generator.seed()
@@ -82,7 +89,11 @@ class ModelRunner:
             chunks.append(SeqChunk(seq.block_table, start, num_new))
         sparse = self._masked_sequences(batch)
         result = StepResult()
-        if self._graph_step(batch, len(sample_requests), sparse, prompt_logprobs):
+        if (
+            self.use_graphs
+            and self._decode_step(batch, len(sample_requests), sparse, prompt_logprobs)
+            and self.graphs.can_run(len(batch.items))
+        ):
             with torch.profiler.record_function("glassbox::forward_graph"):
                 all_logits = self.graphs.run(chunks, input_ids)  # every row samples in a decode step
         else:
@@ -113,10 +124,12 @@ class ModelRunner:
     def can_launch_decode(
         self, batch: ScheduledBatch, sample_requests: dict[int, SampleRequest], prompt_logprobs: dict[int, int]
     ) -> bool:
-        """Whether `batch` can run as `launch_decode`: a graph step whose every row samples greedily with
+        """Whether `batch` can run as `launch_decode`: a decode step whose every row samples greedily with
         nothing the host must apply (penalties, banned tokens) or report (logprobs)."""
-        return all(plain_greedy(r) for r in sample_requests.values()) and self._graph_step(
-            batch, len(sample_requests), self._masked_sequences(batch), prompt_logprobs
+        return (
+            self.overlap
+            and all(plain_greedy(r) for r in sample_requests.values())
+            and self._decode_step(batch, len(sample_requests), self._masked_sequences(batch), prompt_logprobs)
         )
 
     @torch.inference_mode()
@@ -124,29 +137,51 @@ class ModelRunner:
         self, seqs: list[Sequence], input_ids: list[int] | None = None, previous: PendingDecode | None = None
     ) -> PendingDecode:
         """Launch a greedy decode step of `seqs` (each computes the token at position seq.num_computed_tokens)
-        and return without waiting. The inputs are `input_ids`, or the tokens of `previous` (a step the
-        host has not read yet: each sequence then computes the token that step samples for it)."""
+        and return without waiting for the device. The inputs are `input_ids`, or the tokens of `previous`
+        (a step the host has not read yet: each sequence then computes the token that step samples for it)."""
         self.kv_cache.bind(self.model)
         chunks = [SeqChunk(seq.block_table, seq.num_computed_tokens, 1) for seq in seqs]
         rows = None
         if previous is not None:
             index = {id(seq): row for row, seq in enumerate(previous.seqs)}
             rows = [index[id(seq)] for seq in seqs]
-        with torch.profiler.record_function("glassbox::forward_graph"):
-            logits = self.graphs.run(chunks, input_ids, rows)
-        return PendingDecode(seqs, *self.graphs.greedy(logits))
+        source = None if previous is None else previous.device_tokens
+        if self.use_graphs and self.graphs.can_run(len(seqs)):
+            with torch.profiler.record_function("glassbox::forward_graph"):
+                tokens = self.graphs.greedy(self.graphs.run(chunks, input_ids, source, rows))
+        else:
+            positions, meta = build_step_metadata(chunks, self.block_size, self.device)
+            if rows is None:
+                ids = torch.tensor(input_ids, device=self.device)
+            else:
+                ids = source[torch.tensor(rows, device=self.device)]
+            with torch.profiler.record_function("glassbox::forward"):
+                tokens = self.model.compute_logits(self.model(ids, positions, meta)).argmax(dim=-1)
+        if tokens.device.type != "cuda":
+            return PendingDecode(seqs, tokens, tokens, None)
+        host = self._host_buffer(len(seqs))
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return PendingDecode(seqs, tokens, host, ready)
 
-    def _graph_step(
+    def _host_buffer(self, n: int) -> torch.Tensor:
+        """A pinned [n] int64 buffer for a step's tokens. Two alternate: step N + 2 is launched only after
+        step N's tokens were read."""
+        self._turn ^= 1
+        if self._host_tokens[self._turn].numel() < n:
+            self._host_tokens[self._turn] = torch.empty(max(n, 256), dtype=torch.int64).pin_memory()
+        return self._host_tokens[self._turn][:n]
+
+    def _decode_step(
         self, batch: ScheduledBatch, num_sampled: int, sparse: dict[int, SparsityState], prompt_logprobs: dict[int, int]
     ) -> bool:
-        """A pure decode step with nothing that needs the eager path."""
+        """One new token per sequence, every one sampled, nothing that needs the per-sequence path."""
         return (
-            self.use_graphs
-            and num_sampled == len(batch.items)
+            num_sampled == len(batch.items)
             and not sparse
             and not prompt_logprobs
             and all(num_new == 1 for _, num_new in batch.items)
-            and self.graphs.can_run(len(batch.items))
         )
 
     def _masked_sequences(self, batch: ScheduledBatch) -> dict[int, SparsityState]:

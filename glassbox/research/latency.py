@@ -56,10 +56,11 @@ class LatencyStats:
         self._wrap(engine.runner, "sample", "sample")
         self._wrap_forward(model)
         self._wrap_step(engine)
-        # A CUDA graph replays kernels without calling the modules: time decode steps eagerly meanwhile.
-        runner, used_graphs = engine.runner, engine.runner.use_graphs
-        runner.use_graphs = False
-        self._undo.append(lambda: setattr(runner, "use_graphs", used_graphs))
+        # A CUDA graph replays kernels without calling the modules, and an overlapped decode step samples
+        # without `sample`: time decode steps eagerly, one at a time, meanwhile.
+        runner, used_graphs, overlap = engine.runner, engine.runner.use_graphs, engine.runner.overlap
+        runner.use_graphs = runner.overlap = False
+        self._undo.append(lambda: (setattr(runner, "use_graphs", used_graphs), setattr(runner, "overlap", overlap)))
         return self.status()
 
     def disable(self) -> dict[str, Any]:
