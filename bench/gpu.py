@@ -5,8 +5,8 @@
 
 bfloat16, prompts of 128 random tokens, 128 new tokens, greedy, EOS ignored. Per shape: TTFT (median of 5),
 decode ms/token and output tokens/s per batch size, and the weight-read floor (weight bytes / copy bandwidth).
-Then nano-vllm's throughput workload on the Qwen3-0.6B shape (greedy here; nano-vllm samples at temperature
-0.6, which costs the same per token). Prints tables; writes JSON to $OUT/glassbox_gpu.json.
+Then nano-vllm's throughput workload on the Qwen3-0.6B shape, sampled at temperature 0.6 as nano-vllm does.
+Prints tables; writes JSON to $OUT/glassbox_gpu.json.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ SHAPES: dict[str, dict[str, Any]] = {
                    "max_position_embeddings": 40960, "rope_theta": 1e6, "rms_norm_eps": 1e-6},
 }
 NANO_SHAPE = "qwen3-0.6b"
+NANO_TEMPERATURE = 0.6  # nano-vllm's bench.py samples at 0.6 (on the device here, as greedy is)
 MAX_BATCHED_TOKENS = 16384  # nano-vllm's default
 
 
@@ -101,11 +102,13 @@ def make_engine(folder: Path, kv_memory: int, eager: bool) -> Any:
     return LLMEngine(loaded, config)
 
 
-def generate(engine: Any, prompts: list[list[int]], max_tokens: list[int]) -> tuple[float, list[Any]]:
+def generate(engine: Any, prompts: list[list[int]], max_tokens: list[int], temperature: float = 0.0
+             ) -> tuple[float, list[Any]]:
     """Submit everything at once, step until done: (wall seconds, finished outputs in prompt order)."""
     from glassbox.sampling import SamplingParams
 
-    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, output_kind="final_only"))
+    ids = [engine.add_request(p, SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True,
+                                                output_kind="final_only"))
            for p, n in zip(prompts, max_tokens)]
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -162,21 +165,22 @@ def bench_nano(folder: Path, eager: bool) -> dict[str, Any]:
     # Warm-up (nano-vllm runs one short generate) with prompts of its own: the real ones would hit the prefix cache.
     generate(engine, [[1] * length for length in (1024, 512, 256, 100)], [8] * 4)
     steps = watch_steps(engine)
-    seconds, outs = generate(engine, prompts, max_tokens)
+    seconds, outs = generate(engine, prompts, max_tokens, temperature=NANO_TEMPERATURE)
     tokens = sum(len(o.token_ids) for o in outs)
     return {"requests": len(prompts), "output_tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds,
             "kv_GiB": kv_memory / GiB, "preemptions": engine.scheduler.num_preemptions,
-            "sampling": "greedy (nano-vllm: temperature 0.6)", "steps": steps}
+            "sampling": f"temperature {NANO_TEMPERATURE}", "steps": steps}
 
 
 def watch_steps(engine: Any) -> dict[str, float]:
-    """Where the workload's time goes: steps replayed from a CUDA graph vs eager (prefill) steps, the time
-    the host spent waiting for the device (the sampler's or an overlapped step's copy of the token ids),
-    and how many decode steps were launched before the host had read the step before them."""
-    totals = {"graph_steps": 0, "graph_s": 0.0, "eager_steps": 0, "eager_s": 0.0, "wait_s": 0.0, "overlapped": 0}
+    """Where the workload's time goes: steps that replayed a CUDA graph, eager (prefill) steps, and calls that
+    only read a step launched before; the time the host waited for the device (the sampler's or a launched
+    step's copy of the token ids); how many decode steps were launched before the host read the one before."""
+    totals = {"graph_steps": 0, "graph_s": 0.0, "eager_steps": 0, "eager_s": 0.0, "read_steps": 0, "read_s": 0.0,
+              "wait_s": 0.0, "overlapped": 0}
     runner, step, sample, launch = engine.runner, engine.step, engine.runner.sample, engine.runner.launch_decode
-    graph_run = runner.graphs.run if runner.graphs is not None else None
-    used_graph = []
+    execute, graph_run = runner.execute, runner.graphs.run if runner.graphs is not None else None
+    ran = []
 
     def timed(fn: Any) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -186,28 +190,31 @@ def watch_steps(engine: Any) -> dict[str, float]:
             return result
         return call
 
+    def noted(kind: str, fn: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            ran.append(kind)
+            return fn(*args, **kwargs)
+        return call
+
     def timed_step() -> list:
-        used_graph.clear()
+        ran.clear()
         start = time.perf_counter()
         outputs = step()
-        kind = "graph" if used_graph else "eager"
+        kind = "graph" if "graph" in ran else "eager" if ran else "read"
         totals[f"{kind}_steps"] += 1
         totals[f"{kind}_s"] += time.perf_counter() - start
         return outputs
 
-    def noted_launch(seqs: list, input_ids: list | None = None, previous: Any = None) -> Any:
+    def noted_launch(seqs: list, requests: list, input_ids: list | None = None, previous: Any = None) -> Any:
         totals["overlapped"] += previous is not None
-        pending = launch(seqs, input_ids, previous)
+        pending = launch(seqs, requests, input_ids, previous)
         pending.token_ids = timed(pending.token_ids)
         return pending
 
-    def noted_graph_run(*args: Any) -> Any:
-        used_graph.append(True)
-        return graph_run(*args)
-
     engine.step, runner.sample, runner.launch_decode = timed_step, timed(sample), noted_launch
+    runner.execute = noted("eager", execute)
     if graph_run is not None:
-        runner.graphs.run = noted_graph_run
+        runner.graphs.run = noted("graph", graph_run)
     return totals
 
 
@@ -223,7 +230,8 @@ def print_tables(out: dict[str, Any], shapes: list[str], batches: list[int]) -> 
         print(f"| {name} | {res['ttft_ms']:.1f} | " + " | ".join(cells) + f" | {res['floor_step_ms']:.3f} |")
     if "nano" in out:
         nano = out["nano"]
-        print("\n| nano-vllm workload (Qwen3-0.6B shape, greedy) | output tokens | time s | tok/s |\n|---|---|---|---|")
+        print(f"\n| nano-vllm workload (Qwen3-0.6B shape, {nano['sampling']}) | output tokens | time s | tok/s |\n"
+              "|---|---|---|---|")
         print(f"| {nano['requests']} seqs, in/out 100-1024 | {nano['output_tokens']:,} | {nano['seconds']:.2f} | {nano['tok_s']:,.0f} |")
         print("nano steps:", json.dumps(nano["steps"]))
 

@@ -1,8 +1,8 @@
 """SamplingParams (vLLM's names and meanings) and the batched sampler.
 
 The sampler turns the logits of the rows being sampled ([N, vocab], one per sequence) into one token each:
-penalties -> temperature -> top_k / top_p / min_p -> draw. A request with a seed owns a torch.Generator,
-so its draws do not depend on what else is in the batch.
+penalties -> temperature -> top_k / top_p / min_p -> draw, batched on the logits' device. A request with a
+seed owns a torch.Generator (on that device), so its draws do not depend on what else is in the batch.
 """
 
 from __future__ import annotations
@@ -70,9 +70,10 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
-    def plain_greedy(self) -> bool:
-        """An argmax of the model's logits, with nothing to report but the token (min_tokens aside)."""
-        return self.greedy and not self.needs_penalties and self.logprobs is None
+    def device_only(self) -> bool:
+        """Its tokens can be drawn where the logits are with nothing from the host: no logprobs to report,
+        no penalties (they read the output so far). min_tokens aside."""
+        return not self.needs_penalties and self.logprobs is None
 
 
 @dataclass
@@ -99,79 +100,110 @@ def apply_penalties(logits: torch.Tensor, req: SampleRequest) -> torch.Tensor:
     params = req.params
     vocab = logits.shape[-1]
     if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(req.prompt_token_ids) | set(req.output_token_ids)), dtype=torch.long)
+        seen = torch.tensor(
+            sorted(set(req.prompt_token_ids) | set(req.output_token_ids)), dtype=torch.long, device=logits.device
+        )
         seen = seen[seen < vocab]
         values = logits[seen]
         logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
     if req.output_token_ids and (params.presence_penalty or params.frequency_penalty):
-        counts = torch.bincount(torch.tensor(req.output_token_ids, dtype=torch.long), minlength=vocab)[:vocab]
+        output_ids = torch.tensor(req.output_token_ids, dtype=torch.long, device=logits.device)
+        counts = torch.bincount(output_ids, minlength=vocab)[:vocab]
         logits -= params.frequency_penalty * counts.to(logits.dtype)
         logits -= params.presence_penalty * (counts > 0).to(logits.dtype)
     return logits
 
 
-def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top_k / top_p / min_p as -inf masks. logits: [vocab] float32."""
-    logits = logits / params.temperature
-    if params.top_k > 0 and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top_k / top_p / min_p as -inf masks, each row with its own parameters, batched.
+    logits: [N, vocab] float32 of rows to be sampled (a greedy row would pass through unscaled)."""
+    device = logits.device
+    vocab = logits.shape[-1]
+    temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
+    logits = logits / temperature[:, None]
+    limited = [0 < p.top_k < vocab for p in params]
+    if any(limited):
+        k_max = max(p.top_k for p, on in zip(params, limited) if on)
+        values = torch.topk(logits, k_max, dim=-1).values  # [N, k_max], descending
+        index = torch.tensor([p.top_k - 1 if on else 0 for p, on in zip(params, limited)], device=device)
+        kth = values.gather(1, index[:, None])
+        kth = kth.masked_fill(~torch.tensor(limited, device=device)[:, None], float("-inf"))  # rows without top_k
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th value stay
+    top_p = [p.top_p for p in params]
+    if any(p < 1.0 for p in top_p):
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
         # Drop a token when the tokens before it already cover top_p; the first token always stays.
-        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
-        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
-    if params.min_p > 0.0:
+        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= torch.tensor(top_p, device=device)[:, None]
+        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), float("-inf"))
+    min_p = [p.min_p for p in params]
+    if any(m > 0.0 for m in min_p):
         probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+        floor = torch.tensor(min_p, device=device)[:, None] * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < floor, float("-inf"))
     return logits
 
 
-def plain_greedy(request: SampleRequest) -> bool:
-    """An argmax of the model's logits and nothing else: decided where the logits are, nothing to report."""
-    return request.params.plain_greedy and not request.banned_token_ids
+def draw(probs: torch.Tensor, requests: list[SampleRequest], default_generator: torch.Generator) -> torch.Tensor:
+    """One token per row of probs [N, vocab], as argmax(probs / E) with E ~ Exp(1) per entry (an exact draw
+    from each row's distribution, and no host round trip). A seeded request draws its row's noise from its
+    own generator, so its tokens do not depend on the rest of the batch; the others share the default."""
+    noise = torch.empty_like(probs)
+    shared = [i for i, r in enumerate(requests) if r.generator is None]
+    if shared:
+        rows = torch.empty(len(shared), probs.shape[1], device=probs.device).exponential_(generator=default_generator)
+        noise[shared] = rows
+    for i, r in enumerate(requests):
+        if r.generator is not None:
+            noise[i].exponential_(generator=r.generator)
+    # A zero draw would make 0 / 0 = NaN, which argmax would pick: a token outside the filter.
+    return (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+
+
+def device_only(request: SampleRequest) -> bool:
+    """`sample_tokens` alone decides the row, and the host has nothing to apply or report."""
+    return request.params.device_only and not request.banned_token_ids
+
+
+def sample_tokens(
+    logits: torch.Tensor, requests: list[SampleRequest], default_generator: torch.Generator
+) -> torch.Tensor:
+    """logits [N, vocab] of the N sequences that sample this step -> their tokens [N] (int64, on the
+    logits' device, no host round trip). Penalties and banned tokens are applied row by row, as only the
+    rows that have them pay for them; the rest is batched."""
+    if all(r.params.greedy and not r.params.needs_penalties and not r.banned_token_ids for r in requests):
+        return logits.argmax(dim=-1)
+    logits = logits.float()
+    adjusted = [i for i, r in enumerate(requests) if r.params.needs_penalties or r.banned_token_ids]
+    if adjusted:
+        logits = logits.clone()
+        for i in adjusted:
+            req = requests[i]
+            if req.params.needs_penalties:
+                logits[i] = apply_penalties(logits[i], req)
+            if req.banned_token_ids:
+                logits[i, torch.tensor(req.banned_token_ids, device=logits.device)] = float("-inf")
+    tokens = logits.argmax(dim=-1)
+    sampled_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+    if sampled_rows:
+        subset = [requests[i] for i in sampled_rows]
+        probs = filter_logits(logits[sampled_rows], [r.params for r in subset]).softmax(-1)
+        tokens[sampled_rows] = draw(probs, subset, default_generator)
+    return tokens
 
 
 def sample(logits: torch.Tensor, requests: list[SampleRequest], default_generator: torch.Generator) -> SampleResult:
-    """logits [N, vocab] of the N sequences that sample this step -> one token each (+ logprobs if asked).
-    On a GPU, a batch of plain greedy rows is decided there (N ids cross to the host, not N x vocab
-    logits); anything else is sampled on the CPU."""
-    plain = [not r.params.needs_penalties and not r.banned_token_ids for r in requests]
-    all_plain_greedy = all(plain) and all(r.params.greedy for r in requests)
-    wants_logprobs = any(r.params.logprobs is not None for r in requests)
-    if all(plain_greedy(r) for r in requests):
-        return SampleResult(logits.argmax(dim=-1).tolist(), [None] * len(requests))
-    logits = logits.float().cpu()
-    raw_logprobs = None
-    if wants_logprobs:
-        raw_logprobs = torch.log_softmax(logits, dim=-1)  # as vLLM: of the model's distribution
-
-    if all_plain_greedy:  # one argmax over the batch
-        token_ids = logits.argmax(dim=-1).tolist()
-    else:
-        token_ids = []
-        for row, req in zip(logits, requests):
-            row = row.clone()
-            if req.params.needs_penalties:
-                row = apply_penalties(row, req)
-            if req.banned_token_ids:
-                row[torch.tensor(req.banned_token_ids, dtype=torch.long)] = float("-inf")
-            if req.params.greedy:
-                token_ids.append(int(row.argmax()))
-                continue
-            probs = filter_logits(row, req.params).softmax(-1)
-            generator = req.generator or default_generator
-            token_ids.append(int(torch.multinomial(probs, 1, generator=generator)))
-
-    logprobs: list[tuple[float, list[tuple[int, float]]] | None] = []
-    for i, req in enumerate(requests):
-        if req.params.logprobs is None or raw_logprobs is None:
-            logprobs.append(None)
-            continue
-        top = []
-        if req.params.logprobs > 0:
-            values, ids = torch.topk(raw_logprobs[i], req.params.logprobs)
-            top = list(zip(ids.tolist(), values.tolist()))
-        logprobs.append((float(raw_logprobs[i, token_ids[i]]), top))
+    """`sample_tokens`, brought to the host, with the logprobs the requests ask for (of the model's own
+    distribution, before penalties and filters, as vLLM reports them)."""
+    token_ids = sample_tokens(logits, requests, default_generator).tolist()
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(requests)
+    wanted = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    if wanted:
+        raw_logprobs = torch.log_softmax(logits[wanted].float(), dim=-1).cpu()
+        for row, i in zip(raw_logprobs, wanted):
+            top = []
+            if requests[i].params.logprobs > 0:
+                values, ids = torch.topk(row, requests[i].params.logprobs)
+                top = list(zip(ids.tolist(), values.tolist()))
+            logprobs[i] = (float(row[token_ids[i]]), top)
     return SampleResult(token_ids, logprobs)

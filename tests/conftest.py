@@ -4,6 +4,7 @@ transformers' own config classes, and a conversion cache private to the test ses
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -128,6 +129,69 @@ def run_all(engine, prompts: list, params) -> list:
             if out.finished:
                 done[out.request_id] = out
     return [done[i] for i in ids]
+
+
+def record_launches(engine) -> list:
+    """Wrap engine.runner.launch_decode from outside: the list gets each launch's `previous` step (None: a
+    launch that did not overlap one)."""
+    launches = []
+    launch = engine.runner.launch_decode
+
+    def recorded(seqs, requests, input_ids=None, previous=None):
+        launches.append(previous)
+        return launch(seqs, requests, input_ids, previous)
+
+    engine.runner.launch_decode = recorded
+    return launches
+
+
+def async_scheduling_requests(engine) -> tuple[list, list]:
+    """Eight prompts and their params for `async_scheduling_scenario`: greedy, different lengths; some stop on
+    a token first sampled after their 10th (found by a plain run on `engine`, which is then spent), one asks
+    for logprobs, one has min_tokens with a stop token (both need the host at every step)."""
+    from dataclasses import replace
+
+    from glassbox import SamplingParams
+
+    rng = random.Random(11)
+    prompts = [[rng.randrange(300) for _ in range(rng.randint(5, 20))] for _ in range(8)]
+    params = [SamplingParams(temperature=0, max_tokens=6 + 3 * i, ignore_eos=True) for i in range(8)]
+    unstopped = [o.token_ids for o in run_all(engine, prompts, params)]
+    late = {i: [t for j, t in enumerate(out) if j >= 10 and t not in out[:j]] for i, out in enumerate(unstopped)}
+    stopped = [i for i in (2, 3, 4, 6, 7) if late[i]]
+    assert len(stopped) >= 2
+    for i in stopped:
+        params[i] = replace(params[i], stop_token_ids=[late[i][0]])
+    params[5] = replace(params[5], stop_token_ids=[unstopped[5][2]], min_tokens=6)
+    params[1] = replace(params[1], logprobs=2)
+    return prompts, params
+
+
+def async_scheduling_scenario(engine, prompts: list, params: list) -> tuple[list, list[bool]]:
+    """Runs the first seven requests plus a long one, adds the eighth at step 12 and aborts the long one at
+    step 16, then prompt + output of four of them again (prefix-cache hits on blocks committed by decode
+    steps). Returns (tokens, finish reason, cached tokens) per request, and whether a step was in flight at
+    steps 12 and 16; checks every block is free at the end."""
+    from glassbox import SamplingParams
+
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts[:7], params[:7])]
+    doomed = engine.add_request(prompts[0][:3], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    done, in_flight = {}, []
+    for step in range(500):
+        if step in (12, 16):
+            in_flight.append(engine._pending is not None)
+        if step == 12:
+            ids.append(engine.add_request(prompts[7], params[7]))
+        if step == 16:
+            assert engine.abort(doomed)
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+        if not engine.has_unfinished_requests():
+            break
+    outputs = [done[i] for i in ids]
+    outputs += run_all(engine, [p + o.token_ids for p, o in zip(prompts[4:], outputs[4:])], params[4:])
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert all(o.num_cached_tokens > 0 for o in outputs[-4:])
+    return [(o.token_ids, o.finish_reason, o.num_cached_tokens) for o in outputs], in_flight
 
 
 def free_port() -> int:

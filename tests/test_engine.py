@@ -6,7 +6,13 @@ import random
 
 import pytest
 import torch
-from conftest import load_reference, run_all
+from conftest import (
+    async_scheduling_requests,
+    async_scheduling_scenario,
+    load_reference,
+    record_launches,
+    run_all,
+)
 
 from glassbox import LLM, SamplingParams
 from glassbox.config import EngineConfig
@@ -108,52 +114,23 @@ def test_tiny_pool_forces_preemption_and_every_request_completes(tiny):
 
 def test_async_scheduling_gives_the_tokens_of_steps_in_turn(tiny):
     """Decode steps launched before the host reads the previous step's tokens (on by default with CUDA graphs,
-    forced here on the CPU, where it runs the same bookkeeping): the same tokens and finish reasons as steps
-    in turn, with stop tokens that end sequences after their next step was launched, rows that need the host
-    (min_tokens, logprobs), a request arriving and one aborted mid-decode, prefix-cache hits on blocks
-    committed by overlapped steps, and a pool small enough to preempt; every block freed."""
-    from dataclasses import replace
-
-    prompts = random_prompts(8, seed=11, lengths=(5, 20))
-    plain = [SamplingParams(temperature=0, max_tokens=6 + 3 * i, ignore_eos=True) for i in range(8)]
-    unstopped = run_all(make_engine(tiny, num_kv_blocks=300, block_size=4), prompts, plain)
-    params = list(plain)
-    for i in (2, 4, 7):  # stop on their 4th token
-        params[i] = replace(plain[i], stop_token_ids=[unstopped[i].token_ids[3]])
-    params[5] = replace(plain[5], stop_token_ids=[unstopped[5].token_ids[2]], min_tokens=6)
-    params[1] = replace(plain[1], logprobs=2)
-
-    def scenario(engine: LLMEngine) -> list:
-        ids = [engine.add_request(p, sp) for p, sp in zip(prompts[:7], params[:7])]
-        doomed = engine.add_request(prompts[0][:3], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
-        done = {}
-        for step in range(500):
-            if step == 5:
-                ids.append(engine.add_request(prompts[7], params[7]))  # joins mid-decode
-            if step == 15:
-                assert engine.abort(doomed)
-            done.update({o.request_id: o for o in engine.step() if o.finished})
-            if not engine.has_unfinished_requests():
-                break
-        outputs = [done[i] for i in ids]
-        outputs += run_all(engine, prompts[3:6], plain[3:6])  # prefix-cache hits
-        assert_all_blocks_free(engine)
-        return [(o.token_ids, o.finish_reason) for o in outputs]
-
+    forced here on the CPU, where it runs the same bookkeeping): see `async_scheduling_scenario`. Then a pool
+    small enough to preempt."""
+    prompts, params = async_scheduling_requests(make_engine(tiny, num_kv_blocks=300, block_size=4))
     overlapped = make_engine(tiny, num_kv_blocks=300, block_size=4, async_scheduling=True)
-    launches = []
-    launch = overlapped.runner.launch_decode
-    overlapped.runner.launch_decode = lambda seqs, input_ids=None, previous=None: launches.append(previous) or launch(
-        seqs, input_ids, previous
-    )
-    assert scenario(overlapped) == scenario(make_engine(tiny, num_kv_blocks=300, block_size=4))
-    assert sum(previous is not None for previous in launches) > 20  # steps did overlap
-    assert overlapped.block_manager.stats.hit_blocks > 0
+    launches = record_launches(overlapped)
+    results, in_flight = async_scheduling_scenario(overlapped, prompts, params)
+    expected, _ = async_scheduling_scenario(make_engine(tiny, num_kv_blocks=300, block_size=4), prompts, params)
+    assert results == expected
+    assert in_flight == [True, True]  # the arrival and the abort met a step in flight
+    assert sum(previous is not None for previous in launches) > 20
 
+    plain = [SamplingParams(temperature=0, max_tokens=p.max_tokens, ignore_eos=True) for p in params]
     tight = make_engine(tiny, num_kv_blocks=14, block_size=4, async_scheduling=True)
     squeezed = run_all(tight, prompts, plain)
     assert tight.scheduler.num_preemptions > 0
-    assert [o.token_ids for o in squeezed] == [o.token_ids for o in unstopped]
+    roomy = run_all(make_engine(tiny, num_kv_blocks=300, block_size=4), prompts, plain)
+    assert [o.token_ids for o in squeezed] == [o.token_ids for o in roomy]
     assert_all_blocks_free(tight)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_all
+from conftest import async_scheduling_requests, async_scheduling_scenario, record_launches, run_all
 
 from glassbox import SamplingParams
 from glassbox.config import EngineConfig
@@ -131,42 +131,32 @@ def test_masks_and_attention_scores_on_the_gpu_path(tiny_model_dir):
 
 
 def test_overlapped_decode_gives_the_cpu_tokens(tiny_model_dir):
-    """Greedy decode steps launched before the host has read the previous step's tokens: the CPU engine's
-    tokens, with stop tokens ending sequences while a spare step for them runs, rows that need the host
-    (min_tokens, logprobs) in the batch, a request arriving mid-decode, an abort; every block freed."""
-    from dataclasses import replace
-
+    """Async scheduling (on by default here) with CUDA graphs: steps launched from the previous step's tokens
+    on the device give the CPU engine's tokens, finish reasons and prefix-cache hits (`async_scheduling_scenario`:
+    late stop tokens, rows that need the host, an arrival and an abort while a step is in flight)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     folder = tiny_model_dir("llama")
-    prompts = [list(range(3 + i, 10 + 3 * i)) for i in range(10)]
-    plain = [SamplingParams(temperature=0, max_tokens=4 + 3 * i, ignore_eos=True) for i in range(10)]
-    config = EngineConfig(num_kv_blocks=400, block_size=4)
-    unstopped = run_all(LLMEngine(load_model(folder), config), prompts, plain)
-    params = list(plain)
-    for i in (3, 5, 8):  # stop on their 4th token
-        params[i] = replace(plain[i], stop_token_ids=[unstopped[i].token_ids[3]])
-    params[6] = replace(plain[6], stop_token_ids=[unstopped[6].token_ids[2]], min_tokens=5)
-    params[1] = replace(plain[1], logprobs=2)
-    expected = run_all(LLMEngine(load_model(folder), config), prompts, params)
-
+    config = EngineConfig(num_kv_blocks=300, block_size=4)
+    prompts, params = async_scheduling_requests(LLMEngine(load_model(folder), config))
+    expected, _ = async_scheduling_scenario(LLMEngine(load_model(folder), config), prompts, params)
     engine = LLMEngine(load_model(folder, dtype="float32", device="cuda"), config)
-    launches = []
-    launch = engine.runner.launch_decode
-    engine.runner.launch_decode = lambda seqs, input_ids=None, previous=None: launches.append(previous) or launch(
-        seqs, input_ids, previous
-    )
-    ids = [engine.add_request(p, sp) for p, sp in zip(prompts[:9], params[:9])]
-    doomed = engine.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
-    done = {}
-    for step in range(1000):
-        if step == 6:
-            ids.append(engine.add_request(prompts[9], params[9]))  # joins while decode steps are in flight
-        if step == 12:
-            assert engine.abort(doomed)  # while a step with its row is in flight
-        done.update({o.request_id: o for o in engine.step() if o.finished})
-        if not engine.has_unfinished_requests():
-            break
-    assert [done[i].token_ids for i in ids] == [o.token_ids for o in expected]
-    assert [done[i].finish_reason for i in ids] == [o.finish_reason for o in expected]
-    assert any(previous is not None for previous in launches)  # steps did overlap
+    assert engine.runner.overlap and engine.runner.graphs is not None
+    launches = record_launches(engine)
+    results, in_flight = async_scheduling_scenario(engine, prompts, params)
+    assert results == expected
+    assert in_flight == [True, True]
+    assert sum(previous is not None for previous in launches) > 20
+
+
+def test_sampled_decode_overlaps_and_seeds_ignore_the_batch(tiny_model_dir):
+    """Temperature / top-k / top-p rows are drawn on the device, so their steps overlap too; a seeded request
+    gives the same tokens alone and in a busy batch."""
+    engine = LLMEngine(load_model(tiny_model_dir("llama"), device="cuda"), EngineConfig(num_kv_blocks=600, block_size=4))
+    seeded = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, seed=7, max_tokens=24, ignore_eos=True)
+    alone = run_all(engine, [[5, 6, 7]], seeded)[0]
+    launches = record_launches(engine)
+    busy = [SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True) for _ in range(15)]
+    together = run_all(engine, [[5, 6, 7]] + [[i, i + 1] for i in range(15)], [seeded, *busy])
+    assert together[0].token_ids == alone.token_ids
+    assert sum(previous is not None for previous in launches) > 10
     assert engine.block_manager.num_used_blocks == 0

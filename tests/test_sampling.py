@@ -23,11 +23,45 @@ def test_greedy_and_banned_tokens():
 
 def test_top_k_top_p_min_p_keep_the_right_tokens():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    kept = lambda params: torch.isfinite(filter_logits(logits.clone(), params)).tolist()  # noqa: E731
+    kept = lambda params: torch.isfinite(filter_logits(logits[None], [params])[0]).tolist()  # noqa: E731
     assert kept(SamplingParams(top_k=2)) == [True, True, False, False]
     assert kept(SamplingParams(top_p=0.5)) == [True, False, False, False]
     assert kept(SamplingParams(top_p=0.85)) == [True, True, True, False]
     assert kept(SamplingParams(min_p=0.5)) == [True, True, False, False]  # 0.3 >= 0.5 * 0.5
+
+
+def test_a_batch_filters_each_row_with_its_own_parameters():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50)
+    params = [
+        SamplingParams(top_k=3),
+        SamplingParams(),
+        SamplingParams(top_p=0.6, temperature=0.5),
+        SamplingParams(top_k=10, top_p=0.9, min_p=0.05),
+        SamplingParams(min_p=0.2, temperature=2.0),
+        SamplingParams(top_k=-1, top_p=0.3),
+    ]
+    together = filter_logits(logits, params)
+    for row, p in zip(range(6), params):
+        assert torch.equal(together[row], filter_logits(logits[row : row + 1], [p])[0])
+    assert torch.isfinite(together[0]).sum() == 3 and torch.isfinite(together[1]).all()
+
+
+def test_sampled_rows_follow_their_filters_and_seeds_ignore_the_batch():
+    torch.manual_seed(1)
+    logits = torch.randn(4, 30)
+    params = [
+        SamplingParams(top_k=2, seed=7), SamplingParams(temperature=0), SamplingParams(top_p=0.2), SamplingParams(min_p=0.9)
+    ]
+    allowed = [torch.topk(logits[0], 2).indices.tolist(), [int(logits[1].argmax())], None, None]
+    for _ in range(20):
+        tokens = sample(logits, [request(p, seed=p.seed) for p in params], torch.Generator()).token_ids
+        assert tokens[0] in allowed[0] and tokens[1] == allowed[1][0]
+        assert torch.isfinite(filter_logits(logits[2:4], params[2:])[[0, 1], tokens[2:]]).all()
+    alone = [sample(logits[:1], [request(params[0], seed=s)], torch.Generator()).token_ids[0] for s in range(30)]
+    others = [request(p) for p in params[1:]]
+    batched = [sample(logits, [request(params[0], seed=s), *others], torch.Generator()).token_ids[0] for s in range(30)]
+    assert alone == batched and len(set(alone)) == 2
 
 
 def test_penalties_follow_vllm_rules():

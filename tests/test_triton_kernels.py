@@ -133,9 +133,9 @@ def test_paged_decode_attention_matches_reference(shape, sliding_window, num_spl
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_splits", [None, 3])
+@pytest.mark.parametrize(("num_splits", "sliding_window"), [(None, None), (3, None), (3, 20)])
 @pytest.mark.parametrize("shape", SHAPES[1:3], ids=lambda s: "H{}-KV{}-D{}-bs{}".format(*s))
-def test_paged_decode_attention_stores_the_new_keys(shape, num_splits, dtype):
+def test_paged_decode_attention_stores_the_new_keys(shape, num_splits, sliding_window, dtype):
     """With k_new/v_new the decode kernel does store_kv's work: the cache ends as store_kv leaves it and the
     output is attention over that cache, though the slots held other values when the kernel started."""
     num_heads, num_kv_heads, head_dim, block_size = shape
@@ -144,9 +144,9 @@ def test_paged_decode_attention_stores_the_new_keys(shape, num_splits, dtype):
     torch.manual_seed(6)
     num_seqs = len(context_lens)
     q = torch.randn(num_seqs, num_heads, head_dim, device=DEVICE).to(dtype)
-    # k and v as the model hands them over: views into one wider projection output (strided rows).
-    kv = torch.randn(num_seqs, 3 * num_kv_heads, head_dim, device=DEVICE).to(dtype)
-    k_new, v_new = kv[:, :num_kv_heads], kv[:, 2 * num_kv_heads :]
+    # k and v as the model hands them over: views into wider tensors, with different row strides.
+    k_new = torch.randn(num_seqs, 3 * num_kv_heads, head_dim, device=DEVICE).to(dtype)[:, num_kv_heads : 2 * num_kv_heads]
+    v_new = torch.randn(num_seqs, 5 * num_kv_heads, head_dim, device=DEVICE).to(dtype)[:, 4 * num_kv_heads :]
     slots = [
         int(block_tables[i, (n - 1) // block_size]) * block_size + (n - 1) % block_size if n else -1
         for i, n in enumerate(context_lens)
@@ -158,13 +158,13 @@ def test_paged_decode_attention_stores_the_new_keys(shape, num_splits, dtype):
     scale = head_dim**-0.5
 
     out = attention_triton.paged_decode_attention(
-        q, k_cache, v_cache, block_tables, lens, scale, num_splits=num_splits,
+        q, k_cache, v_cache, block_tables, lens, scale, sliding_window, num_splits=num_splits,
         k_new=k_new, v_new=v_new, slot_mapping=slot_mapping,
     )  # fmt: skip
 
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
     query_lens = [1 if n > 0 else 0 for n in context_lens]
-    expected = reference(q, expected_k, expected_v, block_tables, query_lens, context_lens, scale, None)
+    expected = reference(q, expected_k, expected_v, block_tables, query_lens, context_lens, scale, sliding_window)
     assert_close(out, expected, dtype)
 
 

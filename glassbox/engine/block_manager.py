@@ -112,10 +112,11 @@ class BlockManager:
         return block
 
     def commit(self, seq: Sequence) -> None:
-        """Register the sequence's newly completed full blocks in the prefix cache."""
+        """Register the sequence's newly completed full blocks in the prefix cache: blocks whose tokens are
+        all computed and known (a step launched ahead computes a token the host has not appended yet)."""
         if not (self.enable_prefix_caching and seq.prefix_cacheable):
             return
-        for index in range(len(seq.block_hashes), seq.num_computed_tokens // self.block_size):
+        for index in range(len(seq.block_hashes), min(seq.num_computed_tokens, seq.num_tokens) // self.block_size):
             tokens = tuple(seq.token_ids[index * self.block_size : (index + 1) * self.block_size])
             key = chain_hash(seq.block_hashes[-1] if index else None, tokens)
             seq.block_hashes.append(key)

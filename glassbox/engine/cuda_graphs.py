@@ -9,10 +9,10 @@ rows beyond the real batch are padding: slot -1 (nothing stored), context length
 Captured graphs hold the addresses of the KV pool they were captured with, so they belong to one engine.
 Steps with prefill tokens, masked sequences or attention capture run eagerly.
 
-Greedy tokens can stay on the device (`greedy`): the next step then takes its input ids from them
-(`run(previous_tokens=...)`) and can be launched before the host has read them — the host reads and reports
-step N's tokens while the device runs step N + 1. The pinned input buffers come in pairs for that: a step's
-inputs are filled while the previous step's copies may still be queued.
+A step can take its input ids from tokens still on the device (`run(previous_tokens=...)`), so it can be
+launched before the host has read them — the host reads and reports step N's tokens while the device runs
+step N + 1. The pinned input buffers come in pairs for that: a step's inputs are filled while the previous
+step's copies may still be queued.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.host = [[torch.zeros_like(t, device="cpu").pin_memory() for t in self._inputs()] for _ in range(2)]
         self._turn = 0
-        self.sampled = torch.zeros(n, dtype=torch.int64, device=device)  # the last `greedy` step's tokens
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}  # bucket -> its output buffer [bucket, vocab]
@@ -126,10 +125,3 @@ class DecodeGraphs:
             torch.index_select(previous_tokens, 0, rows, out=ids)
         self.graphs[size].replay()
         return self.logits[size][:n]
-
-    def greedy(self, logits: torch.Tensor) -> torch.Tensor:
-        """The argmax of each row of a `run`'s logits, on the device: [num_rows] int64, valid until the
-        next call (the next step's `run` may read it first: the device keeps the order)."""
-        n = logits.shape[0]
-        torch.argmax(logits, dim=-1, out=self.sampled[:n])
-        return self.sampled[:n]

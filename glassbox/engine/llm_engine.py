@@ -110,8 +110,8 @@ class LLMEngine:
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         )
         self._ids = itertools.count()
-        self.num_steps = 0
-        self._pending: PendingDecode | None = None  # a greedy decode step whose tokens are not read yet
+        self.num_steps = 0  # forward passes launched
+        self._pending: PendingDecode | None = None  # a decode step whose tokens the host has not read yet
         # Applied to new requests that name no sparsity of their own (POST /optimization/sparsity_mask).
         self.default_sparsity: SparsityMethod | None = None
 
@@ -169,7 +169,7 @@ class LLMEngine:
             seq.sparsity, seq.prefix_cacheable = SparsityState(sparsity), False
         generator = None
         if params.seed is not None:
-            generator = torch.Generator(device="cpu").manual_seed(params.seed)
+            generator = torch.Generator(device=self.loaded.device).manual_seed(params.seed)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         return RequestState(seq, params, generator, stop_ids)
 
@@ -189,13 +189,14 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        """Requests not finished yet, or a launched step not read yet (whose rows may all have finished)."""
+        return bool(self.requests) or self._pending is not None
 
     # ---- the step
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward pass, sample, and report every request that advanced or finished.
 
-        With async scheduling (the default on CUDA graphs), greedy decode steps overlap with the host: step
+        With async scheduling (the default on CUDA graphs), decode steps overlap with the host: step
         N + 1 is launched before the host reads step N's tokens (which it then reports), so the device does
         not wait for the host's bookkeeping (see `_launch_next`)."""
         if self._pending is not None:
@@ -217,7 +218,8 @@ class LLMEngine:
         self.num_steps += 1
         if self.runner.can_launch_decode(batch, sample_requests, prompt_logprobs):
             seqs = [seq for seq, _ in batch.items]
-            self._pending = self.runner.launch_decode(seqs, input_ids=[seq.token_ids[-1] for seq in seqs])
+            requests = [sample_requests[i] for i in range(len(seqs))]
+            self._pending = self.runner.launch_decode(seqs, requests, input_ids=[seq.token_ids[-1] for seq in seqs])
             for seq in seqs:
                 seq.num_computed_tokens += 1
             return self._step_pending()
@@ -253,27 +255,30 @@ class LLMEngine:
     def _launch_next(self, pending: PendingDecode) -> PendingDecode | None:
         """The decode step after `pending`, launched before `pending`'s tokens are known (each sequence's
         input is the token `pending` samples for it, still on the device), if it is the step the scheduler
-        would make: nothing waiting or mid-prefill, every sequence plain greedy, a KV slot for each.
+        would make: nothing waiting or mid-prefill, no sequence that needs the host to sample (logprobs,
+        penalties, min_tokens), a KV slot for each.
         Sequences that `pending`'s token ends by length drop out; one that it ends by a stop token costs
         a spare row, skipped when read. None: read `pending` and let the scheduler make the next step."""
         live = [seq for seq in pending.seqs if not seq.is_finished]
         if self.scheduler.waiting or len(live) != len(self.scheduler.running) or not self.runner.overlap:
             return None
-        seqs = []
+        seqs, requests = [], []
         for seq in live:
             state = self.requests[seq.request_id]
             params = state.params
             if seq.num_output_tokens + 1 >= params.max_tokens or seq.num_tokens + 1 >= self.max_model_len:
                 continue  # `pending`'s token is its last
-            if not params.plain_greedy or seq.sparsity is not None or seq.num_output_tokens + 1 < params.min_tokens:
+            banned = seq.num_output_tokens + 1 < params.min_tokens and state.stop_token_ids
+            if not params.device_only or seq.sparsity is not None or banned:
                 return None  # the host must see its logits (or ban stop tokens) first
             seqs.append(seq)
+            requests.append(SampleRequest(params, seq.prompt_token_ids, [], state.generator))
         if not seqs:
             return None
         if not all(self.block_manager.allocate(seq, 1) for seq in seqs):
             return None  # the pool is short: the scheduler decides who is preempted
         self.num_steps += 1
-        launched = self.runner.launch_decode(seqs, previous=pending)
+        launched = self.runner.launch_decode(seqs, requests, previous=pending)
         for seq in seqs:
             seq.num_computed_tokens += 1
         return launched

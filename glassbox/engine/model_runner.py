@@ -1,8 +1,9 @@
 """Runs one scheduled step on the model: builds the flattened inputs and `AttentionMetadata`, runs the
 forward pass, computes logits only for the rows that are needed, and samples.
 
-A greedy decode step on CUDA graphs can instead be launched without waiting for it (`launch_decode`): its
-tokens stay on the device, where the next decode step reads them, and the host reads them later."""
+A decode step whose tokens need nothing from the host can instead be launched without waiting for it
+(`launch_decode`): its tokens stay on the device, where the next decode step reads them, and the host reads
+them later."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from glassbox.engine.sequence import Sequence
 from glassbox.engine.step_metadata import SeqChunk, build_step_metadata
 from glassbox.layers.sparsity import SparsityState
 from glassbox.models.loader import LoadedModel
-from glassbox.sampling import SampleRequest, SampleResult, plain_greedy, sample
+from glassbox.sampling import SampleRequest, SampleResult, device_only, sample, sample_tokens
 
 # (token id, logprob, [(alternative id, logprob)]) for one prompt position
 PromptLogprob = tuple[int, float, list[tuple[int, float]]]
@@ -32,8 +33,8 @@ class StepResult:
 
 @dataclass
 class PendingDecode:
-    """A greedy decode step launched without waiting for it: its tokens are on the device, where the next
-    step can read them, and reach the host when `token_ids()` is called."""
+    """A decode step launched without waiting for it: its tokens are on the device, where the next step
+    can read them, and reach the host when `token_ids()` is called."""
 
     seqs: list[Sequence]  # batch order
     device_tokens: torch.Tensor  # [len(seqs)] int64 on the model's device
@@ -59,11 +60,11 @@ class ModelRunner:
         kv_cache.bind(self.model)
         self.graphs = graphs  # CUDA graphs of decode steps (captured over this KV pool), or None
         self.use_graphs = graphs is not None  # turned off while module hooks must fire (latency timers)
-        # Whether greedy decode steps may be launched ahead (`launch_decode`); the engine sets it.
+        # Whether decode steps may be launched ahead (`launch_decode`); the engine sets it.
         self.overlap = False
         self._host_tokens = [torch.empty(0, dtype=torch.int64)] * 2  # CUDA: pinned, grown on first use
         self._turn = 0
-        self.generator = torch.Generator(device="cpu")
+        self.generator = torch.Generator(device=self.device)  # for sampled rows without a seed of their own
         if seed is None:
             self.generator.seed()
         else:
@@ -124,21 +125,27 @@ class ModelRunner:
     def can_launch_decode(
         self, batch: ScheduledBatch, sample_requests: dict[int, SampleRequest], prompt_logprobs: dict[int, int]
     ) -> bool:
-        """Whether `batch` can run as `launch_decode`: a decode step whose every row samples greedily with
-        nothing the host must apply (penalties, banned tokens) or report (logprobs)."""
+        """Whether `batch` can run as `launch_decode`: a decode step whose every row is sampled with nothing
+        the host must apply (penalties, banned tokens) or report (logprobs)."""
         return (
             self.overlap
-            and all(plain_greedy(r) for r in sample_requests.values())
-            and self._decode_step(batch, len(sample_requests), self._masked_sequences(batch), prompt_logprobs)
+            and all(device_only(r) for r in sample_requests.values())
+            and all(seq.sparsity is None for seq, _ in batch.items)  # (masks_step counts density: not here)
+            and self._decode_step(batch, len(sample_requests), {}, prompt_logprobs)
         )
 
     @torch.inference_mode()
     def launch_decode(
-        self, seqs: list[Sequence], input_ids: list[int] | None = None, previous: PendingDecode | None = None
+        self,
+        seqs: list[Sequence],
+        requests: list[SampleRequest],
+        input_ids: list[int] | None = None,
+        previous: PendingDecode | None = None,
     ) -> PendingDecode:
-        """Launch a greedy decode step of `seqs` (each computes the token at position seq.num_computed_tokens)
-        and return without waiting for the device. The inputs are `input_ids`, or the tokens of `previous`
-        (a step the host has not read yet: each sequence then computes the token that step samples for it)."""
+        """Launch a decode step of `seqs` (each computes the token at position seq.num_computed_tokens and
+        samples the next as `requests` say) and return without waiting for the device. The inputs are
+        `input_ids`, or the tokens of `previous` (a step the host has not read yet: each sequence then
+        computes the token that step samples for it)."""
         self.kv_cache.bind(self.model)
         chunks = [SeqChunk(seq.block_table, seq.num_computed_tokens, 1) for seq in seqs]
         rows = None
@@ -148,7 +155,7 @@ class ModelRunner:
         source = None if previous is None else previous.device_tokens
         if self.use_graphs and self.graphs.can_run(len(seqs)):
             with torch.profiler.record_function("glassbox::forward_graph"):
-                tokens = self.graphs.greedy(self.graphs.run(chunks, input_ids, source, rows))
+                logits = self.graphs.run(chunks, input_ids, source, rows)
         else:
             positions, meta = build_step_metadata(chunks, self.block_size, self.device)
             if rows is None:
@@ -156,7 +163,9 @@ class ModelRunner:
             else:
                 ids = source[torch.tensor(rows, device=self.device)]
             with torch.profiler.record_function("glassbox::forward"):
-                tokens = self.model.compute_logits(self.model(ids, positions, meta)).argmax(dim=-1)
+                logits = self.model.compute_logits(self.model(ids, positions, meta))
+        with torch.profiler.record_function("glassbox::sample"):
+            tokens = sample_tokens(logits, requests, self.generator)
         if tokens.device.type != "cuda":
             return PendingDecode(seqs, tokens, tokens, None)
         host = self._host_buffer(len(seqs))
