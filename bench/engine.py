@@ -1,10 +1,12 @@
 """Engine speed on this machine, glassbox side by side with transformers, same model, same prompts, one run.
 
     .venv/bin/python bench/engine.py [--modes float32,int4,int8] [--new-tokens 128] [--concurrency 1,8,32]
+                                     [--temperature 0.7 --top-p 0.9]
 
 Columns: TTFT of the 14-token prompt (median of 5), decode ms/token at batch 1 (128 new tokens), and
-aggregate output tokens/s with N concurrent requests of 128 new tokens (ignore EOS). transformers runs
-`generate` (greedy) on the same GGUF, float32; its N requests are one left-padded batch.
+aggregate output tokens/s with N concurrent requests of 128 new tokens (ignore EOS): greedy, or sampled
+with --temperature / --top-p (both systems). transformers runs `generate` on the same GGUF, float32; its N
+requests are one left-padded batch.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ def prompts(n: int) -> list[str]:
     return [f"The history of the {TOPICS[i % len(TOPICS)]} is long and complicated. Chapter {i} begins" for i in range(n)]
 
 
-def bench_glassbox(mode: str, new_tokens: int, concurrency: list[int]) -> dict[str, float]:
+def bench_glassbox(mode: str, new_tokens: int, concurrency: list[int], temperature: float, top_p: float
+                   ) -> dict[str, float]:
     from glassbox import LLM, SamplingParams
 
     quantization = None if mode == "float32" else mode
@@ -37,14 +40,14 @@ def bench_glassbox(mode: str, new_tokens: int, concurrency: list[int]) -> dict[s
     out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))[0]
     result["decode_ms"] = out.timings["decode_ms_per_token"]
     for n in concurrency:
-        params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+        params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=new_tokens, ignore_eos=True)
         start = time.perf_counter()
         outs = llm.generate(prompts(n), params)
         result[f"tok_s_{n}"] = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
     return result
 
 
-def bench_transformers(new_tokens: int, concurrency: list[int]) -> dict[str, float]:
+def bench_transformers(new_tokens: int, concurrency: list[int], temperature: float, top_p: float) -> dict[str, float]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
@@ -56,13 +59,14 @@ def bench_transformers(new_tokens: int, concurrency: list[int]) -> dict[str, flo
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
 
-    def generate(texts: list[str], tokens: int) -> tuple[float, int]:
+    def generate(texts: list[str], tokens: int, sampled: bool = False) -> tuple[float, int]:
         batch = tokenizer(texts, return_tensors="pt", padding=True)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if sampled else {
+            "do_sample": False}
         start = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(
-                **batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
+                **batch, max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=tokenizer.pad_token_id, **sampling
             )
         return time.perf_counter() - start, (out.shape[1] - batch.input_ids.shape[1]) * len(texts)
 
@@ -71,7 +75,7 @@ def bench_transformers(new_tokens: int, concurrency: list[int]) -> dict[str, flo
     total, _ = generate([PROMPT], new_tokens)
     result = {"ttft_ms": ttft * 1000, "decode_ms": (total - ttft) / (new_tokens - 1) * 1000}
     for n in concurrency:
-        seconds, tokens = generate(prompts(n), new_tokens)
+        seconds, tokens = generate(prompts(n), new_tokens, sampled=temperature > 0)
         result[f"tok_s_{n}"] = tokens / seconds
     return result
 
@@ -82,16 +86,20 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--temperature", type=float, default=0.0, help="for the concurrent runs (0: greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0)
     args = parser.parse_args()
+    sampling = (args.temperature, args.top_p)
     concurrency = [int(n) for n in args.concurrency.split(",")]
 
     rows = []
     for mode in args.modes.split(","):
-        rows.append((f"glassbox {mode}", bench_glassbox(mode, args.new_tokens, concurrency)))
+        rows.append((f"glassbox {mode}", bench_glassbox(mode, args.new_tokens, concurrency, *sampling)))
     if not args.skip_transformers:
-        rows.append(("transformers float32 generate", bench_transformers(args.new_tokens, concurrency)))
+        rows.append(("transformers float32 generate", bench_transformers(args.new_tokens, concurrency, *sampling)))
 
-    print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF), {args.new_tokens} new tokens, greedy; torch {torch.__version__}, "
+    how = f"temperature {args.temperature}, top_p {args.top_p}" if args.temperature > 0 else "greedy"
+    print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF), {args.new_tokens} new tokens, {how}; torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
     header = "| system | TTFT (ms) | decode ms/token, batch 1 | " + " | ".join(f"tok/s, {n} concurrent" for n in concurrency) + " |"
     print(header)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 _GREEDY_EPS = 1e-5
+TOP_P_PREFIX = 1024  # top_p on the CPU first looks for its tokens among this many (see filter_logits)
 
 
 @dataclass
@@ -129,13 +130,23 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
         kth = values.gather(1, index[:, None])
         kth = kth.masked_fill(~torch.tensor(limited, device=device)[:, None], float("-inf"))  # rows without top_k
         logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th value stay
-    top_p = [p.top_p for p in params]
-    if any(p < 1.0 for p in top_p):
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(-1)
+    if any(p.top_p < 1.0 for p in params):
+        top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+        probs = logits.softmax(-1)
+        # Only the most likely tokens up to top_p's mass matter: on the CPU, where sorting the whole vocabulary
+        # costs more than the forward pass at batch 32, the top TOP_P_PREFIX do when they hold that mass
+        # (every later token is dropped either way); on a GPU the sort is cheap and needs no host check.
+        prefix = min(vocab, TOP_P_PREFIX)
+        if device.type == "cpu" and prefix < vocab:
+            sorted_probs, order = torch.topk(probs, prefix, dim=-1)
+            if not bool((sorted_probs.sum(-1, keepdim=True) >= top_p).all()):
+                sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        else:
+            sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         # Drop a token when the tokens before it already cover top_p; the first token always stays.
-        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= torch.tensor(top_p, device=device)[:, None]
-        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), float("-inf"))
+        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        drop = torch.ones_like(probs, dtype=torch.bool).scatter(1, order, drop_sorted)  # beyond a prefix: dropped
+        logits = logits.masked_fill(drop, float("-inf"))
     min_p = [p.min_p for p in params]
     if any(m > 0.0 for m in min_p):
         probs = logits.softmax(-1)
@@ -145,19 +156,21 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
 
 
 def draw(probs: torch.Tensor, requests: list[SampleRequest], default_generator: torch.Generator) -> torch.Tensor:
-    """One token per row of probs [N, vocab], as argmax(probs / E) with E ~ Exp(1) per entry (an exact draw
-    from each row's distribution, and no host round trip). A seeded request draws its row's noise from its
-    own generator, so its tokens do not depend on the rest of the batch; the others share the default."""
-    noise = torch.empty_like(probs)
+    """One token per row of probs [N, vocab] by inverse CDF: the first token whose cumulative probability
+    exceeds u x total, with u ~ U[0, 1) — one random number per row (not per vocabulary entry), and no host
+    round trip. A seeded request draws its row's u from its own generator, so its tokens do not depend on
+    the rest of the batch; the others share the default."""
+    u = torch.empty(probs.shape[0], 1, device=probs.device)
     shared = [i for i, r in enumerate(requests) if r.generator is None]
     if shared:
-        rows = torch.empty(len(shared), probs.shape[1], device=probs.device).exponential_(generator=default_generator)
-        noise[shared] = rows
+        u[shared] = torch.rand(len(shared), 1, device=probs.device, generator=default_generator)
     for i, r in enumerate(requests):
         if r.generator is not None:
-            noise[i].exponential_(generator=r.generator)
-    # A zero draw would make 0 / 0 = NaN, which argmax would pick: a token outside the filter.
-    return (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+            u[i] = torch.rand(1, device=probs.device, generator=r.generator)
+    cdf = probs.cumsum(-1)
+    # u < 1, so the target is below the last entry; cdf steps up only at tokens of positive probability,
+    # so the first entry above the target (right=True) is one of them, never a filtered-out token.
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
 
 
 def device_only(request: SampleRequest) -> bool:

@@ -47,6 +47,21 @@ def test_a_batch_filters_each_row_with_its_own_parameters():
     assert torch.isfinite(together[0]).sum() == 3 and torch.isfinite(together[1]).all()
 
 
+def test_top_p_over_a_large_vocabulary_keeps_what_a_full_sort_keeps():
+    """On the CPU top_p looks among the top TOP_P_PREFIX tokens first: peaked rows (found there) and a flat
+    row (not found: the full sort) keep exactly the tokens the full-sort rule keeps."""
+    torch.manual_seed(2)
+    logits = torch.randn(3, 5000) * torch.tensor([[6.0], [3.0], [0.1]])
+    params = [SamplingParams(top_p=0.9), SamplingParams(top_p=0.5, temperature=0.7), SamplingParams(top_p=0.9)]
+    got = torch.isfinite(filter_logits(logits, params))
+    for row, p in enumerate(params):
+        scaled = logits[row] / p.temperature
+        sorted_probs, order = scaled.softmax(-1).sort(descending=True)
+        keep_sorted = sorted_probs.cumsum(-1) - sorted_probs < p.top_p
+        assert torch.equal(got[row], torch.zeros(5000, dtype=torch.bool).scatter(0, order, keep_sorted))
+    assert got[0].sum() < 1024 and got[2].sum() > 1024  # both paths ran
+
+
 def test_sampled_rows_follow_their_filters_and_seeds_ignore_the_batch():
     torch.manual_seed(1)
     logits = torch.randn(4, 30)
