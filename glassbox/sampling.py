@@ -115,23 +115,32 @@ def apply_penalties(logits: torch.Tensor, req: SampleRequest) -> torch.Tensor:
     return logits
 
 
+def host_values(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A short host list as a tensor on `device` without waiting for the device. On CUDA a plain
+    torch.tensor(values, device=...) waits for every queued kernel first, which would stall a step that
+    was launched ahead of the host (the engine's async scheduling)."""
+    tensor = torch.tensor(values, dtype=dtype)
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+
 def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature, then top_k / top_p / min_p as -inf masks, each row with its own parameters, batched.
-    logits: [N, vocab] float32 of rows to be sampled (a greedy row would pass through unscaled)."""
+    logits: [N, vocab] float32 (a greedy row passes through unscaled: its argmax is taken elsewhere)."""
     device = logits.device
     vocab = logits.shape[-1]
-    temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
+    temperature = host_values([1.0 if p.greedy else p.temperature for p in params], torch.float32, device)
     logits = logits / temperature[:, None]
     limited = [0 < p.top_k < vocab for p in params]
     if any(limited):
         k_max = max(p.top_k for p, on in zip(params, limited) if on)
         values = torch.topk(logits, k_max, dim=-1).values  # [N, k_max], descending
-        index = torch.tensor([p.top_k - 1 if on else 0 for p, on in zip(params, limited)], device=device)
+        # The k-th largest value of each row; -inf (keeps all) for rows without top_k.
+        index = host_values([p.top_k - 1 if on else 0 for p, on in zip(params, limited)], torch.int64, device)
         kth = values.gather(1, index[:, None])
-        kth = kth.masked_fill(~torch.tensor(limited, device=device)[:, None], float("-inf"))  # rows without top_k
+        kth = kth.masked_fill(~host_values(limited, torch.bool, device)[:, None], float("-inf"))
         logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th value stay
     if any(p.top_p < 1.0 for p in params):
-        top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+        top_p = host_values([p.top_p for p in params], torch.float32, device)[:, None]
         probs = logits.softmax(-1)
         # Only the most likely tokens up to top_p's mass matter: on the CPU, where sorting the whole vocabulary
         # costs more than the forward pass at batch 32, the top TOP_P_PREFIX do when they hold that mass
@@ -147,11 +156,10 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
         drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= top_p
         drop = torch.ones_like(probs, dtype=torch.bool).scatter(1, order, drop_sorted)  # beyond a prefix: dropped
         logits = logits.masked_fill(drop, float("-inf"))
-    min_p = [p.min_p for p in params]
-    if any(m > 0.0 for m in min_p):
+    if any(p.min_p > 0.0 for p in params):
         probs = logits.softmax(-1)
-        floor = torch.tensor(min_p, device=device)[:, None] * probs.max(dim=-1, keepdim=True).values
-        logits = logits.masked_fill(probs < floor, float("-inf"))
+        min_p = host_values([p.min_p for p in params], torch.float32, device)[:, None]
+        logits = logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
     return logits
 
 
@@ -159,11 +167,8 @@ def draw(probs: torch.Tensor, requests: list[SampleRequest], default_generator: 
     """One token per row of probs [N, vocab] by inverse CDF: the first token whose cumulative probability
     exceeds u x total, with u ~ U[0, 1) — one random number per row (not per vocabulary entry), and no host
     round trip. A seeded request draws its row's u from its own generator, so its tokens do not depend on
-    the rest of the batch; the others share the default."""
-    u = torch.empty(probs.shape[0], 1, device=probs.device)
-    shared = [i for i, r in enumerate(requests) if r.generator is None]
-    if shared:
-        u[shared] = torch.rand(len(shared), 1, device=probs.device, generator=default_generator)
+    the rest of the batch; the others' come from the default."""
+    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=default_generator)
     for i, r in enumerate(requests):
         if r.generator is not None:
             u[i] = torch.rand(1, device=probs.device, generator=r.generator)
@@ -182,12 +187,13 @@ def sample_tokens(
     logits: torch.Tensor, requests: list[SampleRequest], default_generator: torch.Generator
 ) -> torch.Tensor:
     """logits [N, vocab] of the N sequences that sample this step -> their tokens [N] (int64, on the
-    logits' device, no host round trip). Penalties and banned tokens are applied row by row, as only the
-    rows that have them pay for them; the rest is batched."""
-    if all(r.params.greedy and not r.params.needs_penalties and not r.banned_token_ids for r in requests):
+    logits' device). Batched, and without waiting for the device unless a row has penalties or banned
+    tokens (applied row by row, as only those rows pay for them; such rows never run ahead anyway)."""
+    greedy = [r.params.greedy for r in requests]
+    adjusted = [i for i, r in enumerate(requests) if r.params.needs_penalties or r.banned_token_ids]
+    if all(greedy) and not adjusted:
         return logits.argmax(dim=-1)
     logits = logits.float()
-    adjusted = [i for i, r in enumerate(requests) if r.params.needs_penalties or r.banned_token_ids]
     if adjusted:
         logits = logits.clone()
         for i in adjusted:
@@ -196,13 +202,12 @@ def sample_tokens(
                 logits[i] = apply_penalties(logits[i], req)
             if req.banned_token_ids:
                 logits[i, torch.tensor(req.banned_token_ids, device=logits.device)] = float("-inf")
-    tokens = logits.argmax(dim=-1)
-    sampled_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
-    if sampled_rows:
-        subset = [requests[i] for i in sampled_rows]
-        probs = filter_logits(logits[sampled_rows], [r.params for r in subset]).softmax(-1)
-        tokens[sampled_rows] = draw(probs, subset, default_generator)
-    return tokens
+    if all(greedy):
+        return logits.argmax(dim=-1)
+    drawn = draw(filter_logits(logits, [r.params for r in requests]).softmax(-1), requests, default_generator)
+    if not any(greedy):
+        return drawn
+    return torch.where(host_values(greedy, torch.bool, logits.device), logits.argmax(dim=-1), drawn)
 
 
 def sample(logits: torch.Tensor, requests: list[SampleRequest], default_generator: torch.Generator) -> SampleResult:

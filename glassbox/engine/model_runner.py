@@ -156,7 +156,7 @@ class ModelRunner:
         if self.use_graphs and self.graphs.can_run(len(seqs)):
             with torch.profiler.record_function("glassbox::forward_graph"):
                 logits = self.graphs.run(chunks, input_ids, source, rows)
-        else:
+        else:  # beyond the graphs (or with them off): on CUDA its host-built inputs wait for the device
             positions, meta = build_step_metadata(chunks, self.block_size, self.device)
             if rows is None:
                 ids = torch.tensor(input_ids, device=self.device)
