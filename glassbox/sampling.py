@@ -142,20 +142,25 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     if any(p.top_p < 1.0 for p in params):
         top_p = host_values([p.top_p for p in params], torch.float32, device)[:, None]
         probs = logits.softmax(-1)
-        # Only the most likely tokens up to top_p's mass matter: on the CPU, where sorting the whole vocabulary
-        # costs more than the forward pass at batch 32, the top TOP_P_PREFIX do when they hold that mass
-        # (every later token is dropped either way); on a GPU the sort is cheap and needs no host check.
+        # On the CPU, where sorting the whole vocabulary costs more than the forward pass at batch 32, look
+        # among the top TOP_P_PREFIX tokens first: when they hold a row's top_p mass, every later token is
+        # dropped anyway. On a GPU the sort is cheap and needs no host check.
         prefix = min(vocab, TOP_P_PREFIX)
+        sorted_probs = None
         if device.type == "cpu" and prefix < vocab:
-            sorted_probs, order = torch.topk(probs, prefix, dim=-1)
-            if not bool((sorted_probs.sum(-1, keepdim=True) >= top_p).all()):
-                sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        else:
-            sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        # Drop a token when the tokens before it already cover top_p; the first token always stays.
-        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        drop = torch.ones_like(probs, dtype=torch.bool).scatter(1, order, drop_sorted)  # beyond a prefix: dropped
-        logits = logits.masked_fill(drop, float("-inf"))
+            sorted_probs = torch.topk(probs, prefix, dim=-1).values
+            cumulative = sorted_probs.cumsum(-1)
+            if not bool(((cumulative[:, -1:] >= top_p) | (top_p >= 1.0)).all()):
+                sorted_probs = None
+        if sorted_probs is None:
+            sorted_probs = torch.sort(probs, dim=-1, descending=True).values
+            cumulative = sorted_probs.cumsum(-1)
+        # Keep a token while the tokens before it cover less than top_p (the first always stays), then keep
+        # every token as likely as the last one kept: ties stay together, so the kept set does not depend on
+        # how a sort orders equal values (nor on whether the prefix or the whole vocabulary was sorted).
+        num_kept = (cumulative - sorted_probs < top_p).sum(-1, keepdim=True)
+        threshold = sorted_probs.gather(1, num_kept - 1).masked_fill(top_p >= 1.0, 0.0)
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
     if any(p.min_p > 0.0 for p in params):
         probs = logits.softmax(-1)
         min_p = host_values([p.min_p for p in params], torch.float32, device)[:, None]
@@ -173,9 +178,11 @@ def draw(probs: torch.Tensor, requests: list[SampleRequest], default_generator: 
         if r.generator is not None:
             u[i] = torch.rand(1, device=probs.device, generator=r.generator)
     cdf = probs.cumsum(-1)
-    # u < 1, so the target is below the last entry; cdf steps up only at tokens of positive probability,
-    # so the first entry above the target (right=True) is one of them, never a filtered-out token.
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+    # u < 1, so the target is below the last entry, and cdf steps up at tokens of positive probability, so
+    # the first entry above the target (right=True) is one of them. A scan that rounds differently between
+    # neighbours could put a 1-ulp step at a filtered-out token: the row's argmax then stands in for it.
+    drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return torch.where(probs.gather(1, drawn) > 0, drawn, probs.argmax(-1, keepdim=True)).squeeze(1)
 
 
 def device_only(request: SampleRequest) -> bool:

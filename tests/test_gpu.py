@@ -150,8 +150,10 @@ def test_overlapped_decode_gives_the_cpu_tokens(tiny_model_dir):
 
 def test_sampled_decode_overlaps_and_seeds_ignore_the_batch(tiny_model_dir):
     """Temperature / top-k / top-p rows are drawn on the device, so their steps overlap too; a seeded request
-    gives the same tokens alone and in a busy batch."""
-    engine = LLMEngine(load_model(tiny_model_dir("llama"), device="cuda"), EngineConfig(num_kv_blocks=600, block_size=4))
+    gives the same tokens alone and in a busy batch (float32: bfloat16 logits move with the batch size)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    folder = tiny_model_dir("llama")
+    engine = LLMEngine(load_model(folder, dtype="float32", device="cuda"), EngineConfig(num_kv_blocks=600, block_size=4))
     seeded = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, seed=7, max_tokens=24, ignore_eos=True)
     alone = run_all(engine, [[5, 6, 7]], seeded)[0]
     launches = record_launches(engine)

@@ -48,18 +48,35 @@ def test_a_batch_filters_each_row_with_its_own_parameters():
 
 
 def test_top_p_over_a_large_vocabulary_keeps_what_a_full_sort_keeps():
-    """On the CPU top_p looks among the top TOP_P_PREFIX tokens first: peaked rows (found there) and a flat
-    row (not found: the full sort) keep exactly the tokens the full-sort rule keeps."""
+    """On the CPU top_p looks among the top TOP_P_PREFIX tokens first: peaked rows (found there, no full sort)
+    and a flat row (not found: the full sort) keep exactly the tokens the full-sort rule keeps."""
+    from unittest import mock
+
     torch.manual_seed(2)
     logits = torch.randn(3, 5000) * torch.tensor([[6.0], [3.0], [0.1]])
     params = [SamplingParams(top_p=0.9), SamplingParams(top_p=0.5, temperature=0.7), SamplingParams(top_p=0.9)]
-    got = torch.isfinite(filter_logits(logits, params))
-    for row, p in enumerate(params):
-        scaled = logits[row] / p.temperature
-        sorted_probs, order = scaled.softmax(-1).sort(descending=True)
+    with mock.patch.object(torch, "sort", wraps=torch.sort) as sort:
+        peaked = torch.isfinite(filter_logits(logits[:2], params[:2]))
+        assert sort.call_count == 0
+        flat = torch.isfinite(filter_logits(logits[2:], params[2:]))
+        assert sort.call_count == 1
+    for row, (got, p) in enumerate(zip([*peaked, *flat], params)):
+        sorted_probs, order = (logits[row] / p.temperature).softmax(-1).sort(descending=True)
         keep_sorted = sorted_probs.cumsum(-1) - sorted_probs < p.top_p
-        assert torch.equal(got[row], torch.zeros(5000, dtype=torch.bool).scatter(0, order, keep_sorted))
-    assert got[0].sum() < 1024 and got[2].sum() > 1024  # both paths ran
+        assert torch.equal(got, torch.zeros(5000, dtype=torch.bool).scatter(0, order, keep_sorted))
+    assert peaked.sum(-1).max() < 1024 < flat.sum()
+
+
+def test_top_p_keeps_ties_together_so_seeded_draws_ignore_the_batch():
+    """bfloat16 logits tie often; whichever way a sort orders equal values, tied tokens are kept or dropped
+    together, so a row keeps the same tokens alone and beside a row that forces the full sort."""
+    generator = torch.Generator().manual_seed(4)
+    flat = torch.randn(1, 5000, generator=generator) * 0.01
+    params = [SamplingParams(top_p=0.8), SamplingParams(top_p=0.9)]
+    for _ in range(60):
+        row = (torch.randn(1, 5000, generator=generator) * 3).bfloat16().float()
+        alone = torch.isfinite(filter_logits(row, params[:1]))[0]
+        assert torch.equal(alone, torch.isfinite(filter_logits(torch.cat([row, flat]), params))[0])
 
 
 def test_sampled_rows_follow_their_filters_and_seeds_ignore_the_batch():
