@@ -132,3 +132,35 @@ def test_max_num_seqs_caps_the_batch():
 def test_unknown_policy():
     with pytest.raises(ValueError, match="unknown scheduling policy"):
         get_policy("random")
+
+
+def test_graph_block_table_rows_written_incrementally_match_a_full_write():
+    """The CUDA-graph input buffer's block-table rows, updated with only what changed, equal rows written in
+    full at every step: through growing tables, batch reordering, sequences leaving and freed-then-readmitted
+    sequences (a new list), with real block manager tables."""
+    import numpy as np
+
+    from glassbox.engine.cuda_graphs import BlockTableRows
+
+    manager = BlockManager(num_blocks=400, block_size=4, enable_prefix_caching=False)
+    seqs = [seq(f"r{i}", 3 + 5 * i) for i in range(6)]
+    for s in seqs:
+        assert manager.allocate(s, s.num_tokens)
+    rows = BlockTableRows(np.full((8, 40), -7, dtype=np.int32))
+    for step in range(30):
+        batch = [s for s in seqs if s.block_table]
+        if step % 7 == 3:
+            batch.reverse()
+        if step == 12:  # preempted: freed, readmitted with a new list
+            manager.free(seqs[2])
+            assert manager.allocate(seqs[2], seqs[2].num_tokens)
+        if step == 20:
+            manager.free(seqs[0])
+        for s in batch:
+            s.num_computed_tokens = s.num_tokens
+            s.token_ids.append(1)
+            assert manager.allocate(s, 1)
+        batch = [s for s in batch if s.block_table]
+        rows.fill([s.block_table for s in batch])
+        for row, s in zip(rows.array, batch):
+            assert row[: len(s.block_table)].tolist() == s.block_table

@@ -45,6 +45,7 @@ class DecodeGraphs:
         self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.host = [[torch.zeros_like(t, device="cpu").pin_memory() for t in self._inputs()] for _ in range(2)]
+        self.host_tables = [BlockTableRows(host[2].numpy()) for host in self.host]
         self._turn = 0
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -101,9 +102,9 @@ class DecodeGraphs:
         output before launching step N + 2."""
         n = len(chunks)
         size = self.buckets[bisect.bisect_left(self.buckets, n)]
-        host = self.host[self._turn]
+        host, tables = self.host[self._turn], self.host_tables[self._turn]
         self._turn ^= 1
-        ids_positions_slots, context_lens, block_tables = (t.numpy() for t in host)
+        ids_positions_slots, context_lens = host[0].numpy(), host[1].numpy()
         positions = np.fromiter((c.start for c in chunks), np.int64, n)
         blocks = np.fromiter((c.block_table[c.start // self.block_size] for c in chunks), np.int64, n)
         if previous_rows is None:
@@ -115,8 +116,7 @@ class DecodeGraphs:
         ids_positions_slots[2, n:size] = -1  # padding rows store nothing...
         context_lens[:n] = positions + 1
         context_lens[n:size] = 0  # ...and attend to nothing
-        for row, chunk in zip(block_tables, chunks):
-            row[: len(chunk.block_table)] = chunk.block_table
+        tables.fill([chunk.block_table for chunk in chunks])
         for device_tensor, source in zip(self._inputs(), host):
             rows = size if device_tensor is self.block_tables else len(source)
             device_tensor[:rows].copy_(source[:rows], non_blocking=True)
@@ -125,3 +125,27 @@ class DecodeGraphs:
             torch.index_select(previous_tokens, 0, rows, out=ids)
         self.graphs[size].replay()
         return self.logits[size][:n]
+
+
+class BlockTableRows:
+    """Fills the rows of a block-table array [max_seqs, max_blocks] from the step's block tables, writing
+    only what changed since this array was last filled. A sequence's block table only grows (blocks are
+    appended) until the sequence frees it, which replaces the list; so a row that holds the same list as
+    before needs its new tail at most. Writing every row in full cost ~1.6 ms a step at 256 sequences of
+    64 blocks on a 2-core host, which the device waited for. Entries past a row's table are stale and are
+    never read (the kernels stop at the context length)."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+        self.tables: list[list[int] | None] = [None] * array.shape[0]  # held, so no other list reuses the id
+        self.lengths = [0] * array.shape[0]
+
+    def fill(self, tables: list[list[int]]) -> None:
+        for row, table in enumerate(tables):
+            length, written = len(table), self.lengths[row]
+            if table is not self.tables[row]:
+                self.array[row, :length] = table
+                self.tables[row] = table
+            elif length > written:
+                self.array[row, written:length] = table[written:]
+            self.lengths[row] = length
