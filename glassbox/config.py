@@ -161,7 +161,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides kv_cache_memory when set
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
     compile: bool = True  # CUDA: torch.compile the decoder layers (fused elementwise work)
-    # Launch greedy decode step N + 1 before the host has read step N's tokens, so the device does not wait
+    # Launch decode step N + 1 before the host has read step N's tokens, so the device does not wait
     # for the host's bookkeeping (vLLM's async scheduling). None: where CUDA graphs run. On the CPU the
     # steps run in turn anyway, so it only changes the order of the bookkeeping (tests use that).
     async_scheduling: bool | None = None

@@ -26,7 +26,7 @@ from glassbox.engine.sequence import Sequence
 from glassbox.layers.attention import TritonAttentionBackend, set_attention_backend
 from glassbox.layers.sparsity import SparsityMethod, SparsityState
 from glassbox.models.loader import LoadedModel
-from glassbox.sampling import SampleRequest, SamplingParams
+from glassbox.sampling import SampleRequest, SamplingParams, device_only
 
 # One output token's logprobs: the sampled token's and the top alternatives, as {token_id: logprob}.
 TokenLogprobs = dict[str, Any]
@@ -265,14 +265,13 @@ class LLMEngine:
         seqs, requests = [], []
         for seq in live:
             state = self.requests[seq.request_id]
-            params = state.params
-            if seq.num_output_tokens + 1 >= params.max_tokens or seq.num_tokens + 1 >= self.max_model_len:
+            if seq.num_output_tokens + 1 >= state.params.max_tokens or seq.num_tokens + 1 >= self.max_model_len:
                 continue  # `pending`'s token is its last
-            banned = seq.num_output_tokens + 1 < params.min_tokens and state.stop_token_ids
-            if not params.device_only or seq.sparsity is not None or banned:
+            request = self._sample_request(state, pending_tokens=1)
+            if seq.sparsity is not None or not device_only(request):
                 return None  # the host must see its logits (or ban stop tokens) first
             seqs.append(seq)
-            requests.append(SampleRequest(params, seq.prompt_token_ids, [], state.generator))
+            requests.append(request)
         if not seqs:
             return None
         if not all(self.block_manager.allocate(seq, 1) for seq in seqs):
@@ -299,11 +298,13 @@ class LLMEngine:
         if seq.is_finished:
             del self.requests[seq.request_id]
 
-    def _sample_request(self, state: RequestState) -> SampleRequest:
+    def _sample_request(self, state: RequestState, pending_tokens: int = 0) -> SampleRequest:
+        """How to sample the request's next token; `pending_tokens`: tokens sampled before it that the host
+        has not appended yet (a step launched ahead)."""
         seq, params = state.seq, state.params
         banned = []
-        if seq.num_output_tokens < params.min_tokens:
-            banned = sorted(state.stop_token_ids | (set() if params.ignore_eos else self.eos_token_ids))
+        if seq.num_output_tokens + pending_tokens < params.min_tokens:
+            banned = sorted(state.stop_token_ids)  # EOS is among them unless ignore_eos
         # The history is only read by the penalties: no per-step copy of it otherwise.
         history = seq.output_token_ids if params.needs_penalties else []
         return SampleRequest(params, seq.prompt_token_ids, history, state.generator, banned)

@@ -90,11 +90,7 @@ class ModelRunner:
             chunks.append(SeqChunk(seq.block_table, start, num_new))
         sparse = self._masked_sequences(batch)
         result = StepResult()
-        if (
-            self.use_graphs
-            and self._decode_step(batch, len(sample_requests), sparse, prompt_logprobs)
-            and self.graphs.can_run(len(batch.items))
-        ):
+        if not sparse and self._decode_step(batch, sample_requests, prompt_logprobs) and self._graphs_fit(len(chunks)):
             with torch.profiler.record_function("glassbox::forward_graph"):
                 all_logits = self.graphs.run(chunks, input_ids)  # every row samples in a decode step
         else:
@@ -131,7 +127,7 @@ class ModelRunner:
             self.overlap
             and all(device_only(r) for r in sample_requests.values())
             and all(seq.sparsity is None for seq, _ in batch.items)  # (masks_step counts density: not here)
-            and self._decode_step(batch, len(sample_requests), {}, prompt_logprobs)
+            and self._decode_step(batch, sample_requests, prompt_logprobs)
         )
 
     @torch.inference_mode()
@@ -153,7 +149,7 @@ class ModelRunner:
             index = {id(seq): row for row, seq in enumerate(previous.seqs)}
             rows = [index[id(seq)] for seq in seqs]
         source = None if previous is None else previous.device_tokens
-        if self.use_graphs and self.graphs.can_run(len(seqs)):
+        if self._graphs_fit(len(seqs)):
             with torch.profiler.record_function("glassbox::forward_graph"):
                 logits = self.graphs.run(chunks, input_ids, source, rows)
         else:  # beyond the graphs (or with them off): on CUDA its host-built inputs wait for the device
@@ -182,16 +178,19 @@ class ModelRunner:
             self._host_tokens[self._turn] = torch.empty(max(n, 256), dtype=torch.int64).pin_memory()
         return self._host_tokens[self._turn][:n]
 
+    @staticmethod
     def _decode_step(
-        self, batch: ScheduledBatch, num_sampled: int, sparse: dict[int, SparsityState], prompt_logprobs: dict[int, int]
+        batch: ScheduledBatch, sample_requests: dict[int, SampleRequest], prompt_logprobs: dict[int, int]
     ) -> bool:
-        """One new token per sequence, every one sampled, nothing that needs the per-sequence path."""
+        """One new token per sequence, every one sampled, no prompt logprobs."""
         return (
-            num_sampled == len(batch.items)
-            and not sparse
+            len(sample_requests) == len(batch.items)
             and not prompt_logprobs
             and all(num_new == 1 for _, num_new in batch.items)
         )
+
+    def _graphs_fit(self, num_seqs: int) -> bool:
+        return self.use_graphs and self.graphs.can_run(num_seqs)
 
     def _masked_sequences(self, batch: ScheduledBatch) -> dict[int, SparsityState]:
         """Batch index -> mask, for the sequences whose mask drops keys at this step's length; a mask that
