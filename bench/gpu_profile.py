@@ -2,6 +2,11 @@
 the kernels one replay launches (torch.profiler). Random SmolLM2-135M-shaped weights.
 
     python bench/gpu_profile.py [--shape smollm2-135m] [--batches 1,128] [--no-compile]
+    python bench/gpu_profile.py --nano [--decode-steps 300]
+
+--nano profiles nano-vllm's workload (bench/gpu.py) mid-way: all 256 requests in, N decode steps run, then
+the wall time of engine steps, the kernels of a few steps by device time, and the KV bytes those steps read
+against the attention kernel's time.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu import SHAPES, random_model_folder  # noqa: E402
+from gpu import (  # noqa: E402
+    NANO_SHAPE, NANO_TEMPERATURE, SHAPES, GiB, kv_bytes, make_engine, nano_workload, random_model_folder,
+)
 
 
 def profile_prefill(engine, vocab: int) -> None:
@@ -39,12 +46,55 @@ def profile_prefill(engine, vocab: int) -> None:
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18))
 
 
+def profile_nano(decode_steps: int, profiled_steps: int = 5) -> None:
+    """nano-vllm's workload after `decode_steps` decode steps: where a step's device time goes."""
+    from glassbox.sampling import SamplingParams
+
+    prompts, max_tokens = nano_workload()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = random_model_folder(NANO_SHAPE, Path(tmp))
+        kv_memory = min(kv_bytes(NANO_SHAPE, len(prompts) * 2048), torch.cuda.mem_get_info()[0] - 8 * GiB)
+        engine = make_engine(folder, kv_memory, eager=False)
+    for p, n in zip(prompts, max_tokens):
+        engine.add_request(p, SamplingParams(temperature=NANO_TEMPERATURE, max_tokens=n, ignore_eos=True,
+                                             output_kind="final_only"))
+    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running):
+        engine.step()
+    for _ in range(decode_steps):
+        engine.step()
+    torch.cuda.synchronize()
+    running = engine.scheduler.running
+    cached = sum(s.num_computed_tokens for s in running)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        engine.step()
+    torch.cuda.synchronize()
+    print(f"nano after {decode_steps} decode steps: {len(running)} sequences, {cached / len(running):.0f} cached "
+          f"tokens each; engine step {(time.perf_counter() - t0) / 20 * 1000:.2f} ms")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(profiled_steps):
+            engine.step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    device_ms = sum(e.device_time_total for e in kernels) / 1000 / profiled_steps
+    attention = [e for e in kernels if "_decode_kernel" in e.name]
+    attention_ms = sum(e.device_time_total for e in attention) / 1000 / profiled_steps
+    kv_gb = kv_bytes(NANO_SHAPE, sum(s.num_computed_tokens for s in running)) / 1e9
+    print(f"device time per step {device_ms:.2f} ms; decode attention {attention_ms:.2f} ms for ~{kv_gb:.1f} GB "
+          f"of KV ({kv_gb / attention_ms:.0f} GB/s)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="smollm2-135m")
     parser.add_argument("--batches", default="1,128")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--nano", action="store_true", help="profile nano-vllm's workload instead")
+    parser.add_argument("--decode-steps", type=int, default=300)
     args = parser.parse_args()
+    if args.nano:
+        return profile_nano(args.decode_steps)
 
     from glassbox.config import EngineConfig
     from glassbox.engine.llm_engine import LLMEngine
