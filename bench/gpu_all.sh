@@ -13,7 +13,7 @@ what=${1:-all}
 baseline=${2:-../shared/bench/hf_gpu_baseline.py}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [ "$what" != bench ]; then
-    python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py > "$OUT/tests.txt" 2>&1
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py tests/test_sampling_triton.py > "$OUT/tests.txt" 2>&1
     status=$?
     tail -5 "$OUT/tests.txt"
     [ $status -eq 0 ] || { echo "CUDA tests failed (exit $status): no bench"; exit $status; }

@@ -168,20 +168,29 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     return logits
 
 
-def draw(probs: torch.Tensor, requests: list[SampleRequest], default_generator: torch.Generator) -> torch.Tensor:
-    """One token per row of probs [N, vocab] by inverse CDF: the first token whose cumulative probability
-    exceeds u x total, with u ~ U[0, 1) — one random number per row (not per vocabulary entry), and no host
-    round trip. A seeded request draws its row's u from its own generator, so its tokens do not depend on
-    the rest of the batch; the others' come from the default."""
-    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=default_generator)
+def draw(
+    logits: torch.Tensor, scale: torch.Tensor | None, requests: list[SampleRequest], default_generator: torch.Generator
+) -> torch.Tensor:
+    """One token per row of softmax(logits [N, vocab] x scale [N] (1 / temperature; None = 1)) by inverse
+    CDF: the first token whose cumulative probability exceeds u x total, with u ~ U[0, 1) — one random
+    number per row (not per vocabulary entry), and no host round trip. A seeded request draws its row's u
+    from its own generator, so its tokens do not depend on the rest of the batch; the others' come from the
+    default. On CUDA a Triton kernel draws straight from the logits (kernels/sampling_triton.py)."""
+    u = torch.rand(logits.shape[0], device=logits.device, generator=default_generator)
     for i, r in enumerate(requests):
         if r.generator is not None:
-            u[i] = torch.rand(1, device=probs.device, generator=r.generator)
+            u[i] = torch.rand(1, device=logits.device, generator=r.generator)
+    if logits.is_cuda:
+        from glassbox.kernels import sampling_triton  # Triton is GPU-only here
+
+        return sampling_triton.draw(logits, torch.ones_like(u) if scale is None else scale, u)
+    logits = logits.float() if scale is None else logits.float() * scale[:, None]
+    probs = logits.softmax(-1)
     cdf = probs.cumsum(-1)
     # u < 1, so the target is below the last entry, and cdf steps up at tokens of positive probability, so
     # the first entry above the target (right=True) is one of them. A scan that rounds differently between
     # neighbours could put a 1-ulp step at a filtered-out token: the row's argmax then stands in for it.
-    drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    drawn = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)
     return torch.where(probs.gather(1, drawn) > 0, drawn, probs.argmax(-1, keepdim=True)).squeeze(1)
 
 
@@ -200,9 +209,8 @@ def sample_tokens(
     adjusted = [i for i, r in enumerate(requests) if r.params.needs_penalties or r.banned_token_ids]
     if all(greedy) and not adjusted:
         return logits.argmax(dim=-1)
-    logits = logits.float()
     if adjusted:
-        logits = logits.clone()
+        logits = logits.to(torch.float32, copy=True)
         for i in adjusted:
             req = requests[i]
             if req.params.needs_penalties:
@@ -211,7 +219,12 @@ def sample_tokens(
                 logits[i, torch.tensor(req.banned_token_ids, device=logits.device)] = float("-inf")
     if all(greedy):
         return logits.argmax(dim=-1)
-    drawn = draw(filter_logits(logits, [r.params for r in requests]).softmax(-1), requests, default_generator)
+    params = [r.params for r in requests]
+    if any(0 < p.top_k < logits.shape[-1] or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
+        drawn = draw(filter_logits(logits.float(), params), None, requests, default_generator)
+    else:  # temperature alone: the draw applies it (on CUDA without a float32 copy of the logits)
+        scale = host_values([1.0 if p.greedy else 1.0 / p.temperature for p in params], torch.float32, logits.device)
+        drawn = draw(logits, scale, requests, default_generator)
     if not any(greedy):
         return drawn
     return torch.where(host_values(greedy, torch.bool, logits.device), logits.argmax(dim=-1), drawn)

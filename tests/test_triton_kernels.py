@@ -112,8 +112,9 @@ def test_store_kv_writes_slots_and_skips_padding(dtype):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "H{}-KV{}-D{}-bs{}".format(*s))
 def test_paged_decode_attention_matches_reference(shape, sliding_window, num_splits, dtype):
     num_heads, num_kv_heads, head_dim, block_size = shape
-    # A single token, exactly two blocks, lengths around a block edge, a long one, and a padding row.
-    context_lens = [1, 2 * block_size, block_size + 1, 7, 70, 0]
+    # A single token, exactly two blocks, lengths around a block edge, long ones (two 128-key tiles for the
+    # 150), and a padding row.
+    context_lens = [1, 2 * block_size, block_size + 1, 7, 70, 150, 0]
     k_cache, v_cache, block_tables = paged_cache(context_lens, num_kv_heads, head_dim, block_size, dtype, seed=1)
     torch.manual_seed(2)
     q = torch.randn(len(context_lens), num_heads, head_dim, device=DEVICE).to(dtype)
