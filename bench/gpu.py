@@ -2,10 +2,12 @@
 ../shared/bench/hf_gpu_baseline.py in the same device call).
 
     python bench/gpu.py [--shapes smollm2-135m,llama-1b,qwen3-0.6b] [--batches 1,32,128] [--eager] [--no-nano]
+                        [--no-nano-fp8]
 
 bfloat16, prompts of 128 random tokens, 128 new tokens, greedy, EOS ignored. Per shape: TTFT (median of 5),
 decode ms/token and output tokens/s per batch size, and the weight-read floor (weight bytes / copy bandwidth).
-Then nano-vllm's throughput workload on the Qwen3-0.6B shape, sampled at temperature 0.6 as nano-vllm does.
+Then nano-vllm's throughput workload on the Qwen3-0.6B shape, sampled at temperature 0.6 as nano-vllm does,
+with the bfloat16 KV cache and again with kv_cache_dtype="fp8".
 Prints tables; writes JSON to $OUT/glassbox_gpu.json.
 """
 
@@ -85,20 +87,21 @@ def copy_bandwidth_gbps(num_bytes: int = GiB) -> float:
     return 2 * num_bytes / ((time.perf_counter() - start) / repeats) / 1e9
 
 
-def kv_bytes(name: str, tokens: int) -> int:
-    """KV pool bytes for `tokens` tokens: keys and values, every layer, bfloat16."""
+def kv_bytes(name: str, tokens: int, element_bytes: int = 2) -> int:
+    """KV pool bytes for `tokens` tokens: keys and values, every layer, bfloat16 (or 1-byte fp8)."""
     shape = SHAPES[name]
     head_dim = shape.get("head_dim", shape["hidden_size"] // shape["num_attention_heads"])
-    return 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * head_dim * 2 * tokens
+    return 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * head_dim * element_bytes * tokens
 
 
-def make_engine(folder: Path, kv_memory: int, eager: bool) -> Any:
+def make_engine(folder: Path, kv_memory: int, eager: bool, kv_cache_dtype: str = "auto") -> Any:
     from glassbox.config import EngineConfig
     from glassbox.engine.llm_engine import LLMEngine
     from glassbox.models.loader import load_model
 
     loaded = load_model(folder, dtype="bfloat16", device="cuda")
-    config = EngineConfig(kv_cache_memory=kv_memory, max_num_batched_tokens=MAX_BATCHED_TOKENS, enforce_eager=eager)
+    config = EngineConfig(kv_cache_memory=kv_memory, max_num_batched_tokens=MAX_BATCHED_TOKENS, enforce_eager=eager,
+                          kv_cache_dtype=kv_cache_dtype)
     return LLMEngine(loaded, config)
 
 
@@ -156,12 +159,13 @@ def nano_workload(num_seqs: int = 256, max_input_len: int = 1024, max_output_len
     return prompts, [rng.randint(100, max_output_len) for _ in range(num_seqs)]
 
 
-def bench_nano(folder: Path, eager: bool) -> dict[str, Any]:
+def bench_nano(folder: Path, eager: bool, kv_cache_dtype: str = "auto") -> dict[str, Any]:
     prompts, max_tokens = nano_workload()
-    # Room for every sequence at full length (prompt + output <= 2048: ~56 GiB), so nothing is preempted; less
-    # only if an earlier engine's memory lingers (8 GiB left for weights, activations and graphs).
-    kv_memory = min(kv_bytes(NANO_SHAPE, len(prompts) * 2048), torch.cuda.mem_get_info()[0] - 8 * GiB)
-    engine = make_engine(folder, kv_memory, eager)
+    # Room for every sequence at full length (prompt + output <= 2048: ~56 GiB in bfloat16), so nothing is
+    # preempted; less only if an earlier engine's memory lingers (8 GiB left for weights, activations, graphs).
+    element_bytes = 1 if kv_cache_dtype == "fp8" else 2
+    kv_memory = min(kv_bytes(NANO_SHAPE, len(prompts) * 2048, element_bytes), torch.cuda.mem_get_info()[0] - 8 * GiB)
+    engine = make_engine(folder, kv_memory, eager, kv_cache_dtype)
     # Warm-up (nano-vllm runs one short generate) with prompts of its own: the real ones would hit the prefix cache.
     generate(engine, [[1] * length for length in (1024, 512, 256, 100)], [8] * 4)
     steps = watch_steps(engine)
@@ -169,7 +173,7 @@ def bench_nano(folder: Path, eager: bool) -> dict[str, Any]:
     tokens = sum(len(o.token_ids) for o in outs)
     return {"requests": len(prompts), "output_tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds,
             "kv_GiB": kv_memory / GiB, "preemptions": engine.scheduler.num_preemptions,
-            "sampling": f"temperature {NANO_TEMPERATURE}", "steps": steps}
+            "sampling": f"temperature {NANO_TEMPERATURE}", "kv_cache_dtype": kv_cache_dtype, "steps": steps}
 
 
 def watch_steps(engine: Any) -> dict[str, float]:
@@ -228,12 +232,15 @@ def print_tables(out: dict[str, Any], shapes: list[str], batches: list[int]) -> 
         res = out[name]
         cells = [f"{res[f'bs{b}']['step_ms']:.2f} / {res[f'bs{b}']['tok_s']:,.0f}" for b in batches]
         print(f"| {name} | {res['ttft_ms']:.1f} | " + " | ".join(cells) + f" | {res['floor_step_ms']:.3f} |")
-    if "nano" in out:
-        nano = out["nano"]
-        print(f"\n| nano-vllm workload (Qwen3-0.6B shape, {nano['sampling']}) | output tokens | time s | tok/s |\n"
-              "|---|---|---|---|")
-        print(f"| {nano['requests']} seqs, in/out 100-1024 | {nano['output_tokens']:,} | {nano['seconds']:.2f} | {nano['tok_s']:,.0f} |")
-        print("nano steps:", json.dumps(nano["steps"]))
+    runs = [out[key] for key in ("nano", "nano_fp8") if key in out]
+    if runs:
+        print(f"\n| nano-vllm workload (Qwen3-0.6B shape, {runs[0]['sampling']}) | KV cache | output tokens | time s | tok/s |\n"
+              "|---|---|---|---|---|")
+        for nano in runs:
+            print(f"| {nano['requests']} seqs, in/out 100-1024 | {nano['kv_cache_dtype']} | {nano['output_tokens']:,} | "
+                  f"{nano['seconds']:.2f} | {nano['tok_s']:,.0f} |")
+        for nano in runs:
+            print(f"nano steps ({nano['kv_cache_dtype']}):", json.dumps(nano["steps"]))
 
 
 def package_version(name: str) -> str:
@@ -251,6 +258,8 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs (EngineConfig.enforce_eager)")
     parser.add_argument("--nano", action=argparse.BooleanOptionalAction, default=True,
                         help="nano-vllm's 256-request throughput workload on the Qwen3-0.6B shape")
+    parser.add_argument("--nano-fp8", action=argparse.BooleanOptionalAction, default=True,
+                        help="nano-vllm's workload again with kv_cache_dtype=fp8")
     args = parser.parse_args()
     shapes, batches = args.shapes.split(","), [int(b) for b in args.batches.split(",")]
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -269,8 +278,13 @@ def main() -> None:
             print(f"{name}: done in {time.perf_counter() - start:.0f} s", flush=True)
         if args.nano:
             start, folder = time.perf_counter(), Path(tmp) / NANO_SHAPE
-            out["nano"] = bench_nano(folder if folder.exists() else random_model_folder(NANO_SHAPE, folder), args.eager)
+            folder = folder if folder.exists() else random_model_folder(NANO_SHAPE, folder)
+            out["nano"] = bench_nano(folder, args.eager)
             print(f"nano-vllm workload: done in {time.perf_counter() - start:.0f} s", flush=True)
+            if args.nano_fp8:
+                gc.collect()
+                torch.cuda.empty_cache()
+                out["nano_fp8"] = bench_nano(folder, args.eager, "fp8")
     out_path.write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))
     print_tables(out, shapes, batches)

@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-cache-memory", type=float, default=None,
         help="GiB for the KV-cache pool (default: 1 on the CPU; on CUDA, 90%% of the device's memory less the rest)",
     )
+    serve.add_argument(
+        "--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+        help="auto: the model's dtype; fp8: float8_e4m3fn, half the bytes per cached token",
+    )
     serve.add_argument("--max-num-seqs", type=int, default=256)
     serve.add_argument("--scheduling-policy", default="fcfs", help="fcfs, priority or shortest_prompt_first")
     serve.add_argument("--api-key", default=os.environ.get("GLASSBOX_API_KEY"), help="require 'Authorization: Bearer KEY'")
@@ -85,6 +89,7 @@ def run_serve(args: argparse.Namespace) -> None:
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     engine_config = EngineConfig(
         kv_cache_memory=int(args.kv_cache_memory * 2**30) if args.kv_cache_memory is not None else None,
+        kv_cache_dtype=args.kv_cache_dtype,
         max_num_seqs=args.max_num_seqs,
         scheduling_policy=args.scheduling_policy,
         quantization=args.quantization,

@@ -251,6 +251,28 @@ def test_int8_mode_is_batch_invariant_and_int4_agrees_with_float32():
     assert int4.generate(question, params)[0].text == float32.generate(question, params)[0].text
 
 
+def test_fp8_kv_cache_holds_more_tokens_and_keeps_the_numbers(tiny):
+    """kv_cache_dtype="fp8": a byte per cached value (four times float32's tokens in the same memory), batched
+    still == alone, and prompt logprobs (attention over the 8-bit cache) within fp8's rounding of float32's."""
+    prompts = random_prompts(8, seed=11, lengths=(5, 40))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=0)
+    exact = make_engine(tiny, kv_cache_memory=4 << 20, block_size=4)
+    fp8 = make_engine(tiny, kv_cache_memory=4 << 20, block_size=4, kv_cache_dtype="fp8")
+    assert fp8.kv_cache.dtype == torch.float8_e4m3fn and fp8.kv_cache.num_blocks == 4 * exact.kv_cache.num_blocks
+    batched = run_all(fp8, prompts, params)
+    assert [o.token_ids for o in batched] == [run_all(fp8, [p], params)[0].token_ids for p in prompts]
+    reference = run_all(exact, prompts, params)
+    for got, want in zip(batched, reference):
+        got_lp = torch.tensor([entry[1] for entry in got.prompt_logprobs[1:]])
+        want_lp = torch.tensor([entry[1] for entry in want.prompt_logprobs[1:]])
+        # e4m3 keeps 3 mantissa bits (up to 6% per value); logprobs here are around -6.
+        assert (got_lp - want_lp).abs().mean() < 0.05 and (got_lp - want_lp).abs().max() < 0.2
+        assert not torch.equal(got_lp, want_lp)  # the cache really is 8-bit
+    assert_all_blocks_free(fp8)
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="int8")
+
+
 def test_compile_layers_wraps_a_model_once(tiny_model_dir):
     """Engines sharing a model (research/schedule.py) must not stack wrappers on its layers."""
     from glassbox.engine.optimize import compile_layers

@@ -31,6 +31,18 @@ def test_cuda_float32_engine_matches_cpu(tiny_model_dir, family):
     assert gpu_engine.block_manager.num_free_blocks == gpu_engine.block_manager.num_blocks
 
 
+def test_fp8_kv_cache_on_cuda_gives_the_cpu_tokens(tiny_model_dir):
+    """kv_cache_dtype="fp8" through the Triton kernels and CUDA graphs: the CPU's fp8 engine's greedy tokens."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    folder = tiny_model_dir("llama")
+    config = EngineConfig(num_kv_blocks=100, block_size=4, kv_cache_dtype="fp8")
+    cpu = run_all(LLMEngine(load_model(folder), config), PROMPTS, params)
+    gpu_engine = LLMEngine(load_model(folder, dtype="float32", device="cuda"), config)
+    assert gpu_engine.kv_cache.dtype == torch.float8_e4m3fn and gpu_engine.runner.graphs is not None
+    assert [o.token_ids for o in run_all(gpu_engine, PROMPTS, params)] == [o.token_ids for o in cpu]
+
+
 @torch.inference_mode()
 def test_cuda_bfloat16_logits_close_to_float32(tiny_model_dir):
     folder = tiny_model_dir("llama")

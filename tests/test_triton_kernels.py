@@ -218,6 +218,64 @@ def test_store_then_attend_matches_the_torch_backend():
     assert_close(out, expected, torch.float32)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="8-bit float tiles need a GPU (the interpreter has no fp8 dot)")
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_fp8_cache_kernels_match_the_torch_path(num_splits):
+    """A float8_e4m3fn cache under bfloat16 queries (kv_cache_dtype="fp8"): the stores write the bytes the
+    torch path writes (saturated, not NaN, past 448), and decode and prefill equal attention over that cache."""
+    num_heads, num_kv_heads, head_dim, block_size = 16, 8, 128, 16
+    context_lens = [1, 2 * block_size, 70, 300, 0]
+    k_cache, v_cache, block_tables = paged_cache(context_lens, num_kv_heads, head_dim, block_size, torch.bfloat16, seed=7)
+    k_cache, v_cache = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
+    torch.manual_seed(8)
+    num_seqs = len(context_lens)
+    q = torch.randn(num_seqs, num_heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
+    k_new = torch.randn(num_seqs, num_kv_heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
+    k_new[0, 0, :4] = torch.tensor([1000.0, -1000.0, 448.0, 0.01])  # beyond, at and well inside the range
+    v_new = torch.randn_like(k_new)
+    slots = [
+        int(block_tables[i, (n - 1) // block_size]) * block_size + (n - 1) % block_size if n else -1
+        for i, n in enumerate(context_lens)
+    ]
+    slot_mapping = torch.tensor(slots, device=DEVICE)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    attention_torch.store_kv(k_new[:-1], v_new[:-1], expected_k, expected_v, slot_mapping[:-1])
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+    scale = head_dim**-0.5
+
+    out = attention_triton.paged_decode_attention(
+        q, k_cache, v_cache, block_tables, lens, scale, num_splits=num_splits,
+        k_new=k_new, v_new=v_new, slot_mapping=slot_mapping,
+    )  # fmt: skip
+
+    assert torch.equal(k_cache.view(torch.uint8), expected_k.view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), expected_v.view(torch.uint8))
+    assert expected_k.view(-1, num_kv_heads, head_dim)[slots[0], 0, :2].float().tolist() == [448.0, -448.0]
+    query_lens = [1 if n > 0 else 0 for n in context_lens]
+    expected = reference(q, expected_k, expected_v, block_tables, query_lens, context_lens, scale, None)
+    assert_close(out, expected, torch.bfloat16)
+
+    # Prefill: the last 40 tokens of the 70- and 300-token sequences, stored by store_kv first.
+    prefill_lens, query_lens = [70, 300], [40, 40]
+    tables = block_tables[2:4].contiguous()
+    q = torch.randn(sum(query_lens), num_heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
+    k_chunk = torch.randn(sum(query_lens), num_kv_heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
+    v_chunk = torch.randn_like(k_chunk)
+    chunk_slots = torch.tensor([
+        int(tables[i, p // block_size]) * block_size + p % block_size
+        for i, n in enumerate(prefill_lens) for p in range(n - 40, n)
+    ], device=DEVICE)  # fmt: skip
+    attention_torch.store_kv(k_chunk, v_chunk, expected_k, expected_v, chunk_slots)
+    attention_triton.store_kv(k_chunk, v_chunk, k_cache, v_cache, chunk_slots)
+    assert torch.equal(k_cache.view(torch.uint8), expected_k.view(torch.uint8))
+    starts = torch.tensor([0, 40, 80], dtype=torch.int32, device=DEVICE)
+    out = attention_triton.prefill_attention(
+        q, k_cache, v_cache, tables, starts, torch.tensor(prefill_lens, dtype=torch.int32, device=DEVICE), 40, scale
+    )
+    expected = reference(q, expected_k, expected_v, tables, query_lens, prefill_lens, scale, None)
+    assert_close(out, expected, torch.bfloat16)
+
+
 def test_launchers_reject_bad_shapes():
     k_cache = torch.zeros(4, 16, 2, 64, device=DEVICE)
     q = torch.zeros(3, 5, 64, device=DEVICE)  # 5 heads do not group onto 2 KV heads

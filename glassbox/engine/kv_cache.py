@@ -86,6 +86,10 @@ class KVCache:
         return cls.for_memory(config, budget, block_size, dtype, device)
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 

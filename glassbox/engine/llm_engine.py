@@ -84,16 +84,17 @@ class LLMEngine:
             set_attention_backend(loaded.model, TritonAttentionBackend())
             if cfg.compile:
                 compile_layers(loaded.model)
+        kv_dtype = loaded.dtype if cfg.kv_cache_dtype == "auto" else torch.float8_e4m3fn
         if cfg.num_kv_blocks is not None:
-            self.kv_cache = KVCache(loaded.config, cfg.num_kv_blocks, cfg.block_size, loaded.dtype, loaded.device)
+            self.kv_cache = KVCache(loaded.config, cfg.num_kv_blocks, cfg.block_size, kv_dtype, loaded.device)
         elif cfg.kv_cache_memory is None and on_cuda:
             self.kv_cache = KVCache.for_free_device_memory(
                 loaded.config, loaded.model, cfg.gpu_memory_utilization, cfg.max_num_batched_tokens,
-                cfg.block_size, loaded.dtype, loaded.device,
+                cfg.block_size, kv_dtype, loaded.device,
             )
         else:
             self.kv_cache = KVCache.for_memory(
-                loaded.config, cfg.kv_cache_memory or 1 << 30, cfg.block_size, loaded.dtype, loaded.device
+                loaded.config, cfg.kv_cache_memory or 1 << 30, cfg.block_size, kv_dtype, loaded.device
             )
         self.block_manager = BlockManager(self.kv_cache.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.scheduling_policy)

@@ -2,7 +2,8 @@
 out the attention probabilities.
 
 Layout of the paged KV cache (per layer): k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim].
-A token's slot is block_id * block_size + offset.
+A token's slot is block_id * block_size + offset. The cache may be an 8-bit float (kv_cache_dtype="fp8"):
+values are saturated to its range when stored and widened to the query's dtype when read.
 """
 
 from __future__ import annotations
@@ -14,13 +15,27 @@ import torch
 import torch.nn.functional as F
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as the cache stores it: an 8-bit float saturates at its largest value instead of overflowing."""
+    if dtype in FP8_DTYPES:
+        limit = torch.finfo(dtype).max
+        x = x.clamp(-limit, limit)
+    return x.to(dtype)
+
+
 def store_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Write the step's keys/values ([T, KV, D]) into their slots ([T]) of the paged cache."""
     num_kv_heads, head_dim = k_cache.shape[-2:]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    for new, cache in ((k, k_cache), (v, v_cache)):
+        new = to_cache_dtype(new, cache.dtype)
+        if cache.dtype in FP8_DTYPES:  # index_copy_ has no 8-bit float kernel on the CPU: copy the bytes
+            cache, new = cache.view(torch.uint8), new.view(torch.uint8)
+        cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, new)
 
 
 def gather_kv(
@@ -105,8 +120,8 @@ def attend_cached(
     select: Selector | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`attend` for one sequence over its first `context_len` cached keys/values (q: its last Lq positions)."""
-    keys = gather_kv(k_cache, block_table, context_len)
-    values = gather_kv(v_cache, block_table, context_len)
+    keys = gather_kv(k_cache, block_table, context_len).to(q.dtype)
+    values = gather_kv(v_cache, block_table, context_len).to(q.dtype)
     return attend(q, keys, values, scale, sliding_window, return_probs, select)
 
 
@@ -167,8 +182,8 @@ def paged_decode_attention(
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     blocks = batch.tables.view(-1)  # index_select: see gather_kv
-    keys = torch.index_select(k_cache, 0, blocks).view(num_seqs, -1, num_kv_heads, head_dim)  # [Sd, L, KV, D]
-    values = torch.index_select(v_cache, 0, blocks).view(num_seqs, -1, num_kv_heads, head_dim)
+    keys = torch.index_select(k_cache, 0, blocks).view(num_seqs, -1, num_kv_heads, head_dim).to(q.dtype)  # [Sd, L, KV, D]
+    values = torch.index_select(v_cache, 0, blocks).view(num_seqs, -1, num_kv_heads, head_dim).to(q.dtype)
     grouped_q = (q * scale).view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [Sd, KV, G, D]
     scores = (grouped_q @ keys.permute(0, 2, 3, 1)).float()  # [Sd, KV, G, L]
     masked = batch.padding

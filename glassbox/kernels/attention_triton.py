@@ -15,6 +15,10 @@ shapes, so a step can be captured in a CUDA graph. Scores and softmax are float3
 the softmax uses exp2 on scores pre-multiplied by log2(e). The grouped-query heads that share a KV head are
 computed in one program so that each key/value tile is loaded once. Every tl.dot operand is at least 16 in
 each dimension (a GPU requirement; the interpreter does not check it): groups and head_dim are padded to 16.
+
+An 8-bit float cache (float8_e4m3fn, vLLM's kv_cache_dtype="fp8", scale 1) halves the bytes that decode
+reads: keys/values are stored saturated to its range, and tiles are widened to the query's dtype before
+the products (the query is never rounded to 8 bits).
 """
 
 from __future__ import annotations
@@ -55,6 +59,25 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     _check(block_size & (block_size - 1) == 0, f"block_size must be a power of two, got {block_size}")
 
 
+def _fp8_max(cache: torch.Tensor) -> float:
+    """The cache dtype's largest value if it is an 8-bit float (stores saturate to it), else 0."""
+    return torch.finfo(cache.dtype).max if cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else 0.0
+
+
+def _ieee(q: torch.Tensor, cache: torch.Tensor) -> bool:
+    """Whether the kernels' products are float32 (full precision wanted): the compute dtype is the cache's,
+    or the query's over an 8-bit cache."""
+    return (q.dtype if _fp8_max(cache) else cache.dtype) == torch.float32
+
+
+@triton.jit
+def _to_cache(x, cache_ptr, FP8_MAX: tl.constexpr):
+    """x in the cache's dtype, saturated to an 8-bit float's range (whose casts would overflow to NaN)."""
+    if FP8_MAX > 0:
+        x = tl.minimum(tl.maximum(x.to(tl.float32), -FP8_MAX), FP8_MAX)
+    return x.to(cache_ptr.dtype.element_ty)
+
+
 def _block_d(head_dim: int) -> int:
     """Head dim padded to a power of two and to the 16 that tl.dot needs."""
     return max(16, triton.next_power_of_2(head_dim))
@@ -87,6 +110,7 @@ def _store_kv_kernel(
     stride_v_head,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    FP8_MAX: tl.constexpr,  # 0 unless the cache is an 8-bit float
     BLOCK_KV: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -100,8 +124,8 @@ def _store_kv_kernel(
     k = tl.load(k_ptr + token * stride_k_token + heads[:, None] * stride_k_head + dims[None, :], mask=mask)
     v = tl.load(v_ptr + token * stride_v_token + heads[:, None] * stride_v_head + dims[None, :], mask=mask)
     cache_offsets = slot * (NUM_KV_HEADS * HEAD_DIM) + heads[:, None] * HEAD_DIM + dims[None, :]
-    tl.store(k_cache_ptr + cache_offsets, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + cache_offsets, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(k_cache_ptr + cache_offsets, _to_cache(k, k_cache_ptr, FP8_MAX), mask=mask)
+    tl.store(v_cache_ptr + cache_offsets, _to_cache(v, v_cache_ptr, FP8_MAX), mask=mask)
 
 
 def store_kv(
@@ -121,6 +145,7 @@ def store_kv(
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
+        FP8_MAX=_fp8_max(k_cache),
         BLOCK_KV=triton.next_power_of_2(num_kv_heads),
         BLOCK_D=triton.next_power_of_2(head_dim),
     )  # fmt: skip
@@ -200,6 +225,7 @@ def _decode_kernel(
     SLIDING_WINDOW: tl.constexpr,  # 0 = none
     SPLIT: tl.constexpr,
     STORE: tl.constexpr,  # store k_new/v_new into the cache (the store_kv kernel's work) and attend to them
+    FP8_MAX: tl.constexpr,  # 0 unless the cache is an 8-bit float (then tiles are widened to q's dtype)
     IEEE: tl.constexpr,
     BLOCK_G: tl.constexpr,  # GROUP padded to >= 16
     BLOCK_D: tl.constexpr,
@@ -230,7 +256,9 @@ def _decode_kernel(
         q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :],
         mask=head_mask[:, None] & dim_mask[None, :],
         other=0.0,
-    ).to(k_cache_ptr.dtype.element_ty)  # [BLOCK_G, BLOCK_D]
+    )  # [BLOCK_G, BLOCK_D]
+    if FP8_MAX == 0:
+        q = q.to(k_cache_ptr.dtype.element_ty)
 
     running_max = tl.full([BLOCK_G], NO_MAX, tl.float32)
     running_sum = tl.zeros([BLOCK_G], tl.float32)
@@ -245,6 +273,7 @@ def _decode_kernel(
             table, k_cache_ptr, v_cache_ptr, start, cached_hi, kv_head, dims, dim_mask,
             stride_cache_block, stride_cache_token, stride_cache_head, BLOCK_N, BLOCK_SIZE,
         )
+        k, v = k.to(q.dtype), v.to(q.dtype)  # a no-op unless the cache is 8-bit
         scores = _dot(q, tl.trans(k), IEEE) * qk_scale  # [BLOCK_G, BLOCK_N]
         scores = tl.where(key_mask[None, :], scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, 1))
@@ -255,12 +284,15 @@ def _decode_kernel(
         running_max = new_max
 
     if STORE:
-        k_new = tl.load(
-            k_new_ptr + seq * stride_k_new_seq + kv_head * stride_k_new_head + dims, mask=dim_mask, other=0.0
-        ).to(k_cache_ptr.dtype.element_ty)  # [BLOCK_D]
-        v_new = tl.load(
-            v_new_ptr + seq * stride_v_new_seq + kv_head * stride_v_new_head + dims, mask=dim_mask, other=0.0
-        ).to(v_cache_ptr.dtype.element_ty)
+        # In the cache's dtype: attended to as later steps will read them.
+        k_new = _to_cache(
+            tl.load(k_new_ptr + seq * stride_k_new_seq + kv_head * stride_k_new_head + dims, mask=dim_mask, other=0.0),
+            k_cache_ptr, FP8_MAX,
+        )  # [BLOCK_D]
+        v_new = _to_cache(
+            tl.load(v_new_ptr + seq * stride_v_new_seq + kv_head * stride_v_new_head + dims, mask=dim_mask, other=0.0),
+            v_cache_ptr, FP8_MAX,
+        )
         # The program whose range holds the query's position owns its key: it stores it (unless the row is
         # padding) and attends to it. The tests as tensors like the others (a scalar bool in a mask trips
         # Triton 3.9's interpreter).
@@ -421,7 +453,8 @@ def paged_decode_attention(
         SLIDING_WINDOW=sliding_window or 0,
         SPLIT=split,
         STORE=store,
-        IEEE=k_cache.dtype == torch.float32,
+        FP8_MAX=_fp8_max(k_cache),
+        IEEE=_ieee(q, k_cache),
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d,
         BLOCK_N=block_n,
@@ -465,6 +498,7 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
     SLIDING_WINDOW: tl.constexpr,  # 0 = none
+    FP8_MAX: tl.constexpr,  # 0 unless the cache is an 8-bit float (then tiles are widened to q's dtype)
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,  # rows of the tile: BLOCK_Q queries x GROUP heads (+ padding rows)
     BLOCK_Q: tl.constexpr,  # queries per program = BLOCK_M // GROUP
@@ -495,7 +529,9 @@ def _prefill_kernel(
     tile_mask = row_mask[:, None] & dim_mask[None, :]
     tokens = query_start + query_idx  # [BLOCK_M] rows of q and out
     q_offsets = tokens[:, None] * stride_q_token + heads[:, None] * stride_q_head + dims[None, :]
-    q = tl.load(q_ptr + q_offsets, mask=tile_mask, other=0.0).to(k_cache_ptr.dtype.element_ty)  # [BLOCK_M, BLOCK_D]
+    q = tl.load(q_ptr + q_offsets, mask=tile_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    if FP8_MAX == 0:
+        q = q.to(k_cache_ptr.dtype.element_ty)
 
     # Keys [lo, hi): up to the last query of the tile, from the window start of its first query.
     hi = context_len - query_len + tl.minimum(first_query + BLOCK_Q, query_len)
@@ -512,6 +548,7 @@ def _prefill_kernel(
             table, k_cache_ptr, v_cache_ptr, start, hi, kv_head, dims, dim_mask,
             stride_cache_block, stride_cache_token, stride_cache_head, BLOCK_N, BLOCK_SIZE,
         )
+        k, v = k.to(q.dtype), v.to(q.dtype)  # a no-op unless the cache is 8-bit
         scores = _dot(q, tl.trans(k), IEEE) * qk_scale  # [BLOCK_M, BLOCK_N]
         allowed = key_mask[None, :] & (positions[None, :] <= query_pos[:, None])
         if SLIDING_WINDOW > 0:
@@ -574,7 +611,8 @@ def prefill_attention(
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         SLIDING_WINDOW=sliding_window or 0,
-        IEEE=k_cache.dtype == torch.float32,
+        FP8_MAX=_fp8_max(k_cache),
+        IEEE=_ieee(q, k_cache),
         BLOCK_M=block_m,
         BLOCK_Q=block_q,
         BLOCK_D=_block_d(head_dim),

@@ -12,7 +12,7 @@ from glassbox.engine.llm_engine import LLMEngine
 def cache_stats(engine: LLMEngine) -> dict[str, Any]:
     bm = engine.block_manager
     s = bm.stats
-    block_bytes = bytes_per_block(engine.loaded.config, bm.block_size, engine.loaded.dtype)
+    block_bytes = bytes_per_block(engine.loaded.config, bm.block_size, engine.kv_cache.dtype)
     return {
         "prefix_cache": {
             "enabled": bm.enable_prefix_caching,

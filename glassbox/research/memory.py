@@ -39,7 +39,7 @@ def memory_usage(engine: LLMEngine) -> dict[str, Any]:
     weights = weight_bytes(loaded.model)
     kv_allocated = engine.kv_cache.nbytes
     kv_in_use = engine.block_manager.num_used_blocks * bytes_per_block(
-        loaded.config, engine.config.block_size, loaded.dtype
+        loaded.config, engine.config.block_size, engine.kv_cache.dtype
     )
     status = _proc_status()
     result: dict[str, Any] = {

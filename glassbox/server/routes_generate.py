@@ -148,6 +148,7 @@ async def model_info(request: Request) -> dict:
         "num_heads": config.num_attention_heads,
         "num_kv_heads": config.num_key_value_heads,
         "head_dim": config.head_dim,
+        "kv_cache_dtype": str(engine.kv_cache.dtype).removeprefix("torch."),
         "kv_block_size": engine.config.block_size,
         "kv_num_blocks": engine.kv_cache.num_blocks,
         "kv_cache_bytes": engine.kv_cache.nbytes,
