@@ -2,7 +2,7 @@
 the kernels one replay launches (torch.profiler). Random SmolLM2-135M-shaped weights.
 
     python bench/gpu_profile.py [--shape smollm2-135m] [--batches 1,128] [--no-compile]
-    python bench/gpu_profile.py --nano [--decode-steps 300]
+    python bench/gpu_profile.py --nano [--decode-steps 300] [--kv-cache-dtype fp8]
 
 --nano profiles nano-vllm's workload (bench/gpu.py) mid-way: all 256 requests in, N decode steps run, then
 the wall time of engine steps, the kernels of a few steps by device time, and the KV bytes those steps read
@@ -46,15 +46,16 @@ def profile_prefill(engine, vocab: int) -> None:
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18))
 
 
-def profile_nano(decode_steps: int, profiled_steps: int = 5) -> None:
+def profile_nano(decode_steps: int, kv_cache_dtype: str, profiled_steps: int = 5) -> None:
     """nano-vllm's workload after `decode_steps` decode steps: where a step's device time goes."""
     from glassbox.sampling import SamplingParams
 
     prompts, max_tokens = nano_workload()
     with tempfile.TemporaryDirectory() as tmp:
         folder = random_model_folder(NANO_SHAPE, Path(tmp))
-        kv_memory = min(kv_bytes(NANO_SHAPE, len(prompts) * 2048), torch.cuda.mem_get_info()[0] - 8 * GiB)
-        engine = make_engine(folder, kv_memory, eager=False)
+        element_bytes = 1 if kv_cache_dtype == "fp8" else 2
+        kv_memory = min(kv_bytes(NANO_SHAPE, len(prompts) * 2048, element_bytes), torch.cuda.mem_get_info()[0] - 8 * GiB)
+        engine = make_engine(folder, kv_memory, False, kv_cache_dtype)
     for p, n in zip(prompts, max_tokens):
         engine.add_request(p, SamplingParams(temperature=NANO_TEMPERATURE, max_tokens=n, ignore_eos=True,
                                              output_kind="final_only"))
@@ -79,9 +80,9 @@ def profile_nano(decode_steps: int, profiled_steps: int = 5) -> None:
     device_ms = sum(e.device_time_total for e in kernels) / 1000 / profiled_steps
     attention = [e for e in kernels if "_decode_kernel" in e.name]
     attention_ms = sum(e.device_time_total for e in attention) / 1000 / profiled_steps
-    kv_gb = kv_bytes(NANO_SHAPE, sum(s.num_computed_tokens for s in running)) / 1e9
+    kv_gb = kv_bytes(NANO_SHAPE, sum(s.num_computed_tokens for s in running), element_bytes) / 1e9
     print(f"device time per step {device_ms:.2f} ms; decode attention {attention_ms:.2f} ms for ~{kv_gb:.1f} GB "
-          f"of KV ({kv_gb / attention_ms:.0f} GB/s)")
+          f"of KV ({kv_gb / attention_ms * 1000:.0f} GB/s)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
 
 
@@ -92,9 +93,10 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--nano", action="store_true", help="profile nano-vllm's workload instead")
     parser.add_argument("--decode-steps", type=int, default=300)
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     args = parser.parse_args()
     if args.nano:
-        return profile_nano(args.decode_steps)
+        return profile_nano(args.decode_steps, args.kv_cache_dtype)
 
     from glassbox.config import EngineConfig
     from glassbox.engine.llm_engine import LLMEngine

@@ -88,6 +88,28 @@ def test_cuda_graph_steps_equal_eager_steps(tiny_model_dir):
     assert [o.token_ids for o in graphs] == [o.token_ids for o in eager]
 
 
+def test_long_prefill_steps_run_the_compiled_layers(tiny_model_dir):
+    """A prefill step of 1,200 tokens takes the compiled layers (COMPILED_MIN_TOKENS) and gives the plain
+    eager engine's tokens."""
+    from glassbox.engine import model_runner
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    folder = tiny_model_dir("qwen3")
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 300, (200,), generator=generator).tolist() for _ in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    config = dict(num_kv_blocks=400, block_size=16)
+    engine = LLMEngine(load_model(folder, dtype="float32", device="cuda"), EngineConfig(**config))
+    steps = []
+    execute = engine.runner.execute
+    engine.runner.execute = lambda batch, *rest: (steps.append(sum(n for _, n in batch.items)), execute(batch, *rest))[1]
+    fast = run_all(engine, prompts, params)
+    assert steps[0] == 1200 >= model_runner.COMPILED_MIN_TOKENS and engine.runner._compiled_step(steps[0])
+    plain = run_all(LLMEngine(load_model(folder, dtype="float32", device="cuda"), EngineConfig(**config, enforce_eager=True)),
+                    prompts, params)  # fmt: skip
+    assert [o.token_ids for o in fast] == [o.token_ids for o in plain]
+
+
 def test_bfloat16_batched_equals_alone(tiny_model_dir):
     """bf16 + graphs: greedy text of 24 requests run together vs one at a time (agreement reported)."""
     engine = LLMEngine(load_model(tiny_model_dir("llama"), device="cuda"), EngineConfig(num_kv_blocks=600, block_size=16))
