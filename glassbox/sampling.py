@@ -190,7 +190,8 @@ def draw(
     # u < 1, so the target is below the last entry, and cdf steps up at tokens of positive probability, so
     # the first entry above the target (right=True) is one of them. A scan that rounds differently between
     # neighbours could put a 1-ulp step at a filtered-out token: the row's argmax then stands in for it.
-    drawn = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)
+    # (A row with no finite logit has no cdf to search: clamped to a valid index, as the GPU kernel returns one.)
+    drawn = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1)
     return torch.where(probs.gather(1, drawn) > 0, drawn, probs.argmax(-1, keepdim=True)).squeeze(1)
 
 

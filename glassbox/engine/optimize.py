@@ -55,9 +55,9 @@ def compile_layers(model: nn.Module) -> None:
     `compiled` (the CUDA-graph captures, and eager steps of many tokens: model_runner.COMPILED_MIN_TOKENS):
     the norms, rotary embedding, SiLU·mul and residual adds around the matmuls become a few fused kernels,
     and a decode step of a small model is bound by its number of kernels. Short eager steps keep the plain
-    forward: a compiled region's Python entry costs more there than it saves. Attention stays outside the compiled code: its backends branch on per-step
-    metadata and launch their own kernels. Shapes are dynamic: one compiled graph serves every batch size
-    and every layer."""
+    forward: a compiled region's Python entry costs more there than it saves. Attention stays outside the
+    compiled code: its backends branch on per-step metadata and launch their own kernels. Shapes are
+    dynamic: one compiled graph serves every batch size and every layer."""
     if getattr(model, "glassbox_compiled", False):  # once per model: engines may share one (research/schedule.py)
         return
     model.glassbox_compiled = True

@@ -38,14 +38,22 @@ def store_kv(
         cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, new)
 
 
+def select_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """cache[blocks] ([len(blocks), block_size, KV, D]). index_select, not cache[blocks]: advanced indexing
+    takes a generic path several times slower on the CPU; an 8-bit float cache is selected as bytes (not
+    every torch build has an index_select kernel for it)."""
+    if cache.dtype in FP8_DTYPES:
+        return torch.index_select(cache.view(torch.uint8), 0, blocks).view(cache.dtype)
+    return torch.index_select(cache, 0, blocks)
+
+
 def gather_kv(
     cache: torch.Tensor, block_table: torch.Tensor, context_len: int
 ) -> torch.Tensor:
     """The first `context_len` cached rows of one sequence, in order: [context_len, KV, D]."""
     block_size = cache.shape[1]
     num_blocks = (context_len + block_size - 1) // block_size
-    # index_select, not cache[table]: advanced indexing takes a generic path several times slower on the CPU.
-    return torch.index_select(cache, 0, block_table[:num_blocks].long()).flatten(0, 1)[:context_len]
+    return select_blocks(cache, block_table[:num_blocks].long()).flatten(0, 1)[:context_len]
 
 
 def causal_mask(
@@ -181,9 +189,9 @@ def paged_decode_attention(
     (with a GQA key copy), and this is fewer dispatches per layer."""
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    blocks = batch.tables.view(-1)  # index_select: see gather_kv
-    keys = torch.index_select(k_cache, 0, blocks).view(num_seqs, -1, num_kv_heads, head_dim).to(q.dtype)  # [Sd, L, KV, D]
-    values = torch.index_select(v_cache, 0, blocks).view(num_seqs, -1, num_kv_heads, head_dim).to(q.dtype)
+    blocks = batch.tables.view(-1)
+    keys = select_blocks(k_cache, blocks).view(num_seqs, -1, num_kv_heads, head_dim).to(q.dtype)  # [Sd, L, KV, D]
+    values = select_blocks(v_cache, blocks).view(num_seqs, -1, num_kv_heads, head_dim).to(q.dtype)
     grouped_q = (q * scale).view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [Sd, KV, G, D]
     scores = (grouped_q @ keys.permute(0, 2, 3, 1)).float()  # [Sd, KV, G, L]
     masked = batch.padding

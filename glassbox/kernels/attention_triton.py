@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from glassbox.kernels.attention_torch import FP8_DTYPES
+
 LOG2_E = 1.4426950408889634
 # Keys per step of the decode loop: longer tiles once each program holds a whole sequence (bench/gpu_kernels.py:
 # ~4% more bandwidth on Qwen3 heads at 128-256 sequences), shorter ones to split a few sequences finely.
@@ -61,7 +63,7 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
 
 def _fp8_max(cache: torch.Tensor) -> float:
     """The cache dtype's largest value if it is an 8-bit float (stores saturate to it), else 0."""
-    return torch.finfo(cache.dtype).max if cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else 0.0
+    return torch.finfo(cache.dtype).max if cache.dtype in FP8_DTYPES else 0.0
 
 
 def _ieee(q: torch.Tensor, cache: torch.Tensor) -> bool:
@@ -72,7 +74,9 @@ def _ieee(q: torch.Tensor, cache: torch.Tensor) -> bool:
 
 @triton.jit
 def _to_cache(x, cache_ptr, FP8_MAX: tl.constexpr):
-    """x in the cache's dtype, saturated to an 8-bit float's range (whose casts would overflow to NaN)."""
+    """x in the cache's dtype, saturated to an 8-bit float's range (whose casts would overflow to NaN).
+    (tl.maximum/minimum drop NaN, where the torch path's clamp keeps it: a model already producing NaN
+    keys shows it on the CPU path only.)"""
     if FP8_MAX > 0:
         x = tl.minimum(tl.maximum(x.to(tl.float32), -FP8_MAX), FP8_MAX)
     return x.to(cache_ptr.dtype.element_ty)
@@ -430,8 +434,8 @@ def paged_decode_attention(
     max_tokens = block_tables.shape[1] * block_size
     if num_splits is None:
         num_splits = _decode_splits(num_seqs, num_kv_heads, max_tokens)
-    if block_n is None:
-        block_n = DECODE_BLOCK_N_UNSPLIT if num_splits == 1 else DECODE_BLOCK_N
+    if block_n is None:  # 128-key tiles of head_dim > 128 would crowd shared memory (measured up to 128 only)
+        block_n = DECODE_BLOCK_N_UNSPLIT if num_splits == 1 and head_dim <= 128 else DECODE_BLOCK_N
     num_splits = min(num_splits, triton.cdiv(max_tokens, block_n))  # no split without a tile of its own
     split = num_splits > 1
     if split:

@@ -65,6 +65,7 @@ def run_schedule(
             max_num_batched_tokens=STRATEGIES[strategy],
             enable_prefix_caching=False,
             quantization=engine.config.quantization,
+            kv_cache_dtype=engine.config.kv_cache_dtype,
             enforce_eager=True,  # CUDA graphs would be captured anew for each short-lived engine
         ),
     )
