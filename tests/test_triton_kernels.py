@@ -55,6 +55,15 @@ def paged_cache(
     return k_cache, v_cache, block_tables.to(DEVICE)
 
 
+def last_slots(block_tables: torch.Tensor, context_lens: list[int], block_size: int) -> torch.Tensor:
+    """[S] int64: each sequence's slot for its last position (its new token in a decode step), -1 if empty."""
+    slots = [
+        int(block_tables[i, (n - 1) // block_size]) * block_size + (n - 1) % block_size if n else -1
+        for i, n in enumerate(context_lens)
+    ]
+    return torch.tensor(slots, device=DEVICE)
+
+
 def reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -148,11 +157,7 @@ def test_paged_decode_attention_stores_the_new_keys(shape, num_splits, sliding_w
     # k and v as the model hands them over: views into wider tensors, with different row strides.
     k_new = torch.randn(num_seqs, 3 * num_kv_heads, head_dim, device=DEVICE).to(dtype)[:, num_kv_heads : 2 * num_kv_heads]
     v_new = torch.randn(num_seqs, 5 * num_kv_heads, head_dim, device=DEVICE).to(dtype)[:, 4 * num_kv_heads :]
-    slots = [
-        int(block_tables[i, (n - 1) // block_size]) * block_size + (n - 1) % block_size if n else -1
-        for i, n in enumerate(context_lens)
-    ]
-    slot_mapping = torch.tensor(slots, device=DEVICE)
+    slot_mapping = last_slots(block_tables, context_lens, block_size)
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
     attention_torch.store_kv(k_new[:-1], v_new[:-1], expected_k, expected_v, slot_mapping[:-1])
     lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
@@ -233,11 +238,7 @@ def test_fp8_cache_kernels_match_the_torch_path(num_splits):
     k_new = torch.randn(num_seqs, num_kv_heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
     k_new[0, 0, :4] = torch.tensor([1000.0, -1000.0, 448.0, 0.01])  # beyond, at and well inside the range
     v_new = torch.randn_like(k_new)
-    slots = [
-        int(block_tables[i, (n - 1) // block_size]) * block_size + (n - 1) % block_size if n else -1
-        for i, n in enumerate(context_lens)
-    ]
-    slot_mapping = torch.tensor(slots, device=DEVICE)
+    slot_mapping = last_slots(block_tables, context_lens, block_size)
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
     attention_torch.store_kv(k_new[:-1], v_new[:-1], expected_k, expected_v, slot_mapping[:-1])
     lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
@@ -250,7 +251,7 @@ def test_fp8_cache_kernels_match_the_torch_path(num_splits):
 
     assert torch.equal(k_cache.view(torch.uint8), expected_k.view(torch.uint8))
     assert torch.equal(v_cache.view(torch.uint8), expected_v.view(torch.uint8))
-    assert expected_k.view(-1, num_kv_heads, head_dim)[slots[0], 0, :2].float().tolist() == [448.0, -448.0]
+    assert expected_k.view(-1, num_kv_heads, head_dim)[slot_mapping[0], 0, :2].float().tolist() == [448.0, -448.0]
     query_lens = [1 if n > 0 else 0 for n in context_lens]
     expected = reference(q, expected_k, expected_v, block_tables, query_lens, context_lens, scale, None)
     assert_close(out, expected, torch.bfloat16)
