@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from glassbox.config import ModelConfig
-from glassbox.layers.attention import AttentionMetadata, attention_layers
+from glassbox.engine.step_metadata import filler_prompts
+from glassbox.layers.attention import attention_layers
 
 # Device memory kept out of the KV pool for CUDA graphs' private pool and the sampler's buffers.
 CUDA_RESERVE_BYTES = 1 << 30
@@ -64,13 +65,9 @@ class KVCache:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        # As many tokens as a step may hold, in prompts no longer than the model's positions (GPT-2 has 1024).
-        lengths = [min(config.max_position_embeddings, warmup_tokens - start)
-                   for start in range(0, warmup_tokens, config.max_position_embeddings)]
+        # As many tokens as a step may hold.
         with torch.inference_mode():
-            ids = torch.zeros(warmup_tokens, dtype=torch.int64, device=device)
-            positions = torch.cat([torch.arange(n, device=device) for n in lengths])
-            hidden = model(ids, positions, AttentionMetadata.for_prompts(lengths, device))
+            hidden = model(*filler_prompts(warmup_tokens, config.max_position_embeddings, device))
             model.compute_logits(hidden[-256:])  # the sampled rows of a full decode batch
             del hidden
         torch.cuda.synchronize(device)

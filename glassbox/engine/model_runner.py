@@ -15,8 +15,7 @@ from glassbox.engine.cuda_graphs import DecodeGraphs
 from glassbox.engine.kv_cache import KVCache
 from glassbox.engine.scheduler import ScheduledBatch
 from glassbox.engine.sequence import Sequence
-from glassbox.engine.step_metadata import SeqChunk, build_step_metadata
-from glassbox.layers.attention import AttentionMetadata
+from glassbox.engine.step_metadata import SeqChunk, build_step_metadata, filler_prompts
 from glassbox.layers.sparsity import SparsityState
 from glassbox.models.loader import LoadedModel
 from glassbox.sampling import SampleRequest, SampleResult, device_only, sample, sample_tokens
@@ -218,15 +217,11 @@ class ModelRunner:
     @torch.inference_mode()
     def warm_up_compiled_steps(self) -> None:
         """Compile the layers for long eager steps now, not on the first long prompt: a cache-less forward
-        of COMPILED_MIN_TOKENS tokens, in prompts no longer than the model's positions."""
+        of COMPILED_MIN_TOKENS tokens."""
         if not self._compiled_step(COMPILED_MIN_TOKENS):
             return
-        length = min(COMPILED_MIN_TOKENS, self.config.max_position_embeddings)
-        lengths = [length] * -(-COMPILED_MIN_TOKENS // length)
-        meta = AttentionMetadata.for_prompts(lengths, self.device)
+        ids, positions, meta = filler_prompts(COMPILED_MIN_TOKENS, self.config.max_position_embeddings, self.device)
         meta.compiled = True
-        ids = torch.zeros(sum(lengths), dtype=torch.int64, device=self.device)
-        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
         self.model(ids, positions, meta)
 
     def sample(self, logits: torch.Tensor, requests: list[SampleRequest]) -> SampleResult:

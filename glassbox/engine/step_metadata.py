@@ -46,3 +46,14 @@ def build_step_metadata(
         context_lens_list=context_lens,
     )
     return torch.tensor(positions, dtype=torch.int64, device=device), meta
+
+
+def filler_prompts(
+    num_tokens: int, max_positions: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """`num_tokens` token ids (zeros) as whole prompts no longer than `max_positions` (GPT-2 has 1024), for a
+    cache-less forward that only warms up or measures: ids [T], positions [T] and their metadata."""
+    lengths = [min(max_positions, num_tokens - start) for start in range(0, num_tokens, max_positions)]
+    ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+    return ids, positions, AttentionMetadata.for_prompts(lengths, device)
