@@ -2,12 +2,12 @@
 ../shared/bench/hf_gpu_baseline.py in the same device call).
 
     python bench/gpu.py [--shapes smollm2-135m,llama-1b,qwen3-0.6b] [--batches 1,32,128] [--eager] [--no-nano]
-                        [--no-nano-fp8]
+                        [--nano-kv-cache-dtypes auto,fp8]
 
 bfloat16, prompts of 128 random tokens, 128 new tokens, greedy, EOS ignored. Per shape: TTFT (median of 5),
 decode ms/token and output tokens/s per batch size, and the weight-read floor (weight bytes / copy bandwidth).
 Then nano-vllm's throughput workload on the Qwen3-0.6B shape, sampled at temperature 0.6 as nano-vllm does,
-with the bfloat16 KV cache and again with kv_cache_dtype="fp8".
+with the bfloat16 KV cache and again with kv_cache_dtype="fp8". `--shapes ""` runs the nano workload alone.
 Prints tables; writes JSON to $OUT/glassbox_gpu.json.
 """
 
@@ -42,6 +42,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 NANO_SHAPE = "qwen3-0.6b"
 NANO_TEMPERATURE = 0.6  # nano-vllm's bench.py samples at 0.6 (on the device here, as greedy is)
+NANO_KEYS = {"auto": "nano", "fp8": "nano_fp8"}  # glassbox_gpu.json keys of the nano runs per KV cache dtype
 MAX_BATCHED_TOKENS = 16384  # nano-vllm's default
 
 
@@ -232,7 +233,7 @@ def print_tables(out: dict[str, Any], shapes: list[str], batches: list[int]) -> 
         res = out[name]
         cells = [f"{res[f'bs{b}']['step_ms']:.2f} / {res[f'bs{b}']['tok_s']:,.0f}" for b in batches]
         print(f"| {name} | {res['ttft_ms']:.1f} | " + " | ".join(cells) + f" | {res['floor_step_ms']:.3f} |")
-    runs = [out[key] for key in ("nano", "nano_fp8") if key in out]
+    runs = [out[key] for key in NANO_KEYS.values() if key in out]
     if runs:
         print(f"\n| nano-vllm workload (Qwen3-0.6B shape, {runs[0]['sampling']}) | KV cache | output tokens | time s | tok/s |\n"
               "|---|---|---|---|---|")
@@ -258,10 +259,10 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs (EngineConfig.enforce_eager)")
     parser.add_argument("--nano", action=argparse.BooleanOptionalAction, default=True,
                         help="nano-vllm's 256-request throughput workload on the Qwen3-0.6B shape")
-    parser.add_argument("--nano-fp8", action=argparse.BooleanOptionalAction, default=True,
-                        help="nano-vllm's workload again with kv_cache_dtype=fp8")
+    parser.add_argument("--nano-kv-cache-dtypes", default="auto,fp8",
+                        help="the nano-vllm workload once per KV cache dtype (EngineConfig.kv_cache_dtype)")
     args = parser.parse_args()
-    shapes, batches = args.shapes.split(","), [int(b) for b in args.batches.split(",")]
+    shapes, batches = [s for s in args.shapes.split(",") if s], [int(b) for b in args.batches.split(",")]
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                            "triton": package_version("triton"), "eager": args.eager,
                            "copy_GBps": copy_bandwidth_gbps()}
@@ -279,12 +280,11 @@ def main() -> None:
         if args.nano:
             start, folder = time.perf_counter(), Path(tmp) / NANO_SHAPE
             folder = folder if folder.exists() else random_model_folder(NANO_SHAPE, folder)
-            out["nano"] = bench_nano(folder, args.eager)
-            print(f"nano-vllm workload: done in {time.perf_counter() - start:.0f} s", flush=True)
-            if args.nano_fp8:
+            for kv_cache_dtype in args.nano_kv_cache_dtypes.split(","):
+                out[NANO_KEYS[kv_cache_dtype]] = bench_nano(folder, args.eager, kv_cache_dtype)
                 gc.collect()
                 torch.cuda.empty_cache()
-                out["nano_fp8"] = bench_nano(folder, args.eager, "fp8")
+            print(f"nano-vllm workload: done in {time.perf_counter() - start:.0f} s", flush=True)
     out_path.write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))
     print_tables(out, shapes, batches)

@@ -17,8 +17,11 @@ computed in one program so that each key/value tile is loaded once. Every tl.dot
 each dimension (a GPU requirement; the interpreter does not check it): groups and head_dim are padded to 16.
 
 An 8-bit float cache (float8_e4m3fn, vLLM's kv_cache_dtype="fp8", scale 1) halves the bytes that decode
-reads: keys/values are stored saturated to its range, and tiles are widened to the query's dtype before
-the products (the query is never rounded to 8 bits).
+reads: keys/values are stored saturated to its range, and tiles are widened before the products (the query is
+never rounded to 8 bits). Decode widens them to float16, which holds every e4m3 value exactly and converts a
+pair in one instruction, with a bfloat16 query rounded to float16 (exact within its range) and the
+probabilities in float16: 12% faster than widening to bfloat16 (H100, nano-vllm's mid-run batch: 234 -> 205
+us a layer). Prefill widens to the query's dtype.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ PREFILL_BLOCK_N = 64  # keys per step of the prefill loop
 TARGET_DECODE_PROGRAMS = 256
 MIN_SPLIT_TOKENS = 256
 MAX_DECODE_SPLITS = 64  # the merge kernel holds [splits, head_dim] float32 in registers
+F16_MAX = tl.constexpr(65504.0)  # a bfloat16 query beyond float16's range is clamped, not made infinite
 NO_MAX = tl.constexpr(-1e30)  # running-max start: finite, so fully masked tiles give exp2(-inf - NO_MAX) = 0, never NaN
 
 
@@ -263,6 +267,8 @@ def _decode_kernel(
     )  # [BLOCK_G, BLOCK_D]
     if FP8_MAX == 0:
         q = q.to(k_cache_ptr.dtype.element_ty)
+    elif not IEEE:  # 8-bit tiles widen to float16, exactly and in one instruction per pair (bfloat16 takes two)
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -F16_MAX), F16_MAX).to(tl.float16)
 
     running_max = tl.full([BLOCK_G], NO_MAX, tl.float32)
     running_sum = tl.zeros([BLOCK_G], tl.float32)
