@@ -94,6 +94,35 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     torch.testing.assert_close(actual.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
+def decode_storing(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: list[int],
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    sliding_window: int | None = None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """The decode kernel storing k_new/v_new itself (k_cache and v_cache change in place) and, on copies of
+    the caches, store_kv then the reference: (out, expected out, expected k_cache, expected v_cache, slots).
+    The last sequence is a padding row (context 0)."""
+    block_size, head_dim = k_cache.shape[1], q.shape[-1]
+    slot_mapping = last_slots(block_tables, context_lens, block_size)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    attention_torch.store_kv(k_new[:-1], v_new[:-1], expected_k, expected_v, slot_mapping[:-1])
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+    scale = head_dim**-0.5
+    out = attention_triton.paged_decode_attention(
+        q, k_cache, v_cache, block_tables, lens, scale, sliding_window, num_splits=num_splits,
+        k_new=k_new, v_new=v_new, slot_mapping=slot_mapping,
+    )  # fmt: skip
+    query_lens = [1 if n > 0 else 0 for n in context_lens]
+    expected = reference(q, expected_k, expected_v, block_tables, query_lens, context_lens, scale, sliding_window)
+    return out, expected, expected_k, expected_v, slot_mapping
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_store_kv_writes_slots_and_skips_padding(dtype):
     torch.manual_seed(0)
@@ -157,20 +186,12 @@ def test_paged_decode_attention_stores_the_new_keys(shape, num_splits, sliding_w
     # k and v as the model hands them over: views into wider tensors, with different row strides.
     k_new = torch.randn(num_seqs, 3 * num_kv_heads, head_dim, device=DEVICE).to(dtype)[:, num_kv_heads : 2 * num_kv_heads]
     v_new = torch.randn(num_seqs, 5 * num_kv_heads, head_dim, device=DEVICE).to(dtype)[:, 4 * num_kv_heads :]
-    slot_mapping = last_slots(block_tables, context_lens, block_size)
-    expected_k, expected_v = k_cache.clone(), v_cache.clone()
-    attention_torch.store_kv(k_new[:-1], v_new[:-1], expected_k, expected_v, slot_mapping[:-1])
-    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
-    scale = head_dim**-0.5
 
-    out = attention_triton.paged_decode_attention(
-        q, k_cache, v_cache, block_tables, lens, scale, sliding_window, num_splits=num_splits,
-        k_new=k_new, v_new=v_new, slot_mapping=slot_mapping,
-    )  # fmt: skip
+    out, expected, expected_k, expected_v, _ = decode_storing(
+        q, k_cache, v_cache, block_tables, context_lens, k_new, v_new, sliding_window, num_splits
+    )
 
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
-    query_lens = [1 if n > 0 else 0 for n in context_lens]
-    expected = reference(q, expected_k, expected_v, block_tables, query_lens, context_lens, scale, sliding_window)
     assert_close(out, expected, dtype)
 
 
@@ -238,22 +259,14 @@ def test_fp8_cache_kernels_match_the_torch_path(num_splits):
     k_new = torch.randn(num_seqs, num_kv_heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
     k_new[0, 0, :4] = torch.tensor([1000.0, -1000.0, 448.0, 0.01])  # beyond, at and well inside the range
     v_new = torch.randn_like(k_new)
-    slot_mapping = last_slots(block_tables, context_lens, block_size)
-    expected_k, expected_v = k_cache.clone(), v_cache.clone()
-    attention_torch.store_kv(k_new[:-1], v_new[:-1], expected_k, expected_v, slot_mapping[:-1])
-    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
-    scale = head_dim**-0.5
 
-    out = attention_triton.paged_decode_attention(
-        q, k_cache, v_cache, block_tables, lens, scale, num_splits=num_splits,
-        k_new=k_new, v_new=v_new, slot_mapping=slot_mapping,
-    )  # fmt: skip
+    out, expected, expected_k, expected_v, slot_mapping = decode_storing(
+        q, k_cache, v_cache, block_tables, context_lens, k_new, v_new, num_splits=num_splits
+    )
 
     assert torch.equal(k_cache.view(torch.uint8), expected_k.view(torch.uint8))
     assert torch.equal(v_cache.view(torch.uint8), expected_v.view(torch.uint8))
     assert expected_k.view(-1, num_kv_heads, head_dim)[slot_mapping[0], 0, :2].float().tolist() == [448.0, -448.0]
-    query_lens = [1 if n > 0 else 0 for n in context_lens]
-    expected = reference(q, expected_k, expected_v, block_tables, query_lens, context_lens, scale, None)
     assert_close(out, expected, torch.bfloat16)
 
     # Prefill: the last 40 tokens of the 70- and 300-token sequences, stored by store_kv first.
@@ -270,6 +283,7 @@ def test_fp8_cache_kernels_match_the_torch_path(num_splits):
     attention_triton.store_kv(k_chunk, v_chunk, k_cache, v_cache, chunk_slots)
     assert torch.equal(k_cache.view(torch.uint8), expected_k.view(torch.uint8))
     starts = torch.tensor([0, 40, 80], dtype=torch.int32, device=DEVICE)
+    scale = head_dim**-0.5
     out = attention_triton.prefill_attention(
         q, k_cache, v_cache, tables, starts, torch.tensor(prefill_lens, dtype=torch.int32, device=DEVICE), 40, scale
     )

@@ -108,8 +108,7 @@ class LLMEngine:
         self.runner.overlap = graphs is not None if cfg.async_scheduling is None else cfg.async_scheduling
         if graphs is not None:
             graphs.capture()  # after the runner bound the KV pool: the graphs hold its addresses
-            self.runner.warm_up_compiled_steps()
-        self.runner.warm_up_sampler()
+        self.runner.warm_up()
         self.requests: dict[str, RequestState] = {}
         self.eos_token_ids = set(loaded.config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()

@@ -215,27 +215,22 @@ class ModelRunner:
         return self.use_graphs and getattr(self.model, "glassbox_compiled", False) and num_tokens >= COMPILED_MIN_TOKENS
 
     @torch.inference_mode()
-    def warm_up_compiled_steps(self) -> None:
-        """Compile the layers for long eager steps now, not on the first long prompt: a cache-less forward
-        of COMPILED_MIN_TOKENS tokens."""
-        if not self._compiled_step(COMPILED_MIN_TOKENS):
-            return
-        ids, positions, meta = filler_prompts(COMPILED_MIN_TOKENS, self.config.max_position_embeddings, self.device)
-        meta.compiled = True
-        self.model(ids, positions, meta)
-
-    @torch.inference_mode()
-    def warm_up_sampler(self) -> None:
-        """CUDA: compile the sampler's Triton draw now, not in the first sampled step (1.6 s with cold caches
-        on an H100, measured in nano-vllm's workload): once for rows drawn straight from the model's logits
-        (temperature only), once for filtered float32 rows (top_k here)."""
-        if self.device.type != "cuda":
-            return
-        weight = next(self.model.parameters())
-        hidden = torch.zeros(1, self.config.hidden_size, dtype=weight.dtype, device=self.device)
-        logits = self.model.compute_logits(hidden)
-        for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_k=2)):
-            sample_tokens(logits, [SampleRequest(params, [], [], None)], torch.Generator(self.device))
+    def warm_up(self) -> None:
+        """Compile now, not in the first steps that need it (call after the graph capture):
+        - the layers for long eager steps (CUDA graphs on): a cache-less forward of COMPILED_MIN_TOKENS tokens;
+        - CUDA: the sampler's Triton draw (1.6 s with cold caches on an H100, measured in nano-vllm's
+          workload), once for rows drawn straight from the model's logits (temperature only), once for
+          filtered float32 rows (top_k here)."""
+        if self._compiled_step(COMPILED_MIN_TOKENS):
+            ids, positions, meta = filler_prompts(COMPILED_MIN_TOKENS, self.config.max_position_embeddings, self.device)
+            meta.compiled = True
+            self.model(ids, positions, meta)
+        if self.device.type == "cuda":
+            weight = next(self.model.parameters())
+            hidden = torch.zeros(1, self.config.hidden_size, dtype=weight.dtype, device=self.device)
+            logits = self.model.compute_logits(hidden)
+            for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_k=2)):
+                sample_tokens(logits, [SampleRequest(params, [], [], None)], torch.Generator(self.device))
 
     def sample(self, logits: torch.Tensor, requests: list[SampleRequest]) -> SampleResult:
         """logits [N, vocab] (on the model's device) -> one token per row (a method, so instruments can wrap
