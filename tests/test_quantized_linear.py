@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from glassbox.kernels import cpu_native
 from glassbox.layers.quantized_linear import Int4Linear, Int8Linear
 
 
@@ -38,3 +40,21 @@ def test_int8_w8a8_is_close_and_rows_are_independent():
     assert (out - reference).abs().max() < 0.02 * reference.abs().max()
     # Integer accumulation and per-token scales: a row's result does not depend on the other rows.
     assert torch.equal(layer(x[3:4]), out[3:4])
+
+
+@pytest.mark.skipif(not cpu_native.available(), reason="needs AVX-512 VNNI and a C compiler")
+@pytest.mark.parametrize("out_features,in_features", [(960, 576), (50, 37), (16, 1536), (49, 4)])
+@pytest.mark.parametrize("rows", [1, 7, 32])
+def test_native_int8_kernel_is_the_torch_path_bit_for_bit(out_features, in_features, rows):
+    """kernels/cpu/int8_linear.c against Int8Linear's torch._int_mm path: every tile shape (row tails of
+    16, input tails of 4, 1-6 activation rows per register block), with and without bias, strided rows."""
+    g = torch.Generator().manual_seed(out_features + rows)
+    weight = torch.randn(out_features, in_features, generator=g) * 0.05
+    bias = torch.randn(out_features, generator=g) if rows != 7 else None
+    reference, native = Int8Linear(weight, bias, native=False), Int8Linear(weight, bias, native=True)
+    x = torch.randn(rows, in_features + 3, generator=g)[:, :in_features]  # rows with a stride
+    x[0, :3] = 0.0  # exact zeros
+    assert torch.equal(native(x), reference(x))
+    assert torch.equal(native(x.bfloat16()), reference(x.bfloat16()))
+    zeros = torch.zeros(2, in_features)
+    assert torch.equal(native(zeros), reference(zeros))

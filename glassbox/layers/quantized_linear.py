@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from glassbox.kernels import cpu_native
+
 INT4_GROUP_SIZE = 32
 
 
@@ -52,21 +54,36 @@ class Int4Linear(nn.Module):
 
 class Int8Linear(nn.Module):
     """W8A8: int8 weights (one scale per output row) times int8 activations (one scale per token, taken
-    at run time), accumulated exactly in int32 by `torch._int_mm` (VNNI on x86). A row's result depends
-    on that row alone, so outputs are the same whatever else is in the batch."""
+    at run time), accumulated exactly in int32. A row's result depends on that row alone, so outputs are
+    the same whatever else is in the batch.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        """weight: [out, in] float; w ≈ q * scale[row]."""
+    Two kernels, same bits: the native one (kernels/cpu/int8_linear.c: quantize, VNNI GEMM and scaling in
+    one call, weights packed for it) where the CPU and a compiler allow, else `torch._int_mm` — the
+    readable path below, and the oracle the native kernel is tested against. Only one weight copy is kept.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, native: bool | None = None) -> None:
+        """weight: [out, in] float; w ≈ q * scale[row]. native: None = wherever available."""
         super().__init__()
         self.out_features = weight.shape[0]
         scale = weight.float().abs().amax(1).clamp_min(1e-10) / 127
-        # Stored [out, in] and handed to the kernel transposed: faster than a contiguous [in, out] here.
-        self.register_buffer("weight_int8", (weight.float() / scale[:, None]).round_().to(torch.int8))
+        weight_int8 = (weight.float() / scale[:, None]).round_().to(torch.int8)
+        self.native = cpu_native.available() if native is None else native
+        if self.native:
+            self.register_buffer("packed_weight", cpu_native.int8_pack(weight_int8))
+        else:
+            # Stored [out, in] and handed to the kernel transposed: faster than a contiguous [in, out] here.
+            self.register_buffer("weight_int8", weight_int8)
         self.register_buffer("scale", scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2d = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).float()
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        if self.native:
+            y = cpu_native.int8_linear(x2d.float(), self.packed_weight, self.scale, self.bias, self.out_features)
+            y = y.to(x.dtype)
+            return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+        x2d = x2d.float()
         x_scale = x2d.abs().amax(1, keepdim=True).clamp_min_(1e-10).div_(127)  # [M, 1]
         x_int8 = torch.round(x2d / x_scale).to(torch.int8)
         y = torch._int_mm(x_int8, self.weight_int8.t()).float().mul_(x_scale).mul_(self.scale)

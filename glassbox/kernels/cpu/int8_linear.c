@@ -1,0 +1,176 @@
+// W8A8 linear layer for x86 CPUs with AVX-512 VNNI: y = (x_q · w_qᵀ) * x_scale * w_scale (+ bias) (+ residual).
+//
+// The math is Int8Linear's (layers/quantized_linear.py), which is the oracle: activations quantized per
+// row to int8 with scale max|x| / 127 and round-half-even, weights int8 with one scale per output row,
+// exact int32 accumulation, then the two float32 scale multiplications in the same order. So the result
+// is bit for bit the PyTorch path's; what differs is that quantize, GEMM and the scaling are one pass
+// with no intermediate tensors, and the weights are laid out for VNNI.
+//
+// VNNI's vpdpbusd multiplies 4 unsigned bytes by 4 signed bytes and adds the 4 products to an int32
+// lane. The packed weights are the unsigned side: w + 128, in tiles of 16 output rows × 4 inputs, so
+// one 64-byte load holds 4 inputs of 16 rows and the 4 matching activations are one broadcast int32:
+//   packed [N/16, K/4, 16, 4] uint8,   acc[16 rows] += Σ_4 (w + 128) * x
+// and the +128 is taken back once per row: Σ_k (w + 128) x = Σ_k w x + 128 Σ_k x.
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ROW_TILE 16   // output rows per vector
+#define N_TILES 4     // row tiles per register block: 64 output rows
+#define M_TILE 6      // activation rows per register block: 4 × 6 = 24 accumulators
+
+// acc += Σ_4 w (unsigned) * x (signed), in place. Inline assembly rather than _mm512_dpbusd_epi32: GCC 12
+// copies and spills the accumulators of the intrinsic (it does not see the instruction as in-place).
+#define DPBUSD(acc, w, x) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x))
+
+static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// w [N, K] int8 (row-major) -> packed [N_pad/16, K_pad/4, 16, 4] uint8 (w + 128; padding = 128, i.e. 0).
+void gb_int8_pack(const int8_t *w, int64_t N, int64_t K, uint8_t *packed) {
+    int64_t K_pad = round_up(K, 4), N_pad = round_up(N, ROW_TILE);
+    memset(packed, 128, (size_t)(N_pad * K_pad));
+    for (int64_t n = 0; n < N; n++) {
+        uint8_t *tile = packed + (n / ROW_TILE) * K_pad * ROW_TILE + (n % ROW_TILE) * 4;
+        for (int64_t k = 0; k < K; k++)
+            tile[(k / 4) * ROW_TILE * 4 + (k % 4)] = (uint8_t)(w[n * K + k] + 128);
+    }
+}
+
+// One row of x [K] float32 -> q [K_pad] int8 (zero padded), returns its scale; *sum = Σ q.
+static float quantize_row(const float *x, int64_t K, int64_t K_pad, int8_t *q, int32_t *sum) {
+    __m512 amax = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+    float a = _mm512_reduce_max_ps(amax);
+    for (; k < K; k++) a = fmaxf(a, fabsf(x[k]));
+    const float scale = fmaxf(a, 1e-10f) / 127.0f;
+    // x / scale (a true division, as the PyTorch path) rounded half to even, as torch.round.
+    const __m512 s = _mm512_set1_ps(scale);
+    __m512i total = _mm512_setzero_si512();
+    for (k = 0; k + 16 <= K; k += 16) {
+        __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + k), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512i v = _mm512_cvtps_epi32(r);
+        total = _mm512_add_epi32(total, v);
+        _mm_storeu_si128((__m128i *)(q + k), _mm512_cvtepi32_epi8(v));
+    }
+    int32_t t = _mm512_reduce_add_epi32(total);
+    for (; k < K; k++) {
+        int32_t v = (int32_t)nearbyintf(x[k] / scale);
+        q[k] = (int8_t)v;
+        t += v;
+    }
+    memset(q + K, 0, (size_t)(K_pad - K));
+    *sum = t;
+    return scale;
+}
+
+// The epilogue of one 16-row tile of one activation row: exact int32 -> float32, scaled as Int8Linear does.
+static inline void store_tile(__m512i acc, int64_t row, int64_t n0, const int32_t *xsum, const float *xscale,
+                              const float *w_scale, const float *bias, int64_t N, float *y, int64_t ldy,
+                              const float *residual, int64_t ldr) {
+    int64_t left = N - n0;
+    __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+    __m512i exact = _mm512_sub_epi32(acc, _mm512_set1_epi32(128 * xsum[row]));
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), _mm512_set1_ps(xscale[row]));
+    v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mask, w_scale + n0));
+    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + n0));
+    if (residual) v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, residual + row * ldr + n0), v);
+    _mm512_mask_storeu_ps(y + row * ldy + n0, mask, v);
+}
+
+// Rows [m0, m0 + MT) × row tiles [t0, t0 + NT) of the output. MT ≤ 6 and NT ≤ 4 are constants at every
+// call site: the accumulators are named variables (an array of them is spilled to the stack by GCC).
+#define ACC(i) __m512i c##i##0 = _mm512_setzero_si512(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
+#define DOT(i)                                                                    \
+    if (MT > i) {                                                                 \
+        int32_t x4;                                                               \
+        memcpy(&x4, xq + (m0 + i) * K_pad + k4 * 4, 4);                           \
+        __m512i xb = _mm512_set1_epi32(x4);                                       \
+        DPBUSD(c##i##0, w0, xb);                           \
+        if (NT > 1) DPBUSD(c##i##1, w1, xb);               \
+        if (NT > 2) DPBUSD(c##i##2, w2, xb);               \
+        if (NT > 3) DPBUSD(c##i##3, w3, xb);               \
+    }
+#define STORE(i)                                                                                             \
+    if (MT > i) {                                                                                            \
+        __m512i acc[4] = {c##i##0, c##i##1, c##i##2, c##i##3};                                               \
+        for (int t = 0; t < NT; t++)                                                                         \
+            store_tile(acc[t], m0 + i, (t0 + t) * ROW_TILE, xsum, xscale, w_scale, bias, N, y, ldy, residual, \
+                       ldr);                                                                                 \
+    }
+
+static inline __attribute__((always_inline)) void block(const int8_t *xq, int64_t K_pad, const int32_t *xsum,
+                                                        const float *xscale, int64_t m0, const int MT,
+                                                        const uint8_t *packed, int64_t t0, const int NT,
+                                                        const float *w_scale, const float *bias, int64_t N, float *y,
+                                                        int64_t ldy, const float *residual, int64_t ldr) {
+    ACC(0) ACC(1) ACC(2) ACC(3) ACC(4) ACC(5)
+    const int64_t tile_bytes = K_pad * ROW_TILE;
+    const uint8_t *w_base = packed + t0 * tile_bytes;
+    for (int64_t k4 = 0; k4 < K_pad / 4; k4++) {
+        const uint8_t *wk = w_base + k4 * 64;
+        __m512i w0 = _mm512_loadu_si512((const void *)wk);
+        __m512i w1 = NT > 1 ? _mm512_loadu_si512((const void *)(wk + tile_bytes)) : w0;
+        __m512i w2 = NT > 2 ? _mm512_loadu_si512((const void *)(wk + 2 * tile_bytes)) : w0;
+        __m512i w3 = NT > 3 ? _mm512_loadu_si512((const void *)(wk + 3 * tile_bytes)) : w0;
+        DOT(0) DOT(1) DOT(2) DOT(3) DOT(4) DOT(5)
+    }
+    STORE(0) STORE(1) STORE(2) STORE(3) STORE(4) STORE(5)
+}
+
+// x [M, K] (row stride ldx) float32 -> y [M, N] (row stride ldy) float32.
+// bias [N] and residual [M, N] (row stride ldr; may alias y) are optional (NULL).
+void gb_int8_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *packed, const float *w_scale,
+                    const float *bias, int64_t N, float *y, int64_t ldy, const float *residual, int64_t ldr) {
+    int64_t K_pad = round_up(K, 4);
+    int8_t *xq = aligned_alloc(64, (size_t)round_up(M * K_pad, 64));
+    float *xscale = malloc(sizeof(float) * (size_t)M);
+    int32_t *xsum = malloc(sizeof(int32_t) * (size_t)M);
+#pragma omp parallel for schedule(static) if (M > 1)
+    for (int64_t m = 0; m < M; m++) xscale[m] = quantize_row(x + m * ldx, K, K_pad, xq + m * K_pad, xsum + m);
+
+    int64_t tiles = round_up(N, ROW_TILE) / ROW_TILE;
+    int64_t groups = (tiles + N_TILES - 1) / N_TILES;
+    int64_t m_blocks = (M + M_TILE - 1) / M_TILE;
+    // Each thread takes whole 64-row groups (its weights stream once per M_TILE rows of x).
+#pragma omp parallel for schedule(static) collapse(2)
+    for (int64_t g = 0; g < groups; g++) {
+        for (int64_t mb = 0; mb < m_blocks; mb++) {
+            int64_t t0 = g * N_TILES;
+            int nt = (int)(tiles - t0 < N_TILES ? tiles - t0 : N_TILES);
+            int64_t m0 = mb * M_TILE;
+            int mt = (int)(M - m0 < M_TILE ? M - m0 : M_TILE);
+            // Constant tile sizes let the compiler keep the accumulators in registers.
+#define BLOCK(MT, NT) block(xq, K_pad, xsum, xscale, m0, MT, packed, t0, NT, w_scale, bias, N, y, ldy, residual, ldr)
+            if (nt == N_TILES) {
+                switch (mt) {
+                    case 1: BLOCK(1, N_TILES); break;
+                    case 2: BLOCK(2, N_TILES); break;
+                    case 3: BLOCK(3, N_TILES); break;
+                    case 4: BLOCK(4, N_TILES); break;
+                    case 5: BLOCK(5, N_TILES); break;
+                    default: BLOCK(6, N_TILES); break;
+                }
+            } else {  // the last tiles of N, one at a time
+                for (int64_t t = t0; t < tiles; t++) {
+                    int64_t t0 = t;
+                    switch (mt) {
+                        case 1: BLOCK(1, 1); break;
+                        case 2: BLOCK(2, 1); break;
+                        case 3: BLOCK(3, 1); break;
+                        case 4: BLOCK(4, 1); break;
+                        case 5: BLOCK(5, 1); break;
+                        default: BLOCK(6, 1); break;
+                    }
+                }
+            }
+#undef BLOCK
+        }
+    }
+    free(xq);
+    free(xscale);
+    free(xsum);
+}

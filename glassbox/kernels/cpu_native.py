@@ -1,0 +1,145 @@
+"""Hand-written CPU kernels (C with AVX-512 VNNI intrinsics, in kernels/cpu/), built on first use and called
+through ctypes.
+
+Why C: on a small CPU a decode step is bound by the bytes of weights it reads and by the number of ops it
+dispatches. PyTorch here has no int8 GEMV that reads int8 weights at memory speed (`torch._int_mm` wants a
+quantized activation tensor built by four more ops, and is tuned for big matrices), and its paged
+attention needs the blocks gathered first. These kernels do one job per call, on raw pointers, and each
+has a PyTorch oracle it is tested against (Int8Linear's torch path, kernels/attention_torch.py).
+
+The library is compiled with the machine's C compiler (`-march=native`) into ~/.cache/glassbox (or
+$GLASSBOX_CACHE_DIR), keyed by a hash of the sources and flags, in about a second; later processes load
+the cached file. `available()` is False — and callers keep the PyTorch path — where the CPU lacks AVX-512
+VNNI, no compiler is found, the build fails, or GLASSBOX_NATIVE=0.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = sorted((Path(__file__).parent / "cpu").glob("*.c"))
+# -ffp-contract=off: no fused multiply-adds where the PyTorch path rounds twice (int8_linear is bit-exact).
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+SIGNATURES = {
+    "gb_int8_pack": [_P, _I, _I, _P],
+    "gb_int8_linear": [_P, _I, _I, _I, _P, _P, _P, _I, _P, _I, _P, _I],
+}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("GLASSBOX_CACHE_DIR") or Path.home() / ".cache" / "glassbox"
+    return Path(root) / "native"
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (with one log line saying why) where they cannot run here."""
+    if os.environ.get("GLASSBOX_NATIVE", "1") == "0":
+        return None
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    missing = [f for f in REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
+    if missing:
+        log.info("native CPU kernels off: the CPU lacks %s", ", ".join(missing))
+        return None
+    cc = _compiler()
+    if cc is None:
+        log.warning("native CPU kernels off: no C compiler (gcc) found; using the PyTorch path")
+        return None
+    key = hashlib.sha256()
+    # -march=native: a home directory shared by different CPUs keeps one build per CPU.
+    for part in [cc, *FLAGS, " ".join(sorted(_cpu_flags())), *(p.read_bytes() for p in SOURCES)]:
+        key.update(part if isinstance(part, bytes) else part.encode())
+    path = _cache_dir() / f"glassbox_cpu_{key.hexdigest()[:16]}.so"
+    if not path.exists():
+        try:
+            _build(cc, path)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            detail = getattr(exc, "stderr", "") or exc
+            log.warning("native CPU kernels off: building them failed (%s); using the PyTorch path", detail)
+            return None
+    lib = ctypes.CDLL(str(path))  # after torch: its libgomp is the one OpenMP runtime of the process
+    for name, argtypes in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
+def _build(cc: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside its final name and renamed: processes starting together never load a half-written file.
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        out = Path(tmp) / path.name
+        subprocess.run([cc, *FLAGS, "-o", str(out), *map(str, SOURCES), "-lm"], check=True, capture_output=True, text=True)
+        os.replace(out, path)
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def int8_pack(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] int8 -> the VNNI layout int8_linear reads: [ceil(N/16), ceil(K/4), 16, 4] uint8, w + 128."""
+    n, k = weight.shape
+    weight = weight.contiguous()
+    packed = torch.empty((n + 15) // 16, (k + 3) // 4, 16, 4, dtype=torch.uint8)
+    library().gb_int8_pack(weight.data_ptr(), n, k, packed.data_ptr())
+    return packed
+
+
+def int8_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Int8Linear's forward in one call: x [M, K] float32 (rows may be strided) -> [M, N] float32, plus
+    `residual` [M, N] float32 when given. Bit for bit the PyTorch path's result."""
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    y = torch.empty(m, out_features, dtype=torch.float32)
+    if residual is not None:
+        assert residual.dtype == torch.float32 and residual.stride(1) == 1
+    library().gb_int8_linear(
+        x.data_ptr(), m, k, x.stride(0), packed.data_ptr(), scale.data_ptr(), _ptr(bias), out_features,
+        y.data_ptr(), out_features, _ptr(residual), 0 if residual is None else residual.stride(0),
+    )  # fmt: skip
+    return y
