@@ -65,6 +65,8 @@ class ModelRunner:
         kv_cache.bind(self.model)
         self.graphs = graphs  # CUDA graphs of decode steps (captured over this KV pool), or None
         self.use_graphs = graphs is not None  # turned off while module hooks must fire (latency timers)
+        # The native CPU layers (engine/optimize.py installs them for int8); off while module hooks must fire.
+        self.use_native = getattr(self.model, "glassbox_native", False)
         # Whether decode steps may be launched ahead (`launch_decode`); the engine sets it.
         self.overlap = False
         self._host_tokens = [torch.empty(0, dtype=torch.int64)] * 2  # CUDA: pinned, grown on first use
@@ -102,6 +104,7 @@ class ModelRunner:
             positions, meta = build_step_metadata(chunks, self.block_size, self.device)
             meta.sparsity = sparse
             meta.compiled = self._compiled_step(len(input_ids))
+            meta.native = self.use_native and not sparse
             ends = meta.query_start_loc_list[1:]
             with torch.profiler.record_function("glassbox::forward"):  # names the step in profiler traces
                 hidden = self.model(torch.tensor(input_ids, device=self.device), positions, meta)

@@ -2,7 +2,8 @@
 
     optimize_model(model, quantization=None)    # float weights, stored column-major (faster CPU GEMMs)
     optimize_model(model, quantization="int4")  # 4-bit group-32 weights, int8 LM head (CPU)
-    optimize_model(model, quantization="int8")  # 8-bit per-row weights (CPU)
+    optimize_model(model, quantization="int8")  # 8-bit per-row weights (CPU); Llama layers in float32 then
+                                                # run on the native kernels (models/llama_native.py) where built
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from glassbox.layers.attention import Attention
 from glassbox.layers.quantized_linear import Int4Linear, Int8Linear, int4_supported
+from glassbox.models import llama_native
 from glassbox.models.gpt2 import Conv1D
 
 QUANTIZATIONS = ("int4", "int8")
@@ -45,6 +47,8 @@ def optimize_model(model: nn.Module, quantization: str | None = None) -> None:
             raise ValueError(f"quantization {quantization!r} is implemented for the CPU only")
         _quantize(model, quantization)
         _copy_out_of_checkpoint(model)
+        if quantization == "int8" and next(model.parameters()).dtype == torch.float32:
+            model.glassbox_native = llama_native.install(model)
     elif device.type == "cpu":
         _column_major(model)
         _copy_out_of_checkpoint(model)

@@ -35,11 +35,14 @@ SOURCES = sorted((Path(__file__).parent / "cpu").glob("*.c"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 
-_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_P, _I, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 SIGNATURES = {
     "gb_int8_pack": [_P, _I, _I, _P],
-    "gb_int8_linear": [_P, _I, _I, _I, _P, _P, _P, _I, _P, _I, _P, _I],
+    "gb_int8_linear": [_P, _I, _I, _I, _INT, _P, _F, _P, _P, _P, _I, _P, _I, _P, _I],
+    "gb_decode_attention": [_P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _F, _I, _P],
 }
+# What int8_linear does to its input rows before quantizing them (kernels/cpu/int8_linear.c).
+PROLOGUES = {None: 0, "rms_norm": 1, "silu_mul": 2}
 
 
 def _cpu_flags() -> set[str]:
@@ -129,17 +132,56 @@ def int8_linear(
     bias: torch.Tensor | None,
     out_features: int,
     residual: torch.Tensor | None = None,
+    prologue: str | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
 ) -> torch.Tensor:
     """Int8Linear's forward in one call: x [M, K] float32 (rows may be strided) -> [M, N] float32, plus
-    `residual` [M, N] float32 when given. Bit for bit the PyTorch path's result."""
+    `residual` [M, N] float32 when given. Bit for bit the PyTorch path's result.
+
+    prologue, applied to each row before it is quantized (the transformed rows never go to memory):
+    "rms_norm" (with norm_weight [K] and eps: RMSNorm's forward) or "silu_mul" (x is [M, 2K] = gate, up:
+    silu(gate) * up). These agree with the PyTorch ops to float32 rounding, not bit for bit."""
     if x.stride(1) != 1:
         x = x.contiguous()
     m, k = x.shape
+    if prologue == "silu_mul":
+        k //= 2
     y = torch.empty(m, out_features, dtype=torch.float32)
     if residual is not None:
         assert residual.dtype == torch.float32 and residual.stride(1) == 1
     library().gb_int8_linear(
-        x.data_ptr(), m, k, x.stride(0), packed.data_ptr(), scale.data_ptr(), _ptr(bias), out_features,
-        y.data_ptr(), out_features, _ptr(residual), 0 if residual is None else residual.stride(0),
+        x.data_ptr(), m, k, x.stride(0), PROLOGUES[prologue], _ptr(norm_weight), eps, packed.data_ptr(),
+        scale.data_ptr(), _ptr(bias), out_features, y.data_ptr(), out_features, _ptr(residual),
+        0 if residual is None else residual.stride(0),
     )  # fmt: skip
     return y
+
+
+def decode_attention(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    num_heads: int,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """One decode token per sequence: rotary on q and k, k/v stored to their slots, attention through the
+    block tables. qkv [S, (H + 2 KV) * D] float32 (the fused projection's output); cos, sin [S, 1, D]
+    float32; caches [num_blocks, block_size, KV, D] float32 -> [S, H * D] float32."""
+    seqs = qkv.shape[0]
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    assert qkv.stride(1) == 1 and k_cache.dtype == v_cache.dtype == torch.float32
+    assert cos.is_contiguous() and sin.is_contiguous() and block_tables.is_contiguous()
+    out = torch.empty(seqs, num_heads * head_dim, dtype=torch.float32)
+    library().gb_decode_attention(
+        qkv.data_ptr(), seqs, qkv.stride(0), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        slot_mapping.data_ptr(), block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(), num_heads,
+        num_kv_heads, head_dim, block_size, scale, sliding_window or 0, out.data_ptr(),
+    )  # fmt: skip
+    return out

@@ -44,6 +44,9 @@ class AttentionMetadata:
     sparsity: dict[int, SparsityState] = field(default_factory=dict)
     # Run the torch.compiled layers (set for the CUDA-graph captures; see engine/optimize.compile_layers).
     compiled: bool = False
+    # Run the native CPU layers (models/llama_native.py): set by the runner where they are installed and
+    # nothing this step needs the plain forward (masks, module hooks).
+    native: bool = False
     # Built by the first layer that needs it and reused by the others (see DecodeBatch).
     decode_batch: attention_torch.DecodeBatch | None = field(default=None, repr=False)
 

@@ -91,3 +91,18 @@ class Int8Linear(nn.Module):
             y += self.bias
         y = y.to(x.dtype)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    def forward_fused(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        prologue: str | None = None,
+        norm: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """The native kernel with what surrounds the layer folded in (models/llama_native.py): x [M, K]
+        float32, first normalized by the RMSNorm `norm` (prologue "rms_norm") or taken as [M, 2K] gate/up
+        halves (prologue "silu_mul"); `residual` [M, N] float32 added to the result."""
+        return cpu_native.int8_linear(
+            x, self.packed_weight, self.scale, self.bias, self.out_features, residual, prologue,
+            None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
+        )  # fmt: skip

@@ -56,11 +56,14 @@ class LatencyStats:
         self._wrap(engine.runner, "sample", "sample")
         self._wrap_forward(model)
         self._wrap_step(engine)
-        # A CUDA graph replays kernels without calling the modules, and an overlapped decode step samples
-        # without `sample`: time decode steps eagerly, one at a time, meanwhile.
-        runner, used_graphs, overlap = engine.runner, engine.runner.use_graphs, engine.runner.overlap
-        runner.use_graphs = runner.overlap = False
-        self._undo.append(lambda: (setattr(runner, "use_graphs", used_graphs), setattr(runner, "overlap", overlap)))
+        # A CUDA graph replays kernels without calling the modules, the native CPU layers call their kernels
+        # without the submodules, and an overlapped decode step samples without `sample`: time steps
+        # eagerly, on the plain forward, one at a time, meanwhile.
+        runner = engine.runner
+        saved = {name: getattr(runner, name) for name in ("use_graphs", "use_native", "overlap")}
+        for name in saved:
+            setattr(runner, name, False)
+        self._undo.append(lambda: [setattr(runner, name, value) for name, value in saved.items()])
         return self.status()
 
     def disable(self) -> dict[str, Any]:

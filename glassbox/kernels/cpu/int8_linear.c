@@ -18,6 +18,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vec_math.h"
+
 #define ROW_TILE 16   // output rows per vector
 #define N_TILES 4     // row tiles per register block: 64 output rows
 #define M_TILE 6      // activation rows per register block: 4 × 6 = 24 accumulators
@@ -36,6 +38,35 @@ void gb_int8_pack(const int8_t *w, int64_t N, int64_t K, uint8_t *packed) {
         uint8_t *tile = packed + (n / ROW_TILE) * K_pad * ROW_TILE + (n % ROW_TILE) * 4;
         for (int64_t k = 0; k < K; k++)
             tile[(k / 4) * ROW_TILE * 4 + (k % 4)] = (uint8_t)(w[n * K + k] + 128);
+    }
+}
+
+// What is done to a row of x before it is quantized (so the transformed row never goes to memory):
+enum { PROLOGUE_NONE = 0, PROLOGUE_RMS_NORM = 1, PROLOGUE_SILU_MUL = 2 };
+
+// The row the GEMM multiplies, into out [K]:
+//   RMS_NORM: x [K] -> x / sqrt(mean(x²) + eps) * norm_weight (as F.rms_norm, to float32 rounding);
+//   SILU_MUL: x [2K] = (gate, up) -> silu(gate) * up (LlamaMLP's activation).
+static void prologue_row(int prologue, const float *x, int64_t K, const float *norm_weight, float eps, float *out) {
+    if (prologue == PROLOGUE_RMS_NORM) {
+        __m512 ss = _mm512_setzero_ps();
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16) {
+            __m512 v = _mm512_loadu_ps(x + k);
+            ss = _mm512_fmadd_ps(v, v, ss);
+        }
+        float sum = _mm512_reduce_add_ps(ss);
+        for (; k < K; k++) sum += x[k] * x[k];
+        const float rstd = 1.0f / sqrtf(sum / (float)K + eps);
+        for (k = 0; k < K; k++) out[k] = x[k] * rstd * norm_weight[k];
+    } else {  // PROLOGUE_SILU_MUL
+        const __m512 one = _mm512_set1_ps(1.0f);
+        for (int64_t k = 0; k < K; k += 16) {
+            __mmask16 m = tail_mask(K - k);
+            __m512 g = _mm512_maskz_loadu_ps(m, x + k), up = _mm512_maskz_loadu_ps(m, x + K + k);
+            __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            _mm512_mask_storeu_ps(out + k, m, _mm512_mul_ps(silu, up));
+        }
     }
 }
 
@@ -71,8 +102,7 @@ static float quantize_row(const float *x, int64_t K, int64_t K_pad, int8_t *q, i
 static inline void store_tile(__m512i acc, int64_t row, int64_t n0, const int32_t *xsum, const float *xscale,
                               const float *w_scale, const float *bias, int64_t N, float *y, int64_t ldy,
                               const float *residual, int64_t ldr) {
-    int64_t left = N - n0;
-    __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+    __mmask16 mask = tail_mask(N - n0);
     __m512i exact = _mm512_sub_epi32(acc, _mm512_set1_epi32(128 * xsum[row]));
     __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), _mm512_set1_ps(xscale[row]));
     v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mask, w_scale + n0));
@@ -121,16 +151,28 @@ static inline __attribute__((always_inline)) void block(const int8_t *xq, int64_
     STORE(0) STORE(1) STORE(2) STORE(3) STORE(4) STORE(5)
 }
 
-// x [M, K] (row stride ldx) float32 -> y [M, N] (row stride ldy) float32.
+// x [M, K] (row stride ldx) float32 -> y [M, N] (row stride ldy) float32, x first transformed by the
+// prologue (RMS_NORM: with norm_weight [K] and eps; SILU_MUL: x is [M, 2K]).
 // bias [N] and residual [M, N] (row stride ldr; may alias y) are optional (NULL).
-void gb_int8_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *packed, const float *w_scale,
-                    const float *bias, int64_t N, float *y, int64_t ldy, const float *residual, int64_t ldr) {
+void gb_int8_linear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue, const float *norm_weight,
+                    float eps, const uint8_t *packed, const float *w_scale, const float *bias, int64_t N, float *y,
+                    int64_t ldy, const float *residual, int64_t ldr) {
     int64_t K_pad = round_up(K, 4);
     int8_t *xq = aligned_alloc(64, (size_t)round_up(M * K_pad, 64));
     float *xscale = malloc(sizeof(float) * (size_t)M);
     int32_t *xsum = malloc(sizeof(int32_t) * (size_t)M);
 #pragma omp parallel for schedule(static) if (M > 1)
-    for (int64_t m = 0; m < M; m++) xscale[m] = quantize_row(x + m * ldx, K, K_pad, xq + m * K_pad, xsum + m);
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * ldx;
+        float *transformed = NULL;
+        if (prologue != PROLOGUE_NONE) {
+            transformed = malloc(sizeof(float) * (size_t)K);
+            prologue_row(prologue, row, K, norm_weight, eps, transformed);
+            row = transformed;
+        }
+        xscale[m] = quantize_row(row, K, K_pad, xq + m * K_pad, xsum + m);
+        free(transformed);
+    }
 
     int64_t tiles = round_up(N, ROW_TILE) / ROW_TILE;
     int64_t groups = (tiles + N_TILES - 1) / N_TILES;
