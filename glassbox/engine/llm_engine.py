@@ -23,6 +23,7 @@ from glassbox.engine.model_runner import ModelRunner, PendingDecode, PromptLogpr
 from glassbox.engine.optimize import compile_layers, optimize_model
 from glassbox.engine.scheduler import Scheduler
 from glassbox.engine.sequence import Sequence
+from glassbox.kernels import cpu_native
 from glassbox.layers.attention import TritonAttentionBackend, set_attention_backend
 from glassbox.layers.sparsity import SparsityMethod, SparsityState
 from glassbox.models.loader import LoadedModel
@@ -80,6 +81,8 @@ class LLMEngine:
         cfg = self.config
         on_cuda = loaded.device.type == "cuda"
         optimize_model(loaded.model, cfg.quantization)
+        if loaded.device.type == "cpu":
+            cpu_native.keep_freed_memory()
         if on_cuda:
             set_attention_backend(loaded.model, TritonAttentionBackend())
             if cfg.compile:

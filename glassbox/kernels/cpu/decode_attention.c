@@ -40,9 +40,12 @@ static void attend_group(const float *q, int64_t G, int64_t D, const float *k_ca
                          const int32_t *block_table, int64_t BS, int64_t KVH, int64_t kvh, int64_t start,
                          int64_t ctx, float scale, float *scores, float *out) {
     const int64_t n = ctx - start, row = KVH * D;
-    for (int64_t t = start; t < ctx; t++) {
+    // Token t's row is block_table[t / BS] * BS + t % BS; walked block by block (a 64-bit division per
+    // token cost more than the dot products).
+    for (int64_t t = start; t < ctx;) {
         const float *k = k_cache + ((int64_t)block_table[t / BS] * BS + t % BS) * row + kvh * D;
-        for (int64_t g = 0; g < G; g++) scores[g * n + (t - start)] = dot(q + g * D, k, D) * scale;
+        for (int64_t end = t + BS - t % BS < ctx ? t + BS - t % BS : ctx; t < end; t++, k += row)
+            for (int64_t g = 0; g < G; g++) scores[g * n + (t - start)] = dot(q + g * D, k, D) * scale;
     }
     for (int64_t g = 0; g < G; g++) {
         float *s = scores + g * n;
@@ -63,13 +66,15 @@ static void attend_group(const float *q, int64_t G, int64_t D, const float *k_ca
             const __mmask16 m0 = tail_mask(D - i), m1 = tail_mask(D - i - 16), m2 = tail_mask(D - i - 32),
                             m3 = tail_mask(D - i - 48);
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int64_t t = start; t < ctx; t++) {
+            for (int64_t t = start; t < ctx;) {
                 const float *v = v_cache + ((int64_t)block_table[t / BS] * BS + t % BS) * row + kvh * D + i;
-                const __m512 p = _mm512_set1_ps(s[t - start]);
-                a0 = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m0, v), a0);
-                if (D - i > 16) a1 = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m1, v + 16), a1);
-                if (D - i > 32) a2 = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m2, v + 32), a2);
-                if (D - i > 48) a3 = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m3, v + 48), a3);
+                for (int64_t end = t + BS - t % BS < ctx ? t + BS - t % BS : ctx; t < end; t++, v += row) {
+                    const __m512 p = _mm512_set1_ps(s[t - start]);
+                    a0 = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m0, v), a0);
+                    if (D - i > 16) a1 = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m1, v + 16), a1);
+                    if (D - i > 32) a2 = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m2, v + 32), a2);
+                    if (D - i > 48) a3 = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m3, v + 48), a3);
+                }
             }
             const __m512 r = _mm512_set1_ps(inv);
             _mm512_mask_storeu_ps(o + i, m0, _mm512_mul_ps(a0, r));

@@ -23,6 +23,10 @@
 #define ROW_TILE 16   // output rows per vector
 #define N_TILES 4     // row tiles per register block: 64 output rows
 #define M_TILE 6      // activation rows per register block: 4 × 6 = 24 accumulators
+#define GROUP (ROW_TILE * N_TILES)
+#ifndef PREFETCH
+#define PREFETCH 4096
+#endif
 
 // acc += Σ_4 w (unsigned) * x (signed), in place. Inline assembly rather than _mm512_dpbusd_epi32: GCC 12
 // copies and spills the accumulators of the intrinsic (it does not see the instruction as in-place).
@@ -30,14 +34,14 @@
 
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// w [N, K] int8 (row-major) -> packed [N_pad/16, K_pad/4, 16, 4] uint8 (w + 128; padding = 128, i.e. 0).
+// w [N, K] int8 (row-major) -> packed [N_pad/64, K_pad/4, 4, 16, 4] uint8 (w + 128; padding = 128, i.e. 0):
+// the 4 row tiles of a 64-row group interleaved, so that a group is one sequential stream of memory.
 void gb_int8_pack(const int8_t *w, int64_t N, int64_t K, uint8_t *packed) {
-    int64_t K_pad = round_up(K, 4), N_pad = round_up(N, ROW_TILE);
+    int64_t K_pad = round_up(K, 4), N_pad = round_up(N, GROUP);
     memset(packed, 128, (size_t)(N_pad * K_pad));
     for (int64_t n = 0; n < N; n++) {
-        uint8_t *tile = packed + (n / ROW_TILE) * K_pad * ROW_TILE + (n % ROW_TILE) * 4;
-        for (int64_t k = 0; k < K; k++)
-            tile[(k / 4) * ROW_TILE * 4 + (k % 4)] = (uint8_t)(w[n * K + k] + 128);
+        uint8_t *row = packed + (n / GROUP) * K_pad * GROUP + (n % GROUP) * 4;
+        for (int64_t k = 0; k < K; k++) row[(k / 4) * GROUP * 4 + (k % 4)] = (uint8_t)(w[n * K + k] + 128);
     }
 }
 
@@ -102,7 +106,8 @@ static float quantize_row(const float *x, int64_t K, int64_t K_pad, int8_t *q, i
 static inline void store_tile(__m512i acc, int64_t row, int64_t n0, const int32_t *xsum, const float *xscale,
                               const float *w_scale, const float *bias, int64_t N, float *y, int64_t ldy,
                               const float *residual, int64_t ldr) {
-    __mmask16 mask = tail_mask(N - n0);
+    __mmask16 mask = tail_mask(N - n0);  // the rows of a group past N are padding
+    if (!mask) return;
     __m512i exact = _mm512_sub_epi32(acc, _mm512_set1_epi32(128 * xsum[row]));
     __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), _mm512_set1_ps(xscale[row]));
     v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mask, w_scale + n0));
@@ -111,41 +116,42 @@ static inline void store_tile(__m512i acc, int64_t row, int64_t n0, const int32_
     _mm512_mask_storeu_ps(y + row * ldy + n0, mask, v);
 }
 
-// Rows [m0, m0 + MT) × row tiles [t0, t0 + NT) of the output. MT ≤ 6 and NT ≤ 4 are constants at every
-// call site: the accumulators are named variables (an array of them is spilled to the stack by GCC).
+// Rows [m0, m0 + MT) × the 64 output rows of group g. MT ≤ 6 is a constant at every call site: the
+// accumulators are named variables (an array of them is spilled to the stack by GCC).
 #define ACC(i) __m512i c##i##0 = _mm512_setzero_si512(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
 #define DOT(i)                                                                    \
     if (MT > i) {                                                                 \
         int32_t x4;                                                               \
         memcpy(&x4, xq + (m0 + i) * K_pad + k4 * 4, 4);                           \
         __m512i xb = _mm512_set1_epi32(x4);                                       \
-        DPBUSD(c##i##0, w0, xb);                           \
-        if (NT > 1) DPBUSD(c##i##1, w1, xb);               \
-        if (NT > 2) DPBUSD(c##i##2, w2, xb);               \
-        if (NT > 3) DPBUSD(c##i##3, w3, xb);               \
+        DPBUSD(c##i##0, w0, xb);                                                  \
+        DPBUSD(c##i##1, w1, xb);                                                  \
+        DPBUSD(c##i##2, w2, xb);                                                  \
+        DPBUSD(c##i##3, w3, xb);                                                  \
     }
 #define STORE(i)                                                                                             \
     if (MT > i) {                                                                                            \
         __m512i acc[4] = {c##i##0, c##i##1, c##i##2, c##i##3};                                               \
-        for (int t = 0; t < NT; t++)                                                                         \
-            store_tile(acc[t], m0 + i, (t0 + t) * ROW_TILE, xsum, xscale, w_scale, bias, N, y, ldy, residual, \
-                       ldr);                                                                                 \
+        for (int t = 0; t < N_TILES; t++)                                                                    \
+            store_tile(acc[t], m0 + i, (g * N_TILES + t) * ROW_TILE, xsum, xscale, w_scale, bias, N, y, ldy, \
+                       residual, ldr);                                                                       \
     }
 
 static inline __attribute__((always_inline)) void block(const int8_t *xq, int64_t K_pad, const int32_t *xsum,
                                                         const float *xscale, int64_t m0, const int MT,
-                                                        const uint8_t *packed, int64_t t0, const int NT,
-                                                        const float *w_scale, const float *bias, int64_t N, float *y,
-                                                        int64_t ldy, const float *residual, int64_t ldr) {
+                                                        const uint8_t *packed, int64_t g, const float *w_scale,
+                                                        const float *bias, int64_t N, float *y, int64_t ldy,
+                                                        const float *residual, int64_t ldr) {
     ACC(0) ACC(1) ACC(2) ACC(3) ACC(4) ACC(5)
-    const int64_t tile_bytes = K_pad * ROW_TILE;
-    const uint8_t *w_base = packed + t0 * tile_bytes;
+    const uint8_t *w_base = packed + g * K_pad * GROUP;
     for (int64_t k4 = 0; k4 < K_pad / 4; k4++) {
-        const uint8_t *wk = w_base + k4 * 64;
+        const uint8_t *wk = w_base + k4 * 4 * GROUP;
+        // A small matrix ends before the hardware prefetcher ramps up: ask for the lines PREFETCH bytes ahead.
+        for (int line = 0; line < 4; line++) _mm_prefetch((const char *)(wk + PREFETCH + line * 64), _MM_HINT_T0);
         __m512i w0 = _mm512_loadu_si512((const void *)wk);
-        __m512i w1 = NT > 1 ? _mm512_loadu_si512((const void *)(wk + tile_bytes)) : w0;
-        __m512i w2 = NT > 2 ? _mm512_loadu_si512((const void *)(wk + 2 * tile_bytes)) : w0;
-        __m512i w3 = NT > 3 ? _mm512_loadu_si512((const void *)(wk + 3 * tile_bytes)) : w0;
+        __m512i w1 = _mm512_loadu_si512((const void *)(wk + 64));
+        __m512i w2 = _mm512_loadu_si512((const void *)(wk + 128));
+        __m512i w3 = _mm512_loadu_si512((const void *)(wk + 192));
         DOT(0) DOT(1) DOT(2) DOT(3) DOT(4) DOT(5)
     }
     STORE(0) STORE(1) STORE(2) STORE(3) STORE(4) STORE(5)
@@ -174,40 +180,22 @@ void gb_int8_linear(const float *x, int64_t M, int64_t K, int64_t ldx, int prolo
         free(transformed);
     }
 
-    int64_t tiles = round_up(N, ROW_TILE) / ROW_TILE;
-    int64_t groups = (tiles + N_TILES - 1) / N_TILES;
+    int64_t groups = round_up(N, GROUP) / GROUP;
     int64_t m_blocks = (M + M_TILE - 1) / M_TILE;
     // Each thread takes whole 64-row groups (its weights stream once per M_TILE rows of x).
 #pragma omp parallel for schedule(static) collapse(2)
     for (int64_t g = 0; g < groups; g++) {
         for (int64_t mb = 0; mb < m_blocks; mb++) {
-            int64_t t0 = g * N_TILES;
-            int nt = (int)(tiles - t0 < N_TILES ? tiles - t0 : N_TILES);
             int64_t m0 = mb * M_TILE;
-            int mt = (int)(M - m0 < M_TILE ? M - m0 : M_TILE);
             // Constant tile sizes let the compiler keep the accumulators in registers.
-#define BLOCK(MT, NT) block(xq, K_pad, xsum, xscale, m0, MT, packed, t0, NT, w_scale, bias, N, y, ldy, residual, ldr)
-            if (nt == N_TILES) {
-                switch (mt) {
-                    case 1: BLOCK(1, N_TILES); break;
-                    case 2: BLOCK(2, N_TILES); break;
-                    case 3: BLOCK(3, N_TILES); break;
-                    case 4: BLOCK(4, N_TILES); break;
-                    case 5: BLOCK(5, N_TILES); break;
-                    default: BLOCK(6, N_TILES); break;
-                }
-            } else {  // the last tiles of N, one at a time
-                for (int64_t t = t0; t < tiles; t++) {
-                    int64_t t0 = t;
-                    switch (mt) {
-                        case 1: BLOCK(1, 1); break;
-                        case 2: BLOCK(2, 1); break;
-                        case 3: BLOCK(3, 1); break;
-                        case 4: BLOCK(4, 1); break;
-                        case 5: BLOCK(5, 1); break;
-                        default: BLOCK(6, 1); break;
-                    }
-                }
+#define BLOCK(MT) block(xq, K_pad, xsum, xscale, m0, MT, packed, g, w_scale, bias, N, y, ldy, residual, ldr)
+            switch (M - m0 < M_TILE ? M - m0 : M_TILE) {
+                case 1: BLOCK(1); break;
+                case 2: BLOCK(2); break;
+                case 3: BLOCK(3); break;
+                case 4: BLOCK(4); break;
+                case 5: BLOCK(5); break;
+                default: BLOCK(6); break;
             }
 #undef BLOCK
         }
