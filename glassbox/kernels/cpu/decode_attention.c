@@ -26,7 +26,7 @@ static void rotate(const float *x, const float *cos, const float *sin, int64_t D
     for (int64_t i = half; i < D; i++) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
 }
 
-static inline float dot(const float *a, const float *b, int64_t D) {
+static inline __attribute__((always_inline)) float dot(const float *a, const float *b, int64_t D) {
     __m512 acc = _mm512_setzero_ps();
     for (int64_t i = 0; i < D; i += 16) {
         __mmask16 m = tail_mask(D - i);
@@ -36,7 +36,7 @@ static inline float dot(const float *a, const float *b, int64_t D) {
 }
 
 // One (sequence, kv head): its G = H / KVH query heads attend to keys [start, ctx).
-static void attend_group(const float *q, int64_t G, int64_t D, const float *k_cache, const float *v_cache,
+static inline __attribute__((always_inline)) void attend_group(const float *q, int64_t G, int64_t D, const float *k_cache, const float *v_cache,
                          const int32_t *block_table, int64_t BS, int64_t KVH, int64_t kvh, int64_t start,
                          int64_t ctx, float scale, float *scores, float *out) {
     const int64_t n = ctx - start, row = KVH * D;
@@ -107,8 +107,14 @@ void gb_decode_attention(const float *qkv, int64_t S, int64_t ld_qkv, const floa
         float *q = malloc(sizeof(float) * (size_t)(G * D));
         float *scores = malloc(sizeof(float) * (size_t)(G * (ctx - start)));
         for (int64_t g = 0; g < G; g++) rotate(x + (kvh * G + g) * D, c, sn, D, q + g * D);
-        attend_group(q, G, D, k_cache, v_cache, block_tables + s * max_blocks, BS, KVH, kvh, start, ctx, scale,
-                     scores, out + s * H * D + kvh * G * D);
+        // Constant head sizes for the common cases: the loops over D unroll.
+#define ATTEND(HEAD_DIM)                                                                                      \
+    attend_group(q, G, HEAD_DIM, k_cache, v_cache, block_tables + s * max_blocks, BS, KVH, kvh, start, ctx, scale, \
+                 scores, out + s * H * D + kvh * G * D)
+        if (D == 64) ATTEND(64);
+        else if (D == 128) ATTEND(128);
+        else ATTEND(D);
+#undef ATTEND
         free(q);
         free(scores);
     }
