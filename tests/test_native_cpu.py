@@ -1,0 +1,115 @@
+"""The native CPU kernels (kernels/cpu/*.c) against their PyTorch oracles, and the native int8 decoder layer
+(models/llama_native.py) against the plain forward it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glassbox import LLM, SamplingParams
+from glassbox.engine.step_metadata import SeqChunk, build_step_metadata
+from glassbox.kernels import attention_torch, cpu_native
+from glassbox.layers.norm import RMSNorm
+from glassbox.layers.quantized_linear import Int8Linear
+from glassbox.layers.rotary import RotaryEmbedding, apply_rotary
+
+pytestmark = pytest.mark.skipif(not cpu_native.available(), reason="needs AVX-512 VNNI and a C compiler")
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 128), (6, 2, 48)])
+@pytest.mark.parametrize("window", [None, 7])
+def test_decode_attention_is_the_torch_path(heads, kv_heads, head_dim, window):
+    """Rotary + KV store + paged attention in one call == apply_rotary, store_kv and paged_decode_attention:
+    the cache bit for bit, the output to float32 rounding. Contexts of 1 token, block boundaries, several
+    blocks in shuffled order."""
+    g = torch.Generator().manual_seed(heads * head_dim)
+    block_size, num_blocks = 16, 40
+    contexts = [1, 16, 17, 33, 100]
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    order = torch.randperm(num_blocks, generator=g)
+    tables = torch.full((len(contexts), 7), -1, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(contexts):
+        count = -(-n // block_size)
+        tables[i, :count] = order[used : used + count]
+        used += count
+    slots = torch.tensor([int(tables[i, (n - 1) // block_size]) * block_size + (n - 1) % block_size for i, n in enumerate(contexts)])
+    seqs = len(contexts)
+    qkv = torch.randn(seqs, (heads + 2 * kv_heads) * head_dim, generator=g)
+    cos, sin = RotaryEmbedding(head_dim, 10000.0)(torch.tensor(contexts) - 1, torch.float32)
+    scale = head_dim**-0.5
+    out = cpu_native.decode_attention(
+        qkv, cos.view(seqs, head_dim), sin.view(seqs, head_dim), k_cache, v_cache, slots, tables,
+        torch.tensor(contexts, dtype=torch.int32), heads, scale, window,
+    )  # fmt: skip
+
+    qk = apply_rotary(qkv[:, : (heads + kv_heads) * head_dim].view(seqs, -1, head_dim), cos, sin)
+    v = qkv[:, (heads + kv_heads) * head_dim :].view(seqs, kv_heads, head_dim)
+    attention_torch.store_kv(qk[:, heads:], v, expected_k, expected_v, slots)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    batch = attention_torch.DecodeBatch.build(list(range(seqs + 1)), contexts, tables, block_size)
+    reference = attention_torch.paged_decode_attention(qk[:, :heads].contiguous(), expected_k, expected_v, batch, scale, window)
+    torch.testing.assert_close(out, reference.reshape(seqs, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_prologues_and_residual_are_the_torch_ops():
+    """RMSNorm and SiLU·mul done on each row before it is quantized, the residual added after: the same
+    numbers as running the PyTorch ops first (equal here; allowed to differ by float32 rounding)."""
+    g = torch.Generator().manual_seed(5)
+    hidden, inner, out = 576, 1536, 200
+    norm = RMSNorm(hidden, eps=1e-5)
+    norm.weight.data = torch.rand(hidden, generator=g) + 0.5
+    proj = Int8Linear(torch.randn(out, hidden, generator=g) * 0.05, torch.randn(out, generator=g), native=True)
+    down = Int8Linear(torch.randn(out, inner, generator=g) * 0.05, None, native=True)
+    x = torch.randn(9, hidden, generator=g) * 3
+    residual = torch.randn(9, out, generator=g)
+    torch.testing.assert_close(proj.forward_fused(x, prologue="rms_norm", norm=norm), proj(norm(x)))
+    torch.testing.assert_close(proj.forward_fused(x, residual=residual), residual + proj(x))
+    gate_up = torch.randn(9, 2 * inner, generator=g) * 3
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(down.forward_fused(gate_up, prologue="silu_mul"), down(F.silu(gate) * up))
+
+
+@pytest.fixture(scope="module")
+def int8_llm() -> LLM:
+    return LLM(quantization="int8", kv_cache_memory=64 << 20, enable_prefix_caching=False)
+
+
+@torch.inference_mode()
+def test_native_layers_give_the_plain_forward_logits(int8_llm):
+    """A prefill chunk then a decode step of the default model, on the native layers and on the plain
+    forward from the same cache: the logits agree to float32 rounding."""
+    runner = int8_llm.engine.runner
+    assert runner.use_native
+    model, kv_cache = runner.model, runner.kv_cache
+    kv_cache.bind(model)
+    ids = int8_llm.engine.tokenizer.encode("The history of the Roman Empire is long and complicated. It began with")
+    table = list(range(1, 6))
+
+    def logits(tokens: list[int], start: int, native: bool) -> torch.Tensor:
+        positions, meta = build_step_metadata([SeqChunk(table, start, len(tokens))], kv_cache.block_size)
+        meta.native = native
+        return model.compute_logits(model(torch.tensor(tokens), positions, meta)[-1:])
+
+    prefill = [logits(ids[:-1], 0, native) for native in (False, True)]
+    torch.testing.assert_close(prefill[1], prefill[0], rtol=0, atol=1e-4)
+    saved = kv_cache.k.clone(), kv_cache.v.clone()
+    decode_native = logits(ids[-1:], len(ids) - 1, True)
+    kv_cache.k.copy_(saved[0])
+    kv_cache.v.copy_(saved[1])
+    decode_plain = logits(ids[-1:], len(ids) - 1, False)
+    torch.testing.assert_close(decode_native, decode_plain, rtol=0, atol=1e-3)
+    assert decode_native.argmax() == decode_plain.argmax()
+
+
+def test_native_engine_batched_equals_alone_and_frees_every_block(int8_llm):
+    """32 concurrent requests of different lengths on the native layers == each alone; blocks all freed."""
+    prompts = [f"Chapter {i}: " + "the river and the city of Rome " * (i % 7) for i in range(32)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    together = [o.token_ids for o in int8_llm.generate(prompts, params)]
+    assert together == [int8_llm.generate(p, params)[0].token_ids for p in prompts]
+    manager = int8_llm.engine.block_manager
+    assert manager.num_free_blocks == manager.num_blocks
