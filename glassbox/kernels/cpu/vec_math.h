@@ -22,7 +22,7 @@ static inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-// The lanes of `mask` loaded from / stored to p, for a row's last (< 16) elements.
+// A mask of the first min(left, 16) lanes (none when left <= 0): for the last elements of a row.
 static inline __mmask16 tail_mask(long left) {
     return left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
 }
