@@ -19,40 +19,59 @@ pytestmark = pytest.mark.skipif(not cpu_native.available(), reason="needs AVX-51
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 128), (6, 2, 48)])
 @pytest.mark.parametrize("window", [None, 7])
-def test_decode_attention_is_the_torch_path(heads, kv_heads, head_dim, window):
-    """Rotary + KV store + paged attention in one call == apply_rotary, store_kv and paged_decode_attention:
-    the cache bit for bit, the output to float32 rounding. Contexts of 1 token, block boundaries, several
-    blocks in shuffled order."""
+@pytest.mark.parametrize("steps", ["decode", "mixed"])
+def test_paged_attention_is_the_torch_path(heads, kv_heads, head_dim, window, steps):
+    """Rotary + KV store + paged attention in one call == apply_rotary, store_kv and attention_torch.attention:
+    the cache bit for bit, the output to float32 rounding. Decode tokens with contexts of 1 token, at block
+    boundaries and over several blocks in shuffled order; in "mixed" steps also whole prompts and prompt
+    chunks after cached tokens (causal within the chunk), and a batch small enough to split kv heads."""
     g = torch.Generator().manual_seed(heads * head_dim)
     block_size, num_blocks = 16, 40
-    contexts = [1, 16, 17, 33, 100]
+    # (context length after the step, new tokens this step)
+    seqs = [(1, 1), (16, 1), (17, 1), (33, 1), (100, 1)]
+    if steps == "mixed":
+        seqs = [(17, 17), (1, 1), (40, 8), (100, 1), (33, 3)]
+    contexts = [c for c, _ in seqs]
     k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
     v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
     order = torch.randperm(num_blocks, generator=g)
-    tables = torch.full((len(contexts), 7), -1, dtype=torch.int32)
+    tables = torch.full((len(seqs), 7), -1, dtype=torch.int32)
     used = 0
     for i, n in enumerate(contexts):
         count = -(-n // block_size)
         tables[i, :count] = order[used : used + count]
         used += count
-    slots = torch.tensor([int(tables[i, (n - 1) // block_size]) * block_size + (n - 1) % block_size for i, n in enumerate(contexts)])
-    seqs = len(contexts)
-    qkv = torch.randn(seqs, (heads + 2 * kv_heads) * head_dim, generator=g)
-    cos, sin = RotaryEmbedding(head_dim, 10000.0)(torch.tensor(contexts) - 1, torch.float32)
+    positions = [p for c, new in seqs for p in range(c - new, c)]
+    seq_of = [i for i, (_, new) in enumerate(seqs) for _ in range(new)]
+    slots = torch.tensor([int(tables[i, p // block_size]) * block_size + p % block_size for i, p in zip(seq_of, positions)])
+    starts = [0]
+    for _, new in seqs:
+        starts.append(starts[-1] + new)
+    tokens = len(positions)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g)
+    cos, sin = RotaryEmbedding(head_dim, 10000.0)(torch.tensor(positions), torch.float32)
     scale = head_dim**-0.5
-    out = cpu_native.decode_attention(
-        qkv, cos.view(seqs, head_dim), sin.view(seqs, head_dim), k_cache, v_cache, slots, tables,
-        torch.tensor(contexts, dtype=torch.int32), heads, scale, window,
+    out = cpu_native.paged_attention(
+        qkv, cos.view(tokens, head_dim), sin.view(tokens, head_dim), k_cache, v_cache, slots,
+        torch.tensor(starts, dtype=torch.int32), tables, torch.tensor(contexts, dtype=torch.int32), heads, scale, window,
     )  # fmt: skip
 
-    qk = apply_rotary(qkv[:, : (heads + kv_heads) * head_dim].view(seqs, -1, head_dim), cos, sin)
-    v = qkv[:, (heads + kv_heads) * head_dim :].view(seqs, kv_heads, head_dim)
+    qk = apply_rotary(qkv[:, : (heads + kv_heads) * head_dim].view(tokens, -1, head_dim), cos, sin)
+    v = qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
     attention_torch.store_kv(qk[:, heads:], v, expected_k, expected_v, slots)
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
-    batch = attention_torch.DecodeBatch.build(list(range(seqs + 1)), contexts, tables, block_size)
-    reference = attention_torch.paged_decode_attention(qk[:, :heads].contiguous(), expected_k, expected_v, batch, scale, window)
-    torch.testing.assert_close(out, reference.reshape(seqs, -1), rtol=1e-5, atol=1e-5)
+    reference, _ = attention_torch.attention(
+        qk[:, :heads].contiguous(), qk[:, heads:], v, expected_k, expected_v, tables, starts, contexts, scale, window
+    )
+    torch.testing.assert_close(out, reference.reshape(tokens, -1), rtol=1e-5, atol=1e-5)
+    # A batch of fewer than 4 tokens splits its kv heads over tasks: the same numbers.
+    few = cpu_native.paged_attention(
+        qkv[-1:], cos.view(tokens, head_dim)[-1:], sin.view(tokens, head_dim)[-1:], k_cache, v_cache, slots[-1:],
+        torch.tensor([0, 1], dtype=torch.int32), tables[-1:], torch.tensor(contexts[-1:], dtype=torch.int32), heads,
+        scale, window,
+    )  # fmt: skip
+    torch.testing.assert_close(few, reference.reshape(tokens, -1)[-1:], rtol=1e-5, atol=1e-5)
 
 
 def test_gemm_prologues_and_residual_are_the_torch_ops():
@@ -78,10 +97,21 @@ def int8_llm() -> LLM:
     return LLM(quantization="int8", kv_cache_memory=64 << 20, enable_prefix_caching=False)
 
 
+def mean_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """KL(p || q) of the two [rows, vocab] logits' distributions, averaged over rows."""
+    p, q = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
 @torch.inference_mode()
 def test_native_layers_give_the_plain_forward_logits(int8_llm):
     """A prefill chunk then a decode step of the default model, on the native layers and on the plain
-    forward from the same cache: the logits agree to float32 rounding."""
+    forward from the same cache: the same next tokens, and distributions within int8's own noise.
+
+    Not equal to float32 rounding: the two paths' attention agrees to ~1e-6 (test above) and the GEMM is
+    bit for bit, but W8A8 rounds every activation row to 255 levels, so a 1-ulp difference can move a value
+    across a rounding boundary by max|row| / 127. Over 30 layers that gives KL ~0.01-0.03 between the two
+    paths, less than either has to float32 (~0.05-0.08 on these prompts); a wrong mask or head gives > 1."""
     runner = int8_llm.engine.runner
     assert runner.use_native
     model, kv_cache = runner.model, runner.kv_cache
@@ -92,16 +122,17 @@ def test_native_layers_give_the_plain_forward_logits(int8_llm):
     def logits(tokens: list[int], start: int, native: bool) -> torch.Tensor:
         positions, meta = build_step_metadata([SeqChunk(table, start, len(tokens))], kv_cache.block_size)
         meta.native = native
-        return model.compute_logits(model(torch.tensor(tokens), positions, meta)[-1:])
+        return model.compute_logits(model(torch.tensor(tokens), positions, meta))
 
-    prefill = [logits(ids[:-1], 0, native) for native in (False, True)]
-    torch.testing.assert_close(prefill[1], prefill[0], rtol=0, atol=1e-4)
+    plain, native = (logits(ids[:-1], 0, native) for native in (False, True))
+    assert mean_kl(plain, native) < 0.05
+    assert torch.equal(plain[-1].argmax(), native[-1].argmax())
     saved = kv_cache.k.clone(), kv_cache.v.clone()
     decode_native = logits(ids[-1:], len(ids) - 1, True)
     kv_cache.k.copy_(saved[0])
     kv_cache.v.copy_(saved[1])
     decode_plain = logits(ids[-1:], len(ids) - 1, False)
-    torch.testing.assert_close(decode_native, decode_plain, rtol=0, atol=1e-3)
+    assert mean_kl(decode_plain, decode_native) < 0.05
     assert decode_native.argmax() == decode_plain.argmax()
 
 

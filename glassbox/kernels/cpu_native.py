@@ -39,7 +39,7 @@ _P, _I, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 SIGNATURES = {
     "gb_int8_pack": [_P, _I, _I, _P],
     "gb_int8_linear": [_P, _I, _I, _I, _INT, _P, _F, _P, _P, _P, _I, _P, _I, _P, _I],
-    "gb_decode_attention": [_P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _F, _I, _P],
+    "gb_paged_attention": [_P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _F, _I, _P],
 }
 # What int8_linear does to its input rows before quantizing them (kernels/cpu/int8_linear.c).
 PROLOGUES = {None: 0, "rms_norm": 1, "silu_mul": 2}
@@ -158,31 +158,34 @@ def int8_linear(
     return y
 
 
-def decode_attention(
+def paged_attention(
     qkv: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    query_start_loc: torch.Tensor,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     num_heads: int,
     scale: float,
     sliding_window: int | None,
 ) -> torch.Tensor:
-    """One decode token per sequence: rotary on q and k, k/v stored to their slots, attention through the
-    block tables. qkv [S, (H + 2 KV) * D] float32 (the fused projection's output); cos, sin [S, 1, D]
-    float32; caches [num_blocks, block_size, KV, D] float32 -> [S, H * D] float32."""
-    seqs = qkv.shape[0]
+    """A step's attention, prefill chunks and decode tokens alike: rotary on q and k, k/v stored to their
+    slots, causal attention of every new token through its sequence's block table.
+    qkv [T, (H + 2 KV) * D] float32 (the fused projection's output); cos, sin [T, 1, D] float32; caches
+    [num_blocks, block_size, KV, D] float32; query_start_loc [S + 1] int32 -> [T, H * D] float32."""
+    tokens = qkv.shape[0]
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     assert qkv.stride(1) == 1 and k_cache.dtype == v_cache.dtype == torch.float32
     assert cos.is_contiguous() and sin.is_contiguous() and block_tables.is_contiguous()
-    out = torch.empty(seqs, num_heads * head_dim, dtype=torch.float32)
-    library().gb_decode_attention(
-        qkv.data_ptr(), seqs, qkv.stride(0), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-        slot_mapping.data_ptr(), block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(), num_heads,
-        num_kv_heads, head_dim, block_size, scale, sliding_window or 0, out.data_ptr(),
+    out = torch.empty(tokens, num_heads * head_dim, dtype=torch.float32)
+    library().gb_paged_attention(
+        qkv.data_ptr(), tokens, qkv.stride(0), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        slot_mapping.data_ptr(), query_start_loc.data_ptr(), query_start_loc.shape[0] - 1, block_tables.data_ptr(),
+        block_tables.shape[1], context_lens.data_ptr(), num_heads, num_kv_heads, head_dim, block_size, scale,
+        sliding_window or 0, out.data_ptr(),
     )  # fmt: skip
     return out
 

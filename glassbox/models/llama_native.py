@@ -4,8 +4,9 @@ The same computation as `LlamaDecoderLayer.forward`, in five kernel calls instea
 2-core CPU a batch-1 decode step was bound by dispatching its ~900 ops, not by its arithmetic:
 
     qkv = qkv_proj(rms_norm(x))             one call: the norm is the int8 GEMM's prologue
-    a   = attention(rotary(qkv))            one call in decode steps (rotary, KV store, paged attention);
-                                            the model's own `attend` otherwise (prefill chunks)
+    a   = attention(rotary(qkv))            one call (rotary, KV store, paged attention), for decode tokens
+                                            and prefill chunks of up to NATIVE_ATTENTION_MAX_QUERY tokens;
+                                            the model's own `attend` for longer chunks
     x   = x + o_proj(a)                     one call: the residual is the GEMM's epilogue
     x   = x + down(silu_mul(gate_up(rms_norm(x))))    two calls
 
@@ -26,6 +27,10 @@ from glassbox.layers.attention import AttentionMetadata
 from glassbox.layers.quantized_linear import Int8Linear
 from glassbox.models.llama import LlamaDecoderLayer
 
+# The native kernel computes a query's scores key by key; over a longer chunk, PyTorch's blocked
+# attention (matrix products over the whole chunk) is faster.
+NATIVE_ATTENTION_MAX_QUERY = 256
+
 
 def supported(layer: nn.Module) -> bool:
     """A Llama-family layer whose four projections run the native int8 kernel (Qwen3's q/k norms excluded)."""
@@ -42,12 +47,12 @@ def forward(
     attn, mlp = layer.self_attn, layer.mlp
     qkv = attn.qkv_proj.forward_fused(x, prologue="rms_norm", norm=layer.input_layernorm)
     cache = attn.attn.k_cache
-    if meta.max_query_len == 1 and cache is not None and cache.dtype == torch.float32:
+    if cache is not None and cache.dtype == torch.float32 and meta.max_query_len <= NATIVE_ATTENTION_MAX_QUERY:
         num_tokens, head_dim = qkv.shape[0], attn.head_dim
-        out = cpu_native.decode_attention(
+        out = cpu_native.paged_attention(
             qkv, cos.view(num_tokens, head_dim), sin.view(num_tokens, head_dim), cache, attn.attn.v_cache,
-            meta.slot_mapping, meta.block_tables, meta.context_lens, attn.num_heads, attn.attn.scale,
-            attn.attn.sliding_window,
+            meta.slot_mapping, meta.query_start_loc, meta.block_tables, meta.context_lens, attn.num_heads,
+            attn.attn.scale, attn.attn.sliding_window,
         )  # fmt: skip
     else:
         out = attn.attend(qkv, cos, sin, meta)
