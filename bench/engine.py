@@ -1,7 +1,10 @@
 """Engine speed on this machine, glassbox side by side with transformers, same model, same prompts, one run.
 
-    .venv/bin/python bench/engine.py [--modes float32,int4,int8] [--new-tokens 128] [--concurrency 1,8,32]
+    .venv/bin/python bench/engine.py [--modes float32,int4,int8,int8:bfloat16] [--new-tokens 128] [--concurrency 1,8,32]
                                      [--temperature 0.7 --top-p 0.9]
+
+A mode is the weights' quantization (float32: none), then optionally `:` and the KV cache's dtype
+(kv_cache_dtype; default auto, the model's float32).
 
 Columns: TTFT of the 14-token prompt (median of 5), decode ms/token at batch 1 (128 new tokens), and
 aggregate output tokens/s with N concurrent requests of 128 new tokens (ignore EOS): greedy, or sampled
@@ -28,12 +31,13 @@ def prompts(n: int) -> list[str]:
     return [f"The history of the {TOPICS[i % len(TOPICS)]} is long and complicated. Chapter {i} begins" for i in range(n)]
 
 
-def bench_glassbox(mode: str, new_tokens: int, concurrency: list[int], temperature: float, top_p: float
-                   ) -> dict[str, float]:
+def bench_glassbox(mode: str, new_tokens: int, concurrency: list[int], temperature: float, top_p: float,
+                   kv_cache_dtype: str = "auto") -> dict[str, float]:
     from glassbox import LLM, SamplingParams
 
     quantization = None if mode == "float32" else mode
-    llm = LLM(quantization=quantization, kv_cache_memory=1 << 30, max_num_batched_tokens=4096)
+    llm = LLM(quantization=quantization, kv_cache_memory=1 << 30, max_num_batched_tokens=4096,
+              kv_cache_dtype=kv_cache_dtype)
     first = SamplingParams(temperature=0, max_tokens=1)
     llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=8))  # warm-up
     result = {"ttft_ms": statistics.median(llm.generate(PROMPT, first)[0].timings["ttft_ms"] for _ in range(5))}
@@ -82,7 +86,7 @@ def bench_transformers(new_tokens: int, concurrency: list[int], temperature: flo
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--modes", default="float32,int4,int8")
+    parser.add_argument("--modes", default="float32,int4,int8,int8:bfloat16")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--skip-transformers", action="store_true")
@@ -94,7 +98,9 @@ def main() -> None:
 
     rows = []
     for mode in args.modes.split(","):
-        rows.append((f"glassbox {mode}", bench_glassbox(mode, args.new_tokens, concurrency, *sampling)))
+        weights, _, kv_cache_dtype = mode.partition(":")
+        name = f"glassbox {weights}" + (f", {kv_cache_dtype} KV cache" if kv_cache_dtype else "")
+        rows.append((name, bench_glassbox(weights, args.new_tokens, concurrency, *sampling, kv_cache_dtype or "auto")))
     if not args.skip_transformers:
         rows.append(("transformers float32 generate", bench_transformers(args.new_tokens, concurrency, *sampling)))
 

@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from glassbox.config import KV_CACHE_DTYPES
 from glassbox.errors import GlassboxError
 
 
@@ -41,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="GiB for the KV-cache pool (default: 1 on the CPU; on CUDA, 90%% of the device's memory less the rest)",
     )
     serve.add_argument(
-        "--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
-        help="auto: the model's dtype; fp8: float8_e4m3fn, half the bytes per cached token",
+        "--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+        help="auto: the model's dtype; bfloat16: half a float32 model's bytes per cached token; fp8: float8_e4m3fn",
     )
     serve.add_argument("--max-num-seqs", type=int, default=256)
     serve.add_argument("--scheduling-policy", default="fcfs", help="fcfs, priority or shortest_prompt_first")

@@ -18,6 +18,7 @@ HF_MODEL_TYPES = {
 }
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8")
 
 
 @dataclass
@@ -159,8 +160,9 @@ class EngineConfig:
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None  # overrides kv_cache_memory when set
-    # "auto": the model's dtype; "fp8": float8_e4m3fn (vLLM's name and format, scale 1): half the bytes of
-    # bfloat16 per token, so twice the tokens in the pool and half the reads of a long decode step.
+    # "auto": the model's dtype; "bfloat16": half the bytes of a float32 model's cache (the CPU's int8
+    # mode reads half as much per decode step); "fp8": float8_e4m3fn (vLLM's name and format, scale 1):
+    # half the bytes of bfloat16 per token, so twice the tokens in the pool and half the reads.
     kv_cache_dtype: str = "auto"
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
     compile: bool = True  # CUDA: torch.compile the decoder layers (fused elementwise work)
@@ -182,5 +184,5 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}")
-        if self.kv_cache_dtype not in ("auto", "fp8"):
-            raise ValueError(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")

@@ -20,11 +20,13 @@ pytestmark = pytest.mark.skipif(not cpu_native.available(), reason="needs AVX-51
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 128), (6, 2, 48)])
 @pytest.mark.parametrize("window", [None, 7])
 @pytest.mark.parametrize("steps", ["decode", "mixed"])
-def test_paged_attention_is_the_torch_path(heads, kv_heads, head_dim, window, steps):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_is_the_torch_path(heads, kv_heads, head_dim, window, steps, cache_dtype):
     """Rotary + KV store + paged attention in one call == apply_rotary, store_kv and attention_torch.attention:
     the cache bit for bit, the output to float32 rounding. Decode tokens with contexts of 1 token, at block
     boundaries and over several blocks in shuffled order; in "mixed" steps also whole prompts and prompt
-    chunks after cached tokens (causal within the chunk), and a batch small enough to split kv heads."""
+    chunks after cached tokens (causal within the chunk), and a batch small enough to split kv heads.
+    A bfloat16 cache holds what torch's rounding stores, read back widened."""
     g = torch.Generator().manual_seed(heads * head_dim)
     block_size, num_blocks = 16, 40
     # (context length after the step, new tokens this step)
@@ -32,8 +34,8 @@ def test_paged_attention_is_the_torch_path(heads, kv_heads, head_dim, window, st
     if steps == "mixed":
         seqs = [(17, 17), (1, 1), (40, 8), (100, 1), (33, 3)]
     contexts = [c for c, _ in seqs]
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(cache_dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(cache_dtype)
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
     order = torch.randperm(num_blocks, generator=g)
     tables = torch.full((len(seqs), 7), -1, dtype=torch.int32)

@@ -39,8 +39,10 @@ _P, _I, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 SIGNATURES = {
     "gb_int8_pack": [_P, _I, _I, _P],
     "gb_int8_linear": [_P, _I, _I, _I, _INT, _P, _F, _P, _P, _P, _I, _P, _I, _P, _I],
-    "gb_paged_attention": [_P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _F, _I, _P],
+    "gb_paged_attention": [_P, _I, _I, _P, _P, _P, _P, _INT, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _F, _I, _P],
 }
+# The KV cache dtypes paged_attention reads and writes.
+CACHE_DTYPES = (torch.float32, torch.bfloat16)
 # What int8_linear does to its input rows before quantizing them (kernels/cpu/int8_linear.c).
 PROLOGUES = {None: 0, "rms_norm": 1, "silu_mul": 2}
 
@@ -175,15 +177,16 @@ def paged_attention(
     """A step's attention, prefill chunks and decode tokens alike: rotary on q and k, k/v stored to their
     slots, causal attention of every new token through its sequence's block table.
     qkv [T, (H + 2 KV) * D] float32 (the fused projection's output); cos, sin [T, 1, D] float32; caches
-    [num_blocks, block_size, KV, D] float32; query_start_loc [S + 1] int32 -> [T, H * D] float32."""
+    [num_blocks, block_size, KV, D] float32 or bfloat16 (CACHE_DTYPES); query_start_loc [S + 1] int32
+    -> [T, H * D] float32."""
     tokens = qkv.shape[0]
     _, block_size, num_kv_heads, head_dim = k_cache.shape
-    assert qkv.stride(1) == 1 and k_cache.dtype == v_cache.dtype == torch.float32
+    assert qkv.stride(1) == 1 and k_cache.dtype == v_cache.dtype and k_cache.dtype in CACHE_DTYPES
     assert cos.is_contiguous() and sin.is_contiguous() and block_tables.is_contiguous()
     out = torch.empty(tokens, num_heads * head_dim, dtype=torch.float32)
     library().gb_paged_attention(
         qkv.data_ptr(), tokens, qkv.stride(0), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-        slot_mapping.data_ptr(), query_start_loc.data_ptr(), query_start_loc.shape[0] - 1, block_tables.data_ptr(),
+        k_cache.dtype == torch.bfloat16, slot_mapping.data_ptr(), query_start_loc.data_ptr(), query_start_loc.shape[0] - 1, block_tables.data_ptr(),
         block_tables.shape[1], context_lens.data_ptr(), num_heads, num_kv_heads, head_dim, block_size, scale,
         sliding_window or 0, out.data_ptr(),
     )  # fmt: skip

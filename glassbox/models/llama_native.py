@@ -47,7 +47,7 @@ def forward(
     attn, mlp = layer.self_attn, layer.mlp
     qkv = attn.qkv_proj.forward_fused(x, prologue="rms_norm", norm=layer.input_layernorm)
     cache = attn.attn.k_cache
-    if cache is not None and cache.dtype == torch.float32 and meta.max_query_len <= NATIVE_ATTENTION_MAX_QUERY:
+    if cache is not None and cache.dtype in cpu_native.CACHE_DTYPES and meta.max_query_len <= NATIVE_ATTENTION_MAX_QUERY:
         num_tokens, head_dim = qkv.shape[0], attn.head_dim
         out = cpu_native.paged_attention(
             qkv, cos.view(num_tokens, head_dim), sin.view(num_tokens, head_dim), cache, attn.attn.v_cache,

@@ -10,7 +10,8 @@
 // Shapes (T new tokens of S sequences; H query heads, KVH kv heads, G = H / KVH, D head_dim, BS block size):
 //   qkv [T, (H + 2 KVH) · D] float32, row stride ld_qkv: the fused q/k/v projection, before rotary
 //   cos, sin [T, D] float32: the rotate-half tables of each token's position
-//   k_cache, v_cache [num_blocks, BS, KVH, D] float32; slot_mapping [T] int64
+//   k_cache, v_cache [num_blocks, BS, KVH, D] float32, or bfloat16 (cache_bf16: stored rounded to nearest
+//     even as torch's .to(torch.bfloat16), read widened to float32); slot_mapping [T] int64
 //   query_start_loc [S + 1] int32: sequence s's new tokens are [start[s], start[s + 1])
 //   block_tables [S, max_blocks] int32; context_lens [S] int32 (the new tokens included)
 //   out [T, H · D] float32
@@ -32,6 +33,31 @@ static void rotate(const float *x, const float *cos, const float *sin, int64_t D
     for (int64_t i = half; i < D; i++) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
 }
 
+// 16 cache values from element i of row (masked lanes 0), as float32. bfloat16 is float32's top half.
+static inline __attribute__((always_inline)) __m512 load16(const void *row, int64_t i, __mmask16 m, const int bf16) {
+    if (bf16) {
+        const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)row + i);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_maskz_loadu_ps(m, (const float *)row + i);
+}
+
+// x [D] float32 -> a cache row: copied, or rounded to bfloat16 as torch rounds (to nearest, ties to even).
+static void store_row(const float *x, int64_t D, void *row, const int bf16) {
+    for (int64_t i = 0; i < D; i += 16) {
+        const __mmask16 m = tail_mask(D - i);
+        const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+        if (!bf16) {
+            _mm512_mask_storeu_ps((float *)row + i, m, v);
+            continue;
+        }
+        const __m512i bits = _mm512_castps_si512(v);
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+        const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+        _mm256_mask_storeu_epi16((uint16_t *)row + i, m, _mm512_cvtepi32_epi16(rounded));
+    }
+}
+
 // p[j] holds 16 partial sums of key j's dot product; returns lane j = Σ p[j] for the 16 keys.
 static inline __attribute__((always_inline)) __m512 transpose_sum16(const __m512 p[16]) {
     __m512 a[8], b[4], c[2];
@@ -48,7 +74,8 @@ static inline __attribute__((always_inline)) __m512 transpose_sum16(const __m512
 }
 
 // Lane j = q · rows[j] for the first n ≤ 16 rows (lanes past n are 0).
-static inline __attribute__((always_inline)) __m512 dot16(const float *q, const float *const *rows, int n, int64_t D) {
+static inline __attribute__((always_inline)) __m512 dot16(const float *q, const char *const *rows, int n, int64_t D,
+                                                          const int bf16) {
     __m512 p[16];
     for (int j = 0; j < 16; j++) p[j] = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 16) {
@@ -56,7 +83,7 @@ static inline __attribute__((always_inline)) __m512 dot16(const float *q, const 
         const __m512 qd = _mm512_maskz_loadu_ps(m, q + d);
 #pragma GCC unroll 16
         for (int j = 0; j < 16; j++)
-            if (j < n) p[j] = _mm512_fmadd_ps(qd, _mm512_maskz_loadu_ps(m, rows[j] + d), p[j]);
+            if (j < n) p[j] = _mm512_fmadd_ps(qd, load16(rows[j], d, m, bf16), p[j]);
     }
     return _mm512_maskz_mov_ps(tail_mask(n), transpose_sum16(p));
 }
@@ -78,22 +105,26 @@ static inline void softmax(float *s, int64_t n) {
 }
 
 // The query heads q [NK · G, D] of NK kv heads (kv head j's G heads are q[j·G ..]) over the n keys/values
-// whose rows (of all kv heads) are k_rows[t], v_rows[t]: out [NK · G, D]. probs: scratch [NK · G, n].
-static inline __attribute__((always_inline)) void attend(const float *q, int64_t NK, int64_t G, int64_t D, const float *const *k_rows,
-                                                         const float *const *v_rows, int64_t n, float scale,
-                                                         float *probs, float *out) {
+// whose cache rows (from the first of the NK kv heads) are k_rows[t], v_rows[t]: out [NK · G, D].
+// probs: scratch [NK · G, n].
+static inline __attribute__((always_inline)) void attend(const float *q, int64_t NK, int64_t G, int64_t D,
+                                                         const char *const *k_rows, const char *const *v_rows,
+                                                         int64_t n, float scale, float *probs, float *out,
+                                                         const int bf16) {
+    const int64_t elem = bf16 ? 2 : 4;
     const __m512 sc = _mm512_set1_ps(scale);
     for (int64_t t = 0; t < n; t += 16) {
         const int chunk = n - t < 16 ? (int)(n - t) : 16;
         // The next chunk's key rows, while this one computes.
         for (int64_t j = t + 16; j < t + 32 && j < n; j++)
-            for (int64_t b = 0; b < NK * D * 4; b += 64) _mm_prefetch((const char *)k_rows[j] + b, _MM_HINT_T0);
+            for (int64_t b = 0; b < NK * D * elem; b += 64) _mm_prefetch(k_rows[j] + b, _MM_HINT_T0);
         for (int64_t j = 0; j < NK; j++) {
-            const float *kr[16];
-            for (int i = 0; i < chunk; i++) kr[i] = k_rows[t + i] + j * D;
+            const char *kr[16];
+            for (int i = 0; i < chunk; i++) kr[i] = k_rows[t + i] + j * D * elem;
             // (a full chunk with n a constant: no per-row checks)
             for (int64_t g = 0; g < G; g++) {
-                const __m512 dots = chunk == 16 ? dot16(q + (j * G + g) * D, kr, 16, D) : dot16(q + (j * G + g) * D, kr, chunk, D);
+                const float *qg = q + (j * G + g) * D;
+                const __m512 dots = chunk == 16 ? dot16(qg, kr, 16, D, bf16) : dot16(qg, kr, chunk, D, bf16);
                 _mm512_mask_storeu_ps(probs + (j * G + g) * n + t, tail_mask(chunk), _mm512_mul_ps(dots, sc));
             }
         }
@@ -111,13 +142,13 @@ static inline __attribute__((always_inline)) void attend(const float *q, int64_t
             __m512 acc[16];
             for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
             for (int64_t t = 0; t < n; t++) {
-                const float *v = v_rows[t] + (g0 / G0) * D + d0;
+                const char *v = v_rows[t] + ((g0 / G0) * D + d0) * elem;
                 if (t + 8 < n)  // (the hardware prefetcher does not follow rows scattered over blocks)
-                    for (int64_t b = 0; b < width * 4; b += 64) _mm_prefetch((const char *)(v_rows[t + 8] + (g0 / G0) * D + d0) + b, _MM_HINT_T0);
+                    for (int64_t b = 0; b < width * elem; b += 64) _mm_prefetch(v_rows[t + 8] + ((g0 / G0) * D + d0) * elem + b, _MM_HINT_T0);
                 __m512 vv[16];
 #pragma GCC unroll 16
                 for (int c = 0; c < 16; c++)
-                    if (c < nv) vv[c] = _mm512_maskz_loadu_ps(tail_mask(width - 16 * c), v + 16 * c);
+                    if (c < nv) vv[c] = load16(v, 16 * c, tail_mask(width - 16 * c), bf16);
 #pragma GCC unroll 16
                 for (int h = 0; h < 16; h++) {
                     if (h >= gn) break;
@@ -141,10 +172,11 @@ static inline __attribute__((always_inline)) void attend(const float *q, int64_t
 
 // window > 0: each query sees only its last `window` keys (the model's sliding window).
 void gb_paged_attention(const float *qkv, int64_t T, int64_t ld_qkv, const float *cos, const float *sin,
-                        float *k_cache, float *v_cache, const int64_t *slot_mapping, const int32_t *query_start_loc,
-                        int64_t S, const int32_t *block_tables, int64_t max_blocks, const int32_t *context_lens,
-                        int64_t H, int64_t KVH, int64_t D, int64_t BS, float scale, int64_t window, float *out) {
-    const int64_t G = H / KVH, row = KVH * D;
+                        void *k_cache, void *v_cache, int cache_bf16, const int64_t *slot_mapping,
+                        const int32_t *query_start_loc, int64_t S, const int32_t *block_tables, int64_t max_blocks,
+                        const int32_t *context_lens, int64_t H, int64_t KVH, int64_t D, int64_t BS, float scale,
+                        int64_t window, float *out) {
+    const int64_t G = H / KVH, elem = cache_bf16 ? 2 : 4, row = KVH * D * elem;  // row: bytes per token
     // A task is a new token and all its heads (it reads whole cache rows), or one kv head of it where
     // the step has too few tokens to keep the threads busy (a batch-1 decode step).
     const int64_t KVT = T >= 4 ? 1 : KVH, NK = KVH / KVT;
@@ -156,21 +188,22 @@ void gb_paged_attention(const float *qkv, int64_t T, int64_t ld_qkv, const float
     }
 #pragma omp parallel
     {
+        float *rotated = malloc(sizeof(float) * (size_t)D);
         // Every new key and value is in the cache before any token attends: a prefill token sees its
         // chunk's earlier tokens (and itself).
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < T * KVH; task++) {
-            const int64_t t = task / KVH, kvh = task % KVH, slot = slot_mapping[t];
+            const int64_t t = task / KVH, kvh = task % KVH, at = slot_mapping[t] * row + kvh * D * elem;
             const float *x = qkv + t * ld_qkv;
-            rotate(x + (H + kvh) * D, cos + t * D, sin + t * D, D, k_cache + slot * row + kvh * D);
-            const float *v = x + (H + KVH + kvh) * D;
-            for (int64_t i = 0; i < D; i++) v_cache[slot * row + kvh * D + i] = v[i];
+            rotate(x + (H + kvh) * D, cos + t * D, sin + t * D, D, rotated);
+            store_row(rotated, D, (char *)k_cache + at, cache_bf16);
+            store_row(x + (H + KVH + kvh) * D, D, (char *)v_cache + at, cache_bf16);
         }  // (the loop's barrier)
 
         float *q = malloc(sizeof(float) * (size_t)(H * D));
         float *probs = malloc(sizeof(float) * (size_t)(H * max_ctx));
-        const float **k_rows = malloc(sizeof(float *) * (size_t)(2 * max_ctx));
-        const float **v_rows = k_rows + max_ctx;
+        const char **k_rows = malloc(sizeof(char *) * (size_t)(2 * max_ctx));
+        const char **v_rows = k_rows + max_ctx;
         // Dynamic: a prefill's later tokens see more keys than its first ones.
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < T * KVT; task++) {
@@ -182,20 +215,29 @@ void gb_paged_attention(const float *qkv, int64_t T, int64_t ld_qkv, const float
             // Key t's row is table[t / BS] * BS + t % BS; walked block by block (a 64-bit division per
             // key cost more than its dot product).
             for (int64_t i = start; i < end;) {
-                const int64_t offset = ((int64_t)table[i / BS] * BS + i % BS) * row + kvh * D;
+                const int64_t offset = ((int64_t)table[i / BS] * BS + i % BS) * row + kvh * D * elem;
                 for (int64_t stop = i + BS - i % BS < end ? i + BS - i % BS : end, r = offset; i < stop; i++, r += row) {
-                    k_rows[i - start] = k_cache + r;
-                    v_rows[i - start] = v_cache + r;
+                    k_rows[i - start] = (const char *)k_cache + r;
+                    v_rows[i - start] = (const char *)v_cache + r;
                 }
             }
             const float *x = qkv + t * ld_qkv;
             for (int64_t g = 0; g < NK * G; g++) rotate(x + (kvh * G + g) * D, cos + t * D, sin + t * D, D, q + g * D);
             float *o = out + t * H * D + kvh * G * D;
-            // Constant head sizes for the common cases: the loops over D unroll.
-            if (D == 64) attend(q, NK, G, 64, k_rows, v_rows, n, scale, probs, o);
-            else if (D == 128) attend(q, NK, G, 128, k_rows, v_rows, n, scale, probs, o);
-            else attend(q, NK, G, D, k_rows, v_rows, n, scale, probs, o);
+            // Constant head sizes and cache types for the common cases: the loops over D unroll.
+#define ATTEND(HEAD_DIM, BF16) attend(q, NK, G, HEAD_DIM, k_rows, v_rows, n, scale, probs, o, BF16)
+            if (cache_bf16) {
+                if (D == 64) ATTEND(64, 1);
+                else if (D == 128) ATTEND(128, 1);
+                else ATTEND(D, 1);
+            } else {
+                if (D == 64) ATTEND(64, 0);
+                else if (D == 128) ATTEND(128, 0);
+                else ATTEND(D, 0);
+            }
+#undef ATTEND
         }
+        free(rotated);
         free(q);
         free(probs);
         free(k_rows);
