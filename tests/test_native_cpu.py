@@ -13,6 +13,7 @@ from glassbox.kernels import attention_torch, cpu_native
 from glassbox.layers.norm import RMSNorm
 from glassbox.layers.quantized_linear import Int8Linear
 from glassbox.layers.rotary import RotaryEmbedding, apply_rotary
+from glassbox.models import llama_native
 
 pytestmark = pytest.mark.skipif(not cpu_native.available(), reason="needs AVX-512 VNNI and a C compiler")
 
@@ -74,6 +75,20 @@ def test_paged_attention_is_the_torch_path(heads, kv_heads, head_dim, window, st
         scale, window,
     )  # fmt: skip
     torch.testing.assert_close(few, reference.reshape(tokens, -1)[-1:], rtol=1e-5, atol=1e-5)
+
+
+def test_argmax_is_torch_argmax():
+    """Greedy sampling's argmax: torch's index for every row, ties (the first), NaN (the first NaN), rows
+    of -inf, row tails shorter than a vector, and strided rows."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 49152 + 7, generator=g)
+    x[1, 100], x[1, 50] = float("nan"), float("nan")
+    x[2] = float("-inf")
+    x[3, 7] = x[3, 9000] = x[3].max() + 1
+    x[4] = 2.0
+    x[5, -1] = 99.0
+    for rows in (x, x[:, 3:], x[:1], x[:, :17]):
+        assert torch.equal(cpu_native.argmax(rows), rows.argmax(dim=-1))
 
 
 def test_gemm_prologues_and_residual_are_the_torch_ops():
@@ -146,3 +161,33 @@ def test_native_engine_batched_equals_alone_and_frees_every_block(int8_llm):
     assert together == [int8_llm.generate(p, params)[0].token_ids for p in prompts]
     manager = int8_llm.engine.block_manager
     assert manager.num_free_blocks == manager.num_blocks
+
+
+@torch.inference_mode()
+def test_native_stack_is_the_native_layers(int8_llm):
+    """All layers in one native call (NativeStack) == the native layers called one by one from Python: the
+    same kernels, bit for bit, over a prefill chunk and a decode step of a bfloat16 and a float32 cache.
+    The layer-by-layer path is the one prompt chunks longer than NATIVE_ATTENTION_MAX_QUERY take."""
+    runner = int8_llm.engine.runner
+    model, kv_cache = runner.model, runner.kv_cache
+    kv_cache.bind(model)
+    stack = model.model.forward
+    assert isinstance(stack, llama_native.NativeStack)
+    ids = int8_llm.engine.tokenizer.encode("The history of the Roman Empire is long and complicated. It began with")
+    table = list(range(1, 6))
+    for dtype in (torch.bfloat16, torch.float32):
+        layers = [layer.self_attn.attn for layer in model.model.layers]
+        saved = [(a.k_cache, a.v_cache) for a in layers]
+        for a, (k, v) in zip(layers, saved):  # another pool bound: the stack must follow it
+            a.k_cache, a.v_cache = k.to(dtype), v.to(dtype)
+        try:
+            for tokens, start in ((ids[:-1], 0), (ids[-1:], len(ids) - 1)):
+                outs = []
+                for forward in (stack, stack.eager):
+                    positions, meta = build_step_metadata([SeqChunk(table, start, len(tokens))], kv_cache.block_size)
+                    meta.native = True
+                    outs.append(forward(torch.tensor(tokens), positions, meta))
+                assert torch.equal(outs[0], outs[1])
+        finally:
+            for a, (k, v) in zip(layers, saved):
+                a.k_cache, a.v_cache = k, v

@@ -31,6 +31,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).parent / "cpu").glob("*.c"))
+HEADERS = sorted((Path(__file__).parent / "cpu").glob("*.h"))
 # -ffp-contract=off: no fused multiply-adds where the PyTorch path rounds twice (int8_linear is bit-exact).
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
@@ -39,6 +40,8 @@ _P, _I, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 SIGNATURES = {
     "gb_int8_pack": [_P, _I, _I, _P],
     "gb_int8_linear": [_P, _I, _I, _I, _INT, _P, _F, _P, _P, _P, _I, _P, _I, _P, _I],
+    "gb_argmax": [_P, _I, _I, _I, _P],
+    "gb_llama_layers": [_P, _I, _I, _I, _I, _I, _I, _I, _F, _F, _INT, _P, _I, _P, _P, _P, _P, _I, _P, _I, _P],
     "gb_paged_attention": [_P, _I, _I, _P, _P, _P, _P, _INT, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _F, _I, _P],
 }
 # The KV cache dtypes paged_attention reads and writes.
@@ -84,7 +87,7 @@ def library() -> ctypes.CDLL | None:
         return None
     key = hashlib.sha256()
     # -march=native: a home directory shared by different CPUs keeps one build per CPU.
-    for part in [cc, *FLAGS, " ".join(sorted(_cpu_flags())), *(p.read_bytes() for p in SOURCES)]:
+    for part in [cc, *FLAGS, " ".join(sorted(_cpu_flags())), *(p.read_bytes() for p in SOURCES + HEADERS)]:
         key.update(part if isinstance(part, bytes) else part.encode())
     path = _cache_dir() / f"glassbox_cpu_{key.hexdigest()[:16]}.so"
     if not path.exists():
@@ -190,6 +193,56 @@ def paged_attention(
         block_tables.shape[1], context_lens.data_ptr(), num_heads, num_kv_heads, head_dim, block_size, scale,
         sliding_window or 0, out.data_ptr(),
     )  # fmt: skip
+    return out
+
+
+class LlamaLayer(ctypes.Structure):
+    """One decoder layer for llama_layers (kernels/cpu/llama_layers.c's gb_llama_layer): pointers to its
+    norms' weights, its four Int8Linear's packed weights, scales and biases (0: none), and its KV caches."""
+
+    _fields_ = [
+        (name, _P)
+        for name in (
+            "input_norm", "post_attention_norm", "qkv", "o", "gate_up", "down", "qkv_scale", "o_scale",
+            "gate_up_scale", "down_scale", "qkv_bias", "o_bias", "gate_up_bias", "down_bias", "k_cache", "v_cache",
+        )
+    ] + [("sliding_window", _I)]  # fmt: skip
+
+
+def llama_layers(
+    layers: ctypes.Array,
+    dims: tuple[int, int, int, int, int, int],
+    eps: float,
+    scale: float,
+    cache_dtype: torch.dtype,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> None:
+    """Every decoder layer of a Llama-family int8 model over one step, in place on x [T, hidden] float32
+    (contiguous). layers: a ctypes array of LlamaLayer; dims: (hidden, intermediate, heads, kv heads,
+    head_dim, block_size); eps: the RMSNorms'; scale: attention's; cache_dtype: one of CACHE_DTYPES. The
+    rest as paged_attention's arguments."""
+    assert x.dtype == torch.float32 and x.is_contiguous() and cache_dtype in CACHE_DTYPES
+    assert cos.is_contiguous() and sin.is_contiguous() and block_tables.is_contiguous()
+    library().gb_llama_layers(
+        ctypes.addressof(layers), len(layers), *dims, eps, scale, cache_dtype == torch.bfloat16, x.data_ptr(),
+        x.shape[0], cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), query_start_loc.data_ptr(),
+        query_start_loc.shape[0] - 1, block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(),
+    )  # fmt: skip
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(x, dim=-1) of x [M, N] float32 (rows may be strided) -> [M] int64."""
+    assert x.dtype == torch.float32 and x.dim() == 2
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    library().gb_argmax(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr())
     return out
 
 

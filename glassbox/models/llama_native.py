@@ -17,6 +17,7 @@ cache-less forwards), and is the oracle the tests hold this one to.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 from glassbox.kernels import cpu_native
 from glassbox.layers.attention import AttentionMetadata
 from glassbox.layers.quantized_linear import Int8Linear
-from glassbox.models.llama import LlamaDecoderLayer
+from glassbox.models.llama import LlamaDecoderLayer, LlamaModel
 
 # The native kernel computes a query's scores key by key; over a longer chunk, PyTorch's blocked
 # attention (matrix products over the whole chunk) is faster.
@@ -63,12 +64,15 @@ def forward(
 
 def install(model: nn.Module) -> bool:
     """Give every supported decoder layer a forward that takes the native path when the step's metadata
-    says `native`. Returns whether every layer got one (the runner then marks its steps native)."""
+    says `native`, and the decoder stack one that runs all its layers in one native call where the step
+    allows (NativeStack). Returns whether every layer got one (the runner then marks its steps native)."""
     layers = [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]
     if not layers or not all(supported(layer) for layer in layers):
         return False
     for layer in layers:
         layer.forward = _dispatch(layer, layer.forward)
+    for stack in (m for m in model.modules() if isinstance(m, LlamaModel)):
+        stack.forward = NativeStack(stack, stack.forward)
     return True
 
 
@@ -79,3 +83,64 @@ def _dispatch(layer: LlamaDecoderLayer, eager: Callable[..., torch.Tensor]) -> C
         return forward(layer, x, cos, sin, meta) if meta.native else eager(x, cos, sin, meta)
 
     return dispatching_forward
+
+
+class NativeStack:
+    """LlamaModel's forward with every decoder layer in one native call (kernels/cpu/llama_layers.c): the
+    same kernels as `forward` above, without going back to Python ~150 times a step. Taken for native
+    steps whose attention the native kernel does (a cache of a CACHE_DTYPES dtype, chunks of at most
+    NATIVE_ATTENTION_MAX_QUERY tokens); the layer-by-layer forward otherwise.
+
+    The kernel reads the layers' weights and caches through pointers, gathered once into a table; the
+    table is rebuilt when another KV pool is bound to the model (engine/kv_cache.bind)."""
+
+    def __init__(self, stack: LlamaModel, eager: Callable[..., torch.Tensor]) -> None:
+        self.stack, self.eager = stack, eager
+        self.layers = list(stack.layers)
+        first = self.layers[0].self_attn
+        # (hidden, intermediate, heads, kv heads, head_dim); the block size comes with the caches
+        self.dims = (
+            stack.embed_tokens.embedding_dim, self.layers[0].mlp.gate_up_proj.out_features // 2, first.num_heads,
+            first.num_kv_heads, first.head_dim,
+        )  # fmt: skip
+        self.eps, self.scale = self.layers[0].input_layernorm.eps, first.attn.scale
+        self.caches: list[torch.Tensor] = []
+        self.table: ctypes.Array | None = None
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        caches = [layer.self_attn.attn.k_cache for layer in self.layers]
+        native = (
+            meta.native
+            and meta.slot_mapping is not None
+            and meta.max_query_len <= NATIVE_ATTENTION_MAX_QUERY
+            and caches[0] is not None
+            and caches[0].dtype in cpu_native.CACHE_DTYPES
+        )
+        if not native:
+            return self.eager(input_ids, positions, meta)
+        if self.table is None or any(a is not b for a, b in zip(caches, self.caches)):
+            self.table, self.caches = self._table(), caches
+        x = self.stack.embed_tokens(input_ids)
+        cos, sin = self.stack.rotary_emb(positions, x.dtype)
+        dims = (*self.dims, caches[0].shape[1])
+        cpu_native.llama_layers(
+            self.table, dims, self.eps, self.scale, caches[0].dtype, x, cos, sin, meta.slot_mapping,
+            meta.query_start_loc, meta.block_tables, meta.context_lens,
+        )  # fmt: skip
+        return self.stack.norm(x)
+
+    def _table(self) -> ctypes.Array:
+        def ptr(t: torch.Tensor | None) -> int | None:
+            return None if t is None else t.data_ptr()
+
+        rows = []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            rows.append(cpu_native.LlamaLayer(
+                ptr(layer.input_layernorm.weight), ptr(layer.post_attention_layernorm.weight),
+                *(ptr(p.packed_weight) for p in linears), *(ptr(p.scale) for p in linears),
+                *(ptr(p.bias) for p in linears), ptr(attn.attn.k_cache), ptr(attn.attn.v_cache),
+                attn.attn.sliding_window or 0,
+            ))  # fmt: skip
+        return (cpu_native.LlamaLayer * len(rows))(*rows)

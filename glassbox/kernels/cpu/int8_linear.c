@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "vec_math.h"
 
 #define ROW_TILE 16   // output rows per vector
@@ -45,10 +46,8 @@ void gb_int8_pack(const int8_t *w, int64_t N, int64_t K, uint8_t *packed) {
     }
 }
 
-// What is done to a row of x before it is quantized (so the transformed row never goes to memory):
-enum { PROLOGUE_NONE = 0, PROLOGUE_RMS_NORM = 1, PROLOGUE_SILU_MUL = 2 };
-
-// The row the GEMM multiplies, into out [K]:
+// The row the GEMM multiplies, into out [K] (the prologue is done to a row of x before it is quantized, so
+// the transformed row never goes to memory):
 //   RMS_NORM: x [K] -> x / sqrt(mean(x²) + eps) * norm_weight (as F.rms_norm, to float32 rounding);
 //   SILU_MUL: x [2K] = (gate, up) -> silu(gate) * up (LlamaMLP's activation).
 static void prologue_row(int prologue, const float *x, int64_t K, const float *norm_weight, float eps, float *out) {
