@@ -3,8 +3,10 @@ transformers' own config classes, and a conversion cache private to the test ses
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,8 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
-# Before glassbox is imported anywhere: keep the GGUF conversion cache out of the user's home.
-os.environ.setdefault("GLASSBOX_CACHE", tempfile.mkdtemp(prefix="glassbox-test-cache-"))
+# Before glassbox is imported anywhere: keep the GGUF conversion cache out of the user's home, and remove
+# it when the session ends (a converted default model is ~0.5 GB: one left per run filled the disk).
+if "GLASSBOX_CACHE" not in os.environ:
+    os.environ["GLASSBOX_CACHE"] = tempfile.mkdtemp(prefix="glassbox-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["GLASSBOX_CACHE"], ignore_errors=True)
 
 import pytest
 import torch
