@@ -167,7 +167,7 @@ def test_native_engine_batched_equals_alone_and_frees_every_block(int8_llm):
 def test_native_stack_is_the_native_layers(int8_llm):
     """All layers in one native call (NativeStack) == the native layers called one by one from Python: the
     same kernels, bit for bit, over a prefill chunk and a decode step of a bfloat16 and a float32 cache.
-    The layer-by-layer path is the one prompt chunks longer than NATIVE_ATTENTION_MAX_QUERY take."""
+    The layer-by-layer path is the one an fp8 cache takes (with the model's own attention)."""
     runner = int8_llm.engine.runner
     model, kv_cache = runner.model, runner.kv_cache
     kv_cache.bind(model)

@@ -1,18 +1,18 @@
-"""The Llama decoder layer's forward on the native CPU kernels (kernels/cpu/), for int8 weights in float32.
+"""The Llama decoder layers' forward on the native CPU kernels (kernels/cpu/), for int8 weights in float32.
 
 The same computation as `LlamaDecoderLayer.forward`, in five kernel calls instead of ~30 tensor ops — on a
 2-core CPU a batch-1 decode step was bound by dispatching its ~900 ops, not by its arithmetic:
 
     qkv = qkv_proj(rms_norm(x))             one call: the norm is the int8 GEMM's prologue
-    a   = attention(rotary(qkv))            one call (rotary, KV store, paged attention), for decode tokens
-                                            and prefill chunks of up to NATIVE_ATTENTION_MAX_QUERY tokens;
-                                            the model's own `attend` for longer chunks
+    a   = attention(rotary(qkv))            one call (rotary, KV store, paged attention) for a float32 or
+                                            bfloat16 cache; the model's own `attend` for others (fp8)
     x   = x + o_proj(a)                     one call: the residual is the GEMM's epilogue
     x   = x + down(silu_mul(gate_up(rms_norm(x))))    two calls
 
-Applied from outside (engine/optimize.py) as the layer's forward for the steps whose metadata says
-`native`; the plain forward stays for the others (sparsity masks, attention capture, latency timers,
-cache-less forwards), and is the oracle the tests hold this one to.
+and, where every layer's attention is native, all the layers in one call (NativeStack). Applied from
+outside (engine/optimize.py) for the steps whose metadata says `native`; the plain forward stays for the
+others (sparsity masks, attention capture, latency timers, cache-less forwards), and is the oracle the
+tests hold this one to.
 """
 
 from __future__ import annotations
@@ -27,11 +27,6 @@ from glassbox.kernels import cpu_native
 from glassbox.layers.attention import AttentionMetadata
 from glassbox.layers.quantized_linear import Int8Linear
 from glassbox.models.llama import LlamaDecoderLayer, LlamaModel
-
-# The native kernel computes a query's scores key by key; over a longer chunk, PyTorch's blocked
-# attention (matrix products over the whole chunk) is faster.
-NATIVE_ATTENTION_MAX_QUERY = 256
-
 
 def supported(layer: nn.Module) -> bool:
     """A Llama-family layer whose four projections run the native int8 kernel (Qwen3's q/k norms excluded)."""
@@ -48,7 +43,7 @@ def forward(
     attn, mlp = layer.self_attn, layer.mlp
     qkv = attn.qkv_proj.forward_fused(x, prologue="rms_norm", norm=layer.input_layernorm)
     cache = attn.attn.k_cache
-    if cache is not None and cache.dtype in cpu_native.CACHE_DTYPES and meta.max_query_len <= NATIVE_ATTENTION_MAX_QUERY:
+    if meta.slot_mapping is not None and cache is not None and cache.dtype in cpu_native.CACHE_DTYPES:
         num_tokens, head_dim = qkv.shape[0], attn.head_dim
         out = cpu_native.paged_attention(
             qkv, cos.view(num_tokens, head_dim), sin.view(num_tokens, head_dim), cache, attn.attn.v_cache,
@@ -88,8 +83,7 @@ def _dispatch(layer: LlamaDecoderLayer, eager: Callable[..., torch.Tensor]) -> C
 class NativeStack:
     """LlamaModel's forward with every decoder layer in one native call (kernels/cpu/llama_layers.c): the
     same kernels as `forward` above, without going back to Python ~150 times a step. Taken for native
-    steps whose attention the native kernel does (a cache of a CACHE_DTYPES dtype, chunks of at most
-    NATIVE_ATTENTION_MAX_QUERY tokens); the layer-by-layer forward otherwise.
+    steps with a cache of a CACHE_DTYPES dtype; the layer-by-layer forward otherwise.
 
     The kernel reads the layers' weights and caches through pointers, gathered once into a table; the
     table is rebuilt when another KV pool is bound to the model (engine/kv_cache.bind)."""
@@ -112,7 +106,6 @@ class NativeStack:
         native = (
             meta.native
             and meta.slot_mapping is not None
-            and meta.max_query_len <= NATIVE_ATTENTION_MAX_QUERY
             and caches[0] is not None
             and caches[0].dtype in cpu_native.CACHE_DTYPES
         )
