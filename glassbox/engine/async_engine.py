@@ -16,7 +16,6 @@ import asyncio
 import itertools
 import logging
 import queue
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -30,11 +29,6 @@ from glassbox.sampling import SamplingParams
 logger = logging.getLogger(__name__)
 
 YIELD_AFTER_OUTPUT_S = 0.0005
-# How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). The loop thread
-# comes back from every kernel call wanting the GIL, which the event loop thread may hold just then
-# (streaming tokens); at 5 ms a wait could take a sixth of a 30 ms step. Measured with 32 streams over
-# HTTP on 2 CPUs: +8 to 20% tokens/s at 0.5 ms. Process-wide: set by start(), and only ever lowered.
-GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 class EngineDeadError(RuntimeError):
@@ -73,7 +67,6 @@ class AsyncLLMEngine:
     # ---- lifecycle
     def start(self) -> AsyncLLMEngine:
         """Start the loop thread; returns once the engine is built (raises what building raised)."""
-        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
         self._thread.start()
         self._ready.wait()
         if self.engine is None:
