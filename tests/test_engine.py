@@ -251,24 +251,30 @@ def test_int8_mode_is_batch_invariant_and_int4_agrees_with_float32():
     assert int4.generate(question, params)[0].text == float32.generate(question, params)[0].text
 
 
-def test_fp8_kv_cache_holds_more_tokens_and_keeps_the_numbers(tiny):
-    """kv_cache_dtype="fp8": a byte per cached value (four times float32's tokens in the same memory), batched
-    still == alone, and prompt logprobs (attention over the 8-bit cache) within fp8's rounding of float32's."""
+# kv_cache_dtype -> (its torch dtype, tokens per float32 token's bytes, tolerances on prompt logprobs of
+# about -6: mean and max absolute difference). e4m3 keeps 3 mantissa bits (up to 6% per value), bfloat16 7.
+SMALL_CACHES = {"fp8": (torch.float8_e4m3fn, 4, 0.05, 0.2), "bfloat16": (torch.bfloat16, 2, 0.01, 0.05)}
+
+
+@pytest.mark.parametrize("cache_dtype", list(SMALL_CACHES))
+def test_small_kv_cache_holds_more_tokens_and_keeps_the_numbers(tiny, cache_dtype):
+    """kv_cache_dtype="fp8" / "bfloat16" for a float32 model: more tokens in the same memory, batched still ==
+    alone, and prompt logprobs (attention over the narrower cache) within its rounding of float32's."""
+    dtype, ratio, mean_tol, max_tol = SMALL_CACHES[cache_dtype]
     prompts = random_prompts(8, seed=11, lengths=(5, 40))
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=0)
     exact = make_engine(tiny, kv_cache_memory=4 << 20, block_size=4)
-    fp8 = make_engine(tiny, kv_cache_memory=4 << 20, block_size=4, kv_cache_dtype="fp8")
-    assert fp8.kv_cache.dtype == torch.float8_e4m3fn and fp8.kv_cache.num_blocks == 4 * exact.kv_cache.num_blocks
-    batched = run_all(fp8, prompts, params)
-    assert [o.token_ids for o in batched] == [run_all(fp8, [p], params)[0].token_ids for p in prompts]
+    small = make_engine(tiny, kv_cache_memory=4 << 20, block_size=4, kv_cache_dtype=cache_dtype)
+    assert small.kv_cache.dtype == dtype and small.kv_cache.num_blocks == ratio * exact.kv_cache.num_blocks
+    batched = run_all(small, prompts, params)
+    assert [o.token_ids for o in batched] == [run_all(small, [p], params)[0].token_ids for p in prompts]
     reference = run_all(exact, prompts, params)
     for got, want in zip(batched, reference):
         got_lp = torch.tensor([entry[1] for entry in got.prompt_logprobs[1:]])
         want_lp = torch.tensor([entry[1] for entry in want.prompt_logprobs[1:]])
-        # e4m3 keeps 3 mantissa bits (up to 6% per value); logprobs here are around -6.
-        assert (got_lp - want_lp).abs().mean() < 0.05 and (got_lp - want_lp).abs().max() < 0.2
-        assert not torch.equal(got_lp, want_lp)  # the cache really is 8-bit
-    assert_all_blocks_free(fp8)
+        assert (got_lp - want_lp).abs().mean() < mean_tol and (got_lp - want_lp).abs().max() < max_tol
+        assert not torch.equal(got_lp, want_lp)  # the cache really is narrower
+    assert_all_blocks_free(small)
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         EngineConfig(kv_cache_dtype="int8")
 
