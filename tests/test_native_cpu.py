@@ -47,7 +47,8 @@ def test_paged_attention_is_the_torch_path(heads, kv_heads, head_dim, window, st
         used += count
     positions = [p for c, new in seqs for p in range(c - new, c)]
     seq_of = [i for i, (_, new) in enumerate(seqs) for _ in range(new)]
-    slots = torch.tensor([int(tables[i, p // block_size]) * block_size + p % block_size for i, p in zip(seq_of, positions)])
+    slots = torch.tensor([int(tables[i, p // block_size]) * block_size + p % block_size
+                          for i, p in zip(seq_of, positions)])
     starts = [0]
     for _, new in seqs:
         starts.append(starts[-1] + new)
@@ -57,7 +58,8 @@ def test_paged_attention_is_the_torch_path(heads, kv_heads, head_dim, window, st
     scale = head_dim**-0.5
     out = cpu_native.paged_attention(
         qkv, cos.view(tokens, head_dim), sin.view(tokens, head_dim), k_cache, v_cache, slots,
-        torch.tensor(starts, dtype=torch.int32), tables, torch.tensor(contexts, dtype=torch.int32), heads, scale, window,
+        torch.tensor(starts, dtype=torch.int32), tables, torch.tensor(contexts, dtype=torch.int32), heads, scale,
+        window,
     )  # fmt: skip
 
     qk = apply_rotary(qkv[:, : (heads + kv_heads) * head_dim].view(tokens, -1, head_dim), cos, sin)

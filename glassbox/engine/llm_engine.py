@@ -91,7 +91,9 @@ class LLMEngine:
         if kv_dtype == torch.float8_e4m3fn and on_cuda and torch.cuda.get_device_capability(loaded.device) < (8, 9):
             raise ValueError("kv_cache_dtype fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper)")
         if kv_dtype == torch.bfloat16 and on_cuda and loaded.dtype != torch.bfloat16:
-            raise ValueError("kv_cache_dtype bfloat16 on CUDA needs a bfloat16 model (the kernels read the cache in the model's dtype)")
+            raise ValueError(
+                "kv_cache_dtype bfloat16 on CUDA needs a bfloat16 model (the kernels read the cache in the model's dtype)"
+            )
         if cfg.num_kv_blocks is not None:
             self.kv_cache = KVCache(loaded.config, cfg.num_kv_blocks, cfg.block_size, kv_dtype, loaded.device)
         elif cfg.kv_cache_memory is None and on_cuda:

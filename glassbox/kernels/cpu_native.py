@@ -189,16 +189,17 @@ def paged_attention(
     out = torch.empty(tokens, num_heads * head_dim, dtype=torch.float32)
     library().gb_paged_attention(
         qkv.data_ptr(), tokens, qkv.stride(0), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-        k_cache.dtype == torch.bfloat16, slot_mapping.data_ptr(), query_start_loc.data_ptr(), query_start_loc.shape[0] - 1, block_tables.data_ptr(),
-        block_tables.shape[1], context_lens.data_ptr(), num_heads, num_kv_heads, head_dim, block_size, scale,
-        sliding_window or 0, out.data_ptr(),
+        k_cache.dtype == torch.bfloat16, slot_mapping.data_ptr(), query_start_loc.data_ptr(),
+        query_start_loc.shape[0] - 1, block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(),
+        num_heads, num_kv_heads, head_dim, block_size, scale, sliding_window or 0, out.data_ptr(),
     )  # fmt: skip
     return out
 
 
 class LlamaLayer(ctypes.Structure):
     """One decoder layer for llama_layers (kernels/cpu/llama_layers.c's gb_llama_layer): pointers to its
-    norms' weights, its four Int8Linear's packed weights, scales and biases (0: none), and its KV caches."""
+    norms' weights, its four Int8Linear's packed weights, scales and biases (None: no bias), its KV caches
+    and its sliding window (0: none)."""
 
     _fields_ = [
         (name, _P)

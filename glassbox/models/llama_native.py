@@ -28,6 +28,7 @@ from glassbox.layers.attention import AttentionMetadata
 from glassbox.layers.quantized_linear import Int8Linear
 from glassbox.models.llama import LlamaDecoderLayer, LlamaModel
 
+
 def supported(layer: nn.Module) -> bool:
     """A Llama-family layer whose four projections run the native int8 kernel (Qwen3's q/k norms excluded)."""
     if not isinstance(layer, LlamaDecoderLayer) or layer.self_attn.qk_norm:
@@ -86,11 +87,13 @@ class NativeStack:
     steps with a cache of a CACHE_DTYPES dtype; the layer-by-layer forward otherwise.
 
     The kernel reads the layers' weights and caches through pointers, gathered once into a table; the
-    table is rebuilt when another KV pool is bound to the model (engine/kv_cache.bind)."""
+    table is rebuilt when another KV pool is bound to the model (engine/kv_cache.bind). Only the caches'
+    addresses are kept to notice that: the model must not keep a dropped pool alive."""
 
     def __init__(self, stack: LlamaModel, eager: Callable[..., torch.Tensor]) -> None:
         self.stack, self.eager = stack, eager
         self.layers = list(stack.layers)
+        self.attns = [layer.self_attn.attn for layer in self.layers]
         first = self.layers[0].self_attn
         # (hidden, intermediate, heads, kv heads, head_dim); the block size comes with the caches
         self.dims = (
@@ -98,26 +101,22 @@ class NativeStack:
             first.num_kv_heads, first.head_dim,
         )  # fmt: skip
         self.eps, self.scale = self.layers[0].input_layernorm.eps, first.attn.scale
-        self.caches: list[torch.Tensor] = []
         self.table: ctypes.Array | None = None
+        self.table_caches: tuple[int, ...] = ()  # the caches' addresses in the table
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        caches = [layer.self_attn.attn.k_cache for layer in self.layers]
-        native = (
-            meta.native
-            and meta.slot_mapping is not None
-            and caches[0] is not None
-            and caches[0].dtype in cpu_native.CACHE_DTYPES
-        )
-        if not native:
+        cache = self.attns[0].k_cache
+        native = meta.native and meta.slot_mapping is not None and cache is not None
+        if not native or cache.dtype not in cpu_native.CACHE_DTYPES:
             return self.eager(input_ids, positions, meta)
-        if self.table is None or any(a is not b for a, b in zip(caches, self.caches)):
-            self.table, self.caches = self._table(), caches
+        caches = tuple(t.data_ptr() for a in self.attns for t in (a.k_cache, a.v_cache))
+        if caches != self.table_caches:
+            self.table, self.table_caches = self._table(), caches
         x = self.stack.embed_tokens(input_ids)
         cos, sin = self.stack.rotary_emb(positions, x.dtype)
-        dims = (*self.dims, caches[0].shape[1])
+        dims = (*self.dims, cache.shape[1])
         cpu_native.llama_layers(
-            self.table, dims, self.eps, self.scale, caches[0].dtype, x, cos, sin, meta.slot_mapping,
+            self.table, dims, self.eps, self.scale, cache.dtype, x, cos, sin, meta.slot_mapping,
             meta.query_start_loc, meta.block_tables, meta.context_lens,
         )  # fmt: skip
         return self.stack.norm(x)

@@ -30,7 +30,8 @@ static int64_t argmax_row(const float *x, int64_t N) {
     }
     const float top = _mm512_reduce_max_ps(best);
     // Of the lanes holding the maximum, the smallest index (-1: a row of -inf only, index 0 as torch).
-    const __mmask16 at_top = _mm512_cmp_ps_mask(best, _mm512_set1_ps(top), _CMP_EQ_OQ) & _mm512_cmpge_epi32_mask(best_at, _mm512_setzero_si512());
+    const __mmask16 at_top = _mm512_cmp_ps_mask(best, _mm512_set1_ps(top), _CMP_EQ_OQ) &
+                             _mm512_cmpge_epi32_mask(best_at, _mm512_setzero_si512());
     if (!at_top) return 0;
     return _mm512_mask_reduce_min_epi32(at_top, best_at);
 }

@@ -16,9 +16,10 @@
 //   block_tables [S, max_blocks] int32; context_lens [S] int32 (the new tokens included)
 //   out [T, H · D] float32
 //
-// Work is split over (new token, kv head) pairs: a pair's G query heads share every key and value row
-// they read. Per pair: scores of 16 keys at a time (16 dot products summed across lanes by one transpose
-// tree instead of 16 horizontal reductions), softmax, then Σ p·v with the heads' accumulators in registers.
+// A task is a new token with all its heads, so that it reads whole cache rows (one kv head of it where a
+// step has under 4 tokens). Per kv head: scores of 16 keys at a time (16 dot products summed across lanes
+// by one transpose tree instead of 16 horizontal reductions), softmax, then Σ p·v with the accumulators of
+// the kv head's query heads in registers, so that each value row is loaded once.
 
 #include <math.h>
 #include <stdint.h>
@@ -43,7 +44,8 @@ static inline __attribute__((always_inline)) __m512 load16(const void *row, int6
     return _mm512_maskz_loadu_ps(m, (const float *)row + i);
 }
 
-// x [D] float32 -> a cache row: copied, or rounded to bfloat16 as torch rounds (to nearest, ties to even).
+// x [D] float32 -> a cache row: copied, or rounded to bfloat16 as torch rounds finite values (to nearest,
+// ties to even).
 static void store_row(const float *x, int64_t D, void *row, const int bf16) {
     for (int64_t i = 0; i < D; i += 16) {
         const __mmask16 m = tail_mask(D - i);
@@ -213,7 +215,7 @@ void gb_paged_attention(const float *qkv, int64_t T, int64_t ld_qkv, const float
             const int64_t end = context_lens[s] - (query_start_loc[s + 1] - 1 - t);
             const int64_t start = window > 0 && end > window ? end - window : 0, n = end - start;
             const int32_t *table = block_tables + s * max_blocks;
-            // Key t's row is table[t / BS] * BS + t % BS; walked block by block (a 64-bit division per
+            // Key i's row is table[i / BS] * BS + i % BS; walked block by block (a 64-bit division per
             // key cost more than its dot product).
             for (int64_t i = start; i < end;) {
                 const int64_t offset = ((int64_t)table[i / BS] * BS + i % BS) * row + kvh * D * elem;
