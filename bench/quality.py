@@ -1,7 +1,8 @@
-"""What an 8-bit KV cache costs in quality: kv_cache_dtype="fp8" against a float32 cache, beside what
-bfloat16 (weights and cache) costs, on the default model.
+"""What the fast modes cost in quality on the default model, against float32 weights and cache: narrower KV
+caches (kv_cache_dtype "bfloat16", "fp8"), bfloat16 weights and cache, and the CPU's quantized weights
+(quantization "int8" = W8A8, "int4"), alone and combined.
 
-    .venv/bin/python bench/kv_cache_quality.py [--text bench/data/pride_and_prejudice_ch1.txt]
+    .venv/bin/python bench/quality.py [--text bench/data/pride_and_prejudice_ch1.txt]
 
 Teacher-forced perplexity of the text from prompt logprobs, prefilled in chunks of 64 tokens so that each
 chunk reads the keys and values before it from the cache; then greedy continuations (64 tokens) of 16 prompts
@@ -18,14 +19,24 @@ from pathlib import Path
 
 CHUNK = 64  # max_num_batched_tokens: the prefill chunk
 NEW_TOKENS = 64
-CONFIGS = [("float32", "auto"), ("float32", "fp8"), ("bfloat16", "auto")]  # (model dtype, kv_cache_dtype)
+# (model dtype, kv_cache_dtype, quantization); the first is the reference
+CONFIGS = [
+    ("float32", "auto", None),
+    ("float32", "bfloat16", None),
+    ("float32", "fp8", None),
+    ("bfloat16", "auto", None),
+    ("float32", "auto", "int8"),
+    ("float32", "bfloat16", "int8"),
+    ("float32", "auto", "int4"),
+]
 
 
-def run(text: str, dtype: str, kv_cache_dtype: str) -> tuple[float, list[list[int]], int]:
+def run(text: str, dtype: str, kv_cache_dtype: str, quantization: str | None) -> tuple[float, list[list[int]], int]:
     """(perplexity, greedy continuations, text tokens)."""
     from glassbox import LLM, SamplingParams
 
-    llm = LLM(dtype=dtype, kv_cache_dtype=kv_cache_dtype, max_num_batched_tokens=CHUNK, kv_cache_memory=256 << 20)
+    llm = LLM(dtype=dtype, kv_cache_dtype=kv_cache_dtype, quantization=quantization, max_num_batched_tokens=CHUNK,
+              kv_cache_memory=256 << 20)
     ids = llm.tokenizer.encode(text)
     scored = llm.generate(ids, SamplingParams(max_tokens=1, prompt_logprobs=0))[0].prompt_logprobs
     logprobs = [entry[1] for entry in scored if entry is not None]
@@ -41,16 +52,17 @@ def main() -> None:
     args = parser.parse_args()
 
     text = Path(args.text).read_text()
-    results = [run(text, dtype, kv_cache_dtype) for dtype, kv_cache_dtype in CONFIGS]
+    results = [run(text, *config) for config in CONFIGS]
     reference = results[0][1]
     print(f"{Path(args.text).name}: {results[0][2]} tokens; SmolLM2-135M-Instruct; {platform.machine()} CPU; "
           f"{time.strftime('%Y-%m-%d')}\n")
-    print(f"| model dtype | KV cache | perplexity | greedy continuations equal to float32's | mean common prefix |")
-    print("|---|---|---:|---:|---:|")
-    for (dtype, kv_cache_dtype), (perplexity, continuations, _) in zip(CONFIGS, results):
+    print("| model dtype | quantization | KV cache | perplexity | greedy continuations equal to float32's | "
+          "mean common prefix |")
+    print("|---|---|---|---:|---:|---:|")
+    for (dtype, kv_cache_dtype, quantization), (perplexity, continuations, _) in zip(CONFIGS, results):
         prefixes = [next((j for j, (a, b) in enumerate(zip(r, c)) if a != b), len(r))
                     for r, c in zip(reference, continuations)]  # fmt: skip
-        print(f"| {dtype} | {kv_cache_dtype} | {perplexity:.3f} | {sum(p == NEW_TOKENS for p in prefixes)}/16 | "
+        print(f"| {dtype} | {quantization or '-'} | {kv_cache_dtype} | {perplexity:.3f} | {sum(p == NEW_TOKENS for p in prefixes)}/16 | "
               f"{sum(prefixes) / 16:.1f} of {NEW_TOKENS} |")
 
 
