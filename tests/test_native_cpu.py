@@ -3,17 +3,23 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_all
 
 from glassbox import LLM, SamplingParams
+from glassbox.config import EngineConfig
+from glassbox.engine.llm_engine import LLMEngine
 from glassbox.engine.step_metadata import SeqChunk, build_step_metadata
 from glassbox.kernels import attention_torch, cpu_native
 from glassbox.layers.norm import RMSNorm
 from glassbox.layers.quantized_linear import Int8Linear
 from glassbox.layers.rotary import RotaryEmbedding, apply_rotary
 from glassbox.models import llama_native
+from glassbox.models.loader import load_model
 
 pytestmark = pytest.mark.skipif(not cpu_native.available(), reason="needs AVX-512 VNNI and a C compiler")
 
@@ -193,3 +199,32 @@ def test_native_stack_is_the_native_layers(int8_llm):
         finally:
             for a, (k, v) in zip(layers, saved):
                 a.k_cache, a.v_cache = k, v
+
+
+@pytest.mark.parametrize("family", ["llama", "llama3_rope", "mistral", "qwen2"])
+@torch.inference_mode()
+def test_native_int8_engine_on_every_llama_family_shape(tiny_model_dir, family):
+    """The native layers on the other Llama-family shapes: head_dim 16 (the kernels' generic head size),
+    Llama 3 rope, Mistral's sliding window (5 tokens, shorter than the prompts), Qwen2's q/k/v biases. The
+    engine takes the native path, batched == alone with every block freed, and a prefill's logits are the
+    plain int8 forward's (up to int8's noise: see test_native_layers_give_the_plain_forward_logits)."""
+    engine = LLMEngine(load_model(tiny_model_dir(family)), EngineConfig(quantization="int8", kv_cache_memory=8 << 20))
+    runner = engine.runner
+    assert runner.use_native
+    rng = random.Random(family)
+    prompts = [[rng.randrange(300) for _ in range(rng.randint(3, 40))] for _ in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    batched = [o.token_ids for o in run_all(engine, prompts, params)]
+    assert batched == [run_all(engine, [p], params)[0].token_ids for p in prompts]
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+    model, kv_cache = runner.model, runner.kv_cache
+    kv_cache.bind(model)
+    logits = []
+    for native in (False, True):
+        positions, meta = build_step_metadata([SeqChunk([1, 2, 3], 0, len(prompts[0]))], kv_cache.block_size)
+        meta.native = native
+        logits.append(model.compute_logits(model(torch.tensor(prompts[0]), positions, meta)))
+    # Here ≤ 2e-5 (tiny random models spread their activations evenly); the logits of the wrong positions
+    # are 0.2-0.4 apart.
+    assert mean_kl(*logits) < 1e-3
