@@ -6,10 +6,8 @@ views k[i], v[i]; a sequence's block table lists which blocks hold its tokens, i
 
 from __future__ import annotations
 
-import math
 import weakref
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -27,19 +25,6 @@ def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) ->
     return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * element
 
 
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zeroed tensor. On the CPU from calloc (numpy's zeros), whose fresh pages the kernel zeroes when
-    first touched: torch.zeros writes the whole pool at start-up (~0.3 s for the default 1 GiB, a tenth of
-    the server's start). Aligned to 64 bytes, as torch's allocator does: a cache row must not straddle
-    more cache lines than it fills."""
-    if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    buffer = np.zeros(size + 64, dtype=np.uint8)
-    start = -buffer.ctypes.data % 64
-    return torch.from_numpy(buffer[start : start + size]).view(dtype).view(shape)
-
-
 class KVCache:
     def __init__(
         self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
@@ -49,8 +34,8 @@ class KVCache:
         shape = (config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.k = _zeros(shape, dtype, device)
-        self.v = _zeros(shape, dtype, device)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     @classmethod
     def for_memory(
