@@ -78,17 +78,15 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        x2d = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).float()
         if self.native:
-            y = cpu_native.int8_linear(x2d.float(), self.packed_weight, self.scale, self.bias, self.out_features)
-            y = y.to(x.dtype)
-            return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
-        x2d = x2d.float()
-        x_scale = x2d.abs().amax(1, keepdim=True).clamp_min_(1e-10).div_(127)  # [M, 1]
-        x_int8 = torch.round(x2d / x_scale).to(torch.int8)
-        y = torch._int_mm(x_int8, self.weight_int8.t()).float().mul_(x_scale).mul_(self.scale)
-        if self.bias is not None:
-            y += self.bias
+            y = cpu_native.int8_linear(x2d, self.packed_weight, self.scale, self.bias, self.out_features)
+        else:
+            x_scale = x2d.abs().amax(1, keepdim=True).clamp_min_(1e-10).div_(127)  # [M, 1]
+            x_int8 = torch.round(x2d / x_scale).to(torch.int8)
+            y = torch._int_mm(x_int8, self.weight_int8.t()).float().mul_(x_scale).mul_(self.scale)
+            if self.bias is not None:
+                y += self.bias
         y = y.to(x.dtype)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
