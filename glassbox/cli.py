@@ -1,7 +1,8 @@
 """Command line:
 
     glassbox generate PROMPT [--max-tokens N] [--model PATH] [--dtype D] [--json] [--chat]
-    glassbox serve [--model PATH] [--host 127.0.0.1] [--port 8000] [--api-key KEY] ...
+    glassbox serve [--model PATH] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--plugin FILE] ...
+    glassbox algorithms [--plugin FILE]    the scheduling policies and sparsity methods, by name
 """
 
 from __future__ import annotations
@@ -11,9 +12,19 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from glassbox.algorithms import ALGORITHMS, UnknownNameError
 from glassbox.config import KV_CACHE_DTYPES
+from glassbox.engine.policies import get_policy  # also registers the built-in policies, for --help
 from glassbox.errors import GlassboxError
+
+# `generate` runs one prompt: a small KV pool starts faster than serve's 1 GiB (its pages are zeroed at
+# start) and still holds ~2,800 tokens of SmolLM2-135M in float32.
+GENERATE_KV_CACHE_GIB = 0.125
+
+if TYPE_CHECKING:
+    from glassbox.research.plugins import PluginManager
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: SmolLM2-135M)")
     generate.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16")
     generate.add_argument("--device", default="cpu")
+    generate.add_argument(
+        "--kv-cache-memory", type=float, default=GENERATE_KV_CACHE_GIB,
+        help=f"GiB for the KV cache: prompt + max tokens must fit (default {GENERATE_KV_CACHE_GIB})",
+    )
     generate.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
     generate.add_argument("--json", action="store_true", help='print {"text": ..., "token_ids": [...]}')
 
@@ -46,32 +61,60 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: the model's dtype; bfloat16: half a float32 model's bytes per cached token; fp8: float8_e4m3fn",
     )
     serve.add_argument("--max-num-seqs", type=int, default=256)
-    serve.add_argument("--scheduling-policy", default="fcfs", help="fcfs, priority or shortest_prompt_first")
+    serve.add_argument(
+        "--scheduling-policy", default="fcfs",
+        help=f"{', '.join(ALGORITHMS.scheduling_policies.names())}, or a policy of the --plugin file (default fcfs)",
+    )
     serve.add_argument("--api-key", default=os.environ.get("GLASSBOX_API_KEY"), help="require 'Authorization: Bearer KEY'")
     serve.add_argument("--plugin", default=None, help="Python file registering algorithms; reloaded on change")
     serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+
+    algorithms = commands.add_parser("algorithms", help="list the scheduling policies and sparsity methods by name")
+    algorithms.add_argument("--plugin", default=None, help="also list what this plugin file registers")
     return parser
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from glassbox.generate import greedy_generate
-    from glassbox.models.loader import load_model
+    """Greedy continuation through the offline API (glassbox.llm.LLM), the engine that serves."""
+    from glassbox.llm import LLM
+    from glassbox.sampling import SamplingParams
 
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    tokenizer = loaded.tokenizer
-    if args.chat:
-        prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
-    else:
-        prompt_ids = tokenizer.encode(args.prompt)
-    stop_ids = set(loaded.config.eos_token_ids) | {tokenizer.eos_token_id} - {None}
-    token_ids = greedy_generate(loaded, prompt_ids, args.max_tokens, stop_ids)
-    text = tokenizer.decode(token_ids)
+    if args.kv_cache_memory <= 0:
+        raise ValueError(f"--kv-cache-memory must be positive, got {args.kv_cache_memory}")
+    llm = LLM(
+        args.model, dtype=args.dtype, device=args.device, kv_cache_memory=int(args.kv_cache_memory * 2**30),
+        enforce_eager=True, compile=False,  # one short run: CUDA graphs and compilation would cost more than they save
+    )
+    prompt = llm.tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    # The stop token (EOS) ends the output and is kept in token_ids; the text leaves it out.
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=args.max_tokens))[0]
     if args.json:
-        print(json.dumps({"text": text, "token_ids": token_ids}))
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids}))
     else:
-        print(text)
+        print(out.text)
+
+
+def _load_plugin(path_text: str) -> PluginManager:
+    from glassbox.research.plugins import PluginManager
+
+    path = Path(path_text)
+    if not path.is_file():
+        raise ValueError(f"--plugin {path_text}: no such file")
+    plugins = PluginManager(path.resolve())
+    plugins.load()  # a file that fails is reported and reloaded when it changes, as while serving
+    return plugins
+
+
+def _check_policy(name: str, plugins: PluginManager | None) -> None:
+    """Fail before the model loads if --scheduling-policy names no policy, built in or the plugin's."""
+    try:
+        get_policy(name)
+    except UnknownNameError as error:
+        failed = plugins is not None and plugins.last_error is not None
+        hint = f" (the plugin file did not load: {plugins.last_error})" if failed else ""
+        raise ValueError(f"--scheduling-policy: {error}{hint}") from None
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -81,12 +124,14 @@ def run_serve(args: argparse.Namespace) -> None:
     from glassbox.engine.async_engine import AsyncLLMEngine
     from glassbox.engine.llm_engine import LLMEngine
     from glassbox.models.loader import load_model
-    from glassbox.server.app import ServerSettings, create_app
+    from glassbox.server.app import create_app
+    from glassbox.server.settings import ServerSettings
 
-    if args.plugin is not None and not Path(args.plugin).is_file():
-        raise ValueError(f"--plugin {args.plugin}: no such file")
     if args.kv_cache_memory is not None and args.kv_cache_memory <= 0:
         raise ValueError(f"--kv-cache-memory must be positive, got {args.kv_cache_memory}")
+    # The plugin loads before the engine is built, so that --scheduling-policy may name one of its policies.
+    plugins = _load_plugin(args.plugin) if args.plugin is not None else None
+    _check_policy(args.scheduling_policy, plugins)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     engine_config = EngineConfig(
         kv_cache_memory=int(args.kv_cache_memory * 2**30) if args.kv_cache_memory is not None else None,
@@ -104,15 +149,32 @@ def run_serve(args: argparse.Namespace) -> None:
         model_name=name,
         api_key=args.api_key,
         ready_message=f"glassbox: serving {name} on http://{args.host}:{args.port}",
-        plugin=Path(args.plugin).resolve() if args.plugin else None,
     )
     uvicorn.run(
-        create_app(engine, settings),
+        create_app(engine, settings, plugins),
         host=args.host,
         port=args.port,
         log_level=args.log_level,
         access_log=args.log_level in ("debug", "info"),
     )
+
+
+def run_algorithms(args: argparse.Namespace) -> None:
+    """Every name `--scheduling-policy`, `algorithm` and `sparsity.method` accept, from the one registry."""
+    from glassbox.layers import sparsity  # noqa: F401  (registers the built-in sparsity methods)
+
+    if args.plugin is not None:
+        plugins = _load_plugin(args.plugin)
+        if plugins.last_error is not None:
+            raise ValueError(f"--plugin {args.plugin}: {plugins.last_error}")
+    tables = (("scheduling policies", ALGORITHMS.scheduling_policies), ("sparsity methods", ALGORITHMS.sparsity_methods))
+    for title, table in tables:
+        print(f"{title}:")
+        for name, entry in table.entries().items():
+            aliases = table.aliases_of(name)
+            label = name + (f" ({', '.join(aliases)})" if aliases else "")
+            origin = " [plugin]" if table.is_from_plugin(name) else ""
+            print(f"  {label}: {entry.description}{origin}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             run_generate(args)
         elif args.command == "serve":
             run_serve(args)
+        elif args.command == "algorithms":
+            run_algorithms(args)
     except (GlassboxError, ValueError) as error:
         print(f"glassbox: error: {error}", file=sys.stderr)
         return 2

@@ -1,5 +1,5 @@
-"""Model configuration: one dataclass for every supported family, built from a Hugging Face
-`config.json` dict or from GGUF metadata (see models/gguf.py)."""
+"""Model configuration: one dataclass for every supported family, built by the family from a Hugging Face
+`config.json` or GGUF metadata (models/<family>_checkpoint.py, looked up in models/registry.py)."""
 
 from __future__ import annotations
 
@@ -8,22 +8,13 @@ from typing import Any
 
 from glassbox.errors import UnsupportedModelError
 
-# HF `model_type` -> our family name (the key of models.registry.MODEL_CLASSES)
-HF_MODEL_TYPES = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "gpt2": "gpt2",
-}
-
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8")
 
 
 @dataclass
 class ModelConfig:
-    architecture: str  # "llama" | "qwen2" | "qwen3" | "gpt2"
+    architecture: str  # the family: a key of models.registry.FAMILIES ("llama", "qwen2", "qwen3", "gpt2")
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -48,11 +39,6 @@ class ModelConfig:
     model_type: str = ""  # the HF model_type this came from, for /model_info
 
     def __post_init__(self) -> None:
-        if self.architecture not in set(HF_MODEL_TYPES.values()):
-            raise UnsupportedModelError(
-                f"unsupported architecture {self.architecture!r}; glassbox serves "
-                f"{', '.join(sorted(HF_MODEL_TYPES))} models"
-            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise UnsupportedModelError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -72,82 +58,6 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         return cls(**data)
-
-    @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
-        """Build from the dict of a Hugging Face `config.json` (transformers 4 or 5 layout)."""
-        model_type = hf.get("model_type", "")
-        if model_type not in HF_MODEL_TYPES:
-            raise UnsupportedModelError(
-                f"unsupported model_type {model_type!r} in config.json; glassbox serves "
-                f"{', '.join(sorted(HF_MODEL_TYPES))} models"
-            )
-        arch = HF_MODEL_TYPES[model_type]
-        eos = hf.get("eos_token_id")
-        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        if arch == "gpt2":
-            hidden = hf["n_embd"]
-            return cls(
-                architecture=arch,
-                model_type=model_type,
-                vocab_size=hf["vocab_size"],
-                hidden_size=hidden,
-                intermediate_size=hf.get("n_inner") or 4 * hidden,
-                num_hidden_layers=hf["n_layer"],
-                num_attention_heads=hf["n_head"],
-                num_key_value_heads=hf["n_head"],
-                head_dim=hidden // hf["n_head"],
-                max_position_embeddings=hf["n_positions"],
-                norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                hidden_act=hf.get("activation_function", "gelu_new"),
-                tie_word_embeddings=hf.get("tie_word_embeddings", True),
-                bos_token_id=hf.get("bos_token_id"),
-                eos_token_ids=eos_ids,
-            )
-        # transformers 5 keeps RoPE settings in `rope_parameters`; 4 in rope_theta + rope_scaling.
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        rope_theta = rope.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
-        if "type" in rope and "rope_type" not in rope:
-            rope["rope_type"] = rope.pop("type")
-        rope_scaling = rope if rope.get("rope_type", "default") != "default" else None
-        num_heads = hf["num_attention_heads"]
-        num_layers = hf["num_hidden_layers"]
-        bias = bool(hf.get("attention_bias") or False)
-        return cls(
-            architecture=arch,
-            model_type=model_type,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            hidden_act=hf.get("hidden_act", "silu"),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=True if arch == "qwen2" else bias,
-            output_bias=bias if arch == "llama" else False,
-            qk_norm=arch == "qwen3",
-            rope_theta=float(rope_theta),
-            rope_scaling=rope_scaling,
-            layer_windows=_layer_windows(hf, num_layers),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-        )
-
-
-def _layer_windows(hf: dict[str, Any], num_layers: int) -> list[int | None]:
-    """Sliding-window size per layer: Mistral applies `sliding_window` to every layer; Qwen2/3 name
-    the windowed layers in `layer_types` (only when `use_sliding_window` is on)."""
-    window = hf.get("sliding_window")
-    if not window or hf.get("use_sliding_window") is False:
-        return [None] * num_layers
-    layer_types = hf.get("layer_types")
-    if layer_types:
-        return [window if t == "sliding_attention" else None for t in layer_types]
-    return [window] * num_layers
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 from glassbox.kernels import cpu_native
 
 _GREEDY_EPS = 1e-5
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 TOP_P_PREFIX = 1024  # top_p on the CPU first looks for its tokens among this many (see filter_logits)
 
 
@@ -37,8 +38,10 @@ class SamplingParams:
     logprobs: int | None = None  # log-probability of each sampled token plus this many top alternatives
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
-    # vLLM's RequestOutputKind: "cumulative" reports the request at every step (streaming); "final_only"
-    # only when it finishes, and detokenizes once at the end unless stop strings need the text earlier.
+    # vLLM's RequestOutputKind: "cumulative" reports the request at every step with everything so far;
+    # "delta" at every step with what the step added (streaming: a step's cost does not grow with the
+    # output), the whole result once finished; "final_only" only when it finishes, and detokenizes once at
+    # the end unless stop strings need the text earlier.
     output_kind: str = "cumulative"
 
     def __post_init__(self) -> None:
@@ -58,7 +61,7 @@ class SamplingParams:
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs", "must be in [0, 20]"),
             (all(s for s in self.stop), "stop", "must not contain empty strings"),
-            (self.output_kind in ("cumulative", "final_only"), "output_kind", "must be cumulative or final_only"),
+            (self.output_kind in OUTPUT_KINDS, "output_kind", f"must be one of {', '.join(OUTPUT_KINDS)}"),
         ]
         for ok, name, reason in checks:
             if not ok:

@@ -9,8 +9,9 @@ import pytest
 from glassbox import SamplingParams
 from glassbox.config import EngineConfig
 from glassbox.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from conftest import run_all
+
 from glassbox.engine.llm_engine import LLMEngine
-from glassbox.generate import greedy_generate
 from glassbox.models.loader import load_model
 
 
@@ -27,18 +28,25 @@ async def collect(engine: AsyncLLMEngine, prompt, params):
     return outputs
 
 
-def test_concurrent_streams_match_greedy_alone(engine):
+def greedy_alone(folder, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """Each prompt's greedy continuation from an engine over its own copy of the model, one request at a time."""
+    alone = LLMEngine(load_model(folder), EngineConfig(num_kv_blocks=200, block_size=4))
+    return [run_all(alone, [prompt], params)[0].token_ids for prompt in prompts]
+
+
+def test_concurrent_streams_match_greedy_alone(engine, tiny_model_dir):
     prompts = [[5, 6, 7], [9] * 20, list(range(40, 70)), [1]]
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    alone = greedy_alone(tiny_model_dir("llama"), prompts, params)
 
     async def main():
         return await asyncio.gather(*(collect(engine, p, params) for p in prompts))
 
     results = asyncio.run(main())
-    for prompt, outputs in zip(prompts, results):
+    for expected, outputs in zip(alone, results):
         assert outputs[-1].finished and not any(o.finished for o in outputs[:-1])
         streamed = [t for o in outputs for t in o.new_token_ids]
-        assert streamed == outputs[-1].token_ids == greedy_generate(engine.engine.loaded, prompt, 10, set())
+        assert streamed == outputs[-1].token_ids == expected
         assert "".join(o.new_text for o in outputs) == outputs[-1].text
     assert engine.engine.block_manager.num_free_blocks == engine.engine.block_manager.num_blocks
 
@@ -83,3 +91,20 @@ def test_a_failing_step_marks_the_engine_dead(engine):
 
     asyncio.run(main())
     assert not engine.is_alive
+
+
+def test_a_request_made_once_is_the_one_streamed(engine):
+    """make_request tokenizes and checks in the caller; stream runs that very object (no second tokenizing)."""
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    state = engine.make_request("Attention is all you need", params)
+    prompt_ids = engine.engine.tokenizer.encode("Attention is all you need")
+    assert state.seq.prompt_token_ids == prompt_ids
+
+    async def main():
+        return [out async for out in engine.stream(state)]
+
+    outputs = asyncio.run(main())
+    assert outputs[-1].finished and outputs[-1].request_id == state.seq.request_id
+    assert outputs[-1].prompt_token_ids == prompt_ids and len(outputs[-1].token_ids) == 4
+    with pytest.raises(ValueError, match="context length"):
+        engine.make_request([1] * 300, params)  # raises in the caller, before anything is queued

@@ -279,13 +279,14 @@ def test_small_kv_cache_holds_more_tokens_and_keeps_the_numbers(tiny, cache_dtyp
         EngineConfig(kv_cache_dtype="int8")
 
 
-def test_compile_layers_wraps_a_model_once(tiny_model_dir):
-    """Engines sharing a model (research/schedule.py) must not stack wrappers on its layers."""
-    from glassbox.engine.optimize import compile_layers
+def test_compiled_executors_leave_a_shared_model_unwrapped(tiny_model_dir):
+    """Engines sharing a model (research/schedule.py) must not stack wrappers on its layers: each compiled
+    executor compiles callables of its own and leaves the layers' forward as their class defines it."""
+    from glassbox.engine.executors import CompiledExecutor
     from glassbox.models.loader import load_model
 
     model = load_model(tiny_model_dir("llama")).model
-    compile_layers(model)
     first = model.model.layers[0].forward
-    compile_layers(model)
-    assert model.model.layers[0].forward is first
+    CompiledExecutor(model)
+    CompiledExecutor(model)
+    assert model.model.layers[0].forward == first and "forward" not in vars(model.model.layers[0])

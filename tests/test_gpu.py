@@ -174,7 +174,7 @@ def test_overlapped_decode_gives_the_cpu_tokens(tiny_model_dir):
     prompts, params = async_scheduling_requests(LLMEngine(load_model(folder), config))
     expected, _ = async_scheduling_scenario(LLMEngine(load_model(folder), config), prompts, params)
     engine = LLMEngine(load_model(folder, dtype="float32", device="cuda"), config)
-    assert engine.runner.overlap and engine.runner.graphs is not None
+    assert engine.async_scheduling and engine.runner.graphs is not None
     launches = record_launches(engine)
     results, in_flight = async_scheduling_scenario(engine, prompts, params)
     assert results == expected

@@ -138,7 +138,7 @@ def test_native_layers_give_the_plain_forward_logits(int8_llm):
     across a rounding boundary by max|row| / 127. Over 30 layers that gives KL ~0.01-0.03 between the two
     paths, less than either has to float32 (~0.05-0.08 on these prompts); a wrong mask or head gives > 1."""
     runner = int8_llm.engine.runner
-    assert runner.use_native
+    assert "native_stack" in runner.executors
     model, kv_cache = runner.model, runner.kv_cache
     kv_cache.bind(model)
     ids = int8_llm.engine.tokenizer.encode("The history of the Roman Empire is long and complicated. It began with")
@@ -146,8 +146,8 @@ def test_native_layers_give_the_plain_forward_logits(int8_llm):
 
     def logits(tokens: list[int], start: int, native: bool) -> torch.Tensor:
         positions, meta = build_step_metadata([SeqChunk(table, start, len(tokens))], kv_cache.block_size)
-        meta.native = native
-        return model.compute_logits(model(torch.tensor(tokens), positions, meta))
+        forward = runner.executors["native_layers" if native else "eager"].forward
+        return model.compute_logits(forward(torch.tensor(tokens), positions, meta))
 
     plain, native = (logits(ids[:-1], 0, native) for native in (False, True))
     assert mean_kl(plain, native) < 0.05
@@ -179,7 +179,7 @@ def test_native_stack_is_the_native_layers(int8_llm):
     runner = int8_llm.engine.runner
     model, kv_cache = runner.model, runner.kv_cache
     kv_cache.bind(model)
-    stack = model.model.forward
+    stack = runner.executors["native_stack"].stack
     assert isinstance(stack, llama_native.NativeStack)
     ids = int8_llm.engine.tokenizer.encode("The history of the Roman Empire is long and complicated. It began with")
     table = list(range(1, 6))
@@ -191,9 +191,8 @@ def test_native_stack_is_the_native_layers(int8_llm):
         try:
             for tokens, start in ((ids[:-1], 0), (ids[-1:], len(ids) - 1)):
                 outs = []
-                for forward in (stack, stack.eager):
+                for forward in (stack, runner.executors["native_layers"].forward):
                     positions, meta = build_step_metadata([SeqChunk(table, start, len(tokens))], kv_cache.block_size)
-                    meta.native = True
                     outs.append(forward(torch.tensor(tokens), positions, meta))
                 assert torch.equal(outs[0], outs[1])
         finally:
@@ -210,7 +209,7 @@ def test_native_int8_engine_on_every_llama_family_shape(tiny_model_dir, family):
     plain int8 forward's (up to int8's noise: see test_native_layers_give_the_plain_forward_logits)."""
     engine = LLMEngine(load_model(tiny_model_dir(family)), EngineConfig(quantization="int8", kv_cache_memory=8 << 20))
     runner = engine.runner
-    assert runner.use_native
+    assert "native_stack" in runner.executors
     rng = random.Random(family)
     prompts = [[rng.randrange(300) for _ in range(rng.randint(3, 40))] for _ in range(6)]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -221,10 +220,9 @@ def test_native_int8_engine_on_every_llama_family_shape(tiny_model_dir, family):
     model, kv_cache = runner.model, runner.kv_cache
     kv_cache.bind(model)
     logits = []
-    for native in (False, True):
+    for executor in ("eager", "native_layers"):
         positions, meta = build_step_metadata([SeqChunk([1, 2, 3], 0, len(prompts[0]))], kv_cache.block_size)
-        meta.native = native
-        logits.append(model.compute_logits(model(torch.tensor(prompts[0]), positions, meta)))
+        logits.append(model.compute_logits(runner.executors[executor].forward(torch.tensor(prompts[0]), positions, meta)))
     # Here ≤ 2e-5 (tiny random models spread their activations evenly); the logits of the wrong positions
     # are 0.2-0.4 apart.
     assert mean_kl(*logits) < 1e-3

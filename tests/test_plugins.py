@@ -50,9 +50,11 @@ def wait_for_version(url: str, version: int) -> dict:
 def test_plugin_policy_reloads_on_edit_without_reloading_the_model(tmp_path, tiny_model_dir):
     plugin = tmp_path / "my_algo.py"
     plugin.write_text(PLUGIN.replace("SIGN", "1"))
-    proc, url = start_server("--model", str(tiny_model_dir("llama")), "--plugin", str(plugin))
+    # The file loads before the engine is built, so the serving policy may be the plugin's from the start.
+    proc, url = start_server("--model", str(tiny_model_dir("llama")), "--plugin", str(plugin), "--scheduling-policy", "length_order")
     try:
         assert httpx.get(f"{url}/plugins", timeout=60).json()["policies"] == ["length_order"]
+        assert httpx.get(f"{url}/optimization/scheduling_policy", timeout=60).json()["algorithm"] == "length_order"
         loaded_at = httpx.get(f"{url}/model_info", timeout=60).json()["loaded_at"]
         assert order(url) == [1, 2, 0]  # shortest first
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from glassbox.algorithms import ALGORITHMS
 from glassbox.engine.block_manager import BlockManager
-from glassbox.engine.policies import get_policy
+from glassbox.engine.policies import SchedulingPolicy, get_policy
 from glassbox.engine.scheduler import Scheduler
 from glassbox.engine.sequence import Sequence, SequenceStatus
 
@@ -132,6 +133,30 @@ def test_max_num_seqs_caps_the_batch():
 def test_unknown_policy():
     with pytest.raises(ValueError, match="unknown scheduling policy"):
         get_policy("random")
+
+
+class LongestFirst(SchedulingPolicy):
+    name = "longest_first"
+    description = "longest prompt first"
+
+    def key(self, seq: Sequence) -> tuple[int, float]:
+        return (-seq.num_prompt_tokens, seq.arrival_time)
+
+
+def test_one_registry_names_builtins_aliases_and_plugin_policies():
+    assert type(get_policy("sjf")) is type(get_policy("shortest_first")) is type(get_policy("shortest_prompt_first"))
+    ALGORITHMS.scheduling_policies.set_plugin_entries({"longest_first": LongestFirst})  # what a plugin load does
+    try:
+        scheduler = Scheduler(BlockManager(100, 4), max_num_seqs=8, max_num_batched_tokens=100, policy="longest_first")
+        for name, length, arrival in (("a", 9, 0.0), ("b", 3, 1.0), ("c", 5, 2.0)):
+            scheduler.add(seq(name, length, arrival=arrival))
+        assert [name for name, _ in run_step(scheduler)] == ["a", "c", "b"]
+        with pytest.raises(ValueError, match="'fcfs' is built in"):
+            ALGORITHMS.scheduling_policies.set_plugin_entries({"fcfs": LongestFirst})
+    finally:
+        ALGORITHMS.scheduling_policies.set_plugin_entries({})  # a reload that registers nothing
+    with pytest.raises(ValueError, match="choose one of fcfs, priority, shortest_prompt_first, shortest_first, sjf$"):
+        get_policy("longest_first")
 
 
 def test_graph_block_table_rows_written_incrementally_match_a_full_write():

@@ -49,12 +49,12 @@ def test_health_model_info_and_version(client, server):
 
 
 def test_generate_matches_the_engine_alone(client):
-    from glassbox.generate import greedy_generate
-    from glassbox.models.loader import load_model
+    from glassbox import LLM, SamplingParams
 
-    loaded = load_model(None)
+    llm = LLM(kv_cache_memory=64 << 20)  # the offline API in this process: the same engine, no server
+    loaded = llm.engine.loaded
     prompt = "The capital of France is"
-    expected = greedy_generate(loaded, loaded.tokenizer.encode(prompt), 12, set())
+    expected = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].token_ids
     out = client.generate(prompt, max_tokens=12, temperature=0, ignore_eos=True)
     assert out["token_ids"] == expected and out["text"] == loaded.tokenizer.decode(expected)
     assert out["usage"] == {"prompt_tokens": 5, "completion_tokens": 12, "total_tokens": 17}

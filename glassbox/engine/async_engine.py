@@ -1,8 +1,10 @@
 """The engine behind the server: a background thread steps the engine while there is work, and every
 request gets an asyncio stream of its outputs.
 
-All engine state is touched by the loop thread only: `generate()` validates in the caller (tokenizing is
-thread-safe), then hands the request over through a queue, as does `abort()`. A step that raises marks
+All engine state is touched by the loop thread only. A request is made once, in the caller
+(`make_request`: tokenizing and checking are thread-safe and touch no queue), then `stream(state)` hands
+that same object over through a queue, as does `abort()`; `generate()` is the two in one. Anything else
+that reads or changes the engine runs on the loop thread through `call(fn)`. A step that raises marks
 the engine dead (`is_alive` turns False, /health says 503) and every open stream gets the error.
 
 Give it a factory rather than a built engine to run the engine's set-up (weight layout, KV-pool fill)
@@ -22,7 +24,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from glassbox.engine.llm_engine import LLMEngine, RequestOutput
+from glassbox.engine.llm_engine import LLMEngine, RequestOutput, RequestState
 from glassbox.layers.sparsity import SparsityMethod
 from glassbox.sampling import SamplingParams
 
@@ -91,9 +93,17 @@ class AsyncLLMEngine:
         self._submit(lambda: fn(self.engine))
 
     def call(self, fn: Callable[[LLMEngine], Any]) -> asyncio.Future:
-        """Run fn(engine) on the loop thread between steps (for introspection and changes); await it."""
+        """Run fn(engine) on the loop thread between steps (for introspection and changes); await it.
+        Once the loop has stopped (after an error, or shutdown) nothing else touches the engine, and fn
+        runs at once in the caller: a dead server still answers /model_info and /metrics."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
+        if self._loop_stopped():
+            try:
+                future.set_result(self._run_here(fn))
+            except BaseException as error:
+                future.set_exception(error)
+            return future
 
         def op() -> None:
             try:
@@ -106,23 +116,67 @@ class AsyncLLMEngine:
         self._submit(op)
         return future
 
+    def call_blocking(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run fn(engine) on the loop thread and wait for it, from a thread without an event loop (start-up
+        code, after start()); at once in the caller if the loop has stopped."""
+        if self._thread.ident is None:
+            raise RuntimeError("call_blocking() before start(): nothing would run fn")
+        if self._loop_stopped():
+            return self._run_here(fn)
+        done = threading.Event()
+        outcome: dict[str, Any] = {}
+
+        def op() -> None:
+            try:
+                outcome["result"] = fn(self.engine)
+            except BaseException as error:
+                outcome["error"] = error
+            finally:
+                done.set()
+
+        self._submit(op)
+        done.wait()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
+
+    def _loop_stopped(self) -> bool:
+        return self._thread.ident is not None and not self._thread.is_alive()
+
+    def _run_here(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        if self.engine is None:
+            raise EngineDeadError(f"the engine was never built: {type(self.error).__name__}: {self.error}")
+        return fn(self.engine)
+
     # ---- requests
-    async def generate(
+    def make_request(
         self,
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
         priority: int = 0,
         sparsity: SparsityMethod | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs as tokens arrive; the last one has finished=True. Leaving the
-        iteration early (client gone, task cancelled) aborts the request and frees its blocks."""
+    ) -> RequestState:
+        """Tokenize and validate in the caller's thread (raises ValueError naming the problem); the
+        result is what `stream` runs, so a prompt is tokenized once."""
         if not self.is_alive:
             raise EngineDeadError("the engine is not running")
         request_id = request_id or f"async-{next(self._ids)}"
+        return self.engine.make_request(prompt, params, request_id, priority, sparsity)
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """A prompt's token ids (text is tokenized, ids are checked against the vocabulary); thread-safe."""
+        return self.engine.encode_prompt(prompt)
+
+    async def stream(self, state: RequestState) -> AsyncIterator[RequestOutput]:
+        """Run a request made by `make_request`; yield its outputs as tokens arrive, the last one with
+        finished=True. Leaving the iteration early (client gone, task cancelled) aborts the request and
+        frees its blocks."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine is not running")
+        request_id = state.seq.request_id
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        state = self.engine.make_request(prompt, params, request_id, priority, sparsity)  # raises ValueError
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
         self._submit(lambda: self.engine.enqueue(state))
@@ -140,6 +194,22 @@ class AsyncLLMEngine:
             self._streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        sparsity: SparsityMethod | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """make_request + stream: the request's outputs as tokens arrive (see `stream`)."""
+        outputs = self.stream(self.make_request(prompt, params, request_id, priority, sparsity))
+        try:
+            async for output in outputs:
+                yield output
+        finally:
+            await outputs.aclose()  # now, not when collected: leaving early must abort at once
 
     def abort(self, request_id: str) -> None:
         self._submit(lambda: self.engine.abort(request_id))

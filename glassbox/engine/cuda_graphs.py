@@ -18,6 +18,7 @@ step's copies may still be queued.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -31,9 +32,18 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
 class DecodeGraphs:
     def __init__(
-        self, model: nn.Module, max_batch_size: int, max_blocks_per_seq: int, block_size: int, device: torch.device
+        self,
+        model: nn.Module,
+        forward: Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor],
+        max_batch_size: int,
+        max_blocks_per_seq: int,
+        block_size: int,
+        device: torch.device,
     ) -> None:
+        """`forward`: what each capture records before the LM head (an executor's: the compiled layers where
+        there are)."""
         self.model = model
+        self.model_forward = forward
         self.block_size = block_size
         self.buckets = [b for b in BUCKETS if b < max_batch_size] + [min(max_batch_size, BUCKETS[-1])]
         self.max_batch_size = self.buckets[-1]
@@ -62,12 +72,11 @@ class DecodeGraphs:
             block_tables=self.block_tables[:size],
             query_start_loc_list=list(range(size + 1)),
             context_lens_list=[0] * size,  # the Triton path reads the device tensor only
-            compiled=True,
         )
 
     def _forward(self, size: int) -> torch.Tensor:
         ids, positions = self.ids_positions_slots[0, :size], self.ids_positions_slots[1, :size]
-        return self.model.compute_logits(self.model(ids, positions, self._meta(size)))
+        return self.model.compute_logits(self.model_forward(ids, positions, self._meta(size)))
 
     @torch.inference_mode()
     def capture(self) -> None:

@@ -6,14 +6,12 @@ views k[i], v[i]; a sequence's block table lists which blocks hold its tokens, i
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
 from glassbox.config import ModelConfig
 from glassbox.engine.step_metadata import filler_prompts
-from glassbox.layers.attention import attention_layers
+from glassbox.layers.attention import Attention, attention_layers
 
 # Device memory kept out of the KV pool for CUDA graphs' private pool and the sampler's buffers.
 CUDA_RESERVE_BYTES = 1 << 30
@@ -90,13 +88,14 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def bind(self, model: nn.Module) -> None:
-        """Point every attention layer of `model` at its slice of the pool. Called before every step, since
-        engines may take turns on one model; walking the model's modules costs ~0.3 ms, so only when
-        another pool was bound in between."""
-        bound = getattr(model, "glassbox_kv_cache", None)
-        if bound is not None and bound() is self:
+    def bind(self, model: nn.Module | list[Attention]) -> None:
+        """Point every attention layer of a model (or these layers, in layer order: the runner keeps the
+        list) at its slice of the pool. Called before every step, since engines may take turns on one model;
+        rebinding only when another pool was bound in between, which the first layer's key view tells (its
+        data starts where this pool's does)."""
+        layers = attention_layers(model) if isinstance(model, nn.Module) else model
+        first = layers[0].k_cache if layers else None
+        if first is not None and first.data_ptr() == self.k.data_ptr() and layers[0].v_cache.data_ptr() == self.v.data_ptr():
             return
-        for i, layer in enumerate(attention_layers(model)):
+        for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.k[i], self.v[i]
-        model.glassbox_kv_cache = weakref.ref(self)  # weak: the model must not keep a dropped pool alive

@@ -1,5 +1,6 @@
-"""Runs one scheduled step on the model: builds the flattened inputs and `AttentionMetadata`, runs the
-forward pass, computes logits only for the rows that are needed, and samples.
+"""Runs one scheduled step on the model: plans how it runs (engine/step_plan.py), builds the flattened inputs
+and `AttentionMetadata`, runs the forward pass on the plan's executor, computes logits only for the rows
+that are needed, and samples.
 
 A decode step whose tokens need nothing from the host can instead be launched without waiting for it
 (`launch_decode`): its tokens stay on the device, where the next decode step reads them, and the host reads
@@ -7,16 +8,20 @@ them later."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from glassbox.engine.cuda_graphs import DecodeGraphs
+from glassbox.engine.executors import build_executors
 from glassbox.engine.kv_cache import KVCache
 from glassbox.engine.scheduler import ScheduledBatch
 from glassbox.engine.sequence import Sequence
 from glassbox.engine.step_metadata import SeqChunk, build_step_metadata, filler_prompts
-from glassbox.layers.sparsity import SparsityState
+from glassbox.engine.step_plan import StepPlan
+from glassbox.layers.attention import attention_layers
+from glassbox.layers.probe import StepProbe
 from glassbox.models.loader import LoadedModel
 from glassbox.sampling import SampleRequest, SampleResult, SamplingParams, device_only, sample, sample_tokens
 
@@ -34,6 +39,8 @@ class StepResult:
     sampled: dict[int, int] = field(default_factory=dict)  # batch index -> sampled token
     logprobs: dict[int, tuple[float, list[tuple[int, float]]]] = field(default_factory=dict)
     prompt_logprobs: dict[int, list[PromptLogprob]] = field(default_factory=dict)  # batch index -> new entries
+    # Timed steps only (plan.timed): seconds of the forward pass and of sampling (logits included).
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -41,6 +48,7 @@ class PendingDecode:
     """A decode step launched without waiting for it: its tokens are on the device, where the next step
     can read them, and reach the host when `token_ids()` is called."""
 
+    plan: StepPlan
     seqs: list[Sequence]  # batch order
     device_tokens: torch.Tensor  # [len(seqs)] int64 on the model's device
     host_tokens: torch.Tensor  # [len(seqs)] on the host: pinned and filled asynchronously on CUDA
@@ -55,20 +63,23 @@ class PendingDecode:
 
 class ModelRunner:
     def __init__(
-        self, loaded: LoadedModel, kv_cache: KVCache, seed: int | None = None, graphs: DecodeGraphs | None = None
+        self,
+        loaded: LoadedModel,
+        kv_cache: KVCache,
+        seed: int | None = None,
+        compile: bool = False,
     ) -> None:
+        """`compile`: build the torch.compiled layers (CUDA)."""
         self.model = loaded.model
         self.config = loaded.config
         self.device = loaded.device
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
-        kv_cache.bind(self.model)
-        self.graphs = graphs  # CUDA graphs of decode steps (captured over this KV pool), or None
-        self.use_graphs = graphs is not None  # turned off while module hooks must fire (latency timers)
-        # The native CPU layers (engine/optimize.py installs them for int8); off while module hooks must fire.
-        self.use_native = getattr(self.model, "glassbox_native", False)
-        # Whether decode steps may be launched ahead (`launch_decode`); the engine sets it.
-        self.overlap = False
+        self.attention_layers = attention_layers(self.model)
+        kv_cache.bind(self.attention_layers)
+        # The fast paths that apply to this model here, by name; the plan of each step picks one.
+        self.executors = build_executors(self.model, self.device, compile)
+        self.graphs: DecodeGraphs | None = None  # CUDA graphs of decode steps, once captured
         self._host_tokens = [torch.empty(0, dtype=torch.int64)] * 2  # CUDA: pinned, grown on first use
         self._turn = 0
         self.generator = torch.Generator(device=self.device)  # for sampled rows without a seed of their own
@@ -77,38 +88,97 @@ class ModelRunner:
         else:
             self.generator.manual_seed(seed)
 
+    def capture_graphs(self, max_batch_size: int, max_blocks_per_seq: int) -> None:
+        """CUDA: capture decode steps of up to `max_batch_size` sequences (over this runner's KV pool, whose
+        addresses the graphs keep), on the compiled layers where there are."""
+        forward = (self.executors.get("compiled") or self.executors["eager"]).forward
+        self.graphs = DecodeGraphs(self.model, forward, max_batch_size, max_blocks_per_seq, self.block_size, self.device)
+        self.graphs.capture()
+
+    # ---- the plan
+    def plan(
+        self,
+        batch: ScheduledBatch,
+        sample_rows: list[int],
+        prompt_logprob_rows: list[int],
+        timed: bool = False,
+        launched_ahead: bool = False,
+    ) -> StepPlan:
+        """How this step runs (see engine/step_plan.py for the rule)."""
+        num_seqs = len(batch.items)
+        num_tokens = batch.num_tokens
+        masked = self._masked_rows(batch)
+        decode = num_tokens == num_seqs and len(sample_rows) == num_seqs and not prompt_logprob_rows
+        if masked or timed:
+            compiled = not timed and self._compiled_fits(num_tokens)
+            executor, reason = ("compiled", "masked rows, long step") if compiled else (
+                "eager", "latency timers on" if timed else "masked rows need the readable attention"
+            )
+        elif decode and self.graphs is not None and self.graphs.can_run(num_seqs):
+            executor, reason = "cuda_graph", "decode step within the captured sizes"
+        elif "native_stack" in self.executors:
+            stack_fits = self.kv_cache.dtype in (torch.float32, torch.bfloat16)
+            executor = "native_stack" if stack_fits else "native_layers"
+            reason = "native CPU layers" + ("" if stack_fits else f", {self.kv_cache.dtype} cache: layer by layer")
+        elif self._compiled_fits(num_tokens):
+            executor, reason = "compiled", f"{num_tokens} tokens >= {COMPILED_MIN_TOKENS}"
+        else:
+            executor, reason = "eager", "no fast path applies"
+        return StepPlan(
+            executor, reason, num_seqs, num_tokens, len(sample_rows), tuple(masked), tuple(prompt_logprob_rows),
+            timed, launched_ahead,
+        )  # fmt: skip
+
+    def _compiled_fits(self, num_tokens: int) -> bool:
+        """Long eager steps run the compiled layers where the decode graphs do (CUDA, compile on)."""
+        return "compiled" in self.executors and self.graphs is not None and num_tokens >= COMPILED_MIN_TOKENS
+
+    def _masked_rows(self, batch: ScheduledBatch) -> list[int]:
+        """The batch rows whose mask drops keys at this step's length; a mask that keeps everything lets its
+        sequence take the plain path (and exactly the dense output)."""
+        heads, windows = self.config.num_attention_heads, self.config.layer_windows
+        return [
+            i
+            for i, (seq, num_new) in enumerate(batch.items)
+            if seq.sparsity is not None
+            and seq.sparsity.masks_step(num_new, seq.num_computed_tokens + num_new, heads, windows)
+        ]
+
+    # ---- running it
     @torch.inference_mode()
     def execute(
         self,
+        plan: StepPlan,
         batch: ScheduledBatch,
         sample_requests: dict[int, SampleRequest],
         prompt_logprobs: dict[int, int],
     ) -> StepResult:
-        """Run the batch. `sample_requests`: batch index -> how to sample that row (only for sequences
-        whose last token is computed this step). `prompt_logprobs`: batch index -> top-N wanted, for
-        sequences still in their prompt."""
+        """Run the batch as `plan` says. `sample_requests`: batch index -> how to sample that row (only for
+        sequences whose last token is computed this step). `prompt_logprobs`: batch index -> top-N wanted,
+        for sequences still in their prompt."""
         # Bound per step, not once: several engines may take turns on one model (see research/schedule.py).
-        self.kv_cache.bind(self.model)
+        self.kv_cache.bind(self.attention_layers)
         input_ids: list[int] = []
         chunks: list[SeqChunk] = []
         for seq, num_new in batch.items:
             start = seq.num_computed_tokens
             input_ids.extend(seq.token_ids[start : start + num_new])
             chunks.append(SeqChunk(seq.block_table, start, num_new))
-        sparse = self._masked_sequences(batch)
         result = StepResult()
-        if not sparse and self._decode_step(batch, sample_requests, prompt_logprobs) and self._graphs_fit(len(chunks)):
-            with torch.profiler.record_function("glassbox::forward_graph"):
+        clock = _Clock(plan.timed, self.device)
+        if plan.executor == "cuda_graph":
+            with torch.profiler.record_function("glassbox::forward_graph"), torch.profiler.record_function(plan.label):
                 all_logits = self.graphs.run(chunks, input_ids)  # every row samples in a decode step
         else:
             positions, meta = build_step_metadata(chunks, self.block_size, self.device)
-            meta.sparsity = sparse
-            meta.compiled = self._compiled_step(len(input_ids))
-            meta.native = self.use_native and not sparse
+            if plan.masked_rows:
+                meta.probe = StepProbe(masks={i: batch.items[i][0].sparsity for i in plan.masked_rows})
             ends = meta.query_start_loc_list[1:]
-            with torch.profiler.record_function("glassbox::forward"):  # names the step in profiler traces
-                hidden = self.model(torch.tensor(input_ids, device=self.device), positions, meta)
+            # Names the step and its executor in profiler traces.
+            with torch.profiler.record_function("glassbox::forward"), torch.profiler.record_function(plan.label):
+                hidden = self.executors[plan.executor].forward(torch.tensor(input_ids, device=self.device), positions, meta)
             all_logits = None
+        clock.lap(result.seconds, "forward")
         if sample_requests:
             indices = list(sample_requests)
             with torch.profiler.record_function("glassbox::sample"):
@@ -122,26 +192,16 @@ class ModelRunner:
                 result.sampled[i] = token
                 if logprob is not None:
                     result.logprobs[i] = logprob
+            clock.lap(result.seconds, "sample")
         for i, top_n in prompt_logprobs.items():
             seq, num_new = batch.items[i]
             result.prompt_logprobs[i] = self._prompt_logprobs(seq, num_new, hidden[ends[i] - num_new : ends[i]], top_n)
         return result
 
-    def can_launch_decode(
-        self, batch: ScheduledBatch, sample_requests: dict[int, SampleRequest], prompt_logprobs: dict[int, int]
-    ) -> bool:
-        """Whether `batch` can run as `launch_decode`: a decode step whose every row is sampled with nothing
-        the host must apply (penalties, banned tokens) or report (logprobs)."""
-        return (
-            self.overlap
-            and all(device_only(r) for r in sample_requests.values())
-            and all(seq.sparsity is None for seq, _ in batch.items)  # (masks_step counts density: not here)
-            and self._decode_step(batch, sample_requests, prompt_logprobs)
-        )
-
     @torch.inference_mode()
     def launch_decode(
         self,
+        plan: StepPlan,
         seqs: list[Sequence],
         requests: list[SampleRequest],
         input_ids: list[int] | None = None,
@@ -151,15 +211,15 @@ class ModelRunner:
         samples the next as `requests` say) and return without waiting for the device. The inputs are
         `input_ids`, or the tokens of `previous` (a step the host has not read yet: each sequence then
         computes the token that step samples for it)."""
-        self.kv_cache.bind(self.model)
+        self.kv_cache.bind(self.attention_layers)
         chunks = [SeqChunk(seq.block_table, seq.num_computed_tokens, 1) for seq in seqs]
         rows = None
         if previous is not None:
             index = {id(seq): row for row, seq in enumerate(previous.seqs)}
             rows = [index[id(seq)] for seq in seqs]
         source = None if previous is None else previous.device_tokens
-        if self._graphs_fit(len(seqs)):
-            with torch.profiler.record_function("glassbox::forward_graph"):
+        if plan.executor == "cuda_graph":
+            with torch.profiler.record_function("glassbox::forward_graph"), torch.profiler.record_function(plan.label):
                 logits = self.graphs.run(chunks, input_ids, source, rows)
         else:  # beyond the graphs (or with them off): on CUDA its host-built inputs wait for the device
             positions, meta = build_step_metadata(chunks, self.block_size, self.device)
@@ -167,17 +227,30 @@ class ModelRunner:
                 ids = torch.tensor(input_ids, device=self.device)
             else:
                 ids = source[torch.tensor(rows, device=self.device)]
-            with torch.profiler.record_function("glassbox::forward"):
-                logits = self.model.compute_logits(self.model(ids, positions, meta))
+            with torch.profiler.record_function("glassbox::forward"), torch.profiler.record_function(plan.label):
+                logits = self.model.compute_logits(self.executors[plan.executor].forward(ids, positions, meta))
         with torch.profiler.record_function("glassbox::sample"):
             tokens = sample_tokens(logits, requests, self.generator)
         if tokens.device.type != "cuda":
-            return PendingDecode(seqs, tokens, tokens, None)
+            return PendingDecode(plan, seqs, tokens, tokens, None)
         host = self._host_buffer(len(seqs))
         host.copy_(tokens, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return PendingDecode(seqs, tokens, host, ready)
+        return PendingDecode(plan, seqs, tokens, host, ready)
+
+    @staticmethod
+    def can_launch_ahead(plan: StepPlan, sample_requests: dict[int, SampleRequest]) -> bool:
+        """Whether a planned step can run as `launch_decode`: a decode step, nothing masked or timed, whose
+        every row is sampled with nothing the host must apply (penalties, banned tokens) or report
+        (logprobs)."""
+        return (
+            plan.kind == "decode"
+            and not plan.prompt_logprob_rows
+            and not plan.masked_rows
+            and not plan.timed
+            and all(device_only(r) for r in sample_requests.values())
+        )
 
     def _host_buffer(self, n: int) -> torch.Tensor:
         """A pinned [n] int64 buffer for a step's tokens. Two alternate: step N + 2 is launched only after
@@ -187,36 +260,6 @@ class ModelRunner:
             self._host_tokens[self._turn] = torch.empty(max(n, 256), dtype=torch.int64).pin_memory()
         return self._host_tokens[self._turn][:n]
 
-    @staticmethod
-    def _decode_step(
-        batch: ScheduledBatch, sample_requests: dict[int, SampleRequest], prompt_logprobs: dict[int, int]
-    ) -> bool:
-        """One new token per sequence, every one sampled, no prompt logprobs."""
-        return (
-            len(sample_requests) == len(batch.items)
-            and not prompt_logprobs
-            and all(num_new == 1 for _, num_new in batch.items)
-        )
-
-    def _graphs_fit(self, num_seqs: int) -> bool:
-        return self.use_graphs and self.graphs.can_run(num_seqs)
-
-    def _masked_sequences(self, batch: ScheduledBatch) -> dict[int, SparsityState]:
-        """Batch index -> mask, for the sequences whose mask drops keys at this step's length; a mask that
-        keeps everything lets its sequence take the plain path (and exactly the dense output)."""
-        sparse = {}
-        heads, windows = self.config.num_attention_heads, self.config.layer_windows
-        for i, (seq, num_new) in enumerate(batch.items):
-            state = seq.sparsity
-            if state is not None and state.masks_step(num_new, seq.num_computed_tokens + num_new, heads, windows):
-                sparse[i] = state
-        return sparse
-
-    def _compiled_step(self, num_tokens: int) -> bool:
-        """Whether an eager step of `num_tokens` tokens runs the compiled layers (not while module hooks must
-        fire: `use_graphs` is off then)."""
-        return self.use_graphs and getattr(self.model, "glassbox_compiled", False) and num_tokens >= COMPILED_MIN_TOKENS
-
     @torch.inference_mode()
     def warm_up(self) -> None:
         """Compile now, not in the first steps that need it (call after the graph capture):
@@ -224,10 +267,9 @@ class ModelRunner:
         - CUDA: the sampler's Triton draw (1.6 s with cold caches on an H100, measured in nano-vllm's
           workload), once for rows drawn straight from the model's logits (temperature only), once for
           filtered float32 rows (top_k here)."""
-        if self._compiled_step(COMPILED_MIN_TOKENS):
+        if self._compiled_fits(COMPILED_MIN_TOKENS):
             ids, positions, meta = filler_prompts(COMPILED_MIN_TOKENS, self.config.max_position_embeddings, self.device)
-            meta.compiled = True
-            self.model(ids, positions, meta)
+            self.executors["compiled"].forward(ids, positions, meta)
         if self.device.type == "cuda":
             weight = next(self.model.parameters())
             hidden = torch.zeros(1, self.config.hidden_size, dtype=weight.dtype, device=self.device)
@@ -236,8 +278,7 @@ class ModelRunner:
                 sample_tokens(logits, [SampleRequest(params, [], [], None)], torch.Generator(self.device))
 
     def sample(self, logits: torch.Tensor, requests: list[SampleRequest]) -> SampleResult:
-        """logits [N, vocab] (on the model's device) -> one token per row (a method, so instruments can wrap
-        it from outside)."""
+        """logits [N, vocab] (on the model's device) -> one token per row."""
         return sample(logits, requests, self.generator)
 
     def _prompt_logprobs(self, seq: Sequence, num_new: int, hidden: torch.Tensor, top_n: int) -> list[PromptLogprob]:
@@ -257,3 +298,24 @@ class ModelRunner:
                 top = list(zip(ids.tolist(), values.tolist()))
             entries.append((target, float(row[target]), top))
         return entries
+
+
+class _Clock:
+    """Laps of a timed step (plan.timed), in seconds; on CUDA the device is synchronized before each reading.
+    Does nothing for untimed steps."""
+
+    def __init__(self, enabled: bool, device: torch.device) -> None:
+        self.enabled = enabled
+        self.sync = torch.cuda.synchronize if device.type == "cuda" and enabled else None
+        if self.sync is not None:
+            self.sync()
+        self.last = time.perf_counter() if enabled else 0.0
+
+    def lap(self, into: dict[str, float], name: str) -> None:
+        if not self.enabled:
+            return
+        if self.sync is not None:
+            self.sync()
+        now = time.perf_counter()
+        into[name] = now - self.last
+        self.last = now

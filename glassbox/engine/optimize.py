@@ -3,20 +3,18 @@
     optimize_model(model, quantization=None)    # float weights, stored column-major (faster CPU GEMMs)
     optimize_model(model, quantization="int4")  # 4-bit group-32 weights, int8 LM head (CPU)
     optimize_model(model, quantization="int8")  # 8-bit per-row weights (CPU); Llama layers in float32 then
-                                                # run on the native kernels (models/llama_native.py) where built
+                                                # run on the native executors (engine/executors.py) where built
+
+The modules themselves say what was done (`weight_format`), so a second engine over the same model (see
+research/schedule.py) neither converts twice nor asks for another format.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 from torch import nn
 
-from glassbox.layers.attention import Attention
 from glassbox.layers.quantized_linear import Int4Linear, Int8Linear, int4_supported
-from glassbox.models import llama_native
 from glassbox.models.gpt2 import Conv1D
 
 QUANTIZATIONS = ("int4", "int8")
@@ -31,14 +29,27 @@ def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
     return None
 
 
+def weight_format(model: nn.Module) -> str:
+    """What `optimize_model` made of this model, read off its modules: "int4", "int8", "column_major"
+    (float weights re-laid), or "as_loaded"."""
+    kinds = {type(m) for m in model.modules()}
+    if Int4Linear in kinds:
+        return "int4"
+    if Int8Linear in kinds:
+        return "int8"
+    if any(isinstance(m, nn.Linear) and not m.weight.is_contiguous() for m in model.modules()):
+        return "column_major"
+    return "as_loaded"
+
+
 def optimize_model(model: nn.Module, quantization: str | None = None) -> None:
-    """Apply once per model; a second engine over the same model must ask for the same mode."""
-    done = getattr(model, "glassbox_optimized", None)
-    if done is not None:
-        if done != (quantization or "none"):
+    """Convert the weights in place, once per model; a second engine over the same model must ask for the
+    same mode."""
+    done = weight_format(model)
+    if done in QUANTIZATIONS or done == "column_major":
+        if done != (quantization or "column_major"):
             raise ValueError(f"this model is already prepared for quantization={done!r}, not {quantization!r}")
         return
-    model.glassbox_optimized = quantization or "none"
     device = next(model.parameters()).device
     if quantization is not None:
         if quantization not in QUANTIZATIONS:
@@ -47,40 +58,9 @@ def optimize_model(model: nn.Module, quantization: str | None = None) -> None:
             raise ValueError(f"quantization {quantization!r} is implemented for the CPU only")
         _quantize(model, quantization)
         _copy_out_of_checkpoint(model)
-        if quantization == "int8" and next(model.parameters()).dtype == torch.float32:
-            model.glassbox_native = llama_native.install(model)
     elif device.type == "cpu":
         _column_major(model)
         _copy_out_of_checkpoint(model)
-
-
-def compile_layers(model: nn.Module) -> None:
-    """CUDA: a torch.compiled version of every decoder layer, used by the steps whose metadata says
-    `compiled` (the CUDA-graph captures, and eager steps of many tokens: model_runner.COMPILED_MIN_TOKENS):
-    the norms, rotary embedding, SiLU·mul and residual adds around the matmuls become a few fused kernels,
-    and a decode step of a small model is bound by its number of kernels. Short eager steps keep the plain
-    forward: a compiled region's Python entry costs more there than it saves. Attention stays outside the
-    compiled code: its backends branch on per-step metadata and launch their own kernels. Shapes are
-    dynamic: one compiled graph serves every batch size and every layer."""
-    if getattr(model, "glassbox_compiled", False):  # once per model: engines may share one (research/schedule.py)
-        return
-    model.glassbox_compiled = True
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.forward = torch.compiler.disable(module.forward)
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList):
-            for layer in module:
-                layer.forward = _dispatch(layer.forward, torch.compile(layer.forward, dynamic=True))
-
-
-def _dispatch(eager: Callable[..., torch.Tensor], compiled: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """A layer forward (x, ..., meta) that takes the compiled path when the step's metadata asks for it."""
-
-    def forward(*args: Any) -> torch.Tensor:
-        return compiled(*args) if args[-1].compiled else eager(*args)
-
-    return forward
 
 
 def _column_major(model: nn.Module) -> None:

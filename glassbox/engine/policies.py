@@ -2,13 +2,15 @@
 
 A policy is one sort key. Sequences with a smaller key go first; under memory pressure the running
 sequence with the largest key is preempted. Write your own by subclassing `SchedulingPolicy` and
-registering it in `POLICIES` (or passing the instance to the Scheduler).
+registering it from a plugin file (research/plugins.py), or pass the instance to the Scheduler. Names
+resolve through the one registry of algorithms (glassbox/algorithms.py), built-ins and plugin alike.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from glassbox.algorithms import ALGORITHMS
 from glassbox.engine.sequence import Sequence
 
 
@@ -50,10 +52,12 @@ class ShortestPromptFirst(SchedulingPolicy):
         return (seq.num_prompt_tokens, seq.arrival_time)
 
 
-POLICIES: dict[str, type[SchedulingPolicy]] = {p.name: p for p in (FCFS, Priority, ShortestPromptFirst)}
+ALGORITHMS.scheduling_policies.add_builtin(FCFS)
+ALGORITHMS.scheduling_policies.add_builtin(Priority)
+ALGORITHMS.scheduling_policies.add_builtin(ShortestPromptFirst, aliases=("shortest_first", "sjf"))
 
 
 def get_policy(name: str) -> SchedulingPolicy:
-    if name not in POLICIES:
-        raise ValueError(f"unknown scheduling policy {name!r}; choose one of {', '.join(POLICIES)}")
-    return POLICIES[name]()
+    """A new instance of the policy called `name` (or an alias): built in, or registered by the plugin file.
+    Raises UnknownNameError (a ValueError) listing the known names."""
+    return ALGORITHMS.scheduling_policies.get(name)()

@@ -10,6 +10,7 @@ lookup.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from glassbox.engine.block_manager import BlockManager
@@ -39,12 +40,14 @@ class Scheduler:
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 2048,
         policy: SchedulingPolicy | str = "fcfs",
+        max_model_len: int = 1 << 62,
     ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
         self.policy = get_policy(policy) if isinstance(policy, str) else policy
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -98,6 +101,53 @@ class Scheduler:
                 budget -= num_new
         return batch
 
+    def schedule_ahead(self, in_flight: list[Sequence]) -> ScheduledBatch | None:
+        """Async scheduling: the decode step after `in_flight` (launched, its tokens not read yet), scheduled
+        before those tokens are known, when it is the step `schedule` would make: nothing waiting, every
+        running sequence in flight, a KV slot for each. Sequences whose in-flight token is their last by
+        length drop out; one that the token ends by a stop token costs a spare row. None: let the host read
+        the tokens and `schedule` the next step."""
+        live = [seq for seq in in_flight if not seq.is_finished]
+        if self.waiting or len(live) != len(self.running):
+            return None
+        seqs = [
+            seq
+            for seq in live
+            if seq.num_output_tokens + 1 < seq.max_tokens and seq.num_tokens + 1 < self.max_model_len
+        ]
+        if not seqs or not all(self.block_manager.allocate(seq, 1) for seq in seqs):
+            return None  # nothing left to run, or the pool is short: `schedule` decides who is preempted
+        return ScheduledBatch([(seq, 1) for seq in seqs])
+
+    def mark_launched(self, batch: ScheduledBatch) -> None:
+        """A step launched without waiting for it: its tokens count as computed now, so the step after it
+        is built from the right positions before its tokens are read."""
+        for seq, num_new in batch.items:
+            seq.num_computed_tokens += num_new
+
+    def update_from_output(self, batch: ScheduledBatch, sampled: dict[int, int], launched: bool = False) -> list[int]:
+        """Record a step's result: its tokens are in the cache (full blocks join the prefix cache) and each
+        row's sampled token is appended; a stop token or the length limit finishes the sequence (blocks
+        freed). `launched`: the step was counted by `mark_launched`. Returns the rows that got a token
+        (rows of sequences that finished or were aborted meanwhile get none)."""
+        advanced = []
+        for i, (seq, num_new) in enumerate(batch.items):
+            if seq.is_finished:  # aborted, or ended by its previous token while this step ran: a spare row
+                continue
+            if not launched:
+                seq.num_computed_tokens += num_new
+            self.block_manager.commit(seq)
+            if i not in sampled:
+                continue
+            token = sampled[i]
+            seq.token_ids.append(token)
+            advanced.append(i)
+            if token in seq.stop_token_ids:
+                self.finish(seq, "stop")
+            elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+                self.finish(seq, "length")
+        return advanced
+
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         """Free the sequence's blocks; it goes back to waiting and recomputes its tokens when readmitted."""
         self.running.remove(seq)
@@ -118,3 +168,4 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        seq.timings.finished = time.perf_counter()

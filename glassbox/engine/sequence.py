@@ -52,6 +52,10 @@ class Sequence:
     params: Any  # SamplingParams (kept untyped here: the scheduler never looks inside)
     priority: int = 0  # lower = more urgent (vLLM's convention)
     arrival_time: float = field(default_factory=time.perf_counter)
+    # When the scheduler ends it after a step: a sampled stop token (EOS unless ignored; never sampled
+    # before min_tokens), or this many output tokens.
+    stop_token_ids: frozenset[int] = frozenset()
+    max_tokens: int = 1 << 62
 
     token_ids: list[int] = field(default_factory=list)  # prompt + output
     status: SequenceStatus = SequenceStatus.WAITING

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from glassbox.kernels import attention_torch
-from glassbox.layers.sparsity import SparsityState
+from glassbox.layers.probe import StepProbe
 
 
 @dataclass
@@ -36,17 +36,9 @@ class AttentionMetadata:
     # Host copies of the two length vectors, so the CPU path does not sync per layer.
     query_start_loc_list: list[int] = field(default_factory=list)
     context_lens_list: list[int] = field(default_factory=list)
-    # Research hook: layers whose attention probabilities this step should hand out. Filled by the
-    # layer into `captured[layer_idx]` as one [H, q_len, context_len] float32 tensor per sequence.
-    capture_layers: frozenset[int] = frozenset()
-    captured: dict[int, list[torch.Tensor]] = field(default_factory=dict)
-    # Research hook: sequence index -> its sparsity mask, for the sequences whose mask drops keys this step.
-    sparsity: dict[int, SparsityState] = field(default_factory=dict)
-    # Run the torch.compiled layers (set for the CUDA-graph captures; see engine/optimize.compile_layers).
-    compiled: bool = False
-    # Run the native CPU layers (models/llama_native.py): set by the runner where they are installed and
-    # nothing this step needs the plain forward (masks, module hooks).
-    native: bool = False
+    # Research inputs and outputs of this step (masks, captured probabilities): a separate object, None
+    # when nothing is probed (layers/probe.py).
+    probe: StepProbe | None = None
     # Built by the first layer that needs it and reused by the others (see DecodeBatch).
     decode_batch: attention_torch.DecodeBatch | None = field(default=None, repr=False)
 
@@ -79,6 +71,9 @@ class AttentionMetadata:
         )
 
 
+_NO_PROBE = StepProbe()  # read, never written: a step without a probe masks and captures nothing
+
+
 class AttentionBackend(Protocol):
     def forward(
         self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
@@ -93,7 +88,8 @@ class TorchAttentionBackend:
     ) -> torch.Tensor:
         if meta.slot_mapping is not None:
             attention_torch.store_kv(k, v, layer.k_cache, layer.v_cache, meta.slot_mapping)
-        capture = layer.layer_idx in meta.capture_layers
+        probe = meta.probe or _NO_PROBE
+        capture = layer.layer_idx in probe.capture_layers
         cached = meta.slot_mapping is not None
         if cached and meta.decode_batch is None:
             meta.decode_batch = attention_torch.DecodeBatch.build(
@@ -101,9 +97,9 @@ class TorchAttentionBackend:
                 meta.context_lens_list,
                 meta.block_tables,
                 layer.k_cache.shape[1],
-                exclude=meta.sparsity.keys(),
+                exclude=probe.masks.keys(),
             )
-        selectors = {i: partial(state.select, layer.layer_idx) for i, state in meta.sparsity.items()}
+        selectors = {i: partial(state.select, layer.layer_idx) for i, state in probe.masks.items()}
         out, probs = attention_torch.attention(
             q,
             k,
@@ -121,7 +117,7 @@ class TorchAttentionBackend:
             selectors=selectors,
         )
         if capture:
-            meta.captured[layer.layer_idx] = probs
+            probe.captured[layer.layer_idx] = probs
         return out
 
 
@@ -140,7 +136,8 @@ class TritonAttentionBackend:
     def forward(
         self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        if meta.slot_mapping is None or layer.layer_idx in meta.capture_layers:
+        probe = meta.probe
+        if meta.slot_mapping is None or (probe is not None and layer.layer_idx in probe.capture_layers):
             return self.reference.forward(layer, q, k, v, meta)
         kernels, k_cache, v_cache = self.kernels, layer.k_cache, layer.v_cache
         if meta.max_query_len == 1:  # the decode kernel stores this step's keys/values itself
@@ -155,7 +152,7 @@ class TritonAttentionBackend:
                 meta.max_query_len, layer.scale, layer.sliding_window,
             )
         starts = meta.query_start_loc_list
-        for i, state in meta.sparsity.items():
+        for i, state in (probe.masks if probe is not None else {}).items():
             rows = slice(starts[i], starts[i + 1])
             out[rows], _ = attention_torch.attend_cached(
                 q[rows], k_cache, v_cache, meta.block_tables[i], meta.context_lens_list[i], layer.scale,
@@ -192,7 +189,15 @@ class Attention(nn.Module):
         self.backend: AttentionBackend = TorchAttentionBackend()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return self.backend.forward(self, q, k, v, meta)
+        return _run_backend(self, q, k, v, meta)
+
+
+@torch.compiler.disable  # compiled layers (engine/executors.py) leave attention to its backend: ~0.3 us a call eager
+def _run_backend(
+    layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+) -> torch.Tensor:
+    """The backends branch on per-step metadata and launch their own kernels: outside compiled code."""
+    return layer.backend.forward(layer, q, k, v, meta)
 
 
 def attention_layers(model: nn.Module) -> list[Attention]:

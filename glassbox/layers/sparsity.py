@@ -23,6 +23,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from glassbox.algorithms import ALGORITHMS
+
 
 class SparsityError(ValueError):
     """A bad sparsity spec; `field` names the offending field (e.g. "sparsity.k")."""
@@ -333,11 +335,14 @@ class H2O(SparsityMethod):
 BUILTIN_METHODS: dict[str, type[SparsityMethod]] = {
     m.name: m for m in (Dense, TopK, Threshold, SlidingWindow, BlockSparse, H2O)
 }
+for _method in BUILTIN_METHODS.values():
+    ALGORITHMS.sparsity_methods.add_builtin(_method)
 
 
 def available_methods(extra: dict[str, type[SparsityMethod]] | None = None) -> dict[str, type[SparsityMethod]]:
-    """The built-in methods and those a plugin registered (`extra`), by name."""
-    return {**BUILTIN_METHODS, **(extra or {})}
+    """Every method a request may name, from the one registry (built-ins, then the plugin's), plus `extra`
+    (a plugin's method being tried before it is registered)."""
+    return {**ALGORITHMS.sparsity_methods.entries(), **(extra or {})}
 
 
 def parse_sparsity(

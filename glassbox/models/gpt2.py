@@ -1,7 +1,12 @@
 """GPT-2: learned positions, LayerNorm, fused qkv, GELU MLP. Parameter names and shapes are Hugging Face's
-(`Conv1D` stores its weight as [in, out])."""
+(`Conv1D` stores its weight as [in, out]); how checkpoints are named and read is the class's
+`checkpoint_format` (models/gpt2_checkpoint.py). Its parts are Llama's (models/llama.py): `embed`, `layers`,
+`final_norm`, `compute_logits`; per block `attention_residual` and `mlp_residual`.
+"""
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +15,8 @@ from torch import nn
 from glassbox.config import ModelConfig
 from glassbox.errors import UnsupportedModelError
 from glassbox.layers.attention import Attention, AttentionMetadata
+from glassbox.models.checkpoint_format import CheckpointFormat, PackedModulesMapping
+from glassbox.models.gpt2_checkpoint import GPT2
 
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -65,12 +72,36 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = GPT2MLP(config)
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), meta)
+    @property
+    def input_norm(self) -> nn.LayerNorm:
+        return self.ln_1
+
+    @property
+    def post_norm(self) -> nn.LayerNorm:
+        return self.ln_2
+
+    @property
+    def attention(self) -> GPT2Attention:
+        return self.attn
+
+    def attention_residual(
+        self, x: torch.Tensor, layer_args: tuple[torch.Tensor, ...], meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """x [T, hidden] + attention(input_norm(x)); layer_args is () (positions are added in embed)."""
+        return x + self.attn(self.ln_1(x), *layer_args, meta)
+
+    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] + mlp(post_norm(x))."""
         return x + self.mlp(self.ln_2(x))
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.mlp_residual(self.attention_residual(x, (), meta))
 
 
 class GPT2Model(nn.Module):
+    """The decoder stack's modules under their checkpoint names (transformer.wte, .wpe, .h.N, .ln_f);
+    GPT2LMHeadModel runs them."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         # _weight skips the random init (slow on the meta device, and the loader overwrites it anyway).
@@ -85,14 +116,11 @@ class GPT2Model(nn.Module):
         self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_hidden_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.wte(input_ids) + self.wpe(positions)
-        for block in self.h:
-            x = block(x, meta)
-        return self.ln_f(x)
-
 
 class GPT2LMHeadModel(nn.Module):
+    checkpoint_format: ClassVar[CheckpointFormat] = GPT2
+    packed_modules_mapping: ClassVar[PackedModulesMapping] = GPT2.packed_modules_mapping
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         if config.hidden_act not in ACTIVATIONS:
@@ -103,9 +131,30 @@ class GPT2LMHeadModel(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
 
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.transformer.h
+
+    @property
+    def final_norm(self) -> nn.LayerNorm:
+        return self.transformer.ln_f
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, tuple[()]]:
+        """input_ids, positions [T] -> hidden [T, hidden] (token + position embeddings) and the layers'
+        extra inputs: none."""
+        return self.transformer.wte(input_ids) + self.transformer.wpe(positions), ()
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] (flattened batch) -> final hidden states [T, hidden]."""
-        return self.transformer(input_ids, positions, meta)
+        x, layer_args = self.embed(input_ids, positions)
+        for layer in self.layers:
+            x = layer(x, *layer_args, meta)
+        return self.final_norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab]."""
         return self.lm_head(hidden)

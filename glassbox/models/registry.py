@@ -1,18 +1,65 @@
-"""Family name (ModelConfig.architecture) -> model class."""
+"""The model families glassbox serves, one line each.
 
-from torch import nn
+A family is its checkpoint format (torch-free: models/<family>_checkpoint.py) and the nn.Module class the
+format names (models/<family>.py), imported when a model is built. This module imports no torch: the GGUF
+converter, a child process kept free of torch (gguf.converted_folder), looks families up here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from glassbox.config import ModelConfig
-from glassbox.models.gpt2 import GPT2LMHeadModel
-from glassbox.models.llama import LlamaForCausalLM
+from glassbox.errors import UnsupportedModelError
+from glassbox.models.checkpoint_format import CheckpointFormat
+from glassbox.models.gpt2_checkpoint import GPT2
+from glassbox.models.llama_checkpoint import LLAMA, QWEN2, QWEN3
 
-MODEL_CLASSES: dict[str, type[nn.Module]] = {
-    "llama": LlamaForCausalLM,
-    "qwen2": LlamaForCausalLM,  # q/k/v bias: config.attention_bias
-    "qwen3": LlamaForCausalLM,  # q/k RMSNorm: config.qk_norm
-    "gpt2": GPT2LMHeadModel,
-}
+if TYPE_CHECKING:
+    from torch import nn
+
+FAMILIES: dict[str, CheckpointFormat] = {family.architecture: family for family in (LLAMA, QWEN2, QWEN3, GPT2)}
+
+_BY_HF_MODEL_TYPE = {model_type: family for family in FAMILIES.values() for model_type in family.hf_model_types}
+_BY_GGUF_ARCHITECTURE = {family.gguf_architecture: family for family in FAMILIES.values()}
+
+
+def family(architecture: str) -> CheckpointFormat:
+    """The family of ModelConfig.architecture."""
+    if architecture not in FAMILIES:
+        raise UnsupportedModelError(
+            f"unsupported architecture {architecture!r}; glassbox serves {', '.join(sorted(_BY_HF_MODEL_TYPE))} models"
+        )
+    return FAMILIES[architecture]
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """ModelConfig from the dict of a Hugging Face config.json, read by the family of its `model_type`."""
+    model_type = hf.get("model_type", "")
+    if model_type not in _BY_HF_MODEL_TYPE:
+        raise UnsupportedModelError(
+            f"unsupported model_type {model_type!r} in config.json; glassbox serves "
+            f"{', '.join(sorted(_BY_HF_MODEL_TYPE))} models"
+        )
+    return _BY_HF_MODEL_TYPE[model_type].config_from_hf(hf)
+
+
+def family_of_gguf(gguf_architecture: Any) -> CheckpointFormat:
+    """The family that reads GGUF files of `general.architecture` gguf_architecture."""
+    if gguf_architecture not in _BY_GGUF_ARCHITECTURE:
+        raise UnsupportedModelError(
+            f"unsupported GGUF architecture {gguf_architecture!r}; glassbox reads "
+            f"{', '.join(_BY_GGUF_ARCHITECTURE)} GGUF files"
+        )
+    return _BY_GGUF_ARCHITECTURE[gguf_architecture]
+
+
+def model_class(architecture: str) -> type[nn.Module]:
+    """The nn.Module class of a family (importing its module, and torch with it)."""
+    module_name, _, class_name = family(architecture).model_class_path.partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    return MODEL_CLASSES[config.architecture](config)
+    return model_class(config.architecture)(config)

@@ -1,7 +1,8 @@
 """Attention probabilities of the live model, with statistics: /debug/attention_scores.
 
-One cache-less forward over the prompt with the chosen layers in `AttentionMetadata.capture_layers`: those
-layers take the readable PyTorch path and hand out softmax(q·kᵀ) per head; the others run as usual.
+One cache-less forward over the prompt with the chosen layers in its probe's `capture_layers`
+(layers/probe.py): those layers take the readable PyTorch path and hand out softmax(q·kᵀ) per head; the
+others run as usual.
 With a sparsity method, the probabilities are those of the masked attention (every layer masked).
 """
 
@@ -13,6 +14,7 @@ import torch
 
 from glassbox.engine.llm_engine import LLMEngine
 from glassbox.layers.attention import AttentionMetadata
+from glassbox.layers.probe import StepProbe
 from glassbox.layers.sparsity import SparsityMethod, SparsityState
 
 MAX_TOKENS = 1024  # a [heads, n, n] float32 matrix per layer: keep responses and memory bounded
@@ -31,11 +33,13 @@ def head_stats(probs: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]
 
 
 def prompt_metadata(engine: LLMEngine, n: int, sparsity: SparsityState | None) -> AttentionMetadata:
-    """Metadata for a cache-less forward over one n-token prompt, with its mask where the mask drops keys."""
+    """Metadata for a cache-less forward over one n-token prompt, with a probe carrying its mask where the
+    mask drops keys."""
     config = engine.loaded.config
     meta = AttentionMetadata.for_prompts([n], device=engine.loaded.device)
+    meta.probe = StepProbe()
     if sparsity is not None and sparsity.masks_step(n, n, config.num_attention_heads, config.layer_windows):
-        meta.sparsity = {0: sparsity}
+        meta.probe.masks = {0: sparsity}
     return meta
 
 
@@ -62,7 +66,7 @@ def attention_scores(
     n = len(token_ids)
     state = SparsityState(sparsity) if sparsity is not None else None
     meta = prompt_metadata(engine, n, state)
-    meta.capture_layers = frozenset(layers)
+    meta.probe.capture_layers = frozenset(layers)
     engine.loaded.model(torch.tensor(token_ids, device=device), torch.arange(n, device=device), meta)
     tokens = [engine.tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
     result: dict[str, Any] = {"tokens": tokens, "token_ids": token_ids, "threshold": threshold, "num_tokens": n}
@@ -70,7 +74,7 @@ def attention_scores(
         result["sparsity"] = state.report()
     per_layer = []
     for layer in layers:
-        probs = meta.captured[layer][0].cpu()  # [H, n, n]
+        probs = meta.probe.captured[layer][0].cpu()  # [H, n, n]
         stats = head_stats(probs, threshold)
         if head_idx is not None:
             return {

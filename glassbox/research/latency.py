@@ -3,15 +3,17 @@ detokenize — plus what is left of the forward pass (norms, rotary, residuals) 
 metadata, bookkeeping), so that the stages of a step add up to the step.
 
 Timers cost something, so they exist only while enabled: `enable()` attaches forward hooks to the model's
-modules and wraps the engine's tokenizer, sampler and step from outside; `disable()` removes them all.
-Wall-clock `time.perf_counter()` around each call; on CUDA each timer synchronizes the device first, so
-enabling them slows a GPU engine down.
+parts (its embedding, each layer's attention block and MLP, the LM head) and attaches this object to the
+engine as a step observer; `disable()` removes both. While attached, the runner's plan times every step
+on the eager executor (module hooks fire only there) and the engine reports the stages around the
+forward; the executors the timed steps ran are counted. Wall-clock `time.perf_counter()`; on CUDA each
+reading synchronizes the device first, so enabling the timers slows a GPU engine down.
 """
 
 from __future__ import annotations
 
-import functools
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from glassbox.engine.llm_engine import LLMEngine, RequestOutput
-from glassbox.layers.attention import Attention
+from glassbox.engine.step_plan import StepPlan
 
 STAGES = ("tokenize", "queue", "embed", "attention", "mlp", "lm_head", "forward_other", "sample", "detokenize", "step_other")
 _FORWARD_PARTS = ("embed", "attention", "mlp")  # timed inside the model's forward
@@ -34,10 +36,13 @@ class LatencyStats:
     def __init__(self) -> None:
         self.enabled = False
         self.samples: dict[str, list[float]] = {stage: [] for stage in STAGES}
-        # Running sums of the samples: the step and forward wrappers read their parts off these deltas.
+        # Running sums of the samples: a step's parts are read off their deltas.
         self.totals: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+        self.steps_by_executor: Counter[str] = Counter()
+        self.last_plan: str | None = None
         self._undo: list[Callable[[], None]] = []
-        self._forward_seconds = 0.0
+        self._covered_at_step_start = 0.0
+        self._lm_head_at_step_start = 0.0
         self._cuda = False
         self._sync: Callable[[], None] = lambda: None
 
@@ -49,21 +54,14 @@ class LatencyStats:
         self._cuda = engine.loaded.device.type == "cuda"
         self._sync = torch.cuda.synchronize if self._cuda else (lambda: None)
         model = engine.loaded.model
-        for module, stage in self._timed_modules(model):
-            self._hook(module, stage)
-        self._wrap(engine.tokenizer, "encode", "tokenize")
-        self._wrap(engine.tokenizer, "decode", "detokenize")
-        self._wrap(engine.runner, "sample", "sample")
-        self._wrap_forward(model)
-        self._wrap_step(engine)
-        # A CUDA graph replays kernels without calling the modules, the native CPU layers call their kernels
-        # without the submodules, and an overlapped decode step samples without `sample`: time steps
-        # eagerly, on the plain forward, one at a time, meanwhile.
-        runner = engine.runner
-        saved = {name: getattr(runner, name) for name in ("use_graphs", "use_native", "overlap")}
-        for name in saved:
-            setattr(runner, name, False)
-        self._undo.append(lambda: [setattr(runner, name, value) for name, value in saved.items()])
+        self._hook(model.embedding, "embed")
+        for layer in model.layers:
+            self._hook(layer.attention, "attention")  # projections + attention + output projection
+            self._hook(layer.mlp, "mlp")
+        self._hook(model.lm_head, "lm_head")
+        self._mark_step_start()
+        engine.observers.append(self)
+        self._undo.append(lambda: engine.observers.remove(self))
         return self.status()
 
     def disable(self) -> dict[str, Any]:
@@ -76,6 +74,9 @@ class LatencyStats:
         for values in self.samples.values():
             values.clear()
         self.totals = dict.fromkeys(STAGES, 0.0)
+        self.steps_by_executor.clear()
+        self.last_plan = None
+        self._covered_at_step_start = self._lm_head_at_step_start = 0.0
         return self.status()
 
     def observe_request(self, out: RequestOutput) -> None:
@@ -83,20 +84,30 @@ class LatencyStats:
         if self.enabled and out.timings.get("queue_ms") is not None:
             self._record("queue", out.timings["queue_ms"] / 1000)
 
+    # ---- the engine's reports (StepObserver)
+    def on_stage(self, stage: str, seconds: float) -> None:
+        self._record(stage, seconds)
+
+    def on_step(self, plan: StepPlan, seconds: dict[str, float]) -> None:
+        """A timed step: its forward, sampling (LM head included), detokenization and whole time. What the
+        module hooks inside the forward did not cover is forward_other; what no stage covered, step_other."""
+        self.steps_by_executor[plan.executor] += 1
+        self.last_plan = str(plan)
+        forward = seconds.get("forward", 0.0)
+        covered = self._covered(_FORWARD_PARTS) - self._covered_at_step_start
+        self._record("forward_other", max(forward - covered, 0.0))
+        if "sample" in seconds:
+            lm_head = self.totals["lm_head"] - self._lm_head_at_step_start
+            self._record("sample", max(seconds["sample"] - lm_head, 0.0))
+        self._record("detokenize", seconds.get("detokenize", 0.0))
+        inside = forward + seconds.get("sample", 0.0) + seconds.get("detokenize", 0.0)
+        self._record("step_other", max(seconds.get("step", 0.0) - inside, 0.0))
+        self._mark_step_start()
+
     # ---- instrumentation
-    @staticmethod
-    def _timed_modules(model: nn.Module) -> list[tuple[nn.Module, str]]:
-        found = []
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Embedding) and name.endswith(("embed_tokens", "wte")):
-                found.append((module, "embed"))
-            elif any(isinstance(child, Attention) for child in module.children()):
-                found.append((module, "attention"))  # projections + attention + output projection
-            elif name.endswith(".mlp"):
-                found.append((module, "mlp"))
-            elif name == "lm_head":
-                found.append((module, "lm_head"))
-        return found
+    def _mark_step_start(self) -> None:
+        self._covered_at_step_start = self._covered(_FORWARD_PARTS)
+        self._lm_head_at_step_start = self.totals["lm_head"]
 
     def _record(self, stage: str, seconds: float) -> None:
         self.samples[stage].append(seconds)
@@ -119,60 +130,6 @@ class LatencyStats:
         handles = [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
         self._undo.append(lambda: [h.remove() for h in handles])
 
-    def _wrap(self, owner: Any, attribute: str, stage: str) -> None:
-        original = getattr(owner, attribute)
-
-        @functools.wraps(original)
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            self._sync()
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self._sync()
-                self._record(stage, time.perf_counter() - start)
-
-        setattr(owner, attribute, timed)  # an instance attribute, shadowing the method
-        self._undo.append(lambda: delattr(owner, attribute) if attribute in vars(owner) else None)
-
-    def _wrap_forward(self, model: nn.Module) -> None:
-        """Time the whole forward; what its parts (embed, attention, mlp) do not cover is forward_other."""
-        starts: list[tuple[float, float]] = []
-
-        def before(_module: nn.Module, _args: Any) -> None:
-            self._sync()
-            starts.append((time.perf_counter(), self._covered(_FORWARD_PARTS)))
-
-        def after(_module: nn.Module, _args: Any, _out: Any) -> None:
-            self._sync()
-            start, covered_before = starts.pop()
-            self._forward_seconds = time.perf_counter() - start
-            covered = self._covered(_FORWARD_PARTS) - covered_before
-            self._record("forward_other", max(self._forward_seconds - covered, 0.0))
-
-        handles = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
-        self._undo.append(lambda: [h.remove() for h in handles])
-
-    def _wrap_step(self, engine: LLMEngine) -> None:
-        """Time each step; what the timed stages inside it do not cover is step_other."""
-        original = engine.step
-
-        # Timed inside a step outside the model's forward (the LM head runs on the sampled rows only).
-        outside_forward = ("lm_head", "sample", "detokenize")
-
-        def timed_step() -> list[RequestOutput]:
-            self._forward_seconds = 0.0
-            before = self._covered(outside_forward)
-            start = time.perf_counter()
-            outputs = original()
-            elapsed = time.perf_counter() - start
-            inside = self._forward_seconds + self._covered(outside_forward) - before
-            self._record("step_other", max(elapsed - inside, 0.0))
-            return outputs
-
-        engine.step = timed_step
-        self._undo.append(lambda: delattr(engine, "step"))
-
     # ---- report
     def status(self) -> dict[str, Any]:
         return {"enabled": self.enabled, "timed_with": self.how()}
@@ -181,7 +138,8 @@ class LatencyStats:
         sync = " with torch.cuda.synchronize() before each reading" if self._cuda else ""
         return (
             "time.perf_counter() around forward hooks on the embedding, attention and MLP blocks and the LM head, "
-            f"and around the engine's tokenizer, sampler and step{sync}; only while enabled"
+            f"and the engine's own readings around tokenizing, the forward, sampling, detokenizing and the step{sync}; "
+            "timed steps run the eager executor (module hooks fire only there); only while enabled"
         )
 
     def report(self) -> dict[str, Any]:
@@ -198,6 +156,9 @@ class LatencyStats:
         total = {stage: self.totals[stage] * 1000 for stage in STAGES}
         return {
             **self.status(),
+            # The plans of the timed steps: which executor ran them (always the eager one while timed).
+            "steps_by_executor": dict(self.steps_by_executor),
+            "last_plan": self.last_plan,
             "stages": stages,
             # The design's summary: totals over everything timed since the last reset.
             "tokenize_ms": total["tokenize"],

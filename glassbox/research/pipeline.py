@@ -4,7 +4,7 @@ Steps, on one sequence of T tokens (no KV cache), each taking and giving hidden 
   embed        token ids -> hidden (GPT-2 adds its position embedding)
   norm         the layer's input norm alone (for inspection; not part of a chain)
   attention    x + attention(input_norm(x))        (the residual included)
-  mlp          x + mlp(post_attention_norm(x))
+  mlp          x + mlp(post_norm(x))
   layer        the whole block (attention then mlp)
   final_norm   the model's last norm
   lm_head      hidden -> logits [T, vocab]
@@ -36,52 +36,37 @@ class Activation:
     token_ids: list[int]
 
 
-def _parts(model: nn.Module) -> tuple[Any, list[nn.Module]]:
-    backbone = model.transformer if hasattr(model, "transformer") else model.model
-    layers = backbone.h if hasattr(backbone, "h") else backbone.layers
-    return backbone, list(layers)
-
-
 def run_step(model: nn.Module, step: str, layer_idx: int | None, activation: Activation) -> torch.Tensor:
-    backbone, layers = _parts(model)
+    """One step on the model's parts (models/llama.py lists them): the same modules, in the same order,
+    as its forward."""
     if step not in STEPS:
         raise ValueError(f"step: unknown {step!r}; choose one of {', '.join(STEPS)}")
-    if step in LAYER_STEPS and (layer_idx is None or not 0 <= layer_idx < len(layers)):
-        raise ValueError(f"layer_idx: step {step!r} needs layer_idx in [0, {len(layers) - 1}], got {layer_idx}")
+    num_layers = len(model.layers)
+    if step in LAYER_STEPS and (layer_idx is None or not 0 <= layer_idx < num_layers):
+        raise ValueError(f"layer_idx: step {step!r} needs layer_idx in [0, {num_layers - 1}], got {layer_idx}")
     x = activation.tensor
     n = len(activation.token_ids)
     device = next(model.parameters()).device
+    token_ids = torch.tensor(activation.token_ids, device=device)
     positions = torch.arange(n, device=device)
     if step == "embed":
-        ids = torch.tensor(activation.token_ids, device=device)
-        if hasattr(backbone, "wpe"):
-            return backbone.wte(ids) + backbone.wpe(positions)
-        return backbone.embed_tokens(ids)
+        return model.embed(token_ids, positions)[0]
     if x is None or x.shape[0] != n or x.dim() != 2:
         raise ValueError("input: this step needs hidden states [T, hidden] (a handle from embed or a layer step)")
     if step == "final_norm":
-        return backbone.ln_f(x) if hasattr(backbone, "ln_f") else backbone.norm(x)
+        return model.final_norm(x)
     if step == "lm_head":
         return model.compute_logits(x)
-    layer = layers[layer_idx]
-    meta = AttentionMetadata.for_prompts([n], device=device)
-    gpt2 = hasattr(layer, "ln_1")
-    input_norm = layer.ln_1 if gpt2 else layer.input_layernorm
-    post_norm = layer.ln_2 if gpt2 else layer.post_attention_layernorm
-
-    def attention(h: torch.Tensor) -> torch.Tensor:
-        if gpt2:
-            return h + layer.attn(input_norm(h), meta)
-        cos, sin = backbone.rotary_emb(positions, h.dtype)
-        return h + layer.self_attn(input_norm(h), cos, sin, meta)
-
+    layer = model.layers[layer_idx]
     if step == "norm":
-        return input_norm(x)
-    if step == "attention":
-        return attention(x)
+        return layer.input_norm(x)
     if step == "mlp":
-        return x + layer.mlp(post_norm(x))
-    return (lambda h: h + layer.mlp(post_norm(h)))(attention(x))  # layer
+        return layer.mlp_residual(x)
+    # The layers' extra inputs (Llama's rotary cos/sin) for these positions, as the forward computes them.
+    _, layer_args = model.embed(token_ids, positions)
+    meta = AttentionMetadata.for_prompts([n], device=device)
+    x = layer.attention_residual(x, layer_args, meta)
+    return x if step == "attention" else layer.mlp_residual(x)  # "layer": attention then mlp
 
 
 def describe(tensor: torch.Tensor, with_values: bool) -> dict[str, Any]:

@@ -3,6 +3,10 @@ registers scheduling policies and sparse-attention methods, reloaded when the fi
 the weights stay loaded. A plugin that fails to import or to register is reported and the last good
 version keeps serving. Plugins come only from the command line, never from a request.
 
+What it registers joins the built-ins in the one registry (glassbox/algorithms.py), so every place that
+takes a name takes the plugin's too: `--scheduling-policy` (the file is loaded before the engine is built),
+/optimization/scheduling_policy and /batch_schedule's `algorithm`, any request's `sparsity.method`.
+
 A plugin file:
 
     from glassbox.engine.policies import SchedulingPolicy
@@ -39,14 +43,17 @@ from typing import Any, Callable
 
 import torch
 
-from glassbox.engine.policies import POLICIES, SchedulingPolicy
-from glassbox.layers.sparsity import BUILTIN_METHODS, SparsityMethod, SparsityState, parse_sparsity
+from glassbox.algorithms import ALGORITHMS
+from glassbox.engine.llm_engine import LLMEngine
+from glassbox.engine.policies import SchedulingPolicy
+from glassbox.layers.sparsity import SparsityMethod, SparsityState, parse_sparsity
 
 logger = logging.getLogger(__name__)
 
 
-class Registry:
-    """What a plugin's `register(registry)` fills."""
+class PluginEntries:
+    """What a plugin's `register(registry)` fills, checked entry by entry. Published to the one registry
+    (glassbox/algorithms.py) as a whole once the file has loaded, replacing the previous version's."""
 
     def __init__(self) -> None:
         self.policies: dict[str, type[SchedulingPolicy]] = {}
@@ -55,7 +62,7 @@ class Registry:
     def scheduling_policy(self, policy: type[SchedulingPolicy]) -> None:
         if not (isinstance(policy, type) and issubclass(policy, SchedulingPolicy)):
             raise TypeError("scheduling_policy() takes a SchedulingPolicy subclass")
-        if policy.name in POLICIES:
+        if ALGORITHMS.scheduling_policies.is_builtin(policy.name):
             raise ValueError(f"policy name {policy.name!r} is built in; choose another")
         self.policies[policy.name] = policy
 
@@ -64,7 +71,7 @@ class Registry:
         parameters, so a method that raises or returns a wrong shape fails the load, not a request."""
         if not (isinstance(method, type) and issubclass(method, SparsityMethod)):
             raise TypeError("sparsity_method() takes a SparsityMethod subclass")
-        if method.name in BUILTIN_METHODS:
+        if ALGORITHMS.sparsity_methods.is_builtin(method.name):
             raise ValueError(f"sparsity method name {method.name!r} is built in; choose another")
         instance = parse_sparsity({"method": method.name, **(example or {})}, {method.name: method})
         _try_method(instance)
@@ -85,20 +92,27 @@ def _try_method(method: SparsityMethod, heads: int = 2, q_len: int = 5, context_
 
 
 class PluginManager:
-    def __init__(self, path: Path, on_reload: Callable[[Registry], None] | None = None, poll_s: float = 0.25) -> None:
+    """Loads the plugin file into the registry, and again whenever it changes (`watch`). Load it before the
+    engine is built, so that `--scheduling-policy` may name one of its policies."""
+
+    def __init__(self, path: Path, on_reload: Callable[[PluginEntries], None] | None = None, poll_s: float = 0.25) -> None:
         self.path = path
-        self.on_reload = on_reload
         self.poll_s = poll_s
-        self.registry = Registry()
+        self.entries = PluginEntries()
         self.version = 0  # successful loads
         self.last_error: str | None = None
         self.loaded_at: float | None = None
+        self._listeners: list[Callable[[PluginEntries], None]] = [on_reload] if on_reload is not None else []
         self._mtime: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def add_listener(self, listener: Callable[[PluginEntries], None]) -> None:
+        """Call listener(entries) after every successful (re)load, on the thread that loaded."""
+        self._listeners.append(listener)
+
     def load(self) -> bool:
-        """(Re)load the file; on failure keep the last good registry and record the error."""
+        """(Re)load the file; on failure keep the last good version in the registry and record the error."""
         try:
             self._mtime = self.path.stat().st_mtime
             spec = importlib.util.spec_from_file_location(f"glassbox_plugin_{self.version + 1}", self.path)
@@ -107,21 +121,23 @@ class PluginManager:
             register = getattr(module, "register", None)
             if not callable(register):
                 raise AttributeError("the plugin defines no register(registry) function")
-            registry = Registry()
-            register(registry)
+            entries = PluginEntries()
+            register(entries)
         except Exception as error:  # a researcher's file: any error is reported, none stops the server
             self.last_error = f"{type(error).__name__}: {error}"
             logger.error("plugin %s failed to load, keeping version %d:\n%s", self.path, self.version, traceback.format_exc())
             return False
-        self.registry, self.last_error = registry, None
+        ALGORITHMS.scheduling_policies.set_plugin_entries(entries.policies)
+        ALGORITHMS.sparsity_methods.set_plugin_entries(entries.sparsity_methods)
+        self.entries, self.last_error = entries, None
         self.version += 1
         self.loaded_at = time.time()
         logger.warning(
             "plugin %s loaded (version %d): policies %s, sparsity methods %s",
-            self.path, self.version, sorted(registry.policies), sorted(registry.sparsity_methods),
+            self.path, self.version, sorted(entries.policies), sorted(entries.sparsity_methods),
         )
-        if self.on_reload is not None:
-            self.on_reload(registry)
+        for listener in self._listeners:
+            listener(entries)
         return True
 
     def watch(self) -> PluginManager:
@@ -147,7 +163,22 @@ class PluginManager:
             "path": str(self.path),
             "version": self.version,
             "loaded_at": self.loaded_at,
-            "policies": sorted(self.registry.policies),
-            "sparsity_methods": sorted(self.registry.sparsity_methods),
+            "policies": sorted(self.entries.policies),
+            "sparsity_methods": sorted(self.entries.sparsity_methods),
             "error": self.last_error,
         }
+
+
+def follow_new_version(engine: LLMEngine, entries: PluginEntries) -> None:
+    """After a reload, on the engine's loop thread between steps: a serving policy or global sparsity mask
+    that came from the plugin is replaced by its new version (the registry already holds it)."""
+    current = engine.scheduler.policy.name
+    if current in entries.policies:
+        engine.scheduler.policy = entries.policies[current]()
+    mask = engine.default_sparsity
+    if mask is not None and mask.name in entries.sparsity_methods:
+        try:
+            engine.default_sparsity = parse_sparsity(mask.spec())
+        except Exception:  # the new version rejects the old parameters: the global mask is dropped
+            logger.exception("plugin reload: the global sparsity mask %s no longer parses; cleared", mask.spec())
+            engine.default_sparsity = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import tempfile
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ class Profiler:
         self.trace_dir = trace_dir or Path(tempfile.mkdtemp(prefix="glassbox-traces-"))
         self._session: profile | None = None
         self._steps_at_start = 0
+        self._executors_at_start: Counter[str] = Counter()
 
     @property
     def active(self) -> bool:
@@ -47,6 +49,7 @@ class Profiler:
         )
         self._session.start()
         self._steps_at_start = engine.num_steps
+        self._executors_at_start = engine.executor_counts.copy()
         return {"profiling": True, "activities": names, "record_shapes": record_shapes, "with_stack": with_stack}
 
     def stop(self, engine: LLMEngine, top: int = 25) -> dict[str, Any]:
@@ -60,6 +63,8 @@ class Profiler:
         return {
             "trace_id": trace_id,
             "steps": engine.num_steps - self._steps_at_start,
+            # Each step's forward is named after its executor in the trace: glassbox::forward[<executor>].
+            "steps_by_executor": dict(engine.executor_counts - self._executors_at_start),
             "top_ops_by_self_cpu_time": [
                 {
                     "name": e.key,

@@ -14,23 +14,19 @@ from typing import Any
 
 from glassbox.config import EngineConfig
 from glassbox.engine.llm_engine import LLMEngine
-from glassbox.engine.policies import POLICIES, SchedulingPolicy, get_policy
+from glassbox.engine.policies import SchedulingPolicy, get_policy
 from glassbox.sampling import SamplingParams
 
-ALIASES = {"shortest_first": "shortest_prompt_first", "sjf": "shortest_prompt_first"}
 # Per-step token budget: small chunks keep decodes flowing (latency); large ones fill the batch (throughput).
 STRATEGIES = {"minimize_latency": 256, "maximize_throughput": 4096}
 
 
-def resolve_policy(algorithm: str, plugins: dict[str, type[SchedulingPolicy]] | None = None) -> SchedulingPolicy:
-    """A built-in policy by name (or alias), else one registered by the plugin file."""
-    name = ALIASES.get(algorithm, algorithm)
-    if name in POLICIES:
-        return get_policy(name)
-    if plugins and name in plugins:
-        return plugins[name]()
-    known = [*POLICIES, *ALIASES, *(plugins or {})]
-    raise ValueError(f"algorithm: unknown {algorithm!r}; choose one of {', '.join(known)}")
+def _policy(algorithm: str) -> SchedulingPolicy:
+    """The policy the request's `algorithm` field names (built in, alias or plugin); the error names the field."""
+    try:
+        return get_policy(algorithm)
+    except ValueError as error:
+        raise ValueError(f"algorithm: {error}") from None
 
 
 @dataclass
@@ -46,11 +42,10 @@ def run_schedule(
     algorithm: str = "fcfs",
     max_batch_size: int = 8,
     strategy: str = "maximize_throughput",
-    plugins: dict[str, type[SchedulingPolicy]] | None = None,
 ) -> dict[str, Any]:
     """Run the set to the end under the policy (greedy decoding); per request: queue time, TTFT, finish
     time (ms from the set's start), output; and totals."""
-    policy = resolve_policy(algorithm, plugins)
+    policy = _policy(algorithm)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: unknown {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     block_size = engine.config.block_size
@@ -118,10 +113,8 @@ def run_schedule(
     }
 
 
-def set_serving_policy(
-    engine: LLMEngine, algorithm: str, plugins: dict[str, type[SchedulingPolicy]] | None = None
-) -> dict[str, str]:
+def set_serving_policy(engine: LLMEngine, algorithm: str) -> dict[str, str]:
     """Switch the policy of all traffic (takes effect at the next step)."""
-    policy = resolve_policy(algorithm, plugins)
+    policy = _policy(algorithm)
     engine.scheduler.policy = policy
     return {"algorithm": policy.name, "description": policy.description}

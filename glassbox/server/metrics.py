@@ -1,7 +1,7 @@
 """Prometheus metrics, named like vLLM's with a `glassbox:` prefix. One registry per app (no globals).
 
-Gauges and the prefix-cache counters are read from the engine at scrape time; token counters and latency
-histograms are fed by the routes as requests finish.
+Gauges and the prefix-cache counters come from the engine's stats, read on its loop thread at scrape time
+(`render(stats)`); token counters and latency histograms are fed as requests finish.
 """
 
 from __future__ import annotations
@@ -12,18 +12,19 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from glassbox.engine.async_engine import AsyncLLMEngine
 from glassbox.engine.llm_engine import RequestOutput
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 
 
 class _EngineCollector(Collector):
-    def __init__(self, engine: AsyncLLMEngine) -> None:
-        self.engine = engine
+    def __init__(self) -> None:
+        self.stats: dict | None = None  # LLMEngine.stats() of the scrape being rendered
 
     def collect(self) -> Iterator[object]:
-        stats = self.engine.engine.stats()  # plain reads of counters; a scrape tolerates one step's skew
+        stats = self.stats
+        if stats is None:  # prometheus_client's describe-time call, before any scrape
+            return
         prefix = stats["prefix_cache"]
         yield GaugeMetricFamily("glassbox:num_requests_running", "Requests in the running batch.", stats["num_running"])
         yield GaugeMetricFamily("glassbox:num_requests_waiting", "Requests waiting to be scheduled.", stats["num_waiting"])
@@ -34,9 +35,10 @@ class _EngineCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, engine: AsyncLLMEngine) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineCollector(engine))
+        self._engine_stats = _EngineCollector()
+        self.registry.register(self._engine_stats)
         r = self.registry
         self.prompt_tokens = Counter("glassbox:prompt_tokens", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter("glassbox:generation_tokens", "Tokens generated.", registry=r)
@@ -62,5 +64,7 @@ class Metrics:
         if t.get("total_ms") is not None:
             self.e2e.observe(t["total_ms"] / 1000)
 
-    def render(self) -> bytes:
+    def render(self, engine_stats: dict) -> bytes:
+        """The Prometheus text for one scrape; `engine_stats` is LLMEngine.stats() read for it."""
+        self._engine_stats.stats = engine_stats  # no await until rendered: one scrape at a time
         return generate_latest(self.registry)

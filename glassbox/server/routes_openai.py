@@ -12,19 +12,18 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from glassbox.engine.async_engine import AsyncLLMEngine
-from glassbox.engine.llm_engine import RequestOutput
-from glassbox.layers.sparsity import SparsityMethod
+from glassbox.engine.llm_engine import RequestOutput, RequestState
 from glassbox.sampling import SamplingParams
-from glassbox.server.app import APIError, json_body, sparsity_of
-from glassbox.server.routes_generate import run_to_end, sse
+from glassbox.server.deps import SSE_DONE, engine_client, json_body, sparsity_of, sse
+from glassbox.server.engine_client import EngineClient
+from glassbox.server.errors import APIError
 from glassbox.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAICommon
 
 router = APIRouter(prefix="/v1")
 
 
-def _check_model(request: Request, body: OpenAICommon) -> str:
-    served = request.app.state.settings.model_name
+def _check_model(client: EngineClient, body: OpenAICommon) -> str:
+    served = client.model_name
     if body.model not in (None, "", served):
         raise APIError(404, f"model: unknown model {body.model!r}; this server serves {served!r}", "model", "not_found_error")
     return served
@@ -57,10 +56,10 @@ def _usage(outputs: list[RequestOutput]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _completion_logprobs(engine: AsyncLLMEngine, out: RequestOutput) -> dict[str, Any] | None:
+def _completion_logprobs(client: EngineClient, out: RequestOutput) -> dict[str, Any] | None:
     if out.logprobs is None:
         return None
-    piece = engine.engine.tokenizer.decode
+    piece = client.tokenizer.decode
     return {
         "tokens": [piece([e["token_id"]]) for e in out.logprobs],
         "token_logprobs": [e["logprob"] for e in out.logprobs],
@@ -69,10 +68,10 @@ def _completion_logprobs(engine: AsyncLLMEngine, out: RequestOutput) -> dict[str
     }
 
 
-def _chat_logprobs(engine: AsyncLLMEngine, out: RequestOutput) -> dict[str, Any] | None:
+def _chat_logprobs(client: EngineClient, out: RequestOutput) -> dict[str, Any] | None:
     if out.logprobs is None:
         return None
-    piece = engine.engine.tokenizer.decode
+    piece = client.tokenizer.decode
     return {
         "content": [
             {
@@ -85,20 +84,18 @@ def _chat_logprobs(engine: AsyncLLMEngine, out: RequestOutput) -> dict[str, Any]
     }
 
 
-async def _merged(
-    engine: AsyncLLMEngine, prompt: str | list[int], params: list[SamplingParams], sparsity: SparsityMethod | None
-) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def _merged(client: EngineClient, states: list[RequestState]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(choice index, output) from n concurrent requests, as they arrive."""
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(index: int, sp: SamplingParams) -> None:
+    async def pump(index: int, state: RequestState) -> None:
         try:
-            async for out in engine.generate(prompt, sp, sparsity=sparsity):
+            async for out in client.stream(state):
                 await queue.put((index, out))
         except BaseException as error:  # handed to the consumer
             await queue.put((index, error))
 
-    tasks = [asyncio.create_task(pump(i, sp)) for i, sp in enumerate(params)]
+    tasks = [asyncio.create_task(pump(i, state)) for i, state in enumerate(states)]
     finished = 0
     try:
         while finished < len(tasks):
@@ -118,29 +115,26 @@ def _sparsity_field(out: RequestOutput) -> dict[str, Any]:
     return {"sparsity": out.sparsity} if out.sparsity is not None else {}
 
 
-def _validate(engine: AsyncLLMEngine, prompt: str | list[int], params: list[SamplingParams]) -> None:
-    for sp in params:
-        engine.engine.make_request(prompt, sp)
-
-
 @router.get("/models")
-async def models(request: Request) -> dict[str, Any]:
-    name = request.app.state.settings.model_name
+async def models(client: EngineClient = Depends(engine_client)) -> dict[str, Any]:
+    name = client.model_name
     return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "glassbox"}]}
 
 
 @router.post("/completions")
-async def completions(request: Request, body: CompletionRequest = Depends(json_body(CompletionRequest))) -> object:
-    engine: AsyncLLMEngine = request.app.state.engine
-    model = _check_model(request, body)
+async def completions(
+    request: Request,
+    body: CompletionRequest = Depends(json_body(CompletionRequest)),
+    client: EngineClient = Depends(engine_client),
+) -> object:
+    model = _check_model(client, body)
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         if len(prompt) != 1:
             raise APIError(400, "prompt: send one prompt per request (use n for several completions)", "prompt")
         prompt = prompt[0]
     params = [_params(body, body.logprobs, i) for i in range(body.n)]
-    _validate(engine, prompt, params)
-    sparsity = sparsity_of(request, body.sparsity)
+    states = client.make_requests(prompt, params, sparsity_of(body.sparsity))
     request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     prefix = prompt if body.echo and isinstance(prompt, str) else ""
 
@@ -150,7 +144,7 @@ async def completions(request: Request, body: CompletionRequest = Depends(json_b
         async def events() -> AsyncIterator[str]:
             finals: dict[int, RequestOutput] = {}
             started: set[int] = set()
-            async for index, out in _merged(engine, prompt, params, sparsity):
+            async for index, out in _merged(client, states):
                 text = out.new_text if index in started else prefix + out.new_text
                 started.add(index)
                 choice = {"index": index, "text": text, "logprobs": None, "finish_reason": out.finish_reason}
@@ -161,16 +155,16 @@ async def completions(request: Request, body: CompletionRequest = Depends(json_b
             if include_usage:
                 usage = _usage([finals[i] for i in sorted(finals)])
                 yield sse({"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": usage})
-            yield "data: [DONE]\n\n"
+            yield SSE_DONE
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    outputs = await asyncio.gather(*(run_to_end(engine, request, prompt, sp, sparsity=sparsity) for sp in params))
+    outputs = await asyncio.gather(*(client.final_output(state, request.is_disconnected) for state in states))
     choices = [
         {
             "index": i,
             "text": prefix + out.text,
-            "logprobs": _completion_logprobs(engine, out),
+            "logprobs": _completion_logprobs(client, out),
             "finish_reason": out.finish_reason,
             **_sparsity_field(out),
         }
@@ -180,18 +174,20 @@ async def completions(request: Request, body: CompletionRequest = Depends(json_b
 
 
 @router.post("/chat/completions")
-async def chat_completions(request: Request, body: ChatCompletionRequest = Depends(json_body(ChatCompletionRequest))) -> object:
-    engine: AsyncLLMEngine = request.app.state.engine
-    model = _check_model(request, body)
+async def chat_completions(
+    request: Request,
+    body: ChatCompletionRequest = Depends(json_body(ChatCompletionRequest)),
+    client: EngineClient = Depends(engine_client),
+) -> object:
+    model = _check_model(client, body)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     try:
-        prompt = engine.engine.tokenizer.encode_chat(messages)
+        prompt = client.tokenizer.encode_chat(messages)
     except ValueError as error:
         raise APIError(400, f"messages: {error}", "messages") from None
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = [_params(body, logprobs, i) for i in range(body.n)]
-    _validate(engine, prompt, params)
-    sparsity = sparsity_of(request, body.sparsity)
+    states = client.make_requests(prompt, params, sparsity_of(body.sparsity))
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     if body.stream:
@@ -204,7 +200,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest = Depen
             for index in range(body.n):
                 yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
             finals: dict[int, RequestOutput] = {}
-            async for index, out in _merged(engine, prompt, params, sparsity):
+            async for index, out in _merged(client, states):
                 delta = {"content": out.new_text} if out.new_text or not out.finished else {}
                 choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": out.finish_reason}
                 yield chunk([{**choice, **(_sparsity_field(out) if out.finished else {})}])
@@ -212,16 +208,16 @@ async def chat_completions(request: Request, body: ChatCompletionRequest = Depen
                     finals[index] = out
             if include_usage:
                 yield chunk([], usage=_usage([finals[i] for i in sorted(finals)]))
-            yield "data: [DONE]\n\n"
+            yield SSE_DONE
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    outputs = await asyncio.gather(*(run_to_end(engine, request, prompt, sp, sparsity=sparsity) for sp in params))
+    outputs = await asyncio.gather(*(client.final_output(state, request.is_disconnected) for state in states))
     choices = [
         {
             "index": i,
             "message": {"role": "assistant", "content": out.text},
-            "logprobs": _chat_logprobs(engine, out),
+            "logprobs": _chat_logprobs(client, out),
             "finish_reason": out.finish_reason,
             **_sparsity_field(out),
         }

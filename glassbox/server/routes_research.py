@@ -15,8 +15,10 @@ from glassbox.research.cache import cache_stats, clear_prefix_cache
 from glassbox.research.heatmap import attention_png
 from glassbox.research.memory import memory_usage
 from glassbox.research.profiler import Profiler, ProfilerError
-from glassbox.research.schedule import ScheduledRequest, run_schedule, set_serving_policy
-from glassbox.server.app import APIError, json_body, plugin_registry, sparsity_of
+from glassbox.research.schedule import ScheduledRequest, run_schedule
+from glassbox.server.deps import engine_client, json_body, sparsity_of
+from glassbox.server.engine_client import EngineClient
+from glassbox.server.errors import APIError
 from glassbox.server.schemas import (
     AttentionScoresRequest,
     BatchScheduleRequest,
@@ -33,26 +35,28 @@ router = APIRouter()
 
 
 @router.get("/cache/stats")
-async def get_cache_stats(request: Request) -> dict[str, Any]:
-    return await request.app.state.engine.call(cache_stats)
+async def get_cache_stats(client: EngineClient = Depends(engine_client)) -> dict[str, Any]:
+    return await client.call(cache_stats)
 
 
 @router.post("/cache/clear")
-async def post_cache_clear(request: Request) -> dict[str, Any]:
+async def post_cache_clear(client: EngineClient = Depends(engine_client)) -> dict[str, Any]:
     """Drops unreferenced cached prefix blocks; blocks of running requests are kept."""
-    return await request.app.state.engine.call(clear_prefix_cache)
+    return await client.call(clear_prefix_cache)
 
 
 @router.get("/debug/memory_usage")
-async def get_memory_usage(request: Request) -> dict[str, Any]:
-    return await request.app.state.engine.call(memory_usage)
+async def get_memory_usage(client: EngineClient = Depends(engine_client)) -> dict[str, Any]:
+    return await client.call(memory_usage)
 
 
 @router.post("/debug/profiling/start")
-async def profiling_start(request: Request, body: ProfilingStart = Depends(json_body(ProfilingStart))) -> dict[str, Any]:
+async def profiling_start(
+    request: Request, body: ProfilingStart = Depends(json_body(ProfilingStart)), client: EngineClient = Depends(engine_client)
+) -> dict[str, Any]:
     profiler: Profiler = request.app.state.profiler
     try:
-        return await request.app.state.engine.call(
+        return await client.call(
             lambda engine: profiler.start(engine, body.activities, body.record_shapes, body.with_stack)
         )
     except ProfilerError as error:
@@ -60,11 +64,11 @@ async def profiling_start(request: Request, body: ProfilingStart = Depends(json_
 
 
 @router.post("/debug/profiling/stop")
-async def profiling_stop(request: Request) -> dict[str, Any]:
+async def profiling_stop(request: Request, client: EngineClient = Depends(engine_client)) -> dict[str, Any]:
     """Stops the session: the top operators by self time, and the id of its Chrome/Perfetto trace."""
     profiler: Profiler = request.app.state.profiler
     try:
-        result = await request.app.state.engine.call(profiler.stop)
+        result = await client.call(profiler.stop)
     except ProfilerError as error:
         raise APIError(409, str(error)) from None
     result["trace_url"] = f"/debug/profiling/traces/{result['trace_id']}"
@@ -81,27 +85,27 @@ async def profiling_trace(request: Request, trace_id: str) -> FileResponse:
 
 @router.post("/optimization/batch_schedule")
 async def batch_schedule(
-    request: Request, body: BatchScheduleRequest = Depends(json_body(BatchScheduleRequest))
+    body: BatchScheduleRequest = Depends(json_body(BatchScheduleRequest)), client: EngineClient = Depends(engine_client)
 ) -> dict[str, Any]:
-    """Run a set of requests to the end under one policy; compare the per-request times across policies."""
+    """Run a set of requests to the end under one policy (built in or the plugin's); compare the per-request
+    times across policies."""
     requests = [ScheduledRequest(r.prompt, r.priority, r.max_tokens) for r in body.requests]
-    plugins = plugin_registry(request).policies
-    return await request.app.state.engine.call(
-        lambda engine: run_schedule(engine, requests, body.algorithm, body.max_batch_size, body.strategy, plugins)
+    return await client.call(
+        lambda engine: run_schedule(engine, requests, body.algorithm, body.max_batch_size, body.strategy)
     )
 
 
 @router.get("/optimization/scheduling_policy")
-async def get_scheduling_policy(request: Request) -> dict[str, str]:
-    policy = request.app.state.engine.engine.scheduler.policy
-    return {"algorithm": policy.name, "description": policy.description}
+async def get_scheduling_policy(client: EngineClient = Depends(engine_client)) -> dict[str, str]:
+    return await client.scheduling_policy()
 
 
 @router.post("/optimization/scheduling_policy")
-async def post_scheduling_policy(request: Request, body: PolicyRequest = Depends(json_body(PolicyRequest))) -> dict[str, str]:
+async def post_scheduling_policy(
+    body: PolicyRequest = Depends(json_body(PolicyRequest)), client: EngineClient = Depends(engine_client)
+) -> dict[str, str]:
     """Set the policy for all traffic."""
-    plugins = plugin_registry(request).policies
-    return await request.app.state.engine.call(lambda engine: set_serving_policy(engine, body.algorithm, plugins))
+    return await client.set_scheduling_policy(body.algorithm)
 
 
 @router.get("/plugins")
@@ -114,31 +118,34 @@ async def plugins_status(request: Request) -> dict[str, Any]:
 
 
 @router.get("/debug/latency_stats")
-async def latency_stats(request: Request) -> dict[str, Any]:
+async def latency_stats(request: Request, client: EngineClient = Depends(engine_client)) -> dict[str, Any]:
     """Per-stage count, mean, p50, p95 and totals (ms) since the last reset, while enabled."""
-    return await request.app.state.engine.call(lambda engine: request.app.state.latency.report())
+    return await client.call(lambda engine: request.app.state.latency.report())
 
 
 @router.post("/debug/latency_stats/enable")
-async def latency_enable(request: Request) -> dict[str, Any]:
-    return await request.app.state.engine.call(request.app.state.latency.enable)
+async def latency_enable(request: Request, client: EngineClient = Depends(engine_client)) -> dict[str, Any]:
+    return await client.call(request.app.state.latency.enable)
 
 
 @router.post("/debug/latency_stats/disable")
-async def latency_disable(request: Request) -> dict[str, Any]:
-    return await request.app.state.engine.call(lambda engine: request.app.state.latency.disable())
+async def latency_disable(request: Request, client: EngineClient = Depends(engine_client)) -> dict[str, Any]:
+    return await client.call(lambda engine: request.app.state.latency.disable())
 
 
 @router.post("/debug/latency_stats/reset")
-async def latency_reset(request: Request) -> dict[str, Any]:
-    return await request.app.state.engine.call(lambda engine: request.app.state.latency.reset())
+async def latency_reset(request: Request, client: EngineClient = Depends(engine_client)) -> dict[str, Any]:
+    return await client.call(lambda engine: request.app.state.latency.reset())
 
 
 @router.post("/parallel/tensor_split")
-async def tensor_split(request: Request, body: TensorSplitRequest = Depends(json_body(TensorSplitRequest))) -> dict[str, Any]:
+async def tensor_split(
+    request: Request, body: TensorSplitRequest = Depends(json_body(TensorSplitRequest)), client: EngineClient = Depends(engine_client)
+) -> dict[str, Any]:
     """Split a model weight (by name) or a seeded random tensor into shards; returns a split_id (expires)."""
-    model = request.app.state.engine.engine.loaded.model
-    parts = parallel.split(model, body.weight, body.tensor_shape, body.split_dim, body.num_splits, body.seed)
+    parts = await client.call(
+        lambda engine: parallel.split(engine.loaded.model, body.weight, body.tensor_shape, body.split_dim, body.num_splits, body.seed)
+    )
     split_id = request.app.state.handles.put(parts)
     return {
         "split_id": split_id,
@@ -163,14 +170,13 @@ async def parallel_execute(
 
 @router.post("/debug/attention_scores")
 async def debug_attention_scores(
-    request: Request, body: AttentionScoresRequest = Depends(json_body(AttentionScoresRequest))
+    body: AttentionScoresRequest = Depends(json_body(AttentionScoresRequest)), client: EngineClient = Depends(engine_client)
 ) -> Any:
     """Post-softmax attention of the live model on a prompt: a [query][key] matrix for one head, one per
     head for a layer, or per-head statistics for every layer; sparsity, entropy and k for 90% mass."""
-    engine = request.app.state.engine
-    ids = engine.engine.encode_prompt(body.prompt if body.prompt is not None else body.token_ids)
-    sparsity = sparsity_of(request, body.sparsity)
-    scores = await engine.call(
+    ids = client.encode_prompt(body.prompt if body.prompt is not None else body.token_ids)
+    sparsity = sparsity_of(body.sparsity)
+    scores = await client.call(
         lambda e: attention_scores(e, ids, body.layer_idx, body.head_idx, body.threshold, sparsity)
     )
     if body.format == "png":
@@ -180,19 +186,21 @@ async def debug_attention_scores(
     return scores
 
 
-def _pipeline_input(request: Request, body: PipelineInput) -> pipeline.Activation:
+def _pipeline_input(request: Request, client: EngineClient, body: PipelineInput) -> pipeline.Activation:
     if body.input is not None:
         activation = request.app.state.handles.get(body.input)
         if not isinstance(activation, pipeline.Activation):
             raise APIError(404, f"input: no activation handle {body.input!r} (unknown or expired)", "input", "not_found_error")
         return activation
-    ids = request.app.state.engine.engine.encode_prompt(body.prompt if body.prompt is not None else body.input_ids)
+    ids = client.encode_prompt(body.prompt if body.prompt is not None else body.input_ids)
     return pipeline.Activation(None, ids)
 
 
-async def _run_pipeline(request: Request, body: PipelineInput, steps: list[tuple[str, int | None]]) -> dict[str, Any]:
-    activation = _pipeline_input(request, body)
-    reports, outputs = await request.app.state.engine.call(
+async def _run_pipeline(
+    request: Request, client: EngineClient, body: PipelineInput, steps: list[tuple[str, int | None]]
+) -> dict[str, Any]:
+    activation = _pipeline_input(request, client, body)
+    reports, outputs = await client.call(
         lambda engine: pipeline.execute(engine, steps, activation, body.return_intermediate)
     )
     for report, out in zip(reports, outputs):
@@ -201,16 +209,20 @@ async def _run_pipeline(request: Request, body: PipelineInput, steps: list[tuple
 
 
 @router.post("/pipeline/step_execute")
-async def step_execute(request: Request, body: StepExecuteRequest = Depends(json_body(StepExecuteRequest))) -> dict[str, Any]:
+async def step_execute(
+    request: Request, body: StepExecuteRequest = Depends(json_body(StepExecuteRequest)), client: EngineClient = Depends(engine_client)
+) -> dict[str, Any]:
     """Run one piece of the model (embed, norm, attention, mlp, layer, final_norm, lm_head); the output's
     shape, dtype, statistics, a handle to chain from, and its values if asked (capped)."""
-    result = await _run_pipeline(request, body, [(body.step, body.layer_idx)])
+    result = await _run_pipeline(request, client, body, [(body.step, body.layer_idx)])
     return {"token_ids": result["token_ids"], **result["steps"][0]}
 
 
 @router.post("/pipeline/schedule")
 async def pipeline_schedule(
-    request: Request, body: PipelineScheduleRequest = Depends(json_body(PipelineScheduleRequest))
+    request: Request,
+    body: PipelineScheduleRequest = Depends(json_body(PipelineScheduleRequest)),
+    client: EngineClient = Depends(engine_client),
 ) -> dict[str, Any]:
     """Run a list of steps in order, each on the previous one's output, with the time of each."""
-    return await _run_pipeline(request, body, [(s.step, s.layer_idx) for s in body.steps])
+    return await _run_pipeline(request, client, body, [(s.step, s.layer_idx) for s in body.steps])

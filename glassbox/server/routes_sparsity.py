@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 
 from glassbox.layers.sparsity import SparsityMethod, available_methods
 from glassbox.research.evaluate import evaluate
-from glassbox.server.app import json_body, plugin_registry, sparsity_of
+from glassbox.server.deps import engine_client, json_body, sparsity_of
+from glassbox.server.engine_client import EngineClient
 from glassbox.server.schemas import EvaluateRequest, SparsityMaskRequest
 
 router = APIRouter(prefix="/optimization")
@@ -29,48 +30,40 @@ def _describe(method: SparsityMethod | None) -> dict[str, Any]:
 
 
 @router.get("/sparsity_mask")
-async def get_sparsity_mask(request: Request) -> dict[str, Any]:
-    """The global mask (or null) and the methods a request may name, with what each selects keys from."""
+async def get_sparsity_mask(client: EngineClient = Depends(engine_client)) -> dict[str, Any]:
+    """The global mask (or null) and the methods a request may name (built in and the plugin's), with what
+    each selects keys from."""
     methods = [
         {"method": name, "description": cls.description, "selects_from": cls.selects_from}
-        for name, cls in available_methods(plugin_registry(request).sparsity_methods).items()
+        for name, cls in available_methods().items()
     ]
-    return {**_describe(request.app.state.engine.engine.default_sparsity), "methods": methods}
+    return {**_describe(await client.sparsity_mask()), "methods": methods}
 
 
 @router.post("/sparsity_mask")
 async def set_sparsity_mask(
-    request: Request, body: SparsityMaskRequest = Depends(json_body(SparsityMaskRequest))
+    body: SparsityMaskRequest = Depends(json_body(SparsityMaskRequest)), client: EngineClient = Depends(engine_client)
 ) -> dict[str, Any]:
     """Set the mask for all new requests: {"method": "top_k", "k": 32}, {"mask_pattern": "top_k", "k": 32,
     "threshold": 0.1} or {"sparsity_ratio": 0.8, "method": "top_k"}."""
-    method = sparsity_of(request, body.model_dump(), field="body")
-
-    def apply(engine: Any) -> None:
-        engine.default_sparsity = None if method.name == "dense" else method
-
-    await request.app.state.engine.call(apply)
-    return _describe(request.app.state.engine.engine.default_sparsity)
+    method = sparsity_of(body.model_dump(), field="body")
+    return _describe(await client.set_sparsity_mask(method))
 
 
 @router.delete("/sparsity_mask")
-async def clear_sparsity_mask(request: Request) -> dict[str, Any]:
-    def clear(engine: Any) -> None:
-        engine.default_sparsity = None
-
-    await request.app.state.engine.call(clear)
-    return _describe(None)
+async def clear_sparsity_mask(client: EngineClient = Depends(engine_client)) -> dict[str, Any]:
+    return _describe(await client.set_sparsity_mask(None))
 
 
 @router.post("/evaluate")
-async def evaluate_sparsity(request: Request, body: EvaluateRequest = Depends(json_body(EvaluateRequest))) -> dict[str, Any]:
+async def evaluate_sparsity(
+    body: EvaluateRequest = Depends(json_body(EvaluateRequest)), client: EngineClient = Depends(engine_client)
+) -> dict[str, Any]:
     """Teacher-forced dense vs sparse on the same texts: perplexity both ways, KL(dense‖sparse), top-1
     agreement, realised density, per-layer attention-output error."""
-    method = sparsity_of(request, body.sparsity)
-    engine = request.app.state.engine
-    tokenizer = engine.engine.tokenizer
+    method = sparsity_of(body.sparsity)
     texts = [
-        tokenizer.encode(t, add_special_tokens=body.add_special_tokens) if isinstance(t, str) else engine.engine.encode_prompt(t)
+        client.tokenizer.encode(t, add_special_tokens=body.add_special_tokens) if isinstance(t, str) else client.encode_prompt(t)
         for t in body.texts
     ]
-    return await engine.call(lambda e: evaluate(e, texts, method))
+    return await client.call(lambda engine: evaluate(engine, texts, method))

@@ -1,0 +1,55 @@
+"""How one step runs, decided once by the model runner before it runs: the executor (CUDA graph, compiled
+layers, native CPU stack, readable eager forward) and what the step carries (rows sampled, masked,
+timed). One frozen object that a reader, a log line (`str(plan)`), a profiler trace (`plan.label`) and
+a test can see; `/debug/latency_stats` counts the executors the timed steps used.
+
+The rule, in `ModelRunner.plan`, in order:
+  probed (masked rows) or timed  -> eager: module hooks and masks need the plain forward
+  decode step within the graphs  -> cuda_graph
+  native CPU layers available    -> native_stack (cache of a dtype the kernel reads) or native_layers
+  compiled layers, long step     -> compiled (runner.COMPILED_MIN_TOKENS tokens or more)
+  otherwise                      -> eager
+Masked rows keep the compiled layers (attention stays outside compiled code); timed steps do not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EXECUTORS = ("cuda_graph", "compiled", "native_stack", "native_layers", "eager")
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    executor: str  # one of EXECUTORS
+    reason: str  # why this executor, in a few words
+    num_seqs: int
+    num_tokens: int  # new tokens computed, all sequences together
+    num_sampled: int  # rows that sample a token this step
+    masked_rows: tuple[int, ...] = ()  # batch rows whose sparsity mask drops keys this step
+    prompt_logprob_rows: tuple[int, ...] = ()  # batch rows that report prompt logprobs
+    timed: bool = False  # latency timers on: the plain forward, its module hooks firing
+    launched_ahead: bool = False  # a decode step launched before the host read the previous one's tokens
+
+    @property
+    def kind(self) -> str:
+        """decode (one token per sequence), prefill (no sequence decodes) or mixed."""
+        if self.num_tokens == self.num_seqs:
+            return "decode"
+        return "prefill" if self.num_sampled < self.num_seqs else "mixed"
+
+    @property
+    def label(self) -> str:
+        """The name of the step's executor in profiler traces (inside glassbox::forward, or forward_graph)."""
+        return f"glassbox::executor[{self.executor}]"
+
+    def __str__(self) -> str:
+        extra = "".join(
+            f" {name}={value}"
+            for name, value in (("masked", len(self.masked_rows)), ("timed", self.timed), ("ahead", self.launched_ahead))
+            if value
+        )
+        return (
+            f"step {self.executor} ({self.reason}): {self.kind}, {self.num_seqs} seqs, {self.num_tokens} tokens, "
+            f"{self.num_sampled} sampled{extra}"
+        )

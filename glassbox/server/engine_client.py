@@ -1,0 +1,154 @@
+"""The routes' one way into the engine, as vLLM's serving objects are: one per app, on `app.state.client`.
+
+- A request is made once, on the event loop's thread (tokenizing and checking are thread-safe and touch no
+  engine queue), and that same object is streamed: a bad request is a 4xx before any 200 goes out, and a
+  prompt is tokenized once.
+- What never changes while serving (tokenizer, model config, context length, the KV pool's size) is read
+  once at start-up; everything live (the serving policy, the global mask, counters) is read or changed on
+  the engine's loop thread between two steps, so a route never sees a half-made step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from glassbox.engine.async_engine import AsyncLLMEngine
+from glassbox.engine.llm_engine import LLMEngine, RequestOutput, RequestState
+from glassbox.layers.sparsity import SparsityMethod
+from glassbox.research.schedule import set_serving_policy
+from glassbox.sampling import SamplingParams
+from glassbox.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What never changes while serving; read on the loop thread once, at start-up."""
+
+    tokenizer: Tokenizer  # thread-safe: the routes tokenize on the event loop's thread
+    vocab_size: int
+    max_model_len: int
+    model_info: dict[str, Any]  # /model_info without its live field (the serving policy)
+
+    @classmethod
+    def read(cls, engine: LLMEngine, model_name: str) -> ModelFacts:
+        loaded, config = engine.loaded, engine.loaded.config
+        info = {
+            "model": model_name,
+            "source": loaded.source,
+            "architecture": config.architecture,
+            "model_type": config.model_type,
+            "num_parameters": sum(p.numel() for p in loaded.model.parameters()),
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "quantization": engine.config.quantization,
+            "device": str(loaded.device),
+            "context_length": engine.max_model_len,
+            "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size,
+            "num_layers": config.num_hidden_layers,
+            "num_heads": config.num_attention_heads,
+            "num_kv_heads": config.num_key_value_heads,
+            "head_dim": config.head_dim,
+            "kv_cache_dtype": str(engine.kv_cache.dtype).removeprefix("torch."),
+            "kv_block_size": engine.config.block_size,
+            "kv_num_blocks": engine.kv_cache.num_blocks,
+            "kv_cache_bytes": engine.kv_cache.nbytes,
+            "loaded_at": loaded.loaded_at,
+        }
+        return cls(engine.tokenizer, config.vocab_size, engine.max_model_len, info)
+
+
+class EngineClient:
+    def __init__(self, engine: AsyncLLMEngine, model_name: str) -> None:
+        """`engine` must be started (its model built)."""
+        self._engine = engine
+        self.model_name = model_name
+        self.facts: ModelFacts = engine.call_blocking(lambda llm: ModelFacts.read(llm, model_name))
+        self.tokenizer = self.facts.tokenizer
+
+    # ---- requests
+    def make_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        sparsity: SparsityMethod | None = None,
+    ) -> RequestState:
+        """Tokenize and validate (ValueError naming the problem; EngineDeadError once the engine died)."""
+        return self._engine.make_request(prompt, params, priority=priority, sparsity=sparsity)
+
+    def make_requests(
+        self, prompt: str | list[int], params: list[SamplingParams], sparsity: SparsityMethod | None = None
+    ) -> list[RequestState]:
+        """One request per SamplingParams on the same prompt (the n choices of /v1/*), tokenized once."""
+        token_ids = self._engine.encode_prompt(prompt)
+        return [self._engine.make_request(token_ids, sp, sparsity=sparsity) for sp in params]
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a text, or the given ids checked against the vocabulary (ValueError)."""
+        return self._engine.encode_prompt(prompt)
+
+    def stream(self, state: RequestState) -> AsyncIterator[RequestOutput]:
+        """The request's outputs as tokens arrive; leaving the iteration early aborts it."""
+        return self._engine.stream(state)
+
+    async def final_output(
+        self, state: RequestState, is_disconnected: Callable[[], Awaitable[bool]]
+    ) -> RequestOutput | None:
+        """The request's last output; aborted (blocks freed) if the client goes away meanwhile."""
+        final = None
+        outputs = self.stream(state)
+        try:
+            async for out in outputs:
+                final = out
+                if await is_disconnected():
+                    break
+        finally:
+            await outputs.aclose()  # leaving the stream aborts the request, now
+        return final
+
+    # ---- live engine state, read and changed on the loop thread
+    def call(self, fn: Callable[[LLMEngine], Any]) -> Awaitable[Any]:
+        """Run an instrument fn(engine) on the loop thread between steps; await its result."""
+        return self._engine.call(fn)
+
+    async def model_info(self) -> dict[str, Any]:
+        policy = await self._engine.call(lambda engine: engine.scheduler.policy.name)
+        return {**self.facts.model_info, "scheduling_policy": policy}
+
+    async def stats(self) -> dict[str, Any]:
+        """Running and waiting requests, KV blocks, preemptions, prefix-cache counters."""
+        return await self._engine.call(lambda engine: engine.stats())
+
+    async def scheduling_policy(self) -> dict[str, str]:
+        def read(engine: LLMEngine) -> dict[str, str]:
+            policy = engine.scheduler.policy
+            return {"algorithm": policy.name, "description": policy.description}
+
+        return await self._engine.call(read)
+
+    async def set_scheduling_policy(self, algorithm: str) -> dict[str, str]:
+        """The policy of all traffic from the next step on (a name from the registry)."""
+        return await self._engine.call(lambda engine: set_serving_policy(engine, algorithm))
+
+    async def sparsity_mask(self) -> SparsityMethod | None:
+        """The mask new requests get when they name none of their own."""
+        return await self._engine.call(lambda engine: engine.default_sparsity)
+
+    async def set_sparsity_mask(self, method: SparsityMethod | None) -> SparsityMethod | None:
+        def apply(engine: LLMEngine) -> SparsityMethod | None:
+            engine.default_sparsity = None if method is None or method.name == "dense" else method
+            return engine.default_sparsity
+
+        return await self._engine.call(apply)
+
+    # ---- liveness
+    @property
+    def is_alive(self) -> bool:
+        return self._engine.is_alive
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._engine.error
+
