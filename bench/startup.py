@@ -3,7 +3,8 @@ warm (converted weights cached), side by side with transformers loading the same
 
     .venv/bin/python bench/startup.py [--model PATH] [--repeat 3]
 
-Each run is a fresh Python process; "ready" = weights, config and tokenizer loaded and one forward done.
+Each run is a fresh Python process; "ready" = weights, config and tokenizer loaded, the engine built (the
+weights' CPU layout, a 16 MiB KV pool) and one token generated through it.
 Peak RSS is the child's ru_maxrss.
 """
 
@@ -19,10 +20,8 @@ import time
 
 GLASSBOX = """
 import sys
-from glassbox.models.loader import load_model
-from glassbox.generate import greedy_generate
-loaded = load_model(sys.argv[1] or None, progress=False)
-greedy_generate(loaded, loaded.tokenizer.encode("Hello"), 1)
+from glassbox import LLM, SamplingParams
+LLM(sys.argv[1] or None, kv_cache_memory=16 << 20).generate("Hello", SamplingParams(temperature=0, max_tokens=1))
 """
 
 TRANSFORMERS = """

@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
-from glassbox.generate import greedy_generate
+from glassbox import SamplingParams
+from glassbox.config import EngineConfig
+from glassbox.engine.llm_engine import LLMEngine
 from glassbox.models import gguf
 from glassbox.models.loader import default_model_path, load_model
 
@@ -57,11 +59,20 @@ def test_tokenizer_and_chat_template_match_transformers(ours, reference):
 def test_greedy_continuation_matches_transformers_generate(ours, reference):
     hf_tokenizer, hf_model = reference
     prompts = [ours.tokenizer.encode(p) for p in PROMPTS] + [ours.tokenizer.encode_chat(CHAT)]
+    engine = LLMEngine(ours, EngineConfig(kv_cache_memory=64 << 20))
+
+    def generated(prompt_ids: list[int]) -> list[int]:
+        """The engine's greedy ids, alone, stop token included (as transformers gives it)."""
+        engine.add_request(prompt_ids, SamplingParams(temperature=0, max_tokens=32))
+        finished = []
+        while engine.has_unfinished_requests():
+            finished += [out for out in engine.step() if out.finished]
+        return finished[0].token_ids
     for prompt_ids in prompts:
         expected = hf_model.generate(
             torch.tensor([prompt_ids]), max_new_tokens=32, do_sample=False, pad_token_id=hf_tokenizer.eos_token_id
         )[0, len(prompt_ids) :].tolist()
-        assert greedy_generate(ours, prompt_ids, 32) == expected
+        assert generated(prompt_ids) == expected
 
 
 @torch.inference_mode()

@@ -102,9 +102,9 @@ def test_long_prefill_steps_run_the_compiled_layers(tiny_model_dir):
     engine = LLMEngine(load_model(folder, dtype="float32", device="cuda"), EngineConfig(**config))
     steps = []
     execute = engine.runner.execute
-    engine.runner.execute = lambda batch, *rest: (steps.append(sum(n for _, n in batch.items)), execute(batch, *rest))[1]
+    engine.runner.execute = lambda plan, batch, *rest: (steps.append((batch.num_tokens, plan)), execute(plan, batch, *rest))[1]
     fast = run_all(engine, prompts, params)
-    assert steps[0] == 1200 >= model_runner.COMPILED_MIN_TOKENS and engine.runner._compiled_step(steps[0])
+    assert steps[0][0] == 1200 >= model_runner.COMPILED_MIN_TOKENS and steps[0][1].executor == "compiled"
     plain = run_all(LLMEngine(load_model(folder, dtype="float32", device="cuda"), EngineConfig(**config, enforce_eager=True)),
                     prompts, params)  # fmt: skip
     assert [o.token_ids for o in fast] == [o.token_ids for o in plain]

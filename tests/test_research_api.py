@@ -146,6 +146,29 @@ def test_latency_stats_add_up_to_the_request_time(server):
     assert httpx.get(f"{server}/debug/latency_stats", timeout=60).json()["stages"]["attention"]["count"] == 0  # timers gone
 
 
+def test_latency_stats_and_profiler_name_each_steps_executor(server):
+    """Every step is planned (engine/step_plan.py): the latency report counts the executor its timed steps
+    ran (the eager one: module hooks fire only there) and shows the last plan; a profiling session counts
+    the executors of the steps it saw, and its trace names each one inside glassbox::forward."""
+    httpx.post(f"{server}/debug/latency_stats/enable", timeout=60)
+    httpx.post(f"{server}/debug/latency_stats/reset", timeout=60)
+    body = {"prompt": "The capital of France is", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    httpx.post(f"{server}/generate", json=body, timeout=60)
+    stats = httpx.get(f"{server}/debug/latency_stats", timeout=60).json()
+    httpx.post(f"{server}/debug/latency_stats/disable", timeout=60)
+    assert stats["steps_by_executor"] == {"eager": 5}  # one prefill and four decodes, all timed
+    assert stats["last_plan"].startswith("step eager (latency timers on): decode, 1 seqs")
+
+    httpx.post(f"{server}/debug/profiling/start", json={}, timeout=60)
+    httpx.post(f"{server}/generate", json=body, timeout=60)
+    stopped = httpx.post(f"{server}/debug/profiling/stop", timeout=60).json()
+    executors = stopped["steps_by_executor"]
+    assert sum(executors.values()) == stopped["steps"] >= 5
+    trace = httpx.get(f"{server}{stopped['trace_url']}", timeout=60).json()
+    events = {event.get("name") for event in trace["traceEvents"]}
+    assert {f"glassbox::executor[{name}]" for name in executors} <= events
+
+
 @pytest.mark.parametrize("split_dim, gather", [(0, "concat"), (1, "sum")])
 def test_sharded_matmul_equals_unsplit(server, split_dim, gather):
     body = {"weight": "model.layers.0.mlp.down_proj.weight", "split_dim": split_dim, "num_splits": 4}

@@ -3,6 +3,24 @@
 A family is its checkpoint format (torch-free: models/<family>_checkpoint.py) and the nn.Module class the
 format names (models/<family>.py), imported when a model is built. This module imports no torch: the GGUF
 converter, a child process kept free of torch (gguf.converted_folder), looks families up here.
+
+Adding a family:
+1. models/<family>.py: `<Family>ForCausalLM(config)`, plain, parameters under the checkpoint's names (stacked
+   where `packed_modules_mapping` says), attention through layers.attention.Attention, and the parts:
+   `embed(input_ids, positions) -> (hidden, layer_args)`, `layers`, `final_norm`, `embedding`,
+   `compute_logits`, and `forward` = embed, every layer(x, *layer_args, meta), final_norm; per layer
+   `input_norm`, `post_norm`, `attention`, `mlp`, `attention_residual(x, layer_args, meta)`,
+   `mlp_residual(x)`, and `forward` = mlp_residual(attention_residual(...)). Class attributes
+   `checkpoint_format` and `packed_modules_mapping`. (A Llama variant that differs by ModelConfig flags is a
+   subclass in llama.py, as Qwen2ForCausalLM.)
+2. models/<family>_checkpoint.py, importing no torch: a CheckpointFormat subclass with its architecture
+   name, `model_class_path`, `hf_model_types`, `packed_modules_mapping`, `layer_prefix`, `config_from_hf`;
+   `parameter_name` for checkpoint names that are not ours; for GGUF `gguf_architecture`, the
+   `gguf_layer_names` / `gguf_global_names` tables, `config_from_gguf`, and `gguf_tensor` /
+   `gguf_tensor_shape` for tensors llama.cpp stores in another layout.
+3. One line here: its format in FAMILIES.
+4. A tiny config in tests/conftest.py `_tiny_configs`: tests/test_model_parity.py then holds it to
+   transformers (full forward, paged step by step, parts, and its GGUF if it is in GGUF_FAMILIES).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 - A request is made once, on the event loop's thread (tokenizing and checking are thread-safe and touch no
   engine queue), and that same object is streamed: a bad request is a 4xx before any 200 goes out, and a
-  prompt is tokenized once.
+  prompt is tokenized once. Its outputs are deltas (what each step added, the whole result at the end), so
+  a step's output costs the same at any length.
 - What never changes while serving (tokenizer, model config, context length, the KV pool's size) is read
   once at start-up; everything live (the serving policy, the global mask, counters) is read or changed on
   the engine's loop thread between two steps, so a route never sees a half-made step.
@@ -10,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +61,11 @@ class ModelFacts:
         return cls(engine.tokenizer, config.vocab_size, engine.max_model_len, info)
 
 
+def _streamed(params: SamplingParams) -> SamplingParams:
+    """The routes read each step's new text and ids, and the whole result from the last output only."""
+    return dataclasses.replace(params, output_kind="delta")
+
+
 class EngineClient:
     def __init__(self, engine: AsyncLLMEngine, model_name: str) -> None:
         """`engine` must be started (its model built)."""
@@ -76,14 +83,14 @@ class EngineClient:
         sparsity: SparsityMethod | None = None,
     ) -> RequestState:
         """Tokenize and validate (ValueError naming the problem; EngineDeadError once the engine died)."""
-        return self._engine.make_request(prompt, params, priority=priority, sparsity=sparsity)
+        return self._engine.make_request(prompt, _streamed(params), priority=priority, sparsity=sparsity)
 
     def make_requests(
         self, prompt: str | list[int], params: list[SamplingParams], sparsity: SparsityMethod | None = None
     ) -> list[RequestState]:
         """One request per SamplingParams on the same prompt (the n choices of /v1/*), tokenized once."""
         token_ids = self._engine.encode_prompt(prompt)
-        return [self._engine.make_request(token_ids, sp, sparsity=sparsity) for sp in params]
+        return [self._engine.make_request(token_ids, _streamed(sp), sparsity=sparsity) for sp in params]
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a text, or the given ids checked against the vocabulary (ValueError)."""
