@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from conftest import run_all
 
 from glassbox import SamplingParams
 from glassbox.config import EngineConfig
 from glassbox.engine.async_engine import AsyncLLMEngine, EngineDeadError
-from conftest import run_all
-
 from glassbox.engine.llm_engine import LLMEngine
 from glassbox.models.loader import load_model
 

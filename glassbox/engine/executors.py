@@ -41,7 +41,7 @@ class EagerExecutor:
 class CompiledExecutor:
     """CUDA: every decoder layer torch.compiled (dynamic shapes: one graph serves every batch size and every
     layer); the norms, rotary embedding, SiLU·mul and residual adds around the matmuls become a few fused
-    kernels. Attention stays outside the compiled code (layers/attention.py). Used inside the CUDA-graph
+    kernels. Attention stays outside the compiled code (its Triton backend is opaque to torch.compile). Used inside the CUDA-graph
     captures and for long eager steps; a short eager step would pay more for entering the compiled regions
     than it saves."""
 

@@ -132,8 +132,16 @@ class TritonAttentionBackend:
 
         self.kernels = attention_triton
         self.reference = TorchAttentionBackend()
+        # The compiled layers (engine/executors.py) call this as opaque code: it branches on per-step metadata
+        # and launches its own kernels. Wrapped here, not at import, so that CPU processes never load dynamo.
+        self._attend = torch.compiler.disable(self._attend_eagerly)
 
     def forward(
+        self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        return self._attend(layer, q, k, v, meta)
+
+    def _attend_eagerly(
         self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         probe = meta.probe
@@ -189,15 +197,7 @@ class Attention(nn.Module):
         self.backend: AttentionBackend = TorchAttentionBackend()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return _run_backend(self, q, k, v, meta)
-
-
-@torch.compiler.disable  # compiled layers (engine/executors.py) leave attention to its backend: ~0.3 us a call eager
-def _run_backend(
-    layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
-) -> torch.Tensor:
-    """The backends branch on per-step metadata and launch their own kernels: outside compiled code."""
-    return layer.backend.forward(layer, q, k, v, meta)
+        return self.backend.forward(self, q, k, v, meta)
 
 
 def attention_layers(model: nn.Module) -> list[Attention]:
