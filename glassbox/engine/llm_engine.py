@@ -309,7 +309,7 @@ class LLMEngine:
         has not appended yet (a step launched ahead)."""
         seq, params = state.seq, state.params
         banned = []
-        if seq.num_output_tokens + pending_tokens < params.min_tokens:
+        if params.min_tokens and seq.num_output_tokens + pending_tokens < params.min_tokens:
             banned = sorted(state.stop_token_ids)  # EOS is among them unless ignore_eos
         # The history is only read by the penalties: no per-step copy of it otherwise.
         history = seq.output_token_ids if params.needs_penalties else []

@@ -110,11 +110,7 @@ class Scheduler:
         live = [seq for seq in in_flight if not seq.is_finished]
         if self.waiting or len(live) != len(self.running):
             return None
-        seqs = [
-            seq
-            for seq in live
-            if seq.num_output_tokens + 1 < seq.max_tokens and seq.num_tokens + 1 < self.max_model_len
-        ]
+        seqs = [seq for seq in live if not self._reaches_length(seq, len(seq.token_ids) + 1)]
         if not seqs or not all(self.block_manager.allocate(seq, 1) for seq in seqs):
             return None  # nothing left to run, or the pool is short: `schedule` decides who is preempted
         return ScheduledBatch([(seq, 1) for seq in seqs])
@@ -144,9 +140,13 @@ class Scheduler:
             advanced.append(i)
             if token in seq.stop_token_ids:
                 self.finish(seq, "stop")
-            elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            elif self._reaches_length(seq, len(seq.token_ids)):
                 self.finish(seq, "length")
         return advanced
+
+    def _reaches_length(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether `num_tokens` tokens (prompt + output) are all the sequence may have."""
+        return num_tokens - len(seq.prompt_token_ids) >= seq.max_tokens or num_tokens >= self.max_model_len
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         """Free the sequence's blocks; it goes back to waiting and recomputes its tokens when readmitted."""
