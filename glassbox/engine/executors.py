@@ -77,15 +77,12 @@ class NativeLayersExecutor:
 
 class NativeStackExecutor:
     """CPU, as native_layers, with all the layers in one native call (llama_native.NativeStack); for steps
-    over a float32 or bfloat16 cache (`runs_on`)."""
+    over a cache of a dtype the kernel reads (cpu_native.CACHE_DTYPES: float32, bfloat16)."""
 
     name = "native_stack"
 
     def __init__(self, model: nn.Module) -> None:
         self.stack = llama_native.NativeStack(model)
-
-    def runs_on(self, meta: AttentionMetadata) -> bool:
-        return self.stack.runs_on(meta)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.stack(input_ids, positions, meta)

@@ -34,7 +34,7 @@ from glassbox.kernels import cpu_native
 from glassbox.layers.attention import TritonAttentionBackend, set_attention_backend
 from glassbox.layers.sparsity import SparsityMethod, SparsityState
 from glassbox.models.loader import LoadedModel
-from glassbox.sampling import SampleRequest, SamplingParams
+from glassbox.sampling import SampleRequest, SamplingParams, device_only
 
 __all__ = ["LLMEngine", "RequestOutput", "RequestState", "StepObserver", "TokenLogprobs"]
 
@@ -250,19 +250,25 @@ class LLMEngine:
     def _launch_ahead(self, pending: PendingDecode) -> PendingDecode | None:
         """The decode step after `pending`, launched before `pending`'s tokens are known (each sequence's
         input is the token `pending` samples for it, still on the device), if the scheduler schedules it
-        (`schedule_ahead`) and no row needs the host to sample (logprobs, penalties, min_tokens) or mask."""
+        (`schedule_ahead`) and no row needs the host to sample (logprobs, penalties, min_tokens), to mask
+        or to time it."""
+        if self.observers:
+            return None
         batch = self.scheduler.schedule_ahead(pending.seqs)
         if batch is None:
             return None
-        requests = {i: self._sample_request(self.requests[seq.request_id], 1) for i, (seq, _) in enumerate(batch.items)}
-        plan = self.runner.plan(batch, list(requests), [], launched_ahead=True)
-        if not self.runner.can_launch_ahead(plan, requests):
-            return None  # its KV slots stay allocated: the scheduled step uses them
+        requests = []
+        for seq, _ in batch.items:
+            request = self._sample_request(self.requests[seq.request_id], 1)
+            if seq.sparsity is not None or not device_only(request):
+                return None  # its KV slots stay allocated: the scheduled step uses them
+            requests.append(request)
+        plan = self.runner.plan(batch, list(range(len(requests))), [], launched_ahead=True)
         self.num_steps += 1
         self.last_plan = plan
         self.executor_counts[plan.executor] += 1
         seqs = [seq for seq, _ in batch.items]
-        launched = self.runner.launch_decode(plan, seqs, list(requests.values()), previous=pending)
+        launched = self.runner.launch_decode(plan, seqs, requests, previous=pending)
         self.scheduler.mark_launched(batch)
         return launched
 
@@ -286,7 +292,7 @@ class LLMEngine:
                     seq.finish_reason = "stop"
                 else:
                     self.scheduler.finish(seq, "stop")
-            if processor.wants_output(state):
+            if seq.is_finished or state.params.output_kind != "final_only":
                 outputs.append(processor.output(state))
             if seq.is_finished:
                 del self.requests[seq.request_id]

@@ -103,10 +103,6 @@ class OutputProcessor:
             state.text = self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
         return stopped
 
-    def wants_output(self, state: RequestState) -> bool:
-        """Streamed requests report every step; final_only ones when they finish."""
-        return state.seq.is_finished or state.params.output_kind != "final_only"
-
     def _detokenize(self, state: RequestState) -> None:
         """Extend state.text by the new token's text. The window's text is the full text's tail only when
         decoded with the tokens before it (spaces, merged bytes); an incomplete UTF-8 character (U+FFFD)

@@ -127,8 +127,9 @@ class Scheduler:
         freed). `launched`: the step was counted by `mark_launched`. Returns the rows that got a token
         (rows of sequences that finished or were aborted meanwhile get none)."""
         advanced = []
+        finished = SequenceStatus.FINISHED
         for i, (seq, num_new) in enumerate(batch.items):
-            if seq.is_finished:  # aborted, or ended by its previous token while this step ran: a spare row
+            if seq.status is finished:  # aborted, or ended by its previous token while this step ran: a spare row
                 continue
             if not launched:
                 seq.num_computed_tokens += num_new

@@ -3,13 +3,14 @@ layers, native CPU stack, readable eager forward) and what the step carries (row
 timed). One frozen object that a reader, a log line (`str(plan)`), a profiler trace (`plan.label`) and
 a test can see; `/debug/latency_stats` counts the executors the timed steps used.
 
-The rule, in `ModelRunner.plan`, in order:
-  probed (masked rows) or timed  -> eager: module hooks and masks need the plain forward
-  decode step within the graphs  -> cuda_graph
-  native CPU layers available    -> native_stack (cache of a dtype the kernel reads) or native_layers
-  compiled layers, long step     -> compiled (runner.COMPILED_MIN_TOKENS tokens or more)
-  otherwise                      -> eager
-Masked rows keep the compiled layers (attention stays outside compiled code); timed steps do not.
+The rule, in `ModelRunner.plan`, the first that applies:
+  timed (latency timers on)             -> eager: module hooks fire only on the plain forward
+  masked rows                           -> compiled on a long step (attention stays outside compiled
+                                           code), else eager: masks need the readable attention
+  decode step within the CUDA graphs    -> cuda_graph
+  native CPU layers (int8, float32)     -> native_stack over a float32/bfloat16 cache, else native_layers
+  compiled layers, long step            -> compiled (model_runner.COMPILED_MIN_TOKENS tokens or more)
+  otherwise                             -> eager
 """
 
 from __future__ import annotations

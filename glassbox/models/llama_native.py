@@ -66,7 +66,7 @@ def layer_forward(
 class NativeStack:
     """The model's forward with every decoder layer in one native call (kernels/cpu/llama_layers.c): the
     same kernels as `layer_forward` above, without going back to Python ~150 times a step. For steps over
-    a cache of a CACHE_DTYPES dtype (`runs_on`); the layer-by-layer forward otherwise.
+    a cache of a CACHE_DTYPES dtype; the layer-by-layer forward otherwise.
 
     The kernel reads the layers' weights and caches through pointers, gathered once into a table; the
     table is rebuilt when another KV pool is bound to the model (engine/kv_cache.bind). Only the caches'
@@ -85,11 +85,6 @@ class NativeStack:
         self.eps, self.scale = self.layers[0].input_layernorm.eps, first.attn.scale
         self.table: ctypes.Array | None = None
         self.table_caches: tuple[int, ...] = ()  # the caches' addresses in the table
-
-    def runs_on(self, meta: AttentionMetadata) -> bool:
-        """A step over the KV cache, of a dtype the kernel reads."""
-        cache = self.attns[0].k_cache
-        return meta.slot_mapping is not None and cache is not None and cache.dtype in cpu_native.CACHE_DTYPES
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden], as the model's forward."""
