@@ -3,8 +3,8 @@ warm (converted weights cached), side by side with transformers loading the same
 
     .venv/bin/python bench/startup.py [--model PATH] [--repeat 3]
 
-Each run is a fresh Python process; "ready" = weights, config and tokenizer loaded, the engine built (the
-weights' CPU layout, a 16 MiB KV pool) and one token generated through it.
+Each run is a fresh Python process; "ready" = weights, config and tokenizer loaded and one forward pass
+over a prompt done (the model's own forward, without the engine's KV pool).
 Peak RSS is the child's ru_maxrss.
 """
 
@@ -19,9 +19,13 @@ import tempfile
 import time
 
 GLASSBOX = """
-import sys
-from glassbox import LLM, SamplingParams
-LLM(sys.argv[1] or None, kv_cache_memory=16 << 20).generate("Hello", SamplingParams(temperature=0, max_tokens=1))
+import sys, torch
+from glassbox.layers.attention import AttentionMetadata
+from glassbox.models.loader import load_model
+loaded = load_model(sys.argv[1] or None, progress=False)
+ids = loaded.tokenizer.encode("Hello")
+with torch.inference_mode():
+    loaded.model.compute_logits(loaded.model(torch.tensor(ids), torch.arange(len(ids)), AttentionMetadata.for_prompts([len(ids)])))
 """
 
 TRANSFORMERS = """
