@@ -13,7 +13,6 @@ host reads the previous one's tokens (`_step_launched`), still scheduled by the 
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
 from collections import Counter
@@ -218,7 +217,7 @@ class LLMEngine:
         plan = self.runner.plan(batch, list(sample_requests), list(prompt_logprobs), timed=bool(self.observers))
         self.num_steps += 1
         if self.async_scheduling and self.runner.can_launch_ahead(plan, sample_requests):
-            self.last_plan = plan = dataclasses.replace(plan, launched_ahead=True)
+            self.last_plan = plan = self.runner.plan_ahead(plan.num_seqs)
             self.executor_counts[plan.executor] += 1
             seqs = [seq for seq, _ in batch.items]
             requests = [sample_requests[i] for i in range(len(seqs))]
@@ -263,7 +262,7 @@ class LLMEngine:
             if seq.sparsity is not None or not device_only(request):
                 return None  # its KV slots stay allocated: the scheduled step uses them
             requests.append(request)
-        plan = self.runner.plan(batch, list(range(len(requests))), [], launched_ahead=True)
+        plan = self.runner.plan_ahead(len(requests))
         self.num_steps += 1
         self.last_plan = plan
         self.executor_counts[plan.executor] += 1

@@ -82,6 +82,7 @@ class ModelRunner:
         # The fast paths that apply to this model here, by name; the plan of each step picks one.
         self.executors = build_executors(self.model, self.device, compile)
         self.graphs: DecodeGraphs | None = None  # CUDA graphs of decode steps, once captured
+        self._ahead_plans: dict[int, StepPlan] = {}  # batch size -> plan of a decode step launched ahead
         self._host_tokens = [torch.empty(0, dtype=torch.int64)] * 2  # CUDA: pinned, grown on first use
         self._turn = 0
         self.generator = torch.Generator(device=self.device)  # for sampled rows without a seed of their own
@@ -99,18 +100,34 @@ class ModelRunner:
 
     # ---- the plan
     def plan(
-        self,
-        batch: ScheduledBatch,
-        sample_rows: list[int],
-        prompt_logprob_rows: list[int],
-        timed: bool = False,
-        launched_ahead: bool = False,
+        self, batch: ScheduledBatch, sample_rows: list[int], prompt_logprob_rows: list[int], timed: bool = False
     ) -> StepPlan:
         """How this step runs (see engine/step_plan.py for the rule)."""
-        num_seqs = len(batch.items)
-        num_tokens = batch.num_tokens
-        masked = self._masked_rows(batch)
-        decode = num_tokens == num_seqs and len(sample_rows) == num_seqs and not prompt_logprob_rows
+        return self._plan(
+            len(batch.items), batch.num_tokens, len(sample_rows), tuple(self._masked_rows(batch)),
+            tuple(prompt_logprob_rows), timed, launched_ahead=False,
+        )  # fmt: skip
+
+    def plan_ahead(self, num_seqs: int) -> StepPlan:
+        """The plan of a decode step launched ahead of the host (`launch_decode`): every row sampled, none
+        masked or timed (the engine checked). The same at every step of a batch size, so made once per size:
+        a CUDA-graph decode step of a small model feels every microsecond of the host's."""
+        plan = self._ahead_plans.get(num_seqs)
+        if plan is None:
+            plan = self._ahead_plans[num_seqs] = self._plan(num_seqs, num_seqs, num_seqs, (), (), False, True)
+        return plan
+
+    def _plan(
+        self,
+        num_seqs: int,
+        num_tokens: int,
+        num_sampled: int,
+        masked: tuple[int, ...],
+        prompt_logprob_rows: tuple[int, ...],
+        timed: bool,
+        launched_ahead: bool,
+    ) -> StepPlan:
+        decode = num_tokens == num_seqs and num_sampled == num_seqs and not prompt_logprob_rows
         if timed:
             executor, reason = "eager", "latency timers on"
         elif masked and self._compiled_fits(num_tokens):
@@ -128,9 +145,8 @@ class ModelRunner:
         else:
             executor, reason = "eager", "no fast path applies"
         return StepPlan(
-            executor, reason, num_seqs, num_tokens, len(sample_rows), tuple(masked), tuple(prompt_logprob_rows),
-            timed, launched_ahead,
-        )  # fmt: skip
+            executor, reason, num_seqs, num_tokens, num_sampled, masked, prompt_logprob_rows, timed, launched_ahead
+        )
 
     def _compiled_fits(self, num_tokens: int) -> bool:
         """Long eager steps run the compiled layers where the decode graphs do (CUDA, compile on)."""

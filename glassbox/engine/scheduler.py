@@ -107,13 +107,20 @@ class Scheduler:
         running sequence in flight, a KV slot for each. Sequences whose in-flight token is their last by
         length drop out; one that the token ends by a stop token costs a spare row. None: let the host read
         the tokens and `schedule` the next step."""
-        live = [seq for seq in in_flight if not seq.is_finished]
-        if self.waiting or len(live) != len(self.running):
+        if self.waiting:
             return None
-        seqs = [seq for seq in live if not self._reaches_length(seq, len(seq.token_ids) + 1)]
-        if not seqs or not all(self.block_manager.allocate(seq, 1) for seq in seqs):
-            return None  # nothing left to run, or the pool is short: `schedule` decides who is preempted
-        return ScheduledBatch([(seq, 1) for seq in seqs])
+        items, num_live = [], 0  # one pass: this runs at every decode step of a busy GPU
+        for seq in in_flight:
+            if seq.status is not SequenceStatus.FINISHED:
+                num_live += 1
+                if not self._reaches_length(seq, len(seq.token_ids) + 1):
+                    items.append((seq, 1))
+        if num_live != len(self.running) or not items:
+            return None
+        for seq, _ in items:
+            if not self.block_manager.allocate(seq, 1):
+                return None  # the pool is short: `schedule` decides who is preempted
+        return ScheduledBatch(items)
 
     def mark_launched(self, batch: ScheduledBatch) -> None:
         """A step launched without waiting for it: its tokens count as computed now, so the step after it
