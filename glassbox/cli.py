@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -129,6 +130,9 @@ def run_serve(args: argparse.Namespace) -> None:
 
     if args.kv_cache_memory is not None and args.kv_cache_memory <= 0:
         raise ValueError(f"--kv-cache-memory must be positive, got {args.kv_cache_memory}")
+    # glassbox's own loggers at the chosen level (debug: every step's plan), beside uvicorn's.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("glassbox").setLevel(args.log_level.upper())
     # The plugin loads before the engine is built, so that --scheduling-policy may name one of its policies.
     plugins = _load_plugin(args.plugin) if args.plugin is not None else None
     _check_policy(args.scheduling_policy, plugins)

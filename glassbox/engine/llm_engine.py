@@ -14,6 +14,7 @@ host reads the previous one's tokens (`_step_launched`), still scheduled by the 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import Counter
 from typing import Any, Protocol
@@ -34,6 +35,8 @@ from glassbox.layers.attention import TritonAttentionBackend, set_attention_back
 from glassbox.layers.sparsity import SparsityMethod, SparsityState
 from glassbox.models.loader import LoadedModel
 from glassbox.sampling import SampleRequest, SamplingParams, device_only
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["LLMEngine", "RequestOutput", "RequestState", "StepObserver", "TokenLogprobs"]
 
@@ -215,18 +218,14 @@ class LLMEngine:
             if state.params.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens:
                 prompt_logprobs[i] = state.params.prompt_logprobs
         plan = self.runner.plan(batch, list(sample_requests), list(prompt_logprobs), timed=bool(self.observers))
-        self.num_steps += 1
         if self.async_scheduling and self.runner.can_launch_ahead(plan, sample_requests):
-            self.last_plan = plan = self.runner.plan_ahead(plan.num_seqs)
-            self.executor_counts[plan.executor] += 1
+            plan = self._record(self.runner.plan_ahead(plan.num_seqs))
             seqs = [seq for seq, _ in batch.items]
             requests = [sample_requests[i] for i in range(len(seqs))]
             self._pending = self.runner.launch_decode(plan, seqs, requests, input_ids=[s.token_ids[-1] for s in seqs])
             self.scheduler.mark_launched(batch)
             return self._step_launched(start)
-        self.last_plan = plan
-        self.executor_counts[plan.executor] += 1
-        result = self.runner.execute(plan, batch, sample_requests, prompt_logprobs)
+        result = self.runner.execute(self._record(plan), batch, sample_requests, prompt_logprobs)
         for i, entries in result.prompt_logprobs.items():
             seq = batch.items[i][0]
             self.output_processor.record_prompt_logprobs(self.requests[seq.request_id], seq.num_computed_tokens, entries)
@@ -262,14 +261,20 @@ class LLMEngine:
             if seq.sparsity is not None or not device_only(request):
                 return None  # its KV slots stay allocated: the scheduled step uses them
             requests.append(request)
-        plan = self.runner.plan_ahead(len(requests))
-        self.num_steps += 1
-        self.last_plan = plan
-        self.executor_counts[plan.executor] += 1
+        plan = self._record(self.runner.plan_ahead(len(requests)))
         seqs = [seq for seq, _ in batch.items]
         launched = self.runner.launch_decode(plan, seqs, requests, previous=pending)
         self.scheduler.mark_launched(batch)
         return launched
+
+    def _record(self, plan: StepPlan) -> StepPlan:
+        """Count a step about to run, and keep its plan (`glassbox serve --log-level debug` logs each one)."""
+        self.num_steps += 1
+        self.last_plan = plan
+        self.executor_counts[plan.executor] += 1
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s", plan)
+        return plan
 
     def _process(
         self,
