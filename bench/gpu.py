@@ -210,9 +210,9 @@ def watch_steps(engine: Any) -> dict[str, float]:
         totals[f"{kind}_s"] += time.perf_counter() - start
         return outputs
 
-    def noted_launch(plan: Any, seqs: list, requests: list, input_ids: list | None = None, previous: Any = None) -> Any:
+    def noted_launch(plan: Any, batch: Any, requests: list, input_ids: list | None = None, previous: Any = None) -> Any:
         totals["overlapped"] += previous is not None
-        pending = launch(plan, seqs, requests, input_ids, previous)
+        pending = launch(plan, batch, requests, input_ids, previous)
         pending.token_ids = timed(pending.token_ids)
         return pending
 

@@ -142,9 +142,9 @@ def record_launches(engine) -> list:
     launches = []
     launch = engine.runner.launch_decode
 
-    def recorded(plan, seqs, requests, input_ids=None, previous=None):
+    def recorded(plan, batch, requests, input_ids=None, previous=None):
         launches.append(previous)
-        return launch(plan, seqs, requests, input_ids, previous)
+        return launch(plan, batch, requests, input_ids, previous)
 
     engine.runner.launch_decode = recorded
     return launches

@@ -220,9 +220,9 @@ class LLMEngine:
         plan = self.runner.plan(batch, list(sample_requests), list(prompt_logprobs), timed=bool(self.observers))
         if self.async_scheduling and self.runner.can_launch_ahead(plan, sample_requests):
             plan = self._record(self.runner.plan_ahead(plan.num_seqs))
-            seqs = [seq for seq, _ in batch.items]
-            requests = [sample_requests[i] for i in range(len(seqs))]
-            self._pending = self.runner.launch_decode(plan, seqs, requests, input_ids=[s.token_ids[-1] for s in seqs])
+            requests = [sample_requests[i] for i in range(len(batch.items))]
+            input_ids = [seq.token_ids[-1] for seq, _ in batch.items]
+            self._pending = self.runner.launch_decode(plan, batch, requests, input_ids=input_ids)
             self.scheduler.mark_launched(batch)
             return self._step_launched(start)
         result = self.runner.execute(self._record(plan), batch, sample_requests, prompt_logprobs)
@@ -239,11 +239,9 @@ class LLMEngine:
         launched step's tokens while the device runs the next."""
         pending = self._pending
         self._pending = self._launch_ahead(pending)
-        tokens = pending.token_ids()
-        batch = ScheduledBatch([(seq, 1) for seq in pending.seqs])
-        sampled = dict(enumerate(tokens))
-        advanced = self.scheduler.update_from_output(batch, sampled, launched=True)
-        return self._process(batch, advanced, sampled, {}, {})
+        sampled = dict(enumerate(pending.token_ids()))
+        advanced = self.scheduler.update_from_output(pending.batch, sampled, launched=True)
+        return self._process(pending.batch, advanced, sampled, {}, {})
 
     def _launch_ahead(self, pending: PendingDecode) -> PendingDecode | None:
         """The decode step after `pending`, launched before `pending`'s tokens are known (each sequence's
@@ -262,8 +260,7 @@ class LLMEngine:
                 return None  # its KV slots stay allocated: the scheduled step uses them
             requests.append(request)
         plan = self._record(self.runner.plan_ahead(len(requests)))
-        seqs = [seq for seq, _ in batch.items]
-        launched = self.runner.launch_decode(plan, seqs, requests, previous=pending)
+        launched = self.runner.launch_decode(plan, batch, requests, previous=pending)
         self.scheduler.mark_launched(batch)
         return launched
 

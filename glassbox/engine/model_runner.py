@@ -51,6 +51,7 @@ class PendingDecode:
     can read them, and reach the host when `token_ids()` is called."""
 
     plan: StepPlan
+    batch: ScheduledBatch  # one token for each of its sequences
     seqs: list[Sequence]  # batch order
     device_tokens: torch.Tensor  # [len(seqs)] int64 on the model's device
     host_tokens: torch.Tensor  # [len(seqs)] on the host: pinned and filled asynchronously on CUDA
@@ -221,16 +222,17 @@ class ModelRunner:
     def launch_decode(
         self,
         plan: StepPlan,
-        seqs: list[Sequence],
+        batch: ScheduledBatch,
         requests: list[SampleRequest],
         input_ids: list[int] | None = None,
         previous: PendingDecode | None = None,
     ) -> PendingDecode:
-        """Launch a decode step of `seqs` (each computes the token at position seq.num_computed_tokens and
-        samples the next as `requests` say) and return without waiting for the device. The inputs are
-        `input_ids`, or the tokens of `previous` (a step the host has not read yet: each sequence then
-        computes the token that step samples for it)."""
+        """Launch a decode step of the batch's sequences (each computes the token at position
+        seq.num_computed_tokens and samples the next as `requests` say) and return without waiting for the
+        device. The inputs are `input_ids`, or the tokens of `previous` (a step the host has not read yet:
+        each sequence then computes the token that step samples for it)."""
         self.kv_cache.bind(self.attention_layers)
+        seqs = [seq for seq, _ in batch.items]
         chunks = [SeqChunk(seq.block_table, seq.num_computed_tokens, 1) for seq in seqs]
         rows = None
         if previous is not None:
@@ -251,12 +253,12 @@ class ModelRunner:
         with torch.profiler.record_function("glassbox::sample"):
             tokens = sample_tokens(logits, requests, self.generator)
         if tokens.device.type != "cuda":
-            return PendingDecode(plan, seqs, tokens, tokens, None)
+            return PendingDecode(plan, batch, seqs, tokens, tokens, None)
         host = self._host_buffer(len(seqs))
         host.copy_(tokens, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return PendingDecode(plan, seqs, tokens, host, ready)
+        return PendingDecode(plan, batch, seqs, tokens, host, ready)
 
     @staticmethod
     def can_launch_ahead(plan: StepPlan, sample_requests: dict[int, SampleRequest]) -> bool:
