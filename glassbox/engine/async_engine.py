@@ -15,6 +15,7 @@ parallel work are ~25% slower (each thread gets its own OpenMP team), so all com
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import queue
@@ -96,49 +97,33 @@ class AsyncLLMEngine:
         """Run fn(engine) on the loop thread between steps (for introspection and changes); await it.
         Once the loop has stopped (after an error, or shutdown) nothing else touches the engine, and fn
         runs at once in the caller: a dead server still answers /model_info and /metrics."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future = loop.create_future()
-        if self._loop_stopped():
-            try:
-                future.set_result(self._run_here(fn))
-            except BaseException as error:
-                future.set_exception(error)
-            return future
-
-        def op() -> None:
-            try:
-                result = fn(self.engine)
-            except BaseException as error:  # handed to the caller, the engine goes on
-                loop.call_soon_threadsafe(_set_exception, future, error)
-            else:
-                loop.call_soon_threadsafe(_set_result, future, result)
-
-        self._submit(op)
-        return future
+        return asyncio.wrap_future(self._on_loop(fn))
 
     def call_blocking(self, fn: Callable[[LLMEngine], Any]) -> Any:
         """Run fn(engine) on the loop thread and wait for it, from a thread without an event loop (start-up
         code, after start()); at once in the caller if the loop has stopped."""
         if self._thread.ident is None:
             raise RuntimeError("call_blocking() before start(): nothing would run fn")
-        if self._loop_stopped():
-            return self._run_here(fn)
-        done = threading.Event()
-        outcome: dict[str, Any] = {}
+        return self._on_loop(fn).result()
+
+    def _on_loop(self, fn: Callable[[LLMEngine], Any]) -> concurrent.futures.Future:
+        """fn(engine)'s result (or error) as a future, run on the loop thread between steps, or here once
+        the loop has stopped. A caller that cancels before fn starts (a client gone) skips it."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
 
         def op() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
             try:
-                outcome["result"] = fn(self.engine)
-            except BaseException as error:
-                outcome["error"] = error
-            finally:
-                done.set()
+                future.set_result(self._run_here(fn))
+            except BaseException as error:  # handed to the caller, the engine goes on
+                future.set_exception(error)
 
-        self._submit(op)
-        done.wait()
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["result"]
+        if self._loop_stopped():
+            op()
+        else:
+            self._submit(op)
+        return future
 
     def _loop_stopped(self) -> bool:
         return self._thread.ident is not None and not self._thread.is_alive()
@@ -258,13 +243,3 @@ class AsyncLLMEngine:
             dead = EngineDeadError(f"the engine stopped: {type(error).__name__}: {error}")
             for stream in list(self._streams.values()):
                 stream.put(dead)
-
-
-def _set_result(future: asyncio.Future, result: Any) -> None:
-    if not future.done():
-        future.set_result(result)
-
-
-def _set_exception(future: asyncio.Future, error: BaseException) -> None:
-    if not future.done():
-        future.set_exception(error)

@@ -161,18 +161,17 @@ class LLMEngine:
                 f"prompt + max_tokens needs {blocks} KV blocks but the pool has {self.kv_cache.num_blocks}; "
                 "lower max_tokens or give the KV cache more memory"
             )
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         seq = Sequence(
-            request_id, prompt_ids, params, priority=priority, stop_token_ids=frozenset(stop_ids),
-            max_tokens=params.max_tokens,
-        )  # fmt: skip
+            request_id, prompt_ids, params, priority=priority, stop_token_ids=stop_ids, max_tokens=params.max_tokens
+        )
         sparsity = sparsity or self.default_sparsity
         if sparsity is not None and sparsity.name != "dense":
             seq.sparsity, seq.prefix_cacheable = SparsityState(sparsity), False
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.loaded.device).manual_seed(params.seed)
-        return RequestState(seq, params, generator, stop_ids)
+        return RequestState(seq, params, generator)
 
     def enqueue(self, state: RequestState) -> None:
         request_id = state.seq.request_id
@@ -217,7 +216,7 @@ class LLMEngine:
                 sample_requests[i] = self._sample_request(state)
             if state.params.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens:
                 prompt_logprobs[i] = state.params.prompt_logprobs
-        plan = self.runner.plan(batch, list(sample_requests), list(prompt_logprobs), timed=bool(self.observers))
+        plan = self.runner.plan(batch, len(sample_requests), list(prompt_logprobs), timed=bool(self.observers))
         if self.async_scheduling and self.runner.can_launch_ahead(plan, sample_requests):
             plan = self._record(self.runner.plan_ahead(plan.num_seqs))
             requests = [sample_requests[i] for i in range(len(batch.items))]
@@ -250,7 +249,7 @@ class LLMEngine:
         or to time it."""
         if self.observers:
             return None
-        batch = self.scheduler.schedule_ahead(pending.seqs)
+        batch = self.scheduler.schedule_ahead(pending.batch)
         if batch is None:
             return None
         requests = []
@@ -317,7 +316,7 @@ class LLMEngine:
         seq, params = state.seq, state.params
         banned = []
         if params.min_tokens and seq.num_output_tokens + pending_tokens < params.min_tokens:
-            banned = sorted(state.stop_token_ids)  # EOS is among them unless ignore_eos
+            banned = sorted(seq.stop_token_ids)  # EOS is among them unless ignore_eos
         # The history is only read by the penalties: no per-step copy of it otherwise.
         history = seq.output_token_ids if params.needs_penalties else []
         return SampleRequest(params, seq.prompt_token_ids, history, state.generator, banned)

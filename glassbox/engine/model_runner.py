@@ -51,10 +51,9 @@ class PendingDecode:
     can read them, and reach the host when `token_ids()` is called."""
 
     plan: StepPlan
-    batch: ScheduledBatch  # one token for each of its sequences
-    seqs: list[Sequence]  # batch order
-    device_tokens: torch.Tensor  # [len(seqs)] int64 on the model's device
-    host_tokens: torch.Tensor  # [len(seqs)] on the host: pinned and filled asynchronously on CUDA
+    batch: ScheduledBatch  # one token for each of its sequences, in row order
+    device_tokens: torch.Tensor  # [rows] int64 on the model's device
+    host_tokens: torch.Tensor  # [rows] on the host: pinned and filled asynchronously on CUDA
     ready: torch.cuda.Event | None  # recorded after the copy to the host (None off CUDA: nothing to wait for)
 
     def token_ids(self) -> list[int]:
@@ -101,11 +100,11 @@ class ModelRunner:
 
     # ---- the plan
     def plan(
-        self, batch: ScheduledBatch, sample_rows: list[int], prompt_logprob_rows: list[int], timed: bool = False
+        self, batch: ScheduledBatch, num_sampled: int, prompt_logprob_rows: list[int], timed: bool = False
     ) -> StepPlan:
         """How this step runs (see engine/step_plan.py for the rule)."""
         return self._plan(
-            len(batch.items), batch.num_tokens, len(sample_rows), tuple(self._masked_rows(batch)),
+            len(batch.items), batch.num_tokens, num_sampled, tuple(self._masked_rows(batch)),
             tuple(prompt_logprob_rows), timed, launched_ahead=False,
         )  # fmt: skip
 
@@ -236,7 +235,7 @@ class ModelRunner:
         chunks = [SeqChunk(seq.block_table, seq.num_computed_tokens, 1) for seq in seqs]
         rows = None
         if previous is not None:
-            index = {id(seq): row for row, seq in enumerate(previous.seqs)}
+            index = {id(seq): row for row, (seq, _) in enumerate(previous.batch.items)}
             rows = [index[id(seq)] for seq in seqs]
         source = None if previous is None else previous.device_tokens
         if plan.executor == "cuda_graph":
@@ -253,12 +252,12 @@ class ModelRunner:
         with torch.profiler.record_function("glassbox::sample"):
             tokens = sample_tokens(logits, requests, self.generator)
         if tokens.device.type != "cuda":
-            return PendingDecode(plan, batch, seqs, tokens, tokens, None)
+            return PendingDecode(plan, batch, tokens, tokens, None)
         host = self._host_buffer(len(seqs))
         host.copy_(tokens, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return PendingDecode(plan, batch, seqs, tokens, host, ready)
+        return PendingDecode(plan, batch, tokens, host, ready)
 
     @staticmethod
     def can_launch_ahead(plan: StepPlan, sample_requests: dict[int, SampleRequest]) -> bool:

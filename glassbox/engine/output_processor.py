@@ -50,7 +50,6 @@ class RequestState:
     seq: Sequence
     params: SamplingParams
     generator: torch.Generator | None
-    stop_token_ids: set[int]
     text: str = ""
     emitted_text_len: int = 0
     # Incremental detokenization (vLLM's): `decoded` is the text of output tokens [0, read_offset), stable;

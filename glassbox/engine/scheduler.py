@@ -101,7 +101,7 @@ class Scheduler:
                 budget -= num_new
         return batch
 
-    def schedule_ahead(self, in_flight: list[Sequence]) -> ScheduledBatch | None:
+    def schedule_ahead(self, in_flight: ScheduledBatch) -> ScheduledBatch | None:
         """Async scheduling: the decode step after `in_flight` (launched, its tokens not read yet), scheduled
         before those tokens are known, when it is the step `schedule` would make: nothing waiting, every
         running sequence in flight, a KV slot for each. Sequences whose in-flight token is their last by
@@ -110,7 +110,7 @@ class Scheduler:
         if self.waiting:
             return None
         items, num_live = [], 0  # one pass: this runs at every decode step of a busy GPU
-        for seq in in_flight:
+        for seq, _ in in_flight.items:
             if seq.status is not SequenceStatus.FINISHED:
                 num_live += 1
                 if not self._reaches_length(seq, len(seq.token_ids) + 1):

@@ -88,7 +88,7 @@ class TorchAttentionBackend:
     ) -> torch.Tensor:
         if meta.slot_mapping is not None:
             attention_torch.store_kv(k, v, layer.k_cache, layer.v_cache, meta.slot_mapping)
-        probe = meta.probe or _NO_PROBE
+        probe = meta.probe if meta.probe is not None else _NO_PROBE
         capture = layer.layer_idx in probe.capture_layers
         cached = meta.slot_mapping is not None
         if cached and meta.decode_batch is None:
@@ -144,8 +144,8 @@ class TritonAttentionBackend:
     def _attend_eagerly(
         self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        probe = meta.probe
-        if meta.slot_mapping is None or (probe is not None and layer.layer_idx in probe.capture_layers):
+        probe = meta.probe if meta.probe is not None else _NO_PROBE
+        if meta.slot_mapping is None or layer.layer_idx in probe.capture_layers:
             return self.reference.forward(layer, q, k, v, meta)
         kernels, k_cache, v_cache = self.kernels, layer.k_cache, layer.v_cache
         if meta.max_query_len == 1:  # the decode kernel stores this step's keys/values itself
@@ -160,7 +160,7 @@ class TritonAttentionBackend:
                 meta.max_query_len, layer.scale, layer.sliding_window,
             )
         starts = meta.query_start_loc_list
-        for i, state in (probe.masks if probe is not None else {}).items():
+        for i, state in probe.masks.items():
             rows = slice(starts[i], starts[i + 1])
             out[rows], _ = attention_torch.attend_cached(
                 q[rows], k_cache, v_cache, meta.block_tables[i], meta.context_lens_list[i], layer.scale,

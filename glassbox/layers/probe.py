@@ -24,6 +24,3 @@ class StepProbe:
     # one [H, q_len, context_len] float32 tensor per sequence.
     capture_layers: frozenset[int] = frozenset()
     captured: dict[int, list[torch.Tensor]] = field(default_factory=dict)
-
-    def __bool__(self) -> bool:
-        return bool(self.masks or self.capture_layers)
