@@ -52,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16")
     serve.add_argument("--device", default="cpu")
-    serve.add_argument("--quantization", choices=["int4", "int8"], default=None, help="weight quantization (CPU)")
+    serve.add_argument(
+        "--quantization", choices=["auto", "none", "int4", "int8"], default="auto",
+        help="CPU weights: auto = the checkpoint's own block format (Q4_1 or Q8_0) on the native kernels; "
+        "none = float32",
+    )  # fmt: skip
     serve.add_argument(
         "--kv-cache-memory", type=float, default=None,
         help="GiB for the KV-cache pool (default: 1 on the CPU; on CUDA, 90%% of the device's memory less the rest)",

@@ -86,7 +86,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"
     seed: int | None = None  # of the generator used by sampled requests without their own seed
-    quantization: str | None = None  # "int4" | "int8" weight-only (CPU); None keeps the loaded dtype
+    # Weights on the CPU (engine/optimize.py): "auto" (each linear in the block format its checkpoint stored,
+    # Q4_1 or Q8_0; float32 where the native kernels cannot run), "int4", "int8", or "none" (float32).
+    quantization: str | None = "auto"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

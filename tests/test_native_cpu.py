@@ -1,5 +1,7 @@
-"""The native CPU kernels (kernels/cpu/*.c) against their PyTorch oracles, and the native int8 decoder layer
-(models/llama_native.py) against the plain forward it replaces."""
+"""The native CPU kernels (kernels/cpu/*.c) of every instruction set this CPU runs against their PyTorch
+oracles, and the native quantized decoder layer (models/llama_native.py) against the plain forward it
+replaces. The quantized GEMM's own tests are in test_quantized_linear.py; the ARM build's in
+test_native_arm.py."""
 
 from __future__ import annotations
 
@@ -13,27 +15,31 @@ from conftest import run_all
 from glassbox import LLM, SamplingParams
 from glassbox.config import EngineConfig
 from glassbox.engine.llm_engine import LLMEngine
+from glassbox.engine.optimize import weight_format
 from glassbox.engine.step_metadata import SeqChunk, build_step_metadata
 from glassbox.kernels import attention_torch, cpu_native
 from glassbox.layers.norm import RMSNorm
-from glassbox.layers.quantized_linear import Int8Linear
+from glassbox.layers.quantized_linear import QLinear
 from glassbox.layers.rotary import RotaryEmbedding, apply_rotary
 from glassbox.models import llama_native
 from glassbox.models.loader import load_model
+from test_quantized_linear import X86_ISAS, packed, runnable
 
-pytestmark = pytest.mark.skipif(not cpu_native.available(), reason="needs AVX-512 VNNI and a C compiler")
+pytestmark = pytest.mark.skipif(not cpu_native.available(), reason="needs a C compiler")
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 128), (6, 2, 48)])
 @pytest.mark.parametrize("window", [None, 7])
 @pytest.mark.parametrize("steps", ["decode", "mixed"])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
-def test_paged_attention_is_the_torch_path(heads, kv_heads, head_dim, window, steps, cache_dtype):
+@pytest.mark.parametrize("isa", X86_ISAS)
+def test_paged_attention_is_the_torch_path(heads, kv_heads, head_dim, window, steps, cache_dtype, isa):
     """Rotary + KV store + paged attention in one call == apply_rotary, store_kv and attention_torch.attention:
     the cache bit for bit, the output to float32 rounding. Decode tokens with contexts of 1 token, at block
     boundaries and over several blocks in shuffled order; in "mixed" steps also whole prompts and prompt
     chunks after cached tokens (causal within the chunk), and a batch small enough to split kv heads.
     A bfloat16 cache holds what torch's rounding stores, read back widened."""
+    runnable(isa)
     g = torch.Generator().manual_seed(heads * head_dim)
     block_size, num_blocks = 16, 40
     # (context length after the step, new tokens this step)
@@ -65,7 +71,7 @@ def test_paged_attention_is_the_torch_path(heads, kv_heads, head_dim, window, st
     out = cpu_native.paged_attention(
         qkv, cos.view(tokens, head_dim), sin.view(tokens, head_dim), k_cache, v_cache, slots,
         torch.tensor(starts, dtype=torch.int32), tables, torch.tensor(contexts, dtype=torch.int32), heads, scale,
-        window,
+        window, isa,
     )  # fmt: skip
 
     qk = apply_rotary(qkv[:, : (heads + kv_heads) * head_dim].view(tokens, -1, head_dim), cos, sin)
@@ -80,14 +86,16 @@ def test_paged_attention_is_the_torch_path(heads, kv_heads, head_dim, window, st
     few = cpu_native.paged_attention(
         qkv[-1:], cos.view(tokens, head_dim)[-1:], sin.view(tokens, head_dim)[-1:], k_cache, v_cache, slots[-1:],
         torch.tensor([0, 1], dtype=torch.int32), tables[-1:], torch.tensor(contexts[-1:], dtype=torch.int32), heads,
-        scale, window,
+        scale, window, isa,
     )  # fmt: skip
     torch.testing.assert_close(few, reference.reshape(tokens, -1)[-1:], rtol=1e-5, atol=1e-5)
 
 
-def test_argmax_is_torch_argmax():
+@pytest.mark.parametrize("isa", X86_ISAS)
+def test_argmax_is_torch_argmax(isa):
     """Greedy sampling's argmax: torch's index for every row, ties (the first), NaN (the first NaN), rows
     of -inf, row tails shorter than a vector, and strided rows."""
+    runnable(isa)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 49152 + 7, generator=g)
     x[1, 100], x[1, 50] = float("nan"), float("nan")
@@ -96,30 +104,43 @@ def test_argmax_is_torch_argmax():
     x[4] = 2.0
     x[5, -1] = 99.0
     for rows in (x, x[:, 3:], x[:1], x[:, :17]):
-        assert torch.equal(cpu_native.argmax(rows), rows.argmax(dim=-1))
+        assert torch.equal(cpu_native.argmax(rows, isa), rows.argmax(dim=-1))
 
 
-def test_gemm_prologues_and_residual_are_the_torch_ops():
+@pytest.mark.parametrize("isa", X86_ISAS)
+@pytest.mark.parametrize("format", ["q4_1", "q8_0"])
+def test_gemm_prologues_and_residual_are_the_torch_ops(isa, format):
     """RMSNorm and SiLU·mul done on each row before it is quantized, the residual added after: the same
-    numbers as running the PyTorch ops first (equal here; allowed to differ by float32 rounding)."""
+    numbers as running the PyTorch ops first (allowed to differ by float32 rounding, which can move a value
+    across a rounding boundary of its block: by one step of d_x at most)."""
+    runnable(isa)
     g = torch.Generator().manual_seed(5)
     hidden, inner, out = 576, 1536, 200
     norm = RMSNorm(hidden, eps=1e-5)
     norm.weight.data = torch.rand(hidden, generator=g) + 0.5
-    proj = Int8Linear(torch.randn(out, hidden, generator=g) * 0.05, torch.randn(out, generator=g), native=True)
-    down = Int8Linear(torch.randn(out, inner, generator=g) * 0.05, None, native=True)
+    proj_w, proj_b, down_w = (torch.randn(out, hidden, generator=g) * 0.05, torch.randn(out, generator=g),
+                              torch.randn(out, inner, generator=g) * 0.05)  # fmt: skip
+    proj, down = QLinear(proj_w, proj_b, format, native=False), QLinear(down_w, None, format, native=False)
+    (proj_q, keep), (down_q, keep_too) = packed(proj_w, proj.bias, format, isa), packed(down_w, None, format, isa)
     x = torch.randn(9, hidden, generator=g) * 3
     residual = torch.randn(9, out, generator=g)
-    torch.testing.assert_close(proj.forward_fused(x, prologue="rms_norm", norm=norm), proj(norm(x)))
-    torch.testing.assert_close(proj.forward_fused(x, residual=residual), residual + proj(x))
+
+    def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+        torch.testing.assert_close(actual, expected, rtol=2e-3, atol=2e-3 * expected.abs().max().item())
+
+    close(cpu_native.qlinear(x, proj_q, out, prologue="rms_norm", norm_weight=norm.weight, eps=norm.eps, isa=isa),
+          proj.reference(norm(x)))  # fmt: skip
+    assert torch.equal(cpu_native.qlinear(x, proj_q, out, residual=residual, isa=isa),
+                       residual + cpu_native.qlinear(x, proj_q, out, isa=isa))  # fmt: skip
     gate_up = torch.randn(9, 2 * inner, generator=g) * 3
     gate, up = gate_up.chunk(2, dim=-1)
-    torch.testing.assert_close(down.forward_fused(gate_up, prologue="silu_mul"), down(F.silu(gate) * up))
+    close(cpu_native.qlinear(gate_up, down_q, out, prologue="silu_mul", isa=isa), down.reference(F.silu(gate) * up))
 
 
 @pytest.fixture(scope="module")
-def int8_llm() -> LLM:
-    return LLM(quantization="int8", kv_cache_memory=64 << 20, enable_prefix_caching=False)
+def auto_llm() -> LLM:
+    """The default CPU mode: the default model's Q4_1 layers and Q8_0 head on the native kernels."""
+    return LLM(quantization="auto", kv_cache_memory=64 << 20, enable_prefix_caching=False)
 
 
 def mean_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
@@ -129,19 +150,19 @@ def mean_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
 
 
 @torch.inference_mode()
-def test_native_layers_give_the_plain_forward_logits(int8_llm):
+def test_native_layers_give_the_plain_forward_logits(auto_llm):
     """A prefill chunk then a decode step of the default model, on the native layers and on the plain
-    forward from the same cache: the same next tokens, and distributions within int8's own noise.
+    forward from the same cache: the same next tokens, and distributions within quantization's own noise.
 
-    Not equal to float32 rounding: the two paths' attention agrees to ~1e-6 (test above) and the GEMM is
-    bit for bit, but W8A8 rounds every activation row to 255 levels, so a 1-ulp difference can move a value
-    across a rounding boundary by max|row| / 127. Over 30 layers that gives KL ~0.01-0.03 between the two
-    paths, less than either has to float32 (~0.05-0.08 on these prompts); a wrong mask or head gives > 1."""
-    runner = int8_llm.engine.runner
+    Not equal to float32 rounding: the two paths' attention and prologues agree to ~1e-6 (tests above), but
+    activations are then rounded to 255 levels per block of 32, so a 1-ulp difference can move a value
+    across a rounding boundary by max|block| / 127, and over 30 layers such steps add up; a wrong mask or
+    head gives a KL > 1."""
+    runner = auto_llm.engine.runner
     assert "native_stack" in runner.executors
     model, kv_cache = runner.model, runner.kv_cache
     kv_cache.bind(model)
-    ids = int8_llm.engine.tokenizer.encode("The history of the Roman Empire is long and complicated. It began with")
+    ids = auto_llm.engine.tokenizer.encode("The history of the Roman Empire is long and complicated. It began with")
     table = list(range(1, 6))
 
     def logits(tokens: list[int], start: int, native: bool) -> torch.Tensor:
@@ -161,27 +182,27 @@ def test_native_layers_give_the_plain_forward_logits(int8_llm):
     assert decode_native.argmax() == decode_plain.argmax()
 
 
-def test_native_engine_batched_equals_alone_and_frees_every_block(int8_llm):
+def test_native_engine_batched_equals_alone_and_frees_every_block(auto_llm):
     """32 concurrent requests of different lengths on the native layers == each alone; blocks all freed."""
     prompts = [f"Chapter {i}: " + "the river and the city of Rome " * (i % 7) for i in range(32)]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    together = [o.token_ids for o in int8_llm.generate(prompts, params)]
-    assert together == [int8_llm.generate(p, params)[0].token_ids for p in prompts]
-    manager = int8_llm.engine.block_manager
+    together = [o.token_ids for o in auto_llm.generate(prompts, params)]
+    assert together == [auto_llm.generate(p, params)[0].token_ids for p in prompts]
+    manager = auto_llm.engine.block_manager
     assert manager.num_free_blocks == manager.num_blocks
 
 
 @torch.inference_mode()
-def test_native_stack_is_the_native_layers(int8_llm):
+def test_native_stack_is_the_native_layers(auto_llm):
     """All layers in one native call (NativeStack) == the native layers called one by one from Python: the
     same kernels, bit for bit, over a prefill chunk and a decode step of a bfloat16 and a float32 cache.
     The layer-by-layer path is the one an fp8 cache takes (with the model's own attention)."""
-    runner = int8_llm.engine.runner
+    runner = auto_llm.engine.runner
     model, kv_cache = runner.model, runner.kv_cache
     kv_cache.bind(model)
     stack = runner.executors["native_stack"].stack
     assert isinstance(stack, llama_native.NativeStack)
-    ids = int8_llm.engine.tokenizer.encode("The history of the Roman Empire is long and complicated. It began with")
+    ids = auto_llm.engine.tokenizer.encode("The history of the Roman Empire is long and complicated. It began with")
     table = list(range(1, 6))
     for dtype in (torch.bfloat16, torch.float32):
         layers = [layer.self_attn.attn for layer in model.model.layers]
@@ -202,12 +223,14 @@ def test_native_stack_is_the_native_layers(int8_llm):
 
 @pytest.mark.parametrize("family", ["llama", "llama3_rope", "mistral", "qwen2"])
 @torch.inference_mode()
-def test_native_int8_engine_on_every_llama_family_shape(tiny_model_dir, family):
+def test_native_engine_on_every_llama_family_shape(tiny_model_dir, family):
     """The native layers on the other Llama-family shapes: head_dim 16 (the kernels' generic head size),
     Llama 3 rope, Mistral's sliding window (5 tokens, shorter than the prompts), Qwen2's q/k/v biases. The
     engine takes the native path, batched == alone with every block freed, and a prefill's logits are the
-    plain int8 forward's (up to int8's noise: see test_native_layers_give_the_plain_forward_logits)."""
-    engine = LLMEngine(load_model(tiny_model_dir(family)), EngineConfig(quantization="int8", kv_cache_memory=8 << 20))
+    plain quantized forward's (up to the noise of quantized activations: see
+    test_native_layers_give_the_plain_forward_logits). Random float weights: "auto" stores them as Q8_0."""
+    engine = LLMEngine(load_model(tiny_model_dir(family)), EngineConfig(kv_cache_memory=8 << 20))
+    assert weight_format(engine.runner.model) == "q8_0"
     runner = engine.runner
     assert "native_stack" in runner.executors
     rng = random.Random(family)

@@ -1,60 +1,109 @@
-"""Weight-only int4 and W8A8 int8 layers against float references, and the engine in those modes."""
+"""Block-quantized linear layers (layers/quantized_linear.py): the native kernel of every instruction set this
+CPU runs against the PyTorch reference, and the default model's GGUF blocks used as stored."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from glassbox.kernels import cpu_native
-from glassbox.layers.quantized_linear import Int4Linear, Int8Linear
+from glassbox.layers import quantized_linear as ql
+from glassbox.models.gguf_reader import GGUFFile
+from glassbox.models.loader import default_model_path
+
+# Every x86 instruction set is a test here; the ones this CPU lacks skip (AVX-512 on an AVX2 machine).
+X86_ISAS = ["avx512", "avx2", "generic"]
 
 
-def q4_1_weight(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
-    """A weight whose groups of 32 are exactly d * q + m with q spanning 0..15 (as GGUF Q4_1 stores)."""
-    g = torch.Generator().manual_seed(seed)
-    groups = in_features // 32
-    q = torch.randint(0, 16, (out_features, groups, 32), generator=g).float()
-    q[..., 0], q[..., 1] = 0, 15  # every group uses the full range, as a Q4_1 block of real weights does
-    d = torch.rand(out_features, groups, 1, generator=g) * 0.02 + 0.001
-    m = -torch.rand(out_features, groups, 1, generator=g) * 0.1
-    return (d * q + m).reshape(out_features, in_features)
+def runnable(isa: str) -> str:
+    if isa not in cpu_native.runnable_isas():
+        pytest.skip(f"this CPU does not run {isa} code (it runs {', '.join(cpu_native.runnable_isas())})")
+    if cpu_native.library(isa) is None:
+        pytest.skip("no C compiler")
+    return isa
 
 
-def test_int4_reproduces_q4_1_weights():
-    weight = q4_1_weight(64, 128)
-    x = torch.randn(5, 128)
-    layer = Int4Linear(weight, None)
-    reference = x.bfloat16().float() @ weight.t()
-    # Only the bfloat16 rounding of activations, scales and zeros separates the two.
-    assert (layer(x) - reference).abs().max() < 0.02 * reference.abs().max()
+def packed(weight: torch.Tensor, bias: torch.Tensor | None, format: str, isa: str) -> tuple:
+    """(QWeight, the tensors it points into) of `weight` packed for the kernels of `isa`."""
+    data, scales = ql.pack(*ql.quantize_weight(weight, format), cpu_native.rows(isa))
+    return cpu_native.qweight(data, scales, bias, format), (data, scales, bias)
 
 
-def test_int8_w8a8_is_close_and_rows_are_independent():
-    g = torch.Generator().manual_seed(1)
-    weight = torch.randn(48, 96, generator=g) * 0.05
-    bias = torch.randn(48, generator=g)
-    layer = Int8Linear(weight, bias)
-    x = torch.randn(7, 96, generator=g)
-    reference = x @ weight.t() + bias
-    out = layer(x)
-    assert (out - reference).abs().max() < 0.02 * reference.abs().max()
-    # Integer accumulation and per-token scales: a row's result does not depend on the other rows.
-    assert torch.equal(layer(x[3:4]), out[3:4])
-
-
-@pytest.mark.skipif(not cpu_native.available(), reason="needs AVX-512 VNNI and a C compiler")
-@pytest.mark.parametrize("out_features,in_features", [(960, 576), (50, 37), (16, 1536), (49, 4)])
-@pytest.mark.parametrize("rows", [1, 7, 32])
-def test_native_int8_kernel_is_the_torch_path_bit_for_bit(out_features, in_features, rows):
-    """kernels/cpu/int8_linear.c against Int8Linear's torch._int_mm path: every tile shape (row tails of
-    16, input tails of 4, 1-6 activation rows per register block), with and without bias, strided rows."""
+@pytest.mark.parametrize("isa", X86_ISAS)
+@pytest.mark.parametrize("format", ql.FORMATS)
+@pytest.mark.parametrize("out_features,in_features", [(960, 576), (17, 64), (40, 1536), (8, 32)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+def test_kernel_is_the_reference(isa, format, out_features, in_features, rows):
+    """kernels/cpu/qlinear.c against QLinear.reference: every tile shape (output rows past a group of 8 or
+    16, 1-4 activation rows per register block), with and without bias, strided rows, zero rows, an
+    outlier. The integer sums are exact on both sides; only the float32 order of the scaling differs."""
+    runnable(isa)
     g = torch.Generator().manual_seed(out_features + rows)
     weight = torch.randn(out_features, in_features, generator=g) * 0.05
-    bias = torch.randn(out_features, generator=g) if rows != 7 else None
-    reference, native = Int8Linear(weight, bias, native=False), Int8Linear(weight, bias, native=True)
-    x = torch.randn(rows, in_features + 3, generator=g)[:, :in_features]  # rows with a stride
-    x[0, :3] = 0.0  # exact zeros
-    assert torch.equal(native(x), reference(x))
-    assert torch.equal(native(x.bfloat16()), reference(x.bfloat16()))
-    zeros = torch.zeros(2, in_features)
-    assert torch.equal(native(zeros), reference(zeros))
+    bias = torch.randn(out_features, generator=g) if rows != 3 else None
+    reference = ql.QLinear(weight, bias, format, native=False)
+    x = torch.randn(rows, in_features + 5, generator=g)[:, :in_features]  # rows with a stride
+    x[0, :40] = 0.0
+    x[-1, 1] = 40.0
+    qweight, keep = packed(weight, reference.bias, format, isa)
+    out = cpu_native.qlinear(x, qweight, out_features, isa=isa)
+    expected = reference.reference(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    # A row's result depends on that row alone.
+    assert torch.equal(cpu_native.qlinear(x[-1:], qweight, out_features, isa=isa), out[-1:])
+
+
+@pytest.mark.parametrize("isa", X86_ISAS)
+@pytest.mark.parametrize("format", ql.FORMATS)
+def test_every_instruction_set_gives_the_same_bits(isa, format):
+    """The same integer sums and the same fused multiply-adds in the same order on every ISA: AVX-512, AVX2
+    and plain C agree bit for bit (without a prologue, whose float sums follow the vector width)."""
+    runnable(isa)
+    g = torch.Generator().manual_seed(7)
+    weight, x = torch.randn(200, 1536, generator=g) * 0.05, torch.randn(6, 1536, generator=g)
+    results = []
+    for each in (isa, "generic"):
+        qweight, keep = packed(weight, None, format, each)
+        results.append(cpu_native.qlinear(x, qweight, 200, isa=each))
+    assert torch.equal(*results)
+
+
+@pytest.mark.parametrize("isa", X86_ISAS)
+def test_activation_blocks_are_the_reference(isa):
+    """Each row quantized per block of 32 (d = max|x| / 127, round half to even), as quantize_activations."""
+    runnable(isa)
+    x = torch.randn(5, 96) * torch.logspace(-3, 2, 96)
+    x[1] = 0.0
+    x[2, :32] = torch.arange(32) * 0.5 - 8  # ties: values at exact halves of the scale
+    q, d, total = cpu_native.quantize_rows(x, isa=isa)
+    rq, rd, rtotal = ql.quantize_activations(x)
+    assert torch.equal(q.float(), rq) and torch.equal(d, rd) and torch.equal(total.float(), rtotal)
+
+
+@pytest.mark.parametrize("format,bound", [("q8_0", 0.01), ("q4_1", 0.1)])
+def test_quantized_layer_is_close_to_the_float_layer(format, bound):
+    """Relative error of the output against x · wᵀ in float32, for random weights and activations."""
+    g = torch.Generator().manual_seed(3)
+    weight, x = torch.randn(64, 256, generator=g) * 0.05, torch.randn(7, 256, generator=g)
+    expected = x @ weight.t()
+    for native in {False, cpu_native.available()}:
+        out = ql.QLinear(weight, None, format, native=native)(x)
+        assert (out - expected).norm() / expected.norm() < bound
+
+
+def test_the_default_model_runs_its_gguf_blocks_as_stored():
+    """Quantizing the default model's dequantized weights gives back the GGUF file's own Q4_1 blocks: the
+    same 4-bit values and the same float16 scales and minimums, bit for bit."""
+    gguf = GGUFFile(default_model_path())
+    tensor = next(t for t in gguf.tensors if t.name == "blk.3.ffn_down.weight")
+    assert tensor.type_name == "Q4_1"
+    weight = torch.from_numpy(tensor.dequantize().copy())
+    q, d, m = ql.quantize_weight(weight, "q4_1")
+    # A Q4_1 block: float16 d, float16 m, 16 bytes (value i in the low nibble of byte i, i + 16 in the high).
+    blocks = np.ascontiguousarray(tensor.data).reshape(-1, 20)
+    assert np.array_equal(blocks[:, 0:2].copy().view(np.float16).ravel(), d.numpy().ravel())
+    assert np.array_equal(blocks[:, 2:4].copy().view(np.float16).ravel(), m.numpy().ravel())
+    nibbles = blocks[:, 4:]
+    stored = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=1)
+    assert np.array_equal(stored, q.numpy().reshape(-1, 32))

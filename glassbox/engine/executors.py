@@ -59,7 +59,7 @@ class CompiledExecutor:
 
 
 class NativeLayersExecutor:
-    """CPU, int8 Llama-family layers in float32: each decoder layer in five native kernel calls
+    """CPU, block-quantized Llama-family layers in float32: each decoder layer in five native kernel calls
     (models/llama_native.py) instead of ~30 tensor ops. Attention is native over a float32 or bfloat16
     cache, the model's own otherwise (fp8)."""
 

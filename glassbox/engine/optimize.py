@@ -1,23 +1,33 @@
-"""Speed-ups applied to a loaded model from outside its file: weight layout and weight-only quantization.
+"""Speed-ups applied to a loaded model from outside its file: weight layout and block quantization.
 
-    optimize_model(model, quantization=None)    # float weights, stored column-major (faster CPU GEMMs)
-    optimize_model(model, quantization="int4")  # 4-bit group-32 weights, int8 LM head (CPU)
-    optimize_model(model, quantization="int8")  # 8-bit per-row weights (CPU); Llama layers in float32 then
-                                                # run on the native executors (engine/executors.py) where built
+    optimize_model(model, "none")   # float weights, stored column-major (faster CPU GEMMs)
+    optimize_model(model, "int8")   # every linear in GGUF's Q8_0 blocks (CPU)
+    optimize_model(model, "int4")   # Q4_1 blocks, the LM head in Q8_0 (CPU)
+    optimize_model(model, "auto")   # each linear in the format its weights were stored in: Q4_1 where they
+                                    # lie on a Q4_1 grid (a Q4 GGUF), else Q8_0. On a GPU, or a CPU where
+                                    # the native kernels cannot be built: "none"
 
-The modules themselves say what was done (`weight_format`), so a second engine over the same model (see
-research/schedule.py) neither converts twice nor asks for another format.
+Quantized layers are layers/quantized_linear.QLinear; Llama layers then run on the native executors
+(engine/executors.py). The modules themselves say what was done (`weight_format`), so a second engine over
+the same model (see research/schedule.py) neither converts twice nor asks for another format.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
-from glassbox.layers.quantized_linear import Int4Linear, Int8Linear, int4_supported
+from glassbox.kernels import cpu_native
+from glassbox.layers.quantized_linear import QLinear, dequantize_weight, quantize_weight, supported
 from glassbox.models.gpt2 import Conv1D
 
-QUANTIZATIONS = ("int4", "int8")
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("auto", "none", "int4", "int8")
+# A weight is on a Q4_1 grid when its Q4_1 blocks give it back to float16 rounding of the scales.
+ON_GRID_TOLERANCE = 1e-3
 
 
 def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -30,37 +40,46 @@ def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
 
 
 def weight_format(model: nn.Module) -> str:
-    """What `optimize_model` made of this model, read off its modules: "int4", "int8", "column_major"
-    (float weights re-laid), or "as_loaded"."""
-    kinds = {type(m) for m in model.modules()}
-    if Int4Linear in kinds:
-        return "int4"
-    if Int8Linear in kinds:
-        return "int8"
+    """What `optimize_model` made of this model, read off its modules: the quantized formats ("q4_1",
+    "q8_0", "q4_1+q8_0"), "column_major" (float weights re-laid), or "as_loaded"."""
+    formats = sorted({m.format for m in model.modules() if isinstance(m, QLinear)})
+    if formats:
+        return "+".join(formats)
     if any(isinstance(m, nn.Linear) and not m.weight.is_contiguous() for m in model.modules()):
         return "column_major"
     return "as_loaded"
 
 
-def optimize_model(model: nn.Module, quantization: str | None = None) -> None:
-    """Convert the weights in place, once per model; a second engine over the same model must ask for the
-    same mode."""
-    done = weight_format(model)
-    if done in QUANTIZATIONS or done == "column_major":
-        if done != (quantization or "column_major"):
-            raise ValueError(f"this model is already prepared for quantization={done!r}, not {quantization!r}")
-        return
+def resolve(quantization: str | None, device: torch.device) -> str:
+    """The mode a request for `quantization` (None: "auto") runs on this device."""
+    quantization = quantization or "auto"
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
+    if quantization == "auto":
+        return "auto" if device.type == "cpu" and cpu_native.available() else "none"
+    if quantization != "none" and device.type != "cpu":
+        raise ValueError(f"quantization {quantization!r} is implemented for the CPU only")
+    return quantization
+
+
+def optimize_model(model: nn.Module, quantization: str | None = "auto") -> str:
+    """Convert the weights in place, once per model; returns the mode it runs (`resolve`). A second
+    engine over the same model must ask for a mode that agrees with the first one's."""
     device = next(model.parameters()).device
-    if quantization is not None:
-        if quantization not in QUANTIZATIONS:
-            raise ValueError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
-        if device.type != "cpu":
-            raise ValueError(f"quantization {quantization!r} is implemented for the CPU only")
-        _quantize(model, quantization)
+    mode = resolve(quantization, device)
+    done = weight_format(model)
+    if done != "as_loaded":
+        agrees = {"none": done == "column_major", "int8": done == "q8_0", "int4": "q4_1" in done}
+        if not agrees.get(mode, done != "column_major"):
+            raise ValueError(f"this model is already prepared as {done}, not for quantization={mode!r}")
+        return mode
+    if device.type == "cpu":
+        if mode == "none":
+            _column_major(model)
+        else:
+            _quantize(model, mode)
         _copy_out_of_checkpoint(model)
-    elif device.type == "cpu":
-        _column_major(model)
-        _copy_out_of_checkpoint(model)
+    return mode
 
 
 def _column_major(model: nn.Module) -> None:
@@ -92,18 +111,26 @@ def _is_tied(model: nn.Module) -> bool:
     )
 
 
-def _quantize(model: nn.Module, quantization: str) -> None:
+def _format(name: str, weight: torch.Tensor, mode: str) -> str:
+    if mode == "int8" or (mode == "int4" and name == "lm_head"):
+        return "q8_0"
+    if mode == "int4":
+        return "q4_1"
+    q, d, m = quantize_weight(weight, "q4_1")
+    error = (dequantize_weight(q, d, m) - weight.float()).abs().amax()
+    return "q4_1" if error <= ON_GRID_TOLERANCE * weight.abs().amax() else "q8_0"
+
+
+def _quantize(model: nn.Module, mode: str) -> None:
     replacements = []
     for name, module in model.named_modules():
         weight_bias = _linear_weight(module)
-        if weight_bias is None:
+        if weight_bias is None or not supported(weight_bias[0].shape[1]):
             continue
         weight, bias = weight_bias
-        out_features, in_features = weight.shape
-        if quantization == "int4" and name != "lm_head" and int4_supported(in_features, out_features):
-            replacements.append((name, Int4Linear(weight, bias)))
-        else:
-            replacements.append((name, Int8Linear(weight, bias)))
+        replacements.append((name, QLinear(weight, bias, _format(name, weight, mode))))
     for name, new_module in replacements:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new_module)
+    formats = sorted({m.format for _, m in replacements})
+    log.info("quantization=%s: %d linear layers in %s", mode, len(replacements), "+".join(formats) or "float")

@@ -8,7 +8,7 @@ The rule, in `ModelRunner.plan`, the first that applies:
   masked rows                           -> compiled on a long step (attention stays outside compiled
                                            code), else eager: masks need the readable attention
   decode step within the CUDA graphs    -> cuda_graph
-  native CPU layers (int8, float32)     -> native_stack over a float32/bfloat16 cache, else native_layers
+  native CPU layers (quantized)         -> native_stack over a float32/bfloat16 cache, else native_layers
   compiled layers, long step            -> compiled (model_runner.COMPILED_MIN_TOKENS tokens or more)
   otherwise                             -> eager
 """

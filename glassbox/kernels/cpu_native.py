@@ -1,16 +1,19 @@
-"""Hand-written CPU kernels (C with AVX-512 VNNI intrinsics, in kernels/cpu/), built on first use and called
-through ctypes.
+"""Hand-written CPU kernels (C in kernels/cpu/), built on first use for the machine's instruction set and
+called through ctypes.
 
 Why C: on a small CPU a decode step is bound by the bytes of weights it reads and by the number of ops it
-dispatches. PyTorch here has no int8 GEMV that reads int8 weights at memory speed (`torch._int_mm` wants a
-quantized activation tensor built by four more ops, and is tuned for big matrices), and its paged
-attention needs the blocks gathered first. These kernels do one job per call, on raw pointers, and each
-has a PyTorch oracle it is tested against (Int8Linear's torch path, kernels/attention_torch.py).
+dispatches. PyTorch here has no GEMV over GGUF's block-quantized weights that reads them at memory speed,
+and its paged attention needs the blocks gathered first. These kernels do one job per call, on raw
+pointers, and each has a PyTorch oracle it is tested against (QLinear's reference path,
+kernels/attention_torch.py).
 
-The library is compiled with the machine's C compiler (`-march=native`) into ~/.cache/glassbox (or
-$GLASSBOX_CACHE_DIR), keyed by a hash of the sources and flags, in about a second; later processes load
-the cached file. `available()` is False — and callers keep the PyTorch path — where the CPU lacks AVX-512
-VNNI, no compiler is found, the build fails, or GLASSBOX_NATIVE=0.
+One source per kernel, compiled once per instruction set (kernels/cpu/simd.h): "avx512" (AVX-512 with
+VNNI), "avx2" (with FMA and F16C), "neon" (ARM64 with the dot-product extension) or "generic" (plain C).
+The best one the CPU runs is chosen at run time; GLASSBOX_NATIVE_ISA=avx512|avx2|neon|generic forces one.
+Each is compiled with the machine's C compiler into ~/.cache/glassbox (or $GLASSBOX_CACHE_DIR), keyed by
+a hash of the sources and flags, in about a second; later processes load the cached file. `available()`
+is False — and callers keep the PyTorch path — where no compiler is found, the build fails, or
+GLASSBOX_NATIVE=0.
 """
 
 from __future__ import annotations
@@ -32,22 +35,59 @@ log = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).parent / "cpu").glob("*.c"))
 HEADERS = sorted((Path(__file__).parent / "cpu").glob("*.h"))
-# -ffp-contract=off: no fused multiply-adds where the PyTorch path rounds twice (int8_linear is bit-exact).
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+# -ffp-contract=off: fused multiply-adds only where the source asks for them, so every ISA rounds alike.
+FLAGS = ["-O3", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
+# Instruction sets, best first: the compiler flags of each and the CPU features it needs (/proc/cpuinfo's
+# names on Linux; "asimddp" is ARM's dot-product extension).
+ISA_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "neon": ["-march=armv8.2-a+dotprod"],
+    "generic": [],
+}
+ISA_CPU_FLAGS = {
+    "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c"),
+    "avx2": ("avx2", "fma", "f16c"),
+    "neon": ("asimddp",),
+    "generic": (),
+}
 
 _P, _I, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+
+
+class QWeight(ctypes.Structure):
+    """kernels.h's gb_qweight: a packed block-quantized weight (layers/quantized_linear.QLinear)."""
+
+    _fields_ = [("data", _P), ("scales", _P), ("bias", _P), ("format", _I)]
+
+
+class LlamaLayer(ctypes.Structure):
+    """One decoder layer for llama_layers (kernels/cpu/llama_layers.c's gb_llama_layer): its norms' weights,
+    its four projections, its KV caches and its sliding window (0: none)."""
+
+    _fields_ = [("input_norm", _P), ("post_attention_norm", _P)]
+    _fields_ += [(name, QWeight) for name in ("qkv", "o", "gate_up", "down")]
+    _fields_ += [("k_cache", _P), ("v_cache", _P), ("sliding_window", _I)]
+
+
 SIGNATURES = {
-    "gb_int8_pack": [_P, _I, _I, _P],
-    "gb_int8_linear": [_P, _I, _I, _I, _INT, _P, _F, _P, _P, _P, _I, _P, _I, _P, _I],
-    "gb_argmax": [_P, _I, _I, _I, _P],
-    "gb_llama_layers": [_P, _I, _I, _I, _I, _I, _I, _I, _F, _F, _INT, _P, _I, _P, _P, _P, _P, _I, _P, _I, _P],
-    "gb_paged_attention": [_P, _I, _I, _P, _P, _P, _P, _INT, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _F, _I, _P],
+    "gb_rows": ([], _I),
+    "gb_isa": ([], ctypes.c_char_p),
+    "gb_qlinear": ([_P, _I, _I, _I, _INT, _P, _F, ctypes.POINTER(QWeight), _I, _P, _I, _P, _I], None),
+    "gb_quantize_rows": ([_P, _I, _I, _P, _P, _P], None),
+    "gb_argmax": ([_P, _I, _I, _I, _P], None),
+    "gb_llama_layers": ([_P, _I, _I, _I, _I, _I, _I, _I, _F, _F, _INT, _P, _I, _P, _P, _P, _P, _I, _P, _I, _P], None),
+    "gb_paged_attention": (
+        [_P, _I, _I, _P, _P, _P, _P, _INT, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _F, _I, _P], None,
+    ),
 }
 # The KV cache dtypes paged_attention reads and writes.
 CACHE_DTYPES = (torch.float32, torch.bfloat16)
-# What int8_linear does to its input rows before quantizing them (kernels/cpu/int8_linear.c).
+# What qlinear does to its input rows before quantizing them (kernels/cpu/kernels.h).
 PROLOGUES = {None: 0, "rms_norm": 1, "silu_mul": 2}
+# Weight formats (kernels/cpu/kernels.h): GGUF's blocks of 32 inputs.
+FORMATS = {"q8_0": 0, "q4_1": 1}
+BLOCK = 32
 
 
 def _cpu_flags() -> set[str]:
@@ -56,9 +96,36 @@ def _cpu_flags() -> set[str]:
     except OSError:
         return set()
     for line in text.splitlines():
-        if line.startswith("flags"):
+        if line.startswith(("flags", "Features")):
             return set(line.split(":", 1)[1].split())
     return set()
+
+
+def runnable_isas() -> list[str]:
+    """The instruction sets this CPU runs, best first."""
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        candidates = ["avx512", "avx2", "generic"]
+    elif machine in ("aarch64", "arm64"):
+        candidates = ["neon", "generic"]
+    else:
+        candidates = ["generic"]
+    flags = _cpu_flags()
+    if machine == "arm64":  # macOS: no /proc/cpuinfo; every Apple CPU has the dot-product extension
+        flags.add("asimddp")
+    return [isa for isa in candidates if all(f in flags for f in ISA_CPU_FLAGS[isa])]
+
+
+def default_isa() -> str | None:
+    """The instruction set the kernels run: GLASSBOX_NATIVE_ISA where set (and runnable), else the best."""
+    isas = runnable_isas()
+    forced = os.environ.get("GLASSBOX_NATIVE_ISA")
+    if forced:
+        if forced not in isas:
+            log.warning("GLASSBOX_NATIVE_ISA=%s: this CPU runs %s; native CPU kernels off", forced, ", ".join(isas))
+            return None
+        return forced
+    return isas[0]
 
 
 def _compiler() -> str | None:
@@ -71,45 +138,47 @@ def _cache_dir() -> Path:
 
 
 @functools.cache
-def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None (with one log line saying why) where they cannot run here."""
+def library(isa: str | None = None) -> ctypes.CDLL | None:
+    """The kernels compiled for `isa` (default: default_isa()), or None (with one log line saying why)
+    where they cannot run here."""
     if os.environ.get("GLASSBOX_NATIVE", "1") == "0":
         return None
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return None
-    missing = [f for f in REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
-    if missing:
-        log.info("native CPU kernels off: the CPU lacks %s", ", ".join(missing))
+    isa = isa or default_isa()
+    if isa is None or isa not in runnable_isas():
         return None
     cc = _compiler()
     if cc is None:
         log.warning("native CPU kernels off: no C compiler (gcc) found; using the PyTorch path")
         return None
+    flags = [*FLAGS, *ISA_FLAGS[isa]]
     key = hashlib.sha256()
-    # -march=native: a home directory shared by different CPUs keeps one build per CPU.
-    for part in [cc, *FLAGS, " ".join(sorted(_cpu_flags())), *(p.read_bytes() for p in SOURCES + HEADERS)]:
+    for part in [cc, *flags, *(p.read_bytes() for p in SOURCES + HEADERS)]:
         key.update(part if isinstance(part, bytes) else part.encode())
-    path = _cache_dir() / f"glassbox_cpu_{key.hexdigest()[:16]}.so"
+    path = _cache_dir() / f"glassbox_cpu_{isa}_{key.hexdigest()[:16]}.so"
     if not path.exists():
         try:
-            _build(cc, path)
+            _build(cc, flags, path)
         except (OSError, subprocess.CalledProcessError) as exc:
             detail = getattr(exc, "stderr", "") or exc
             log.warning("native CPU kernels off: building them failed (%s); using the PyTorch path", detail)
             return None
     lib = ctypes.CDLL(str(path))  # after torch: its libgomp is the one OpenMP runtime of the process
-    for name, argtypes in SIGNATURES.items():
+    for name, (argtypes, restype) in SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, None
+        fn.argtypes, fn.restype = argtypes, restype
     return lib
 
 
-def _build(cc: str, path: Path) -> None:
+def _build(cc: str, flags: list[str], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Built beside its final name and renamed: processes starting together never load a half-written file.
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         out = Path(tmp) / path.name
-        subprocess.run([cc, *FLAGS, "-o", str(out), *map(str, SOURCES), "-lm"], check=True, capture_output=True, text=True)
+        command = [cc, *flags, "-o", str(out), *map(str, SOURCES), "-lm"]
+        try:
+            subprocess.run([*command[:1], "-fopenmp", *command[1:]], check=True, capture_output=True, text=True)
+        except subprocess.CalledProcessError:  # a compiler without OpenMP (Apple's clang): one thread
+            subprocess.run(command, check=True, capture_output=True, text=True)
         os.replace(out, path)
 
 
@@ -117,50 +186,67 @@ def available() -> bool:
     return library() is not None
 
 
+def isa() -> str | None:
+    """The instruction set of the loaded kernels (None: not available)."""
+    lib = library()
+    return None if lib is None else lib.gb_isa().decode()
+
+
+def rows(isa: str | None = None) -> int:
+    """Output rows per packed group of a quantized weight, for the kernels of `isa` (kernels/cpu/kernels.h)."""
+    return library(isa).gb_rows()
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def int8_pack(weight: torch.Tensor) -> torch.Tensor:
-    """weight [N, K] int8 -> the VNNI layout int8_linear reads: [ceil(N/64), ceil(K/4), 64, 4] uint8, w + 128."""
-    n, k = weight.shape
-    weight = weight.contiguous()
-    packed = torch.empty((n + 63) // 64, (k + 3) // 4, 64, 4, dtype=torch.uint8)
-    library().gb_int8_pack(weight.data_ptr(), n, k, packed.data_ptr())
-    return packed
+def qweight(data: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, format: str) -> QWeight:
+    """The kernels' view of a packed weight (the tensors must outlive it)."""
+    return QWeight(data.data_ptr(), scales.data_ptr(), _ptr(bias), FORMATS[format])
 
 
-def int8_linear(
+def qlinear(
     x: torch.Tensor,
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor | None,
+    weight: QWeight,
     out_features: int,
     residual: torch.Tensor | None = None,
     prologue: str | None = None,
     norm_weight: torch.Tensor | None = None,
     eps: float = 0.0,
+    isa: str | None = None,
 ) -> torch.Tensor:
-    """Int8Linear's forward in one call: x [M, K] float32 (rows may be strided) -> [M, N] float32, plus
-    `residual` [M, N] float32 when given. Bit for bit the PyTorch path's result.
+    """QLinear's forward in one call: x [M, K] float32 (rows may be strided) -> [M, N] float32, plus
+    `residual` [M, N] float32 when given.
 
     prologue, applied to each row before it is quantized (the transformed rows never go to memory):
     "rms_norm" (with norm_weight [K] and eps: RMSNorm's forward) or "silu_mul" (x is [M, 2K] = gate, up:
-    silu(gate) * up). These agree with the PyTorch ops to float32 rounding, not bit for bit."""
+    silu(gate) * up). These agree with the PyTorch ops to float32 rounding."""
     if x.stride(1) != 1:
         x = x.contiguous()
+    assert x.dtype == torch.float32
     m, k = x.shape
     if prologue == "silu_mul":
         k //= 2
     y = torch.empty(m, out_features, dtype=torch.float32)
     if residual is not None:
         assert residual.dtype == torch.float32 and residual.stride(1) == 1
-    library().gb_int8_linear(
-        x.data_ptr(), m, k, x.stride(0), PROLOGUES[prologue], _ptr(norm_weight), eps, packed.data_ptr(),
-        scale.data_ptr(), _ptr(bias), out_features, y.data_ptr(), out_features, _ptr(residual),
-        0 if residual is None else residual.stride(0),
+    library(isa).gb_qlinear(
+        x.data_ptr(), m, k, x.stride(0), PROLOGUES[prologue], _ptr(norm_weight), eps, ctypes.byref(weight),
+        out_features, y.data_ptr(), out_features, _ptr(residual), 0 if residual is None else residual.stride(0),
     )  # fmt: skip
     return y
+
+
+def quantize_rows(x: torch.Tensor, isa: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] float32 -> (q [M, K] int8, d [M, K / 32] float32, Σq [M, K / 32] int32), as qlinear
+    quantizes its input rows."""
+    x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.int8)
+    d, total = torch.empty(m, k // BLOCK), torch.empty(m, k // BLOCK, dtype=torch.int32)
+    library(isa).gb_quantize_rows(x.data_ptr(), m, k, q.data_ptr(), d.data_ptr(), total.data_ptr())
+    return q, d, total
 
 
 def paged_attention(
@@ -176,6 +262,7 @@ def paged_attention(
     num_heads: int,
     scale: float,
     sliding_window: int | None,
+    isa: str | None = None,
 ) -> torch.Tensor:
     """A step's attention, prefill chunks and decode tokens alike: rotary on q and k, k/v stored to their
     slots, causal attention of every new token through its sequence's block table.
@@ -187,27 +274,13 @@ def paged_attention(
     assert qkv.stride(1) == 1 and k_cache.dtype == v_cache.dtype and k_cache.dtype in CACHE_DTYPES
     assert cos.is_contiguous() and sin.is_contiguous() and block_tables.is_contiguous()
     out = torch.empty(tokens, num_heads * head_dim, dtype=torch.float32)
-    library().gb_paged_attention(
+    library(isa).gb_paged_attention(
         qkv.data_ptr(), tokens, qkv.stride(0), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         k_cache.dtype == torch.bfloat16, slot_mapping.data_ptr(), query_start_loc.data_ptr(),
         query_start_loc.shape[0] - 1, block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(),
         num_heads, num_kv_heads, head_dim, block_size, scale, sliding_window or 0, out.data_ptr(),
     )  # fmt: skip
     return out
-
-
-class LlamaLayer(ctypes.Structure):
-    """One decoder layer for llama_layers (kernels/cpu/llama_layers.c's gb_llama_layer): pointers to its
-    norms' weights, its four Int8Linear's packed weights, scales and biases (None: no bias), its KV caches
-    and its sliding window (0: none)."""
-
-    _fields_ = [
-        (name, _P)
-        for name in (
-            "input_norm", "post_attention_norm", "qkv", "o", "gate_up", "down", "qkv_scale", "o_scale",
-            "gate_up_scale", "down_scale", "qkv_bias", "o_bias", "gate_up_bias", "down_bias", "k_cache", "v_cache",
-        )
-    ] + [("sliding_window", _I)]  # fmt: skip
 
 
 def llama_layers(
@@ -223,27 +296,28 @@ def llama_layers(
     query_start_loc: torch.Tensor,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
+    isa: str | None = None,
 ) -> None:
-    """Every decoder layer of a Llama-family int8 model over one step, in place on x [T, hidden] float32
+    """Every decoder layer of a Llama-family quantized model over one step, in place on x [T, hidden] float32
     (contiguous). layers: a ctypes array of LlamaLayer; dims: (hidden, intermediate, heads, kv heads,
     head_dim, block_size); eps: the RMSNorms'; scale: attention's; cache_dtype: one of CACHE_DTYPES. The
     rest as paged_attention's arguments."""
     assert x.dtype == torch.float32 and x.is_contiguous() and cache_dtype in CACHE_DTYPES
     assert cos.is_contiguous() and sin.is_contiguous() and block_tables.is_contiguous()
-    library().gb_llama_layers(
+    library(isa).gb_llama_layers(
         ctypes.addressof(layers), len(layers), *dims, eps, scale, cache_dtype == torch.bfloat16, x.data_ptr(),
         x.shape[0], cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), query_start_loc.data_ptr(),
         query_start_loc.shape[0] - 1, block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(),
     )  # fmt: skip
 
 
-def argmax(x: torch.Tensor) -> torch.Tensor:
+def argmax(x: torch.Tensor, isa: str | None = None) -> torch.Tensor:
     """torch.argmax(x, dim=-1) of x [M, N] float32 (rows may be strided) -> [M] int64."""
     assert x.dtype == torch.float32 and x.dim() == 2
     if x.stride(1) != 1:
         x = x.contiguous()
     out = torch.empty(x.shape[0], dtype=torch.int64)
-    library().gb_argmax(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr())
+    library(isa).gb_argmax(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr())
     return out
 
 

@@ -1,14 +1,21 @@
-"""Weight-only quantized linear layers for the CPU, swapped in for `nn.Linear` from outside the model
-files (see engine/optimize.py).
+"""Block-quantized linear layers for the CPU, swapped in for `nn.Linear` from outside the model files (see
+engine/optimize.py).
 
-- `Int4Linear`: 4-bit weights in groups of 32 along the input dimension, each group with its own scale and
-  minimum — the layout of GGUF's Q4_1, so the default model's Q4_1 weights round-trip almost exactly (only
-  the scales are rounded to bfloat16). torch's `_weight_int4pack_mm_for_cpu`, bfloat16 activations.
-- `Int8Linear`: W8A8 — 8-bit weights (a scale per output row) and 8-bit activations (a scale per token),
-  integer GEMM. Also the LM head of the int4 mode (GGUF stores the SmolLM2 embedding as Q8_0).
+Weights are stored in GGUF's block formats, each block 32 inputs of one output row:
+- "q4_1": w ≈ d·q + m, q in [0, 15], scale d and minimum m in float16 (0.625 bytes a weight);
+- "q8_0": w ≈ d·q, q in [-127, 127], scale d in float16 (1.06 bytes a weight).
+Quantizing a GGUF model's dequantized weights gives its blocks back, so a Q4_1 GGUF runs on the weights it
+stores (tests/test_quantized_linear.py checks it on the default model).
 
-Int4 reads 8x fewer weight bytes than float32, which is what a batch-1 decode step is bound by; int8's
-integer GEMM is the fastest kernel here once a step has many rows.
+Activations are quantized per block of 32 at run time, d = max|x| / 127 — llama.cpp's Q8 activations,
+whose error is what keeps its quality at float32's (one scale per row, as the earlier W8A8 mode did, let a
+single outlier coarsen the whole row: perplexity +3.5%). Then per block an exact integer dot product,
+scaled by d_w·d_x (and m_w·d_x·Σq_x for Q4_1). A row's result depends on that row alone, so outputs are
+the same whatever else is in the batch.
+
+Two kernels, same math: the native one (kernels/cpu/qlinear.c, one call per layer, weights packed for it)
+where a compiler allows, else `QLinear.reference` — the readable path below, and the oracle the native
+kernel is tested against.
 """
 
 from __future__ import annotations
@@ -18,77 +25,114 @@ from torch import nn
 
 from glassbox.kernels import cpu_native
 
-INT4_GROUP_SIZE = 32
+BLOCK = 32
+FORMATS = ("q4_1", "q8_0")
 
 
-def int4_supported(in_features: int, out_features: int, group_size: int = INT4_GROUP_SIZE) -> bool:
-    return in_features % group_size == 0 and out_features % 16 == 0
+def supported(in_features: int) -> bool:
+    return in_features % BLOCK == 0
 
 
-class Int4Linear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int = INT4_GROUP_SIZE) -> None:
-        """weight: [out, in] float; quantized per group of `group_size` inputs: w ≈ (q - 8) * scale + zero."""
+def quantize_weight(weight: torch.Tensor, format: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """weight [N, K] float -> (q [N, K] int8, d [N, K / 32] float16, m [N, K / 32] float16 or None), as
+    llama.cpp quantizes (q4_1: d = (max - min) / 15, m = min; q8_0: d = max|w| / 127), with q taken against
+    the float16 scales that are stored."""
+    n, k = weight.shape
+    blocks = weight.detach().float().reshape(n, k // BLOCK, BLOCK)
+    if format == "q4_1":
+        low, high = blocks.amin(-1), blocks.amax(-1)
+        d, m = ((high - low) / 15).half(), low.half()
+        q = ((blocks - m.float()[..., None]) / d.float()[..., None]).nan_to_num_(0).round_().clamp_(0, 15)
+        return q.to(torch.int8).reshape(n, k), d, m
+    if format == "q8_0":
+        d = (blocks.abs().amax(-1) / 127).half()
+        q = (blocks / d.float()[..., None]).nan_to_num_(0).round_().clamp_(-127, 127)
+        return q.to(torch.int8).reshape(n, k), d, None
+    raise ValueError(f"unknown weight format {format!r}; choose one of {', '.join(FORMATS)}")
+
+
+def dequantize_weight(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """The float32 weight [N, K] the blocks stand for."""
+    n, k = q.shape
+    w = q.float().reshape(n, k // BLOCK, BLOCK) * d.float()[..., None]
+    if m is not None:
+        w += m.float()[..., None]
+    return w.reshape(n, k)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] float32 -> (q [M, K] float32 holding integers in [-127, 127], d [M, K / 32], Σq [M, K / 32]),
+    the blocks the kernels multiply (d = max|x| / 127 per block, q = round-half-even(x / d))."""
+    m, k = x.shape
+    blocks = x.float().reshape(m, k // BLOCK, BLOCK)
+    d = blocks.abs().amax(-1).clamp_min(1e-10) / 127
+    q = torch.round(blocks / d[..., None])
+    return q.reshape(m, k), d, q.sum(-1)
+
+
+def pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, d, m) of quantize_weight -> (data, scales) in the kernels' layout (kernels/cpu/kernels.h): groups
+    of `rows` output rows (padded with zero rows), per group and block of 32 inputs the rows interleaved
+    4 inputs at a time, so that one vector load holds the same inputs of every row of the group."""
+    n, k = q.shape
+    pad = -n % rows
+    q, d = nn.functional.pad(q, (0, 0, 0, pad)), nn.functional.pad(d, (0, 0, 0, pad))
+    groups, blocks = (n + pad) // rows, k // BLOCK
+    if m is None:  # q8_0: [groups, blocks, 8 steps, rows, 4]
+        data = q.reshape(groups, rows, blocks, 8, 4).permute(0, 2, 3, 1, 4).contiguous().view(torch.uint8)
+        scales = d.reshape(groups, rows, blocks).permute(0, 2, 1)
+    else:  # q4_1: [groups, blocks, 4 chunks, rows, 4]; input 8j + 4h + t is chunk j, nibble h, byte t
+        nibbles = q.to(torch.uint8).reshape(groups, rows, blocks, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
+        data = (nibbles[..., 0] | (nibbles[..., 1] << 4)).contiguous()
+        m = nn.functional.pad(m, (0, 0, 0, pad))
+        scales = torch.stack([d, m]).reshape(2, groups, rows, blocks).permute(1, 3, 0, 2)
+    return data, scales.contiguous()
+
+
+class QLinear(nn.Module):
+    """A linear layer over block-quantized weights (module docstring); in_features a multiple of 32."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, format: str, native: bool | None = None) -> None:
+        """weight: [out, in] float. native: None = wherever the kernels are available."""
         super().__init__()
-        out_features, in_features = weight.shape
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        groups = weight.float().reshape(out_features, in_features // group_size, group_size)
-        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-        scale = ((high - low) / 15).clamp_min(1e-10)
-        q = ((groups - low) / scale).round_().clamp_(0, 15).to(torch.int32).reshape(out_features, in_features)
-        zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
-        # [in / group, out, 2] (scale, zero), as the kernel wants
-        scales_zeros = torch.cat([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
-        self.register_buffer("packed_weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-        self.register_buffer("scales_zeros", scales_zeros)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x2d.to(torch.bfloat16), self.packed_weight, self.group_size, self.scales_zeros
-        ).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
-
-
-class Int8Linear(nn.Module):
-    """W8A8: int8 weights (one scale per output row) times int8 activations (one scale per token, taken
-    at run time), accumulated exactly in int32. A row's result depends on that row alone, so outputs are
-    the same whatever else is in the batch.
-
-    Two kernels, same bits: the native one (kernels/cpu/int8_linear.c: quantize, VNNI GEMM and scaling in
-    one call, weights packed for it) where the CPU and a compiler allow, else `torch._int_mm` — the
-    readable path below, and the oracle the native kernel is tested against. Only one weight copy is kept.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, native: bool | None = None) -> None:
-        """weight: [out, in] float; w ≈ q * scale[row]. native: None = wherever available."""
-        super().__init__()
-        self.out_features = weight.shape[0]
-        scale = weight.float().abs().amax(1).clamp_min(1e-10) / 127
-        weight_int8 = (weight.float() / scale[:, None]).round_().to(torch.int8)
+        self.out_features, self.in_features = weight.shape
+        self.format = format
         self.native = cpu_native.available() if native is None else native
+        q, d, m = quantize_weight(weight, format)
         if self.native:
-            self.register_buffer("packed_weight", cpu_native.int8_pack(weight_int8))
+            data, scales = pack(q, d, m, cpu_native.rows())
+            self.register_buffer("data", data)
+            self.register_buffer("scales", scales)
         else:
-            # Stored [out, in] and handed to the kernel transposed: faster than a contiguous [in, out] here.
-            self.register_buffer("weight_int8", weight_int8)
-        self.register_buffer("scale", scale)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+            self.register_buffer("q", q)
+            self.register_buffer("d", d)
+            self.register_buffer("m", m)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
+
+    def qweight(self) -> cpu_native.QWeight:
+        """The native kernels' view of this layer's packed weight (read afresh: the tensors may move)."""
+        return cpu_native.qweight(self.data, self.scales, self.bias, self.format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).float()
-        if self.native:
-            y = cpu_native.int8_linear(x2d, self.packed_weight, self.scale, self.bias, self.out_features)
-        else:
-            x_scale = x2d.abs().amax(1, keepdim=True).clamp_min_(1e-10).div_(127)  # [M, 1]
-            x_int8 = torch.round(x2d / x_scale).to(torch.int8)
-            y = torch._int_mm(x_int8, self.weight_int8.t()).float().mul_(x_scale).mul_(self.scale)
-            if self.bias is not None:
-                y += self.bias
+        y = cpu_native.qlinear(x2d, self.qweight(), self.out_features) if self.native else self.reference(x2d)
         y = y.to(x.dtype)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> [M, N] float32 in PyTorch ops: the kernels' math, block by block."""
+        qx, dx, sum_x = quantize_activations(x)
+        q, d, m = self.q.float(), self.d.float(), None if self.m is None else self.m.float()
+        y = torch.zeros(x.shape[0], self.out_features)
+        for b in range(self.in_features // BLOCK):
+            cols = slice(b * BLOCK, (b + 1) * BLOCK)
+            y += (qx[:, cols] @ q[:, cols].t()) * (d[:, b] * dx[:, b, None])  # exact integer sums, then scaled
+            if m is not None:
+                y += m[:, b] * (sum_x[:, b, None] * dx[:, b, None])
+        return y if self.bias is None else y + self.bias
 
     def forward_fused(
         self,
@@ -100,7 +144,7 @@ class Int8Linear(nn.Module):
         """The native kernel with what surrounds the layer folded in (models/llama_native.py): x [M, K]
         float32, first normalized by the RMSNorm `norm` (prologue "rms_norm") or taken as [M, 2K] gate/up
         halves (prologue "silu_mul"); `residual` [M, N] float32 added to the result."""
-        return cpu_native.int8_linear(
-            x, self.packed_weight, self.scale, self.bias, self.out_features, residual, prologue,
+        return cpu_native.qlinear(
+            x, self.qweight(), self.out_features, residual, prologue,
             None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
         )  # fmt: skip

@@ -1,9 +1,10 @@
-"""The Llama decoder layers' forward on the native CPU kernels (kernels/cpu/), for int8 weights in float32.
+"""The Llama decoder layers' forward on the native CPU kernels (kernels/cpu/), for block-quantized weights
+(layers/quantized_linear.QLinear) and float32 activations.
 
 The same computation as `LlamaDecoderLayer.forward`, in five kernel calls instead of ~30 tensor ops — on a
 2-core CPU a batch-1 decode step was bound by dispatching its ~900 ops, not by its arithmetic:
 
-    qkv = qkv_proj(rms_norm(x))             one call: the norm is the int8 GEMM's prologue
+    qkv = qkv_proj(rms_norm(x))             one call: the norm is the quantized GEMM's prologue
     a   = attention(rotary(qkv))            one call (rotary, KV store, paged attention) for a float32 or
                                             bfloat16 cache; the model's own `attend` for others (fp8)
     x   = x + o_proj(a)                     one call: the residual is the GEMM's epilogue
@@ -24,12 +25,12 @@ from torch import nn
 
 from glassbox.kernels import cpu_native
 from glassbox.layers.attention import AttentionMetadata
-from glassbox.layers.quantized_linear import Int8Linear
+from glassbox.layers.quantized_linear import QLinear
 from glassbox.models.llama import LlamaDecoderLayer
 
 
 def supported(model: nn.Module) -> bool:
-    """Whether every decoder layer is a Llama-family layer whose four projections run the native int8 kernel
+    """Whether every decoder layer is a Llama-family layer whose four projections run the native kernel
     (Qwen3's q/k norms excluded)."""
     layers = [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]
     return bool(layers) and all(_supported_layer(layer) for layer in layers)
@@ -39,7 +40,7 @@ def _supported_layer(layer: LlamaDecoderLayer) -> bool:
     if layer.self_attn.qk_norm:
         return False
     projections = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
-    return all(isinstance(p, Int8Linear) and p.native for p in projections)
+    return all(isinstance(p, QLinear) and p.native for p in projections)
 
 
 def layer_forward(
@@ -110,8 +111,7 @@ class NativeStack:
             linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
             rows.append(cpu_native.LlamaLayer(
                 ptr(layer.input_layernorm.weight), ptr(layer.post_attention_layernorm.weight),
-                *(ptr(p.packed_weight) for p in linears), *(ptr(p.scale) for p in linears),
-                *(ptr(p.bias) for p in linears), ptr(attn.attn.k_cache), ptr(attn.attn.v_cache),
+                *(p.qweight() for p in linears), ptr(attn.attn.k_cache), ptr(attn.attn.v_cache),
                 attn.attn.sliding_window or 0,
             ))  # fmt: skip
         return (cpu_native.LlamaLayer * len(rows))(*rows)

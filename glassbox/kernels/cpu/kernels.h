@@ -1,13 +1,31 @@
-// The native CPU kernels' entry points, for the kernels that call each other (llama_layers.c).
+// The native CPU kernels' shared types and the entry points that call each other (llama_layers.c).
 #pragma once
 #include <stdint.h>
 
-// What gb_int8_linear does to its input rows before quantizing them.
+// What gb_qlinear does to its input rows before quantizing them.
 enum { PROLOGUE_NONE = 0, PROLOGUE_RMS_NORM = 1, PROLOGUE_SILU_MUL = 2 };
 
-void gb_int8_linear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue, const float *norm_weight,
-                    float eps, const uint8_t *packed, const float *w_scale, const float *bias, int64_t N, float *y,
-                    int64_t ldy, const float *residual, int64_t ldr);
+// Weight formats, GGUF's block formats over 32 inputs of one output row (w ≈ d·q + m):
+//   Q8_0: q int8 in [-127, 127], scale d (m = 0);   Q4_1: q in [0, 15], scale d and minimum m.
+enum { FORMAT_Q8_0 = 0, FORMAT_Q4_1 = 1 };
+#define QBLOCK 32
+
+// A quantized weight [N, K] packed for the kernels (layers/quantized_linear.py packs it), in groups of
+// gb_rows() output rows (ROWS), per group and block of 32 inputs:
+//   Q8_0 data [N/ROWS, K/32, 8, ROWS, 4] int8: step j holds inputs 4j..4j+3 of each row
+//   Q4_1 data [N/ROWS, K/32, 4, ROWS, 4] uint8: chunk j holds inputs 8j+t (low nibble) and 8j+4+t (high)
+//   scales [N/ROWS, K/32, ROWS] float16 (d), or [N/ROWS, K/32, 2, ROWS] (d, then m) for Q4_1
+// N is padded to a multiple of ROWS (padding rows are 0).
+typedef struct {
+    const void *data;
+    const uint16_t *scales;
+    const float *bias;  // [N] or NULL
+    int64_t format;
+} gb_qweight;
+
+void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue, const float *norm_weight,
+                float eps, const gb_qweight *w, int64_t N, float *y, int64_t ldy, const float *residual,
+                int64_t ldr);
 
 void gb_paged_attention(const float *qkv, int64_t T, int64_t ld_qkv, const float *cos, const float *sin,
                         void *k_cache, void *v_cache, int cache_bf16, const int64_t *slot_mapping,

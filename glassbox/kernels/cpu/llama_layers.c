@@ -3,10 +3,10 @@
 // Python around 150 calls a step (argument conversion, output tensors, module attribute lookups) cost
 // 3-4 ms of a ~13 ms decode step.
 //
-//   qkv = qkv_proj(rms_norm(x))                 gb_int8_linear, RMSNorm prologue
+//   qkv = qkv_proj(rms_norm(x))                 gb_qlinear, RMSNorm prologue
 //   a   = attention(rotary(qkv))                gb_paged_attention (stores the new k, v)
-//   x   = x + o_proj(a)                         gb_int8_linear, residual epilogue, in place
-//   x   = x + down(silu_mul(gate_up(rms_norm(x))))   two gb_int8_linear calls
+//   x   = x + o_proj(a)                         gb_qlinear, residual epilogue, in place
+//   x   = x + down(silu_mul(gate_up(rms_norm(x))))   two gb_qlinear calls
 //
 // x [T, hidden] float32 is updated in place; the step's metadata is gb_paged_attention's.
 
@@ -14,13 +14,10 @@
 
 #include "kernels.h"
 
-// One decoder layer's weights (layers/quantized_linear.Int8Linear's packed weights and scales; a bias
-// may be NULL) and its slices of the KV pool.
+// One decoder layer's weights (layers/quantized_linear.QLinear's packed weights) and its slices of the KV pool.
 typedef struct {
     const float *input_norm, *post_attention_norm;  // [hidden]
-    const uint8_t *qkv, *o, *gate_up, *down;
-    const float *qkv_scale, *o_scale, *gate_up_scale, *down_scale;
-    const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias;
+    gb_qweight qkv, o, gate_up, down;
     void *k_cache, *v_cache;
     int64_t sliding_window;  // 0: none
 } gb_llama_layer;
@@ -36,17 +33,15 @@ void gb_llama_layers(const gb_llama_layer *layers, int64_t num_layers, int64_t h
     float *gate_up = malloc(sizeof(float) * (size_t)(T * 2 * intermediate));
     for (int64_t i = 0; i < num_layers; i++) {
         const gb_llama_layer *l = layers + i;
-        gb_int8_linear(x, T, hidden, hidden, PROLOGUE_RMS_NORM, l->input_norm, eps, l->qkv, l->qkv_scale,
-                       l->qkv_bias, qkv_n, qkv, qkv_n, NULL, 0);
+        gb_qlinear(x, T, hidden, hidden, PROLOGUE_RMS_NORM, l->input_norm, eps, &l->qkv, qkv_n, qkv, qkv_n, NULL, 0);
         gb_paged_attention(qkv, T, qkv_n, cos, sin, l->k_cache, l->v_cache, cache_bf16, slot_mapping,
                            query_start_loc, S, block_tables, max_blocks, context_lens, H, KVH, D, BS, scale,
                            l->sliding_window, attn);
-        gb_int8_linear(attn, T, H * D, H * D, PROLOGUE_NONE, NULL, 0.0f, l->o, l->o_scale, l->o_bias, hidden, x,
-                       hidden, x, hidden);
-        gb_int8_linear(x, T, hidden, hidden, PROLOGUE_RMS_NORM, l->post_attention_norm, eps, l->gate_up,
-                       l->gate_up_scale, l->gate_up_bias, 2 * intermediate, gate_up, 2 * intermediate, NULL, 0);
-        gb_int8_linear(gate_up, T, intermediate, 2 * intermediate, PROLOGUE_SILU_MUL, NULL, 0.0f, l->down,
-                       l->down_scale, l->down_bias, hidden, x, hidden, x, hidden);
+        gb_qlinear(attn, T, H * D, H * D, PROLOGUE_NONE, NULL, 0.0f, &l->o, hidden, x, hidden, x, hidden);
+        gb_qlinear(x, T, hidden, hidden, PROLOGUE_RMS_NORM, l->post_attention_norm, eps, &l->gate_up, 2 * intermediate,
+                   gate_up, 2 * intermediate, NULL, 0);
+        gb_qlinear(gate_up, T, intermediate, 2 * intermediate, PROLOGUE_SILU_MUL, NULL, 0.0f, &l->down, hidden, x,
+                   hidden, x, hidden);
     }
     free(qkv);
     free(attn);

@@ -17,16 +17,17 @@
 //   out [T, H · D] float32
 //
 // A task is a new token with all its heads, so that it reads whole cache rows (one kv head of it where a
-// step has under 4 tokens). Per kv head: scores of 16 keys at a time (16 dot products summed across lanes
-// by one transpose tree instead of 16 horizontal reductions), softmax, then Σ p·v with the accumulators of
-// the kv head's query heads in registers, so that each value row is loaded once.
+// step has under 4 tokens). Per kv head: the scores of its query heads, softmax, then Σ p·v with a query
+// head's output in registers (PV_ACC vectors at a time).
 
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
 #include "kernels.h"
-#include "vec_math.h"
+#include "simd.h"
+
+#define PV_ACC 8  // output vectors in registers while the value rows stream
 
 // x [D] rotated by position (rotate-half layout): x·cos + (-x2, x1)·sin, as apply_rotary computes it.
 static void rotate(const float *x, const float *cos, const float *sin, int64_t D, float *out) {
@@ -35,140 +36,71 @@ static void rotate(const float *x, const float *cos, const float *sin, int64_t D
     for (int64_t i = half; i < D; i++) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
 }
 
-// 16 cache values from element i of row (masked lanes 0), as float32. bfloat16 is float32's top half.
-static inline __attribute__((always_inline)) __m512 load16(const void *row, int64_t i, __mmask16 m, const int bf16) {
-    if (bf16) {
-        const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)row + i);
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-    return _mm512_maskz_loadu_ps(m, (const float *)row + i);
+// Elements [i, i + min(n, VW)) of a cache row, as float32 (the others 0). bfloat16 is float32's top half.
+GB_INLINE vf load_row(const void *row, int64_t i, int64_t n, const int bf16) {
+    return bf16 ? vf_load_bf16_n((const uint16_t *)row + i, n) : vf_load_n((const float *)row + i, n);
 }
 
-// x [D] float32 -> a cache row: copied, or rounded to bfloat16 as torch rounds finite values (to nearest,
-// ties to even).
+// x [D] float32 -> a cache row: copied, or rounded to bfloat16 as torch rounds finite values.
 static void store_row(const float *x, int64_t D, void *row, const int bf16) {
-    for (int64_t i = 0; i < D; i += 16) {
-        const __mmask16 m = tail_mask(D - i);
-        const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
-        if (!bf16) {
-            _mm512_mask_storeu_ps((float *)row + i, m, v);
-            continue;
-        }
-        const __m512i bits = _mm512_castps_si512(v);
-        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-        const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-        _mm256_mask_storeu_epi16((uint16_t *)row + i, m, _mm512_cvtepi32_epi16(rounded));
+    if (!bf16) {
+        memcpy(row, x, sizeof(float) * (size_t)D);
+        return;
     }
-}
-
-// p[j] holds 16 partial sums of key j's dot product; returns lane j = Σ p[j] for the 16 keys.
-static inline __attribute__((always_inline)) __m512 transpose_sum16(const __m512 p[16]) {
-    __m512 a[8], b[4], c[2];
-    // Within each 128-bit chunk, pairs of keys: [a0+a2, b0+b2, a1+a3, b1+b3].
-    for (int i = 0; i < 8; i++)
-        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(p[2 * i], p[2 * i + 1]), _mm512_unpackhi_ps(p[2 * i], p[2 * i + 1]));
-    // Four keys per chunk, one lane each: [k0, k1, k2, k3] partial sums of that chunk.
-    for (int i = 0; i < 4; i++)
-        b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44), _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
-    // Then across the four chunks: pairs of chunks, then the pairs' sums.
-    for (int i = 0; i < 2; i++)
-        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88), _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
-}
-
-// Lane j = q · rows[j] for the first n ≤ 16 rows (lanes past n are 0).
-static inline __attribute__((always_inline)) __m512 dot16(const float *q, const char *const *rows, int n, int64_t D,
-                                                          const int bf16) {
-    __m512 p[16];
-    for (int j = 0; j < 16; j++) p[j] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; d += 16) {
-        const __mmask16 m = tail_mask(D - d);
-        const __m512 qd = _mm512_maskz_loadu_ps(m, q + d);
-#pragma GCC unroll 16
-        for (int j = 0; j < 16; j++)
-            if (j < n) p[j] = _mm512_fmadd_ps(qd, load16(rows[j], d, m, bf16), p[j]);
-    }
-    return _mm512_maskz_mov_ps(tail_mask(n), transpose_sum16(p));
+    for (int64_t i = 0; i < D; i++) ((uint16_t *)row)[i] = float_to_bf16(x[i]);
 }
 
 // s [n] -> softmax(s) in place.
 static inline void softmax(float *s, int64_t n) {
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int64_t i = 0; i < n; i += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tail_mask(n - i), s + i));
-    const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 m = tail_mask(n - i);
-        const __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + i), max)));
-        _mm512_mask_storeu_ps(s + i, m, e);
-        total = _mm512_add_ps(total, e);
+    vf mx = vf_set1(-INFINITY);
+    for (int64_t i = 0; i + VW <= n; i += VW) mx = vf_max(mx, vf_load(s + i));
+    float top = vf_hmax(mx);
+    for (int64_t i = n / VW * VW; i < n; i++) top = s[i] > top ? s[i] : top;
+    const vf max = vf_set1(top);
+    vf total = vf_zero();
+    for (int64_t i = 0; i < n; i += VW) {
+        const vf e = vf_exp(vf_sub(vf_load_n(s + i, n - i), max));
+        vf_store_n(s + i, e, n - i);
+        total = vf_add(total, vf_load_n(s + i, n - i));  // (the stored lanes only)
     }
-    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-    for (int64_t i = 0; i < n; i += 16) _mm512_mask_storeu_ps(s + i, tail_mask(n - i), _mm512_mul_ps(_mm512_maskz_loadu_ps(tail_mask(n - i), s + i), inv));
+    const vf inv = vf_set1(1.0f / vf_sum(total));
+    for (int64_t i = 0; i < n; i += VW) vf_store_n(s + i, vf_mul(vf_load_n(s + i, n - i), inv), n - i);
 }
 
 // The query heads q [NK · G, D] of NK kv heads (kv head j's G heads are q[j·G ..]) over the n keys/values
 // whose cache rows (from the first of the NK kv heads) are k_rows[t], v_rows[t]: out [NK · G, D].
 // probs: scratch [NK · G, n].
-static inline __attribute__((always_inline)) void attend(const float *q, int64_t NK, int64_t G, int64_t D,
-                                                         const char *const *k_rows, const char *const *v_rows,
-                                                         int64_t n, float scale, float *probs, float *out,
-                                                         const int bf16) {
+GB_INLINE void attend(const float *q, int64_t NK, int64_t G, int64_t D, const char *const *k_rows,
+                      const char *const *v_rows, int64_t n, float scale, float *probs, float *out, const int bf16) {
     const int64_t elem = bf16 ? 2 : 4;
-    const __m512 sc = _mm512_set1_ps(scale);
-    for (int64_t t = 0; t < n; t += 16) {
-        const int chunk = n - t < 16 ? (int)(n - t) : 16;
-        // The next chunk's key rows, while this one computes.
-        for (int64_t j = t + 16; j < t + 32 && j < n; j++)
-            for (int64_t b = 0; b < NK * D * elem; b += 64) _mm_prefetch(k_rows[j] + b, _MM_HINT_T0);
-        for (int64_t j = 0; j < NK; j++) {
-            const char *kr[16];
-            for (int i = 0; i < chunk; i++) kr[i] = k_rows[t + i] + j * D * elem;
-            // (a full chunk with n a constant: no per-row checks)
+    for (int64_t j = 0; j < NK; j++) {
+        for (int64_t t = 0; t < n; t++) {
+            const char *k = k_rows[t] + j * D * elem;
+            if (t + 4 < n)  // (the hardware prefetcher does not follow rows scattered over blocks)
+                for (int64_t b = 0; b < D * elem; b += 64) PREFETCH(k_rows[t + 4] + j * D * elem + b);
             for (int64_t g = 0; g < G; g++) {
                 const float *qg = q + (j * G + g) * D;
-                const __m512 dots = chunk == 16 ? dot16(qg, kr, 16, D, bf16) : dot16(qg, kr, chunk, D, bf16);
-                _mm512_mask_storeu_ps(probs + (j * G + g) * n + t, tail_mask(chunk), _mm512_mul_ps(dots, sc));
+                vf dot = vf_zero();
+                for (int64_t d = 0; d < D; d += VW) dot = vf_fma(vf_load_n(qg + d, D - d), load_row(k, d, D - d, bf16), dot);
+                probs[(j * G + g) * n + t] = vf_sum(dot) * scale;
             }
         }
     }
-    const int64_t G0 = G;
-    G *= NK;
-    for (int64_t g = 0; g < G; g++) softmax(probs + g * n, n);
-    // out = Σ_t p_t · v_t: up to 256 values of a head (16 vectors) per pass, as many heads at once as fit in
-    // 16 accumulators (4 heads of 64, 2 of 128), so each value row is loaded once per pass.
-    for (int64_t d0 = 0; d0 < D; d0 += 256) {
-        const int64_t width = D - d0 < 256 ? D - d0 : 256, nv = (width + 15) / 16, heads = 16 / nv;
-        // heads of one kv head at a time (they read the same value rows)
-        for (int64_t g0 = 0, gn; g0 < G; g0 += gn) {
-            gn = G0 - g0 % G0 < heads ? G0 - g0 % G0 : heads;
-            __m512 acc[16];
-            for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t h = 0; h < NK * G; h++) softmax(probs + h * n, n);
+    // out = Σ_t p_t · v_t, PV_ACC vectors of a head at a time.
+    for (int64_t h = 0; h < NK * G; h++) {
+        const int64_t kv = h / G;
+        for (int64_t d0 = 0; d0 < D; d0 += PV_ACC * VW) {
+            vf acc[PV_ACC];
+            for (int c = 0; c < PV_ACC; c++) acc[c] = vf_zero();
             for (int64_t t = 0; t < n; t++) {
-                const char *v = v_rows[t] + ((g0 / G0) * D + d0) * elem;
-                if (t + 8 < n)  // (the hardware prefetcher does not follow rows scattered over blocks)
-                    for (int64_t b = 0; b < width * elem; b += 64) _mm_prefetch(v_rows[t + 8] + ((g0 / G0) * D + d0) * elem + b, _MM_HINT_T0);
-                __m512 vv[16];
-#pragma GCC unroll 16
-                for (int c = 0; c < 16; c++)
-                    if (c < nv) vv[c] = load16(v, 16 * c, tail_mask(width - 16 * c), bf16);
-#pragma GCC unroll 16
-                for (int h = 0; h < 16; h++) {
-                    if (h >= gn) break;
-                    const __m512 p = _mm512_set1_ps(probs[(g0 + h) * n + t]);
-#pragma GCC unroll 16
-                    for (int c = 0; c < 16; c++)
-                        if (c < nv && h * nv + c < 16) acc[h * nv + c] = _mm512_fmadd_ps(p, vv[c], acc[h * nv + c]);
-                }
+                const char *v = v_rows[t] + kv * D * elem;
+                const vf p = vf_set1(probs[h * n + t]);
+#pragma GCC unroll 8
+                for (int c = 0; c < PV_ACC; c++)
+                    if (d0 + c * VW < D) acc[c] = vf_fma(p, load_row(v, d0 + c * VW, D - d0 - c * VW, bf16), acc[c]);
             }
-#pragma GCC unroll 16
-            for (int h = 0; h < 16; h++) {
-                if (h >= gn) break;
-#pragma GCC unroll 16
-                for (int c = 0; c < 16; c++)
-                    if (c < nv && h * nv + c < 16)
-                        _mm512_mask_storeu_ps(out + (g0 + h) * D + d0 + 16 * c, tail_mask(width - 16 * c), acc[h * nv + c]);
-            }
+            for (int c = 0; c < PV_ACC && d0 + c * VW < D; c++) vf_store_n(out + h * D + d0 + c * VW, acc[c], D - d0 - c * VW);
         }
     }
 }

@@ -1,0 +1,354 @@
+// Linear layer over block-quantized weights, as llama.cpp computes it: y = x · wᵀ (+ bias) (+ residual).
+//
+// Weights are GGUF's Q8_0 or Q4_1 blocks (kernels.h), so a GGUF model runs on its weights as stored. Each
+// row of x is quantized per block of 32 values: d = max|x| / 127, q = round-half-even(x / d). Then per
+// output row and block b, an exact integer dot product and two float32 fused multiply-adds:
+//
+//   acc = fma(Σ q_w·q_x, d_w·d_x, acc);   acc = fma(m_w, d_x·Σ q_x, acc)     (the second for Q4_1 only)
+//
+// in block order. Every ISA does exactly this, so every ISA gives the same bits (the RMSNorm and SiLU
+// prologues aside, whose float sums follow the vector width). The PyTorch oracle is QLinear's reference
+// path (layers/quantized_linear.py). Only the integer dot products have a loop per ISA:
+//   AVX-512 VNNI  vpdpbusd: 4 unsigned × 4 signed bytes into int32, 16 rows per vector
+//   AVX2          vpmaddubsw (pairs into int16) + vpmaddwd, 8 rows per vector; Q4 sums stay in int16 over a
+//                 block (at most 16 · 15 · 127 = 30480), Q8 uses the sign trick (|x| · ±w)
+//   NEON          sdot by lane (4 signed × 4 signed bytes into int32), 8 rows as two vectors
+//   generic C     plain loops
+// A step's weights are read once per M_TILE rows of x: a batch-1 decode step streams each weight once.
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+#include "simd.h"
+
+#if GB_AVX512
+#define ROWS 16
+#else
+#define ROWS 8
+#endif
+#define M_TILE 4
+
+int64_t gb_rows(void) { return ROWS; }
+const char *gb_isa(void) { return GB_ISA; }
+
+// The row the GEMM multiplies, into out [K] (the transformed row never goes to memory):
+//   RMS_NORM: x [K] -> x / sqrt(mean(x²) + eps) * norm_weight (as F.rms_norm, to float32 rounding);
+//   SILU_MUL: x [2K] = (gate, up) -> silu(gate) * up (LlamaMLP's activation).
+static void prologue_row(int prologue, const float *x, int64_t K, const float *norm_weight, float eps, float *out) {
+    if (prologue == PROLOGUE_RMS_NORM) {
+        vf ss = vf_zero();
+        for (int64_t k = 0; k < K; k += VW) {
+            const vf v = vf_load_n(x + k, K - k);
+            ss = vf_fma(v, v, ss);
+        }
+        const vf rstd = vf_set1(1.0f / sqrtf(vf_sum(ss) / (float)K + eps));
+        for (int64_t k = 0; k < K; k += VW)
+            vf_store_n(out + k, vf_mul(vf_mul(vf_load_n(x + k, K - k), rstd), vf_load_n(norm_weight + k, K - k)), K - k);
+    } else {  // PROLOGUE_SILU_MUL
+        for (int64_t k = 0; k < K; k += VW) {
+            const vf g = vf_load_n(x + k, K - k), up = vf_load_n(x + K + k, K - k);
+            const vf silu = vf_div(g, vf_add(vf_set1(1.0f), vf_exp(vf_sub(vf_zero(), g))));
+            vf_store_n(out + k, vf_mul(silu, up), K - k);
+        }
+    }
+}
+
+// One row x [K] (K a multiple of 32) -> q [K] int8, and per block its scale d and Σ q.
+static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, int32_t *sum) {
+    for (int64_t b = 0; b < K / QBLOCK; b++) {
+        const float *xb = x + b * QBLOCK;
+        vf amax = vf_zero();
+        for (int i = 0; i < QBLOCK; i += VW) amax = vf_max(amax, vf_abs(vf_load(xb + i)));
+        const float scale = fmaxf(vf_hmax(amax), 1e-10f) / 127.0f;
+        const vf s = vf_set1(scale);
+        float r[QBLOCK];
+        for (int i = 0; i < QBLOCK; i += VW) vf_store(r + i, vf_round(vf_div(vf_load(xb + i), s)));  // as torch.round(x / d)
+        int32_t total = 0;
+        for (int i = 0; i < QBLOCK; i++) {
+            q[b * QBLOCK + i] = (int8_t)(int32_t)r[i];
+            total += (int32_t)r[i];
+        }
+        d[b] = scale;
+        sum[b] = total;
+    }
+}
+
+// The quantized rows of x one tile reads: q [MT][ldq] int8, d and sum [MT][ldq / 32].
+typedef struct {
+    const int8_t *q;
+    const float *d;
+    const int32_t *sum;
+    int64_t ldq;
+} qrows;
+
+#define XQ(i, k) (xr.q + (i) * xr.ldq + (k))
+#define XD(i, b) (xr.d[(i) * (xr.ldq / QBLOCK) + (b)])
+#define XS(i, b) ((float)xr.sum[(i) * (xr.ldq / QBLOCK) + (b)] * XD(i, b))  // d_x · Σ q_x
+
+static inline int32_t load4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+// out [MT][ROWS] = the group's ROWS output rows for MT ≤ M_TILE rows of x. w: the group's data, sc: its
+// scales (kernels.h), nb = K / 32 blocks. MT is a constant at every call site (the accumulators stay in
+// registers).
+#if GB_AVX512
+GB_INLINE void tile(const qrows xr, const int MT, const int format, const uint8_t *w, const uint16_t *sc, int64_t nb, float *out) {
+    __m512 acc[M_TILE];
+    for (int i = 0; i < M_TILE; i++) acc[i] = _mm512_setzero_ps();
+    const __m512i nib = _mm512_set1_epi8(0x0F), bias128 = _mm512_set1_epi8((char)0x80);
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i isum[M_TILE];
+        for (int i = 0; i < M_TILE; i++) isum[i] = _mm512_setzero_si512();
+        __m512 dw, mw = _mm512_setzero_ps();
+        if (format == FORMAT_Q4_1) {
+            const uint8_t *wb = w + b * 4 * ROWS * 4;
+            for (int j = 0; j < 4; j++) {
+                const __m512i v = _mm512_loadu_si512((const void *)(wb + j * ROWS * 4));
+                const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+                for (int i = 0; i < MT; i++) {
+                    isum[i] = _mm512_dpbusd_epi32(isum[i], lo, _mm512_set1_epi32(load4(XQ(i, b * QBLOCK + 8 * j))));
+                    isum[i] = _mm512_dpbusd_epi32(isum[i], hi, _mm512_set1_epi32(load4(XQ(i, b * QBLOCK + 8 * j + 4))));
+                }
+            }
+            dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + b * 2 * ROWS)));
+            mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + b * 2 * ROWS + ROWS)));
+        } else {
+            // w + 128 is the unsigned operand; 128 · Σ q_x is taken back per block.
+            const uint8_t *wb = w + b * 8 * ROWS * 4;
+            for (int j = 0; j < 8; j++) {
+                const __m512i v = _mm512_xor_si512(_mm512_loadu_si512((const void *)(wb + j * ROWS * 4)), bias128);
+                for (int i = 0; i < MT; i++) isum[i] = _mm512_dpbusd_epi32(isum[i], v, _mm512_set1_epi32(load4(XQ(i, b * QBLOCK + 4 * j))));
+            }
+            for (int i = 0; i < MT; i++) isum[i] = _mm512_sub_epi32(isum[i], _mm512_set1_epi32(128 * xr.sum[i * (xr.ldq / QBLOCK) + b]));
+            dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + b * ROWS)));
+        }
+        for (int i = 0; i < MT; i++) {
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i]), _mm512_mul_ps(dw, _mm512_set1_ps(XD(i, b))), acc[i]);
+            if (format == FORMAT_Q4_1) acc[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(XS(i, b)), acc[i]);
+        }
+    }
+    for (int i = 0; i < MT; i++) _mm512_storeu_ps(out + i * ROWS, acc[i]);
+}
+#elif GB_AVX2
+// The accumulators are named variables, one per row of x (GCC keeps an array of them on the stack).
+#define EACH_ROW(X) X(0) X(1) X(2) X(3)
+GB_INLINE void tile(const qrows xr, const int MT, const int format, const uint8_t *w, const uint16_t *sc, int64_t nb, float *out) {
+    const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+#define DECLARE(i) __m256 acc##i = _mm256_setzero_ps(); __m256i s##i;
+    EACH_ROW(DECLARE)
+    for (int64_t b = 0; b < nb; b++) {
+#define ZERO(i) s##i = _mm256_setzero_si256();
+        EACH_ROW(ZERO)
+        __m256 dw, mw = _mm256_setzero_ps();
+        if (format == FORMAT_Q4_1) {
+            // int16 sums: |Σ| ≤ 16 · 15 · 127 over a block; pairs of int16 lanes summed into int32 after it.
+            const uint8_t *wb = w + b * 4 * ROWS * 4;
+#pragma GCC unroll 1
+            for (int j = 0; j < 4; j++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(wb + j * ROWS * 4));
+                const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+#define Q4_STEP(i)                                                                                                  \
+    if (MT > i) {                                                                                                   \
+        s##i = _mm256_add_epi16(s##i, _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load4(XQ(i, b * QBLOCK + 8 * j))))); \
+        s##i = _mm256_add_epi16(s##i, _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load4(XQ(i, b * QBLOCK + 8 * j + 4))))); \
+    }
+                EACH_ROW(Q4_STEP)
+            }
+#define WIDEN(i) s##i = _mm256_madd_epi16(s##i, ones);
+            EACH_ROW(WIDEN)
+            dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + b * 2 * ROWS)));
+            mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + b * 2 * ROWS + ROWS)));
+        } else {
+            // maddubs wants one unsigned operand: |x| · (w with x's sign), each pair ≤ 2 · 127 · 127.
+            const uint8_t *wb = w + b * 8 * ROWS * 4;
+#pragma GCC unroll 1
+            for (int j = 0; j < 8; j++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(wb + j * ROWS * 4));
+#define Q8_STEP(i)                                                                                         \
+    if (MT > i) {                                                                                          \
+        const __m256i x = _mm256_set1_epi32(load4(XQ(i, b * QBLOCK + 4 * j)));                             \
+        const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(v, x));            \
+        s##i = _mm256_add_epi32(s##i, _mm256_madd_epi16(pairs, ones));                                     \
+    }
+                EACH_ROW(Q8_STEP)
+            }
+            dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + b * ROWS)));
+        }
+#define SCALE(i)                                                                                                   \
+    if (MT > i) {                                                                                                  \
+        acc##i = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s##i), _mm256_mul_ps(dw, _mm256_set1_ps(XD(i, b))), acc##i);   \
+        if (format == FORMAT_Q4_1) acc##i = _mm256_fmadd_ps(mw, _mm256_set1_ps(XS(i, b)), acc##i);                 \
+    }
+        EACH_ROW(SCALE)
+    }
+#define STORE(i) if (MT > i) _mm256_storeu_ps(out + i * ROWS, acc##i);
+    EACH_ROW(STORE)
+}
+#elif GB_NEON
+// sdot by lane: lane l of x (its bytes 4l..4l+3) against the 4 bytes of each of a vector's 4 rows.
+#define SDOT(acc, w, x, l) acc = vdotq_laneq_s32(acc, w, x, l)
+GB_INLINE float32x4_t half4(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+GB_INLINE void tile(const qrows xr, const int MT, const int format, const uint8_t *w, const uint16_t *sc, int64_t nb, float *out) {
+    float32x4_t acc[M_TILE][2];
+    for (int i = 0; i < M_TILE; i++) acc[i][0] = acc[i][1] = vdupq_n_f32(0.0f);
+    const uint8x16_t nib = vdupq_n_u8(0x0F);
+    for (int64_t b = 0; b < nb; b++) {
+        int32x4_t isum[M_TILE][2];
+        for (int i = 0; i < M_TILE; i++) isum[i][0] = isum[i][1] = vdupq_n_s32(0);
+        float32x4_t dw[2], mw[2] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)};
+        if (format == FORMAT_Q4_1) {
+            const uint8_t *wb = w + b * 4 * ROWS * 4;
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) {
+                int8x16_t lo[2], hi[2];
+                for (int h = 0; h < 2; h++) {
+                    const uint8x16_t v = vld1q_u8(wb + j * ROWS * 4 + 16 * h);
+                    lo[h] = vreinterpretq_s8_u8(vandq_u8(v, nib));
+                    hi[h] = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
+                }
+                for (int i = 0; i < MT; i++) {
+                    const int8x16_t x = vld1q_s8(XQ(i, b * QBLOCK + 16 * (j / 2)));  // chunk j: lanes 2(j%2), 2(j%2)+1
+                    for (int h = 0; h < 2; h++) {
+                        if (j % 2 == 0) {
+                            SDOT(isum[i][h], lo[h], x, 0);
+                            SDOT(isum[i][h], hi[h], x, 1);
+                        } else {
+                            SDOT(isum[i][h], lo[h], x, 2);
+                            SDOT(isum[i][h], hi[h], x, 3);
+                        }
+                    }
+                }
+            }
+            for (int h = 0; h < 2; h++) {
+                dw[h] = half4(sc + b * 2 * ROWS + 4 * h);
+                mw[h] = half4(sc + b * 2 * ROWS + ROWS + 4 * h);
+            }
+        } else {
+            const uint8_t *wb = w + b * 8 * ROWS * 4;
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) {
+                const int8x16_t v0 = vld1q_s8((const int8_t *)wb + j * ROWS * 4), v1 = vld1q_s8((const int8_t *)wb + j * ROWS * 4 + 16);
+                for (int i = 0; i < MT; i++) {
+                    const int8x16_t x = vld1q_s8(XQ(i, b * QBLOCK + 16 * (j / 4)));
+                    switch (j % 4) {
+                        case 0: SDOT(isum[i][0], v0, x, 0); SDOT(isum[i][1], v1, x, 0); break;
+                        case 1: SDOT(isum[i][0], v0, x, 1); SDOT(isum[i][1], v1, x, 1); break;
+                        case 2: SDOT(isum[i][0], v0, x, 2); SDOT(isum[i][1], v1, x, 2); break;
+                        default: SDOT(isum[i][0], v0, x, 3); SDOT(isum[i][1], v1, x, 3); break;
+                    }
+                }
+            }
+            for (int h = 0; h < 2; h++) dw[h] = half4(sc + b * ROWS + 4 * h);
+        }
+        for (int i = 0; i < MT; i++) {
+            for (int h = 0; h < 2; h++) {
+                acc[i][h] = vfmaq_f32(acc[i][h], vcvtq_f32_s32(isum[i][h]), vmulq_f32(dw[h], vdupq_n_f32(XD(i, b))));
+                if (format == FORMAT_Q4_1) acc[i][h] = vfmaq_f32(acc[i][h], mw[h], vdupq_n_f32(XS(i, b)));
+            }
+        }
+    }
+    for (int i = 0; i < MT; i++) {
+        vst1q_f32(out + i * ROWS, acc[i][0]);
+        vst1q_f32(out + i * ROWS + 4, acc[i][1]);
+    }
+}
+#else
+GB_INLINE void tile(const qrows xr, const int MT, const int format, const uint8_t *w, const uint16_t *sc, int64_t nb, float *out) {
+    for (int i = 0; i < MT * ROWS; i++) out[i] = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        for (int i = 0; i < MT; i++) {
+            const int8_t *x = XQ(i, b * QBLOCK);
+            for (int r = 0; r < ROWS; r++) {
+                int32_t isum = 0;
+                float dw, mw = 0.0f;
+                if (format == FORMAT_Q4_1) {
+                    const uint8_t *wb = w + b * 4 * ROWS * 4;
+                    for (int j = 0; j < 4; j++)
+                        for (int t = 0; t < 4; t++) {
+                            const uint8_t byte = wb[(j * ROWS + r) * 4 + t];
+                            isum += (byte & 0x0F) * x[8 * j + t] + (byte >> 4) * x[8 * j + 4 + t];
+                        }
+                    dw = half_to_float(sc[b * 2 * ROWS + r]);
+                    mw = half_to_float(sc[b * 2 * ROWS + ROWS + r]);
+                } else {
+                    const int8_t *wb = (const int8_t *)w + b * 8 * ROWS * 4;
+                    for (int j = 0; j < 8; j++)
+                        for (int t = 0; t < 4; t++) isum += wb[(j * ROWS + r) * 4 + t] * x[4 * j + t];
+                    dw = half_to_float(sc[b * ROWS + r]);
+                }
+                float *o = out + i * ROWS + r;
+                *o = fmaf((float)isum, dw * XD(i, b), *o);
+                if (format == FORMAT_Q4_1) *o = fmaf(mw, XS(i, b), *o);
+            }
+        }
+    }
+}
+#endif
+
+// x [M, K] (row stride ldx; K a multiple of 32) float32 -> y [M, N] (row stride ldy) float32, x first
+// transformed by the prologue (RMS_NORM: with norm_weight [K] and eps; SILU_MUL: x is [M, 2K]).
+// residual [M, N] (row stride ldr; may alias y) is optional (NULL), as is w->bias.
+void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue, const float *norm_weight,
+                float eps, const gb_qweight *w, int64_t N, float *y, int64_t ldy, const float *residual,
+                int64_t ldr) {
+    const int64_t nb = K / QBLOCK;
+    int8_t *q = aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64));
+    float *d = malloc(sizeof(float) * (size_t)(M * nb));
+    int32_t *sum = malloc(sizeof(int32_t) * (size_t)(M * nb));
+#pragma omp parallel for schedule(static) if (M > 1)
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * ldx;
+        float *transformed = NULL;
+        if (prologue != PROLOGUE_NONE) {
+            transformed = malloc(sizeof(float) * (size_t)K);
+            prologue_row(prologue, row, K, norm_weight, eps, transformed);
+            row = transformed;
+        }
+        quantize_row(row, K, q + m * K, d + m * nb, sum + m * nb);
+        free(transformed);
+    }
+
+    const int64_t groups = (N + ROWS - 1) / ROWS, m_blocks = (M + M_TILE - 1) / M_TILE;
+    const int64_t group_bytes = w->format == FORMAT_Q4_1 ? nb * QBLOCK * ROWS / 2 : nb * QBLOCK * ROWS;
+    const int64_t group_scales = w->format == FORMAT_Q4_1 ? nb * 2 * ROWS : nb * ROWS;
+    // Each thread takes whole groups of output rows (their weights stream once per M_TILE rows of x).
+#pragma omp parallel for schedule(static) collapse(2)
+    for (int64_t g = 0; g < groups; g++) {
+        for (int64_t mb = 0; mb < m_blocks; mb++) {
+            const int64_t m0 = mb * M_TILE, mt = M - m0 < M_TILE ? M - m0 : M_TILE;
+            const qrows xr = {q + m0 * K, d + m0 * nb, sum + m0 * nb, K};
+            const uint8_t *wg = (const uint8_t *)w->data + g * group_bytes;
+            const uint16_t *sg = w->scales + g * group_scales;
+            float out[M_TILE * ROWS];
+#define TILE(MT) w->format == FORMAT_Q4_1 ? tile(xr, MT, FORMAT_Q4_1, wg, sg, nb, out) : tile(xr, MT, FORMAT_Q8_0, wg, sg, nb, out)
+            switch (mt) {
+                case 1: TILE(1); break;
+                case 2: TILE(2); break;
+                case 3: TILE(3); break;
+                default: TILE(4); break;
+            }
+#undef TILE
+            const int64_t n0 = g * ROWS, rows = N - n0 < ROWS ? N - n0 : ROWS;
+            for (int64_t i = 0; i < mt; i++) {
+                for (int64_t r = 0; r < rows; r += VW) {
+                    vf v = vf_load(out + i * ROWS + r);
+                    if (w->bias) v = vf_add(v, vf_load_n(w->bias + n0 + r, rows - r));
+                    if (residual) v = vf_add(vf_load_n(residual + (m0 + i) * ldr + n0 + r, rows - r), v);
+                    vf_store_n(y + (m0 + i) * ldy + n0 + r, v, rows - r);
+                }
+            }
+        }
+    }
+    free(q);
+    free(d);
+    free(sum);
+}
+
+// For the tests: x [M, K] -> q [M, K] int8, d and sum [M, K / 32], as gb_qlinear quantizes its rows.
+void gb_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *q, float *d, int32_t *sum) {
+    for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, q + m * K, d + m * (K / QBLOCK), sum + m * (K / QBLOCK));
+}
