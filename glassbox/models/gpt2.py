@@ -95,7 +95,9 @@ class GPT2Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return self.mlp_residual(self.attention_residual(x, (), meta))
+        # Written out in one frame, as LlamaDecoderLayer.forward (why there).
+        x = x + self.attn(self.ln_1(x), meta)
+        return x + self.mlp(self.ln_2(x))
 
 
 class GPT2Model(nn.Module):

@@ -111,7 +111,10 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        return self.mlp_residual(self.attention_residual(x, (cos, sin), meta))
+        # attention_residual then mlp_residual, written out in one frame: torch.compile (engine/executors.py)
+        # resumes after attention's graph break in this frame, so the residual add fuses with the next norm.
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
