@@ -59,7 +59,7 @@ def test_tokenizer_and_chat_template_match_transformers(ours, reference):
 def test_greedy_continuation_matches_transformers_generate(ours, reference):
     hf_tokenizer, hf_model = reference
     prompts = [ours.tokenizer.encode(p) for p in PROMPTS] + [ours.tokenizer.encode_chat(CHAT)]
-    engine = LLMEngine(ours, EngineConfig(kv_cache_memory=64 << 20))
+    engine = LLMEngine(ours, EngineConfig(kv_cache_memory=64 << 20, quantization="none"))
 
     def generated(prompt_ids: list[int]) -> list[int]:
         """The engine's greedy ids, alone, stop token included (as transformers gives it)."""

@@ -33,7 +33,8 @@ def default_llm():
 
 
 def make_engine(loaded, **options) -> LLMEngine:
-    return LLMEngine(loaded, EngineConfig(**options))
+    """An engine over float32 weights (these tests compare with transformers' float32 forward)."""
+    return LLMEngine(loaded, EngineConfig(**{"quantization": "none", **options}))
 
 
 def random_prompts(count: int, seed: int, vocab: int = 300, lengths=(1, 60)) -> list[list[int]]:
@@ -236,19 +237,20 @@ def test_bad_requests_are_refused_clearly(tiny):
     assert not engine.has_unfinished_requests()
 
 
-def test_int8_mode_is_batch_invariant_and_int4_agrees_with_float32():
-    """W8A8 rows are independent (integer accumulation, per-token scales), so batched == alone exactly;
-    int4 holds the default model's own Q4_1 weights, so its greedy text matches float32's here."""
+def test_quantized_modes_are_batch_invariant_and_auto_agrees_with_float32():
+    """Quantized rows are independent (activation blocks within a row, exact integer sums), so batched ==
+    alone exactly, in the default mode ("auto": the default model's own Q4_1 blocks) and in int8; auto
+    computes the GGUF's own weights, so its greedy text matches float32's here."""
     words = "the a Rome empire history of long and river city".split()
     rng = random.Random(3)
     prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 30))) for _ in range(8)]
     params = SamplingParams(temperature=0, max_tokens=8)
-    int8 = LLM(quantization="int8", kv_cache_memory=64 << 20)
-    assert [o.token_ids for o in int8.generate(prompts, params)] == [int8.generate(p, params)[0].token_ids for p in prompts]
-    int4 = LLM(quantization="int4", kv_cache_memory=64 << 20)
-    float32 = LLM(kv_cache_memory=64 << 20)
+    llms = {mode: LLM(quantization=mode, kv_cache_memory=64 << 20) for mode in ("auto", "int8", "none")}
+    for mode in ("auto", "int8"):
+        llm = llms[mode]
+        assert [o.token_ids for o in llm.generate(prompts, params)] == [llm.generate(p, params)[0].token_ids for p in prompts]
     question = "The capital of France is"
-    assert int4.generate(question, params)[0].text == float32.generate(question, params)[0].text
+    assert llms["auto"].generate(question, params)[0].text == llms["none"].generate(question, params)[0].text
 
 
 # kv_cache_dtype -> (its torch dtype, tokens per float32 token's bytes, tolerances on prompt logprobs of

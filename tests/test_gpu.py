@@ -23,7 +23,7 @@ def test_cuda_float32_engine_matches_cpu(tiny_model_dir, family):
     torch.backends.cuda.matmul.allow_tf32 = False
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     folder = tiny_model_dir(family)
-    cpu = run_all(LLMEngine(load_model(folder), EngineConfig(num_kv_blocks=100, block_size=4)), PROMPTS, params)
+    cpu = run_all(LLMEngine(load_model(folder), EngineConfig(num_kv_blocks=100, block_size=4, quantization="none")), PROMPTS, params)
     gpu_engine = LLMEngine(load_model(folder, dtype="float32", device="cuda"), EngineConfig(num_kv_blocks=100, block_size=4))
     assert gpu_engine.runner.graphs is not None
     gpu = run_all(gpu_engine, PROMPTS, params)
@@ -36,7 +36,7 @@ def test_fp8_kv_cache_on_cuda_gives_the_cpu_tokens(tiny_model_dir):
     torch.backends.cuda.matmul.allow_tf32 = False
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     folder = tiny_model_dir("llama")
-    config = EngineConfig(num_kv_blocks=100, block_size=4, kv_cache_dtype="fp8")
+    config = EngineConfig(num_kv_blocks=100, block_size=4, kv_cache_dtype="fp8", quantization="none")
     cpu = run_all(LLMEngine(load_model(folder), config), PROMPTS, params)
     gpu_engine = LLMEngine(load_model(folder, dtype="float32", device="cuda"), config)
     assert gpu_engine.kv_cache.dtype == torch.float8_e4m3fn and gpu_engine.runner.graphs is not None
@@ -140,7 +140,7 @@ def test_masks_and_attention_scores_on_the_gpu_path(tiny_model_dir):
 
     torch.backends.cuda.matmul.allow_tf32 = False
     folder = tiny_model_dir("llama")
-    cpu = LLMEngine(load_model(folder), EngineConfig(num_kv_blocks=200, block_size=4))
+    cpu = LLMEngine(load_model(folder), EngineConfig(num_kv_blocks=200, block_size=4, quantization="none"))
     gpu = LLMEngine(load_model(folder, dtype="float32", device="cuda"), EngineConfig(num_kv_blocks=200, block_size=4))
     mask = parse_sparsity({"method": "top_k", "k": 3})
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -170,7 +170,7 @@ def test_overlapped_decode_gives_the_cpu_tokens(tiny_model_dir):
     late stop tokens, rows that need the host, an arrival and an abort while a step is in flight)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     folder = tiny_model_dir("llama")
-    config = EngineConfig(num_kv_blocks=300, block_size=4)
+    config = EngineConfig(num_kv_blocks=300, block_size=4, quantization="none")
     prompts, params = async_scheduling_requests(LLMEngine(load_model(folder), config))
     expected, _ = async_scheduling_scenario(LLMEngine(load_model(folder), config), prompts, params)
     engine = LLMEngine(load_model(folder, dtype="float32", device="cuda"), config)

@@ -111,14 +111,15 @@ def _is_tied(model: nn.Module) -> bool:
     )
 
 
-def _format(name: str, weight: torch.Tensor, mode: str) -> str:
+def _blocks(name: str, weight: torch.Tensor, mode: str) -> tuple[str, tuple | torch.Tensor]:
+    """(format, what QLinear quantizes: the weight, or its blocks where they are already made)."""
     if mode == "int8" or (mode == "int4" and name == "lm_head"):
-        return "q8_0"
+        return "q8_0", weight
     if mode == "int4":
-        return "q4_1"
-    q, d, m = quantize_weight(weight, "q4_1")
+        return "q4_1", weight
+    q, d, m = blocks = quantize_weight(weight, "q4_1")
     error = (dequantize_weight(q, d, m) - weight.float()).abs().amax()
-    return "q4_1" if error <= ON_GRID_TOLERANCE * weight.abs().amax() else "q8_0"
+    return ("q4_1", blocks) if error <= ON_GRID_TOLERANCE * weight.abs().amax() else ("q8_0", weight)
 
 
 def _quantize(model: nn.Module, mode: str) -> None:
@@ -128,7 +129,8 @@ def _quantize(model: nn.Module, mode: str) -> None:
         if weight_bias is None or not supported(weight_bias[0].shape[1]):
             continue
         weight, bias = weight_bias
-        replacements.append((name, QLinear(weight, bias, _format(name, weight, mode))))
+        format, blocks = _blocks(name, weight, mode)
+        replacements.append((name, QLinear(blocks, bias, format)))
     for name, new_module in replacements:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new_module)

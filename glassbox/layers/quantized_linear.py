@@ -93,12 +93,13 @@ class QLinear(nn.Module):
     """A linear layer over block-quantized weights (module docstring); in_features a multiple of 32."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, format: str, native: bool | None = None) -> None:
-        """weight: [out, in] float. native: None = wherever the kernels are available."""
+        """weight: [out, in] float, quantized to `format`; or the (q, d, m) blocks of quantize_weight.
+        native: None = wherever the kernels are available."""
         super().__init__()
-        self.out_features, self.in_features = weight.shape
+        q, d, m = quantize_weight(weight, format) if isinstance(weight, torch.Tensor) else weight
+        self.out_features, self.in_features = q.shape
         self.format = format
         self.native = cpu_native.available() if native is None else native
-        q, d, m = quantize_weight(weight, format)
         if self.native:
             data, scales = pack(q, d, m, cpu_native.rows())
             self.register_buffer("data", data)
