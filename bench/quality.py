@@ -20,24 +20,27 @@ from pathlib import Path
 
 CHUNK = 64  # max_num_batched_tokens: the prefill chunk
 NEW_TOKENS = 64
-# (model dtype, kv_cache_dtype, quantization); the first is the reference
+# (model dtype, kv_cache_dtype, quantization, activations); the first is the reference
 CONFIGS = [
-    ("float32", "auto", "none"),
-    ("float32", "auto", "auto"),
-    ("float32", "bfloat16", "auto"),
-    ("float32", "auto", "int8"),
-    ("float32", "bfloat16", "none"),
-    ("float32", "fp8", "none"),
-    ("bfloat16", "auto", "none"),
+    ("float32", "auto", "none", "float32"),
+    ("float32", "auto", "auto", "float32"),
+    ("float32", "auto", "auto", "int8"),
+    ("float32", "bfloat16", "auto", "float32"),
+    ("float32", "auto", "int8", "float32"),
+    ("float32", "auto", "int8", "int8"),
+    ("float32", "bfloat16", "none", "float32"),
+    ("float32", "fp8", "none", "float32"),
+    ("bfloat16", "auto", "none", "float32"),
 ]
 
 
-def run(text: str, dtype: str, kv_cache_dtype: str, quantization: str | None) -> tuple[float, list[list[int]], int]:
+def run(text: str, dtype: str, kv_cache_dtype: str, quantization: str, activations: str
+        ) -> tuple[float, list[list[int]], int]:
     """(perplexity, greedy continuations, text tokens)."""
     from glassbox import LLM, SamplingParams
 
-    llm = LLM(dtype=dtype, kv_cache_dtype=kv_cache_dtype, quantization=quantization, max_num_batched_tokens=CHUNK,
-              kv_cache_memory=256 << 20)
+    llm = LLM(dtype=dtype, kv_cache_dtype=kv_cache_dtype, quantization=quantization, activations=activations,
+              max_num_batched_tokens=CHUNK, kv_cache_memory=256 << 20)
     ids = llm.tokenizer.encode(text)
     scored = llm.generate(ids, SamplingParams(max_tokens=1, prompt_logprobs=0))[0].prompt_logprobs
     logprobs = [entry[1] for entry in scored if entry is not None]
@@ -59,13 +62,13 @@ def main() -> None:
     reference = results[0][1]
     print(f"{Path(args.text).name}: {results[0][2]} tokens; SmolLM2-135M-Instruct; {platform.machine()} CPU; "
           f"{time.strftime('%Y-%m-%d')}\n")
-    print("| model dtype | quantization | KV cache | perplexity | greedy continuations equal to float32's | "
+    print("| model dtype | quantization | activations | KV cache | perplexity | greedy continuations equal to float32's | "
           "mean common prefix |")
-    print("|---|---|---|---:|---:|---:|")
-    for (dtype, kv_cache_dtype, quantization), (perplexity, continuations, _) in zip(configs, results):
+    print("|---|---|---|---|---:|---:|---:|")
+    for (dtype, kv_cache_dtype, quantization, activations), (perplexity, continuations, _) in zip(configs, results):
         prefixes = [next((j for j, (a, b) in enumerate(zip(r, c)) if a != b), len(r))
                     for r, c in zip(reference, continuations)]  # fmt: skip
-        print(f"| {dtype} | {quantization or '-'} | {kv_cache_dtype} | {perplexity:.3f} | {sum(p == NEW_TOKENS for p in prefixes)}/16 | "
+        print(f"| {dtype} | {quantization} | {activations} | {kv_cache_dtype} | {perplexity:.3f} | {sum(p == NEW_TOKENS for p in prefixes)}/16 | "
               f"{sum(prefixes) / 16:.1f} of {NEW_TOKENS} |")
 
 

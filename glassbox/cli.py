@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
         "none = float32",
     )  # fmt: skip
     serve.add_argument(
+        "--activations", choices=["float32", "int8"], default="float32",
+        help="what quantized CPU weights multiply: float32 activations (the model's numerics) or int8 blocks "
+        "(llama.cpp's arithmetic: faster at large batches)",
+    )  # fmt: skip
+    serve.add_argument(
         "--kv-cache-memory", type=float, default=None,
         help="GiB for the KV-cache pool (default: 1 on the CPU; on CUDA, 90%% of the device's memory less the rest)",
     )
@@ -147,6 +152,7 @@ def run_serve(args: argparse.Namespace) -> None:
         max_num_seqs=args.max_num_seqs,
         scheduling_policy=args.scheduling_policy,
         quantization=args.quantization,
+        activations=args.activations,
     )
     engine = AsyncLLMEngine(lambda: LLMEngine(loaded, engine_config)).start()
     # The engine thread holds the GIL for much of each step; hand it over more often (default 5 ms) so

@@ -89,8 +89,13 @@ class EngineConfig:
     # Weights on the CPU (engine/optimize.py): "auto" (each linear in the block format its checkpoint stored,
     # Q4_1 or Q8_0; float32 where the native kernels cannot run), "int4", "int8", or "none" (float32).
     quantization: str | None = "auto"
+    # What quantized CPU weights multiply: "float32" activations (the model's own numerics) or "int8" blocks
+    # of 32 (llama.cpp's arithmetic: integer dot products, faster at large batches; layers/quantized_linear.py).
+    activations: str = "float32"
 
     def __post_init__(self) -> None:
+        if self.activations not in ("float32", "int8"):
+            raise ValueError(f"activations must be 'float32' or 'int8', got {self.activations!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -62,31 +62,33 @@ def floats(raw: bytes, *shape: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=torch.float32).reshape(shape)
 
 
+@pytest.mark.parametrize("activations", ql.ACTIVATIONS)
 @pytest.mark.parametrize("format", ql.FORMATS)
-def test_arm_gemm_gives_the_x86_bits_and_its_prologues_the_torch_ops(arm, format):
+def test_arm_gemm_gives_the_x86_bits_and_its_prologues_the_torch_ops(arm, format, activations):
     g = torch.Generator().manual_seed(11)
     n, k, m = 40, 576, 6
     weight, bias = torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g)
     data, scales = ql.pack(*ql.quantize_weight(weight, format), ARM_ROWS)
     x = torch.randn(m, k, generator=g)
     eps = torch.tensor([1e-5])
-    code = cpu_native.FORMATS[format]
-    y = floats(arm("qlinear", [m, k, n, code, 0, 1], [x, data, scales, bias, eps])[0], m, n)
-    reference = ql.QLinear(weight, bias, format, native=False)
+    code, act = cpu_native.FORMATS[format], cpu_native.ACTIVATIONS[activations]
+    y = floats(arm("qlinear", [m, k, n, code, 0, 1, act], [x, data, scales, bias, eps])[0], m, n)
+    reference = ql.QLinear(weight, bias, format, activations, native=False)
     if cpu_native.library("generic") is not None:  # the x86 plain-C build: the same bits
         x86_data, x86_scales = ql.pack(*ql.quantize_weight(weight, format), cpu_native.rows("generic"))
-        x86 = cpu_native.qlinear(x, cpu_native.qweight(x86_data, x86_scales, reference.bias, format), n, isa="generic")
+        x86_weight = cpu_native.qweight(x86_data, x86_scales, reference.bias, format, activations)
+        x86 = cpu_native.qlinear(x, x86_weight, n, isa="generic")
         assert torch.equal(y, x86)
     expected = reference.reference(x)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
     norm = RMSNorm(k, eps=1e-5)
     norm.weight.data = torch.rand(k, generator=g) + 0.5
-    y = floats(arm("qlinear", [m, k, n, code, 1, 0], [x, data, scales, norm.weight.data, eps])[0], m, n)
+    y = floats(arm("qlinear", [m, k, n, code, 1, 0, act], [x, data, scales, norm.weight.data, eps])[0], m, n)
     expected = reference.reference(norm(x)) - reference.bias
     torch.testing.assert_close(y, expected, rtol=2e-3, atol=2e-3 * expected.abs().max().item())
     gate_up = torch.randn(m, 2 * k, generator=g) * 3
-    y = floats(arm("qlinear", [m, k, n, code, 2, 0], [gate_up, data, scales, eps])[0], m, n)
+    y = floats(arm("qlinear", [m, k, n, code, 2, 0, act], [gate_up, data, scales, eps])[0], m, n)
     gate, up = gate_up.chunk(2, dim=-1)
     expected = reference.reference(F.silu(gate) * up) - reference.bias
     torch.testing.assert_close(y, expected, rtol=2e-3, atol=2e-3 * expected.abs().max().item())

@@ -108,8 +108,9 @@ def test_argmax_is_torch_argmax(isa):
 
 
 @pytest.mark.parametrize("isa", X86_ISAS)
+@pytest.mark.parametrize("activations", ["float32", "int8"])
 @pytest.mark.parametrize("format", ["q4_1", "q8_0"])
-def test_gemm_prologues_and_residual_are_the_torch_ops(isa, format):
+def test_gemm_prologues_and_residual_are_the_torch_ops(isa, format, activations):
     """RMSNorm and SiLU·mul done on each row before it is quantized, the residual added after: the same
     numbers as running the PyTorch ops first (allowed to differ by float32 rounding, which can move a value
     across a rounding boundary of its block: by one step of d_x at most)."""
@@ -120,8 +121,10 @@ def test_gemm_prologues_and_residual_are_the_torch_ops(isa, format):
     norm.weight.data = torch.rand(hidden, generator=g) + 0.5
     proj_w, proj_b, down_w = (torch.randn(out, hidden, generator=g) * 0.05, torch.randn(out, generator=g),
                               torch.randn(out, inner, generator=g) * 0.05)  # fmt: skip
-    proj, down = QLinear(proj_w, proj_b, format, native=False), QLinear(down_w, None, format, native=False)
-    (proj_q, keep), (down_q, keep_too) = packed(proj_w, proj.bias, format, isa), packed(down_w, None, format, isa)
+    proj = QLinear(proj_w, proj_b, format, activations, native=False)
+    down = QLinear(down_w, None, format, activations, native=False)
+    (proj_q, keep), (down_q, keep_too) = (packed(proj_w, proj.bias, format, isa, activations),
+                                          packed(down_w, None, format, isa, activations))  # fmt: skip
     x = torch.randn(9, hidden, generator=g) * 3
     residual = torch.randn(9, out, generator=g)
 

@@ -24,29 +24,31 @@ def runnable(isa: str) -> str:
     return isa
 
 
-def packed(weight: torch.Tensor, bias: torch.Tensor | None, format: str, isa: str) -> tuple:
+def packed(weight: torch.Tensor, bias: torch.Tensor | None, format: str, isa: str, activations: str = "float32") -> tuple:
     """(QWeight, the tensors it points into) of `weight` packed for the kernels of `isa`."""
     data, scales = ql.pack(*ql.quantize_weight(weight, format), cpu_native.rows(isa))
-    return cpu_native.qweight(data, scales, bias, format), (data, scales, bias)
+    return cpu_native.qweight(data, scales, bias, format, activations), (data, scales, bias)
 
 
 @pytest.mark.parametrize("isa", X86_ISAS)
+@pytest.mark.parametrize("activations", ql.ACTIVATIONS)
 @pytest.mark.parametrize("format", ql.FORMATS)
 @pytest.mark.parametrize("out_features,in_features", [(960, 576), (17, 64), (40, 1536), (8, 32)])
 @pytest.mark.parametrize("rows", [1, 3, 4, 9])
-def test_kernel_is_the_reference(isa, format, out_features, in_features, rows):
+def test_kernel_is_the_reference(isa, activations, format, out_features, in_features, rows):
     """kernels/cpu/qlinear.c against QLinear.reference: every tile shape (output rows past a group of 8 or
     16, 1-4 activation rows per register block), with and without bias, strided rows, zero rows, an
-    outlier. The integer sums are exact on both sides; only the float32 order of the scaling differs."""
+    outlier. Only the float32 order of the sums (and, for int8 activations, of the scaling: the integer
+    sums are exact) differs."""
     runnable(isa)
     g = torch.Generator().manual_seed(out_features + rows)
     weight = torch.randn(out_features, in_features, generator=g) * 0.05
     bias = torch.randn(out_features, generator=g) if rows != 3 else None
-    reference = ql.QLinear(weight, bias, format, native=False)
+    reference = ql.QLinear(weight, bias, format, activations, native=False)
     x = torch.randn(rows, in_features + 5, generator=g)[:, :in_features]  # rows with a stride
     x[0, :40] = 0.0
     x[-1, 1] = 40.0
-    qweight, keep = packed(weight, reference.bias, format, isa)
+    qweight, keep = packed(weight, reference.bias, format, isa, activations)
     out = cpu_native.qlinear(x, qweight, out_features, isa=isa)
     expected = reference.reference(x)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
@@ -55,8 +57,9 @@ def test_kernel_is_the_reference(isa, format, out_features, in_features, rows):
 
 
 @pytest.mark.parametrize("isa", X86_ISAS)
+@pytest.mark.parametrize("activations", ql.ACTIVATIONS)
 @pytest.mark.parametrize("format", ql.FORMATS)
-def test_every_instruction_set_gives_the_same_bits(isa, format):
+def test_every_instruction_set_gives_the_same_bits(isa, activations, format):
     """The same integer sums and the same fused multiply-adds in the same order on every ISA: AVX-512, AVX2
     and plain C agree bit for bit (without a prologue, whose float sums follow the vector width)."""
     runnable(isa)
@@ -64,7 +67,7 @@ def test_every_instruction_set_gives_the_same_bits(isa, format):
     weight, x = torch.randn(200, 1536, generator=g) * 0.05, torch.randn(6, 1536, generator=g)
     results = []
     for each in (isa, "generic"):
-        qweight, keep = packed(weight, None, format, each)
+        qweight, keep = packed(weight, None, format, each, activations)
         results.append(cpu_native.qlinear(x, qweight, 200, isa=each))
     assert torch.equal(*results)
 
@@ -83,13 +86,17 @@ def test_activation_blocks_are_the_reference(isa):
 
 @pytest.mark.parametrize("format,bound", [("q8_0", 0.01), ("q4_1", 0.1)])
 def test_quantized_layer_is_close_to_the_float_layer(format, bound):
-    """Relative error of the output against x · wᵀ in float32, for random weights and activations."""
+    """Relative error of the output against x · wᵀ in float32, for random weights and activations; with
+    float32 activations, the dequantized weights' own product to float32 rounding."""
     g = torch.Generator().manual_seed(3)
     weight, x = torch.randn(64, 256, generator=g) * 0.05, torch.randn(7, 256, generator=g)
     expected = x @ weight.t()
     for native in {False, cpu_native.available()}:
-        out = ql.QLinear(weight, None, format, native=native)(x)
-        assert (out - expected).norm() / expected.norm() < bound
+        for activations in ql.ACTIVATIONS:
+            out = ql.QLinear(weight, None, format, activations, native=native)(x)
+            assert (out - expected).norm() / expected.norm() < bound
+        exact = x @ ql.dequantize_weight(*ql.quantize_weight(weight, format)).t()
+        torch.testing.assert_close(ql.QLinear(weight, None, format, native=native)(x), exact, rtol=1e-5, atol=1e-5)
 
 
 def test_the_default_model_runs_its_gguf_blocks_as_stored():

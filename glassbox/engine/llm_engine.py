@@ -60,7 +60,7 @@ class LLMEngine:
         )
         cfg = self.config
         on_cuda = loaded.device.type == "cuda"
-        optimize_model(loaded.model, cfg.quantization)
+        optimize_model(loaded.model, cfg.quantization, cfg.activations)
         if loaded.device.type == "cpu":
             cpu_native.keep_freed_memory()
         if on_cuda:

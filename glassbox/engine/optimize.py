@@ -62,9 +62,10 @@ def resolve(quantization: str | None, device: torch.device) -> str:
     return quantization
 
 
-def optimize_model(model: nn.Module, quantization: str | None = "auto") -> str:
+def optimize_model(model: nn.Module, quantization: str | None = "auto", activations: str = "float32") -> str:
     """Convert the weights in place, once per model; returns the mode it runs (`resolve`). A second
-    engine over the same model must ask for a mode that agrees with the first one's."""
+    engine over the same model must ask for a mode that agrees with the first one's (its quantized layers
+    keep the activations they were made with)."""
     device = next(model.parameters()).device
     mode = resolve(quantization, device)
     done = weight_format(model)
@@ -77,7 +78,7 @@ def optimize_model(model: nn.Module, quantization: str | None = "auto") -> str:
         if mode == "none":
             _column_major(model)
         else:
-            _quantize(model, mode)
+            _quantize(model, mode, activations)
         _copy_out_of_checkpoint(model)
     return mode
 
@@ -122,7 +123,7 @@ def _blocks(name: str, weight: torch.Tensor, mode: str) -> tuple[str, tuple | to
     return ("q4_1", blocks) if error <= ON_GRID_TOLERANCE * weight.abs().amax() else ("q8_0", weight)
 
 
-def _quantize(model: nn.Module, mode: str) -> None:
+def _quantize(model: nn.Module, mode: str, activations: str) -> None:
     replacements = []
     for name, module in model.named_modules():
         weight_bias = _linear_weight(module)
@@ -130,9 +131,10 @@ def _quantize(model: nn.Module, mode: str) -> None:
             continue
         weight, bias = weight_bias
         format, blocks = _blocks(name, weight, mode)
-        replacements.append((name, QLinear(blocks, bias, format)))
+        replacements.append((name, QLinear(blocks, bias, format, activations)))
     for name, new_module in replacements:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new_module)
     formats = sorted({m.format for _, m in replacements})
-    log.info("quantization=%s: %d linear layers in %s", mode, len(replacements), "+".join(formats) or "float")
+    log.info("quantization=%s: %d linear layers in %s, %s activations", mode, len(replacements),
+             "+".join(formats) or "float", activations)

@@ -58,7 +58,7 @@ _P, _I, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 class QWeight(ctypes.Structure):
     """kernels.h's gb_qweight: a packed block-quantized weight (layers/quantized_linear.QLinear)."""
 
-    _fields_ = [("data", _P), ("scales", _P), ("bias", _P), ("format", _I)]
+    _fields_ = [("data", _P), ("scales", _P), ("bias", _P), ("format", _I), ("activations", _I)]
 
 
 class LlamaLayer(ctypes.Structure):
@@ -87,6 +87,8 @@ CACHE_DTYPES = (torch.float32, torch.bfloat16)
 PROLOGUES = {None: 0, "rms_norm": 1, "silu_mul": 2}
 # Weight formats (kernels/cpu/kernels.h): GGUF's blocks of 32 inputs.
 FORMATS = {"q8_0": 0, "q4_1": 1}
+# What the weights multiply (kernels/cpu/kernels.h): the float32 activations, or their int8 blocks.
+ACTIVATIONS = {"float32": 0, "int8": 1}
 BLOCK = 32
 
 
@@ -201,9 +203,11 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def qweight(data: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, format: str) -> QWeight:
+def qweight(
+    data: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, format: str, activations: str = "float32"
+) -> QWeight:
     """The kernels' view of a packed weight (the tensors must outlive it)."""
-    return QWeight(data.data_ptr(), scales.data_ptr(), _ptr(bias), FORMATS[format])
+    return QWeight(data.data_ptr(), scales.data_ptr(), _ptr(bias), FORMATS[format], ACTIVATIONS[activations])
 
 
 def qlinear(

@@ -7,11 +7,15 @@ Weights are stored in GGUF's block formats, each block 32 inputs of one output r
 Quantizing a GGUF model's dequantized weights gives its blocks back, so a Q4_1 GGUF runs on the weights it
 stores (tests/test_quantized_linear.py checks it on the default model).
 
-Activations are quantized per block of 32 at run time, d = max|x| / 127 — llama.cpp's Q8 activations,
-whose error is what keeps its quality at float32's (one scale per row, as the earlier W8A8 mode did, let a
-single outlier coarsen the whole row: perplexity +3.5%). Then per block an exact integer dot product,
-scaled by d_w·d_x (and m_w·d_x·Σq_x for Q4_1). A row's result depends on that row alone, so outputs are
-the same whatever else is in the batch.
+The activations multiply them in one of two ways:
+- "float32" (the default): each weight dequantized on the fly and multiplied in float32 — the model's own
+  numerics, reading 4 or 8 bits a weight;
+- "int8": activations quantized per block of 32 at run time, d = max|x| / 127 — llama.cpp's arithmetic:
+  an exact integer dot product per block, scaled by d_w·d_x (and m_w·d_x·Σq_x for Q4_1). Faster at large
+  batches; one scale per block keeps perplexity within 0.3% of float32's on the default model (one scale
+  per row, as an earlier mode did, let a single outlier coarsen the whole row: +3.5%), but greedy text
+  drifts from float32's after ~20 tokens.
+Either way a row's result depends on that row alone, so outputs are the same whatever else is in the batch.
 
 Two kernels, same math: the native one (kernels/cpu/qlinear.c, one call per layer, weights packed for it)
 where a compiler allows, else `QLinear.reference` — the readable path below, and the oracle the native
@@ -27,6 +31,7 @@ from glassbox.kernels import cpu_native
 
 BLOCK = 32
 FORMATS = ("q4_1", "q8_0")
+ACTIVATIONS = ("float32", "int8")
 
 
 def supported(in_features: int) -> bool:
@@ -92,13 +97,22 @@ def pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, rows: int) ->
 class QLinear(nn.Module):
     """A linear layer over block-quantized weights (module docstring); in_features a multiple of 32."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, format: str, native: bool | None = None) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor | tuple,
+        bias: torch.Tensor | None,
+        format: str,
+        activations: str = "float32",
+        native: bool | None = None,
+    ) -> None:
         """weight: [out, in] float, quantized to `format`; or the (q, d, m) blocks of quantize_weight.
         native: None = wherever the kernels are available."""
         super().__init__()
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"unknown activations {activations!r}; choose one of {', '.join(ACTIVATIONS)}")
         q, d, m = quantize_weight(weight, format) if isinstance(weight, torch.Tensor) else weight
         self.out_features, self.in_features = q.shape
-        self.format = format
+        self.format, self.activations = format, activations
         self.native = cpu_native.available() if native is None else native
         if self.native:
             data, scales = pack(q, d, m, cpu_native.rows())
@@ -111,11 +125,12 @@ class QLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
+                f"activations={self.activations}")
 
     def qweight(self) -> cpu_native.QWeight:
         """The native kernels' view of this layer's packed weight (read afresh: the tensors may move)."""
-        return cpu_native.qweight(self.data, self.scales, self.bias, self.format)
+        return cpu_native.qweight(self.data, self.scales, self.bias, self.format, self.activations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).float()
@@ -124,15 +139,19 @@ class QLinear(nn.Module):
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] -> [M, N] float32 in PyTorch ops: the kernels' math, block by block."""
-        qx, dx, sum_x = quantize_activations(x)
-        q, d, m = self.q.float(), self.d.float(), None if self.m is None else self.m.float()
-        y = torch.zeros(x.shape[0], self.out_features)
-        for b in range(self.in_features // BLOCK):
-            cols = slice(b * BLOCK, (b + 1) * BLOCK)
-            y += (qx[:, cols] @ q[:, cols].t()) * (d[:, b] * dx[:, b, None])  # exact integer sums, then scaled
-            if m is not None:
-                y += m[:, b] * (sum_x[:, b, None] * dx[:, b, None])
+        """x [M, K] -> [M, N] float32 in PyTorch ops: the kernels' math (to float32 rounding)."""
+        q, d, m = self.q, self.d, self.m
+        if self.activations == "float32":
+            y = x.float() @ dequantize_weight(q, d, m).t()
+        else:  # block by block: exact integer sums, then scaled
+            qx, dx, sum_x = quantize_activations(x)
+            q, d, m = q.float(), d.float(), None if m is None else m.float()
+            y = torch.zeros(x.shape[0], self.out_features)
+            for b in range(self.in_features // BLOCK):
+                cols = slice(b * BLOCK, (b + 1) * BLOCK)
+                y += (qx[:, cols] @ q[:, cols].t()) * (d[:, b] * dx[:, b, None])
+                if m is not None:
+                    y += m[:, b] * (sum_x[:, b, None] * dx[:, b, None])
         return y if self.bias is None else y + self.bias
 
     def forward_fused(

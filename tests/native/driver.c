@@ -3,7 +3,7 @@
 //
 // Input: an operation name (16 bytes, NUL padded), int64 parameters, then arrays, each an int64 byte count
 // and its bytes. Output: the output arrays the same way.
-//   qlinear   params M K N format prologue has_bias; arrays x [M, K or 2K] f32, data, scales, bias?,
+//   qlinear   params M K N format prologue has_bias activations; arrays x [M, K or 2K] f32, data, scales, bias?,
 //             norm_weight? (rms_norm), eps [1] f32          -> y [M, N] f32
 //   argmax    params M N; arrays x [M, N] f32               -> out [M] i64
 //   attention params T ld_qkv cache_bf16 S max_blocks H KVH D BS window; arrays qkv, cos, sin, k_cache,
@@ -39,10 +39,10 @@ int main(void) {
     if (!strcmp(op, "isa")) {
         write_array(gb_isa(), (int64_t)strlen(gb_isa()));
     } else if (!strcmp(op, "qlinear")) {
-        if (fread(p, sizeof(int64_t), 6, stdin) != 6) return 2;
+        if (fread(p, sizeof(int64_t), 7, stdin) != 7) return 2;
         const int64_t M = p[0], K = p[1], N = p[2], prologue = p[4];
         float *x = read_array(&n);
-        gb_qweight w = {read_array(&n), read_array(&n), NULL, p[3]};
+        gb_qweight w = {read_array(&n), read_array(&n), NULL, p[3], p[6]};
         if (p[5]) w.bias = read_array(&n);
         float *norm = prologue == PROLOGUE_RMS_NORM ? read_array(&n) : NULL;
         float *eps = read_array(&n);

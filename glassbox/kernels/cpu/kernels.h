@@ -9,6 +9,9 @@ enum { PROLOGUE_NONE = 0, PROLOGUE_RMS_NORM = 1, PROLOGUE_SILU_MUL = 2 };
 //   Q8_0: q int8 in [-127, 127], scale d (m = 0);   Q4_1: q in [0, 15], scale d and minimum m.
 enum { FORMAT_Q8_0 = 0, FORMAT_Q4_1 = 1 };
 #define QBLOCK 32
+// What the weights multiply: the float32 activations (the model's own numerics), or the activations
+// quantized per block of 32 to int8 (llama.cpp's arithmetic: integer dot products, faster at large batches).
+enum { ACTIVATIONS_FLOAT32 = 0, ACTIVATIONS_INT8 = 1 };
 
 // A quantized weight [N, K] packed for the kernels (layers/quantized_linear.py packs it), in groups of
 // gb_rows() output rows (ROWS), per group and block of 32 inputs:
@@ -21,6 +24,7 @@ typedef struct {
     const uint16_t *scales;
     const float *bias;  // [N] or NULL
     int64_t format;
+    int64_t activations;
 } gb_qweight;
 
 void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue, const float *norm_weight,

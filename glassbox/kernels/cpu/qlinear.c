@@ -1,14 +1,25 @@
-// Linear layer over block-quantized weights, as llama.cpp computes it: y = x · wᵀ (+ bias) (+ residual).
+// Linear layer over block-quantized weights: y = x · wᵀ (+ bias) (+ residual).
 //
-// Weights are GGUF's Q8_0 or Q4_1 blocks (kernels.h), so a GGUF model runs on its weights as stored. Each
-// row of x is quantized per block of 32 values: d = max|x| / 127, q = round-half-even(x / d). Then per
-// output row and block b, an exact integer dot product and two float32 fused multiply-adds:
+// Weights are GGUF's Q8_0 or Q4_1 blocks (kernels.h), so a GGUF model runs on its weights as stored. The
+// activations are multiplied one of two ways (gb_qweight.activations):
+//
+// FLOAT32 (the default): each weight is dequantized in registers (w = fma(q, d, m)) and multiplied with
+// the float32 activations, two fused multiply-add chains per output (ftile): the model's own numerics, as
+// a float32 GEMM over the dequantized weights, reading 4 or 8 bits a weight.
+//
+// INT8, as llama.cpp computes: each row of x quantized per block of 32 values (d = max|x| / 127,
+// q = round-half-even(x / d)), then per output row and block an exact integer dot product and two float32
+// fused multiply-adds, in block order (tile):
 //
 //   acc = fma(Σ q_w·q_x, d_w·d_x, acc);   acc = fma(m_w, d_x·Σ q_x, acc)     (the second for Q4_1 only)
 //
-// in block order. Every ISA does exactly this, so every ISA gives the same bits (the RMSNorm and SiLU
-// prologues aside, whose float sums follow the vector width). The PyTorch oracle is QLinear's reference
-// path (layers/quantized_linear.py). Only the integer dot products have a loop per ISA:
+// Integer dot products do 2-4x the work per instruction of float ones, at the cost of rounding every
+// activation to 255 levels per block (perplexity +0.3% on the default model, but greedy text drifts from
+// float32's after ~20 tokens: docs/benchmarks.md).
+//
+// Both ways, every ISA does exactly these operations in this order, so every ISA gives the same bits (the
+// RMSNorm and SiLU prologues aside, whose float sums follow the vector width). The PyTorch oracle is
+// QLinear's reference path (layers/quantized_linear.py). Per ISA, only the inner loops differ:
 //   AVX-512 VNNI  vpdpbusd: 4 unsigned × 4 signed bytes into int32, 16 rows per vector
 //   AVX2          vpmaddubsw (pairs into int16) + vpmaddwd, 8 rows per vector; Q4 sums stay in int16 over a
 //                 block (at most 16 · 15 · 127 = 30480), Q8 uses the sign trick (|x| · ±w)
@@ -289,6 +300,82 @@ GB_INLINE void tile(const qrows xr, const int MT, const int format, const uint8_
 }
 #endif
 
+// ---- float32 activations: each weight dequantized once per tile, multiplied in float32 ----
+// The 32-bit lane of a packed step holds 4 bytes of one output row (kernels.h), so a vector of lanes is a
+// vector of rows: byte t of each lane, shifted and masked, is the weight of input t (Q8_0, sign extended)
+// or, per nibble, of inputs t and t + 4 (Q4_1). dq4/dq8 -> VW rows' values of one input, as float.
+#if GB_AVX512
+GB_INLINE vf dq4(const uint8_t *p, int shift) {
+    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(_mm512_loadu_si512((const void *)p), shift), _mm512_set1_epi32(0xF)));
+}
+GB_INLINE vf dq8(const uint8_t *p, int t) {
+    return _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(_mm512_loadu_si512((const void *)p), 24 - 8 * t), 24));
+}
+#elif GB_AVX2
+GB_INLINE vf dq4(const uint8_t *p, int shift) {
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)p), shift), _mm256_set1_epi32(0xF)));
+}
+GB_INLINE vf dq8(const uint8_t *p, int t) {
+    return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)p), 24 - 8 * t), 24));
+}
+#elif GB_NEON
+GB_INLINE vf dq4(const uint8_t *p, int shift) {
+    return vcvtq_f32_u32(vandq_u32(vshlq_u32(vld1q_u32((const uint32_t *)p), vdupq_n_s32(-shift)), vdupq_n_u32(0xF)));
+}
+GB_INLINE vf dq8(const uint8_t *p, int t) {
+    return vcvtq_f32_s32(vshlq_s32(vshlq_s32(vld1q_s32((const int32_t *)p), vdupq_n_s32(24 - 8 * t)), vdupq_n_s32(-24)));
+}
+#else
+GB_INLINE vf dq4(const uint8_t *p, int shift) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return (float)((v >> shift) & 0xF);
+}
+GB_INLINE vf dq8(const uint8_t *p, int t) { return (float)(int8_t)p[t]; }
+#endif
+
+// out [MT][ROWS] = the group's rows for MT ≤ M_TILE rows of x (row stride ldx), in float32: per output, two
+// sums by fused multiply-adds in input order — of the inputs k with k / 4 even, and with k / 4 odd (two
+// chains keep two multiply-adds in flight) — then their sum. w = fma(q, d, m) for Q4_1, q · d for Q8_0.
+GB_INLINE void ftile(const float *x, int64_t ldx, const int MT, const int format, const uint8_t *w, const uint16_t *sc,
+                     int64_t nb, float *out) {
+#pragma GCC unroll 8
+    for (int rv = 0; rv < ROWS; rv += VW) {
+        vf acc[M_TILE][2];
+        for (int i = 0; i < M_TILE; i++) acc[i][0] = acc[i][1] = vf_zero();
+        for (int64_t b = 0; b < nb; b++) {
+            const float *xb = x + b * QBLOCK;
+            if (format == FORMAT_Q4_1) {
+                const vf d = vf_load_half(sc + b * 2 * ROWS + rv), m = vf_load_half(sc + b * 2 * ROWS + ROWS + rv);
+                const uint8_t *wb = w + b * 4 * ROWS * 4 + rv * 4;
+                for (int j = 0; j < 4; j++) {
+#pragma GCC unroll 4
+                    for (int t = 0; t < 4; t++) {
+#pragma GCC unroll 2
+                        for (int h = 0; h < 2; h++) {
+                            const vf wv = vf_fma(dq4(wb + j * ROWS * 4, 8 * t + 4 * h), d, m);
+                            for (int i = 0; i < MT; i++)
+                                acc[i][h] = vf_fma(wv, vf_set1(xb[i * ldx + 8 * j + 4 * h + t]), acc[i][h]);
+                        }
+                    }
+                }
+            } else {
+                const vf d = vf_load_half(sc + b * ROWS + rv);
+                const uint8_t *wb = w + b * 8 * ROWS * 4 + rv * 4;
+#pragma GCC unroll 2
+                for (int j = 0; j < 8; j++) {
+#pragma GCC unroll 4
+                    for (int t = 0; t < 4; t++) {
+                        const vf wv = vf_mul(dq8(wb + j * ROWS * 4, t), d);
+                        for (int i = 0; i < MT; i++) acc[i][j % 2] = vf_fma(wv, vf_set1(xb[i * ldx + 4 * j + t]), acc[i][j % 2]);
+                    }
+                }
+            }
+        }
+        for (int i = 0; i < MT; i++) vf_store(out + i * ROWS + rv, vf_add(acc[i][0], acc[i][1]));
+    }
+}
+
 // x [M, K] (row stride ldx; K a multiple of 32) float32 -> y [M, N] (row stride ldy) float32, x first
 // transformed by the prologue (RMS_NORM: with norm_weight [K] and eps; SILU_MUL: x is [M, 2K]).
 // residual [M, N] (row stride ldr; may alias y) is optional (NULL), as is w->bias.
@@ -296,21 +383,30 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
                 float eps, const gb_qweight *w, int64_t N, float *y, int64_t ldy, const float *residual,
                 int64_t ldr) {
     const int64_t nb = K / QBLOCK;
-    int8_t *q = aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64));
-    float *d = malloc(sizeof(float) * (size_t)(M * nb));
-    int32_t *sum = malloc(sizeof(int32_t) * (size_t)(M * nb));
+    const int int8 = w->activations == ACTIVATIONS_INT8;
+    // float32 activations: the rows themselves, or their transformed copies; int8: their blocks.
+    float *rows = prologue != PROLOGUE_NONE && !int8 ? malloc(sizeof(float) * (size_t)(M * K)) : NULL;
+    int8_t *q = int8 ? aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64)) : NULL;
+    float *d = int8 ? malloc(sizeof(float) * (size_t)(M * nb)) : NULL;
+    int32_t *sum = int8 ? malloc(sizeof(int32_t) * (size_t)(M * nb)) : NULL;
+    if (prologue != PROLOGUE_NONE || int8) {
 #pragma omp parallel for schedule(static) if (M > 1)
-    for (int64_t m = 0; m < M; m++) {
-        const float *row = x + m * ldx;
-        float *transformed = NULL;
-        if (prologue != PROLOGUE_NONE) {
-            transformed = malloc(sizeof(float) * (size_t)K);
-            prologue_row(prologue, row, K, norm_weight, eps, transformed);
-            row = transformed;
+        for (int64_t m = 0; m < M; m++) {
+            const float *row = x + m * ldx;
+            float *transformed = rows ? rows + m * K : NULL;
+            if (prologue != PROLOGUE_NONE) {
+                if (!transformed) transformed = malloc(sizeof(float) * (size_t)K);
+                prologue_row(prologue, row, K, norm_weight, eps, transformed);
+                row = transformed;
+            }
+            if (int8) {
+                quantize_row(row, K, q + m * K, d + m * nb, sum + m * nb);
+                free(transformed);
+            }
         }
-        quantize_row(row, K, q + m * K, d + m * nb, sum + m * nb);
-        free(transformed);
     }
+    const float *xf = rows ? rows : x;
+    const int64_t ldf = rows ? K : ldx;
 
     const int64_t groups = (N + ROWS - 1) / ROWS, m_blocks = (M + M_TILE - 1) / M_TILE;
     const int64_t group_bytes = w->format == FORMAT_Q4_1 ? nb * QBLOCK * ROWS / 2 : nb * QBLOCK * ROWS;
@@ -323,8 +419,17 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
             const qrows xr = {q + m0 * K, d + m0 * nb, sum + m0 * nb, K};
             const uint8_t *wg = (const uint8_t *)w->data + g * group_bytes;
             const uint16_t *sg = w->scales + g * group_scales;
+            const float *xm = xf + m0 * ldf;
             float out[M_TILE * ROWS];
-#define TILE(MT) w->format == FORMAT_Q4_1 ? tile(xr, MT, FORMAT_Q4_1, wg, sg, nb, out) : tile(xr, MT, FORMAT_Q8_0, wg, sg, nb, out)
+            // (every combination spelled out: MT and the format are constants inside each tile)
+#define TILE(MT)                                                                                                     \
+    if (int8) {                                                                                                      \
+        if (w->format == FORMAT_Q4_1) tile(xr, MT, FORMAT_Q4_1, wg, sg, nb, out);                                   \
+        else tile(xr, MT, FORMAT_Q8_0, wg, sg, nb, out);                                                            \
+    } else {                                                                                                         \
+        if (w->format == FORMAT_Q4_1) ftile(xm, ldf, MT, FORMAT_Q4_1, wg, sg, nb, out);                             \
+        else ftile(xm, ldf, MT, FORMAT_Q8_0, wg, sg, nb, out);                                                      \
+    }
             switch (mt) {
                 case 1: TILE(1); break;
                 case 2: TILE(2); break;
@@ -343,6 +448,7 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
             }
         }
     }
+    free(rows);
     free(q);
     free(d);
     free(sum);

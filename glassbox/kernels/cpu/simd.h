@@ -68,6 +68,7 @@ GB_INLINE vf vf_pow2i(vf n) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm51
 GB_INLINE vf vf_load_bf16_n(const uint16_t *p, int64_t n) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes(n), p)), 16));
 }
+GB_INLINE vf vf_load_half(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
 #elif GB_AVX2
 GB_INLINE __m256i lanes(int64_t n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n < 0 ? 0 : n > 8 ? 8 : n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -102,6 +103,7 @@ GB_INLINE float vf_hmax(vf a) {
 }
 GB_INLINE int vf_any_eq(vf a, float x) { return _mm256_movemask_ps(_mm256_cmp_ps(a, _mm256_set1_ps(x), _CMP_EQ_OQ)) != 0; }
 GB_INLINE vf vf_pow2i(vf n) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23)); }
+GB_INLINE vf vf_load_half(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 GB_INLINE vf vf_load_bf16_n(const uint16_t *p, int64_t n) {
     __m128i h;
     if (n >= 8) {
@@ -146,6 +148,7 @@ GB_INLINE float vf_sum(vf a) { return vaddvq_f32(a); }
 GB_INLINE float vf_hmax(vf a) { return vmaxvq_f32(a); }
 GB_INLINE int vf_any_eq(vf a, float x) { return vmaxvq_u32(vceqq_f32(a, vdupq_n_f32(x))) != 0; }
 GB_INLINE vf vf_pow2i(vf n) { return vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(n), vdupq_n_s32(127)), 23)); }
+GB_INLINE vf vf_load_half(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
 GB_INLINE vf vf_load_bf16_n(const uint16_t *p, int64_t n) {
     uint16_t tmp[4] = {0};
     memcpy(tmp, p, sizeof(uint16_t) * (size_t)(n < 0 ? 0 : n > 4 ? 4 : n));
@@ -225,6 +228,10 @@ static inline float half_to_float(uint16_t h) {
     memcpy(&f, &bits, 4);
     return f;
 }
+
+#if GB_GENERIC
+GB_INLINE vf vf_load_half(const uint16_t *p) { return half_to_float(*p); }
+#endif
 
 static inline uint16_t float_to_bf16(float x) {
     uint32_t bits;
