@@ -35,10 +35,11 @@
 
 #if GB_AVX512
 #define ROWS 16
+#define M_TILE 8  // rows of x per register block (32 vector registers here, 16 for AVX2)
 #else
 #define ROWS 8
-#endif
 #define M_TILE 4
+#endif
 
 int64_t gb_rows(void) { return ROWS; }
 const char *gb_isa(void) { return GB_ISA; }
@@ -434,7 +435,13 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
                 case 1: TILE(1); break;
                 case 2: TILE(2); break;
                 case 3: TILE(3); break;
-                default: TILE(4); break;
+#if M_TILE > 4
+                case 4: TILE(4); break;
+                case 5: TILE(5); break;
+                case 6: TILE(6); break;
+                case 7: TILE(7); break;
+#endif
+                default: TILE(M_TILE); break;
             }
 #undef TILE
             const int64_t n0 = g * ROWS, rows = N - n0 < ROWS ? N - n0 : ROWS;
