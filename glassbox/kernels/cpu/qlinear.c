@@ -3,9 +3,9 @@
 // Weights are GGUF's Q8_0 or Q4_1 blocks (kernels.h), so a GGUF model runs on its weights as stored. The
 // activations are multiplied one of two ways (gb_qweight.activations):
 //
-// FLOAT32 (the default): each weight is dequantized in registers (w = fma(q, d, m)) and multiplied with
-// the float32 activations, two fused multiply-add chains per output (ftile): the model's own numerics, as
-// a float32 GEMM over the dequantized weights, reading 4 or 8 bits a weight.
+// FLOAT32 (the default): the float32 activations times each block's q (as floats), scaled once per block
+// by its d and m (ftile): x·(d·q + m) = d·(x·q) + m·Σx, the model's own numerics to float32 rounding,
+// reading 4 or 8 bits a weight.
 //
 // INT8, as llama.cpp computes: each row of x quantized per block of 32 values (d = max|x| / 127,
 // q = round-half-even(x / d)), then per output row and block an exact integer dot product and two float32
@@ -335,45 +335,52 @@ GB_INLINE vf dq4(const uint8_t *p, int shift) {
 GB_INLINE vf dq8(const uint8_t *p, int t) { return (float)(int8_t)p[t]; }
 #endif
 
-// out [MT][ROWS] = the group's rows for MT ≤ M_TILE rows of x (row stride ldx), in float32: per output, two
-// sums by fused multiply-adds in input order — of the inputs k with k / 4 even, and with k / 4 odd (two
-// chains keep two multiply-adds in flight) — then their sum. w = fma(q, d, m) for Q4_1, q · d for Q8_0.
-GB_INLINE void ftile(const float *x, int64_t ldx, const int MT, const int format, const uint8_t *w, const uint16_t *sc,
-                     int64_t nb, float *out) {
+// out [MT][ROWS] = the group's rows for MT ≤ M_TILE rows of x (row stride ldx), in float32. Per output and
+// block, Σ q·x over the block's 32 inputs in two fused multiply-add chains (the inputs k with k / 4 even,
+// and odd: two multiply-adds in flight), then scaled once — the block's weights are d·q + m, so
+//   acc = fma(d, p_even + p_odd, acc);   acc = fma(m, Σ x, acc)     (the second for Q4_1; xsum [MT][nb])
+// in block order: the integer q become floats with no rounding, and only the block's sums see d and m.
+GB_INLINE void ftile(const float *x, int64_t ldx, const float *xsum, const int MT, const int format, const uint8_t *w,
+                     const uint16_t *sc, int64_t nb, float *out) {
+    for (int i = 0; i < MT * ROWS; i++) out[i] = 0.0f;
 #pragma GCC unroll 8
     for (int rv = 0; rv < ROWS; rv += VW) {
-        vf acc[M_TILE][2];
-        for (int i = 0; i < M_TILE; i++) acc[i][0] = acc[i][1] = vf_zero();
         for (int64_t b = 0; b < nb; b++) {
             const float *xb = x + b * QBLOCK;
+            vf p[M_TILE][2];
+            for (int i = 0; i < M_TILE; i++) p[i][0] = p[i][1] = vf_zero();
             if (format == FORMAT_Q4_1) {
-                const vf d = vf_load_half(sc + b * 2 * ROWS + rv), m = vf_load_half(sc + b * 2 * ROWS + ROWS + rv);
                 const uint8_t *wb = w + b * 4 * ROWS * 4 + rv * 4;
                 for (int j = 0; j < 4; j++) {
 #pragma GCC unroll 4
                     for (int t = 0; t < 4; t++) {
 #pragma GCC unroll 2
                         for (int h = 0; h < 2; h++) {
-                            const vf wv = vf_fma(dq4(wb + j * ROWS * 4, 8 * t + 4 * h), d, m);
-                            for (int i = 0; i < MT; i++)
-                                acc[i][h] = vf_fma(wv, vf_set1(xb[i * ldx + 8 * j + 4 * h + t]), acc[i][h]);
+                            const vf q = dq4(wb + j * ROWS * 4, 8 * t + 4 * h);
+                            for (int i = 0; i < MT; i++) p[i][h] = vf_fma(q, vf_set1(xb[i * ldx + 8 * j + 4 * h + t]), p[i][h]);
                         }
                     }
                 }
+                const vf d = vf_load_half(sc + b * 2 * ROWS + rv), m = vf_load_half(sc + b * 2 * ROWS + ROWS + rv);
+                for (int i = 0; i < MT; i++) {
+                    vf acc = vf_fma(d, vf_add(p[i][0], p[i][1]), vf_load(out + i * ROWS + rv));
+                    vf_store(out + i * ROWS + rv, vf_fma(m, vf_set1(xsum[i * nb + b]), acc));
+                }
             } else {
-                const vf d = vf_load_half(sc + b * ROWS + rv);
                 const uint8_t *wb = w + b * 8 * ROWS * 4 + rv * 4;
 #pragma GCC unroll 2
                 for (int j = 0; j < 8; j++) {
 #pragma GCC unroll 4
                     for (int t = 0; t < 4; t++) {
-                        const vf wv = vf_mul(dq8(wb + j * ROWS * 4, t), d);
-                        for (int i = 0; i < MT; i++) acc[i][j % 2] = vf_fma(wv, vf_set1(xb[i * ldx + 4 * j + t]), acc[i][j % 2]);
+                        const vf q = dq8(wb + j * ROWS * 4, t);
+                        for (int i = 0; i < MT; i++) p[i][j % 2] = vf_fma(q, vf_set1(xb[i * ldx + 4 * j + t]), p[i][j % 2]);
                     }
                 }
+                const vf d = vf_load_half(sc + b * ROWS + rv);
+                for (int i = 0; i < MT; i++)
+                    vf_store(out + i * ROWS + rv, vf_fma(d, vf_add(p[i][0], p[i][1]), vf_load(out + i * ROWS + rv)));
             }
         }
-        for (int i = 0; i < MT; i++) vf_store(out + i * ROWS + rv, vf_add(acc[i][0], acc[i][1]));
     }
 }
 
@@ -387,10 +394,12 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
     const int int8 = w->activations == ACTIVATIONS_INT8;
     // float32 activations: the rows themselves, or their transformed copies; int8: their blocks.
     float *rows = prologue != PROLOGUE_NONE && !int8 ? malloc(sizeof(float) * (size_t)(M * K)) : NULL;
+    // float32 activations over Q4_1: each block's Σ x, for its minimum (in input order)
+    float *xsum = !int8 && w->format == FORMAT_Q4_1 ? malloc(sizeof(float) * (size_t)(M * nb)) : NULL;
     int8_t *q = int8 ? aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64)) : NULL;
     float *d = int8 ? malloc(sizeof(float) * (size_t)(M * nb)) : NULL;
     int32_t *sum = int8 ? malloc(sizeof(int32_t) * (size_t)(M * nb)) : NULL;
-    if (prologue != PROLOGUE_NONE || int8) {
+    if (prologue != PROLOGUE_NONE || int8 || xsum) {
 #pragma omp parallel for schedule(static) if (M > 1)
         for (int64_t m = 0; m < M; m++) {
             const float *row = x + m * ldx;
@@ -403,6 +412,12 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
             if (int8) {
                 quantize_row(row, K, q + m * K, d + m * nb, sum + m * nb);
                 free(transformed);
+            } else if (xsum) {
+                for (int64_t b = 0; b < nb; b++) {
+                    float total = 0.0f;
+                    for (int i = 0; i < QBLOCK; i++) total += row[b * QBLOCK + i];
+                    xsum[m * nb + b] = total;
+                }
             }
         }
     }
@@ -420,7 +435,7 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
             const qrows xr = {q + m0 * K, d + m0 * nb, sum + m0 * nb, K};
             const uint8_t *wg = (const uint8_t *)w->data + g * group_bytes;
             const uint16_t *sg = w->scales + g * group_scales;
-            const float *xm = xf + m0 * ldf;
+            const float *xm = xf + m0 * ldf, *xs = xsum ? xsum + m0 * nb : NULL;
             float out[M_TILE * ROWS];
             // (every combination spelled out: MT and the format are constants inside each tile)
 #define TILE(MT)                                                                                                     \
@@ -428,8 +443,8 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
         if (w->format == FORMAT_Q4_1) tile(xr, MT, FORMAT_Q4_1, wg, sg, nb, out);                                   \
         else tile(xr, MT, FORMAT_Q8_0, wg, sg, nb, out);                                                            \
     } else {                                                                                                         \
-        if (w->format == FORMAT_Q4_1) ftile(xm, ldf, MT, FORMAT_Q4_1, wg, sg, nb, out);                             \
-        else ftile(xm, ldf, MT, FORMAT_Q8_0, wg, sg, nb, out);                                                      \
+        if (w->format == FORMAT_Q4_1) ftile(xm, ldf, xs, MT, FORMAT_Q4_1, wg, sg, nb, out);                         \
+        else ftile(xm, ldf, xs, MT, FORMAT_Q8_0, wg, sg, nb, out);                                                  \
     }
             switch (mt) {
                 case 1: TILE(1); break;
@@ -456,6 +471,7 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
         }
     }
     free(rows);
+    free(xsum);
     free(q);
     free(d);
     free(sum);
