@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from glassbox.kernels import cpu_native
-from glassbox.layers.quantized_linear import QLinear, dequantize_weight, quantize_weight, supported
+from glassbox.layers.quantized_linear import QLinear, supported
 from glassbox.models.gpt2 import Conv1D
 
 log = logging.getLogger(__name__)
@@ -112,15 +112,15 @@ def _is_tied(model: nn.Module) -> bool:
     )
 
 
-def _blocks(name: str, weight: torch.Tensor, mode: str) -> tuple[str, tuple | torch.Tensor]:
-    """(format, what QLinear quantizes: the weight, or its blocks where they are already made)."""
+def _quantized(name: str, weight: torch.Tensor, bias: torch.Tensor | None, mode: str, activations: str) -> QLinear:
     if mode == "int8" or (mode == "int4" and name == "lm_head"):
-        return "q8_0", weight
+        return QLinear(weight, bias, "q8_0", activations)
     if mode == "int4":
-        return "q4_1", weight
-    q, d, m = blocks = quantize_weight(weight, "q4_1")
-    error = (dequantize_weight(q, d, m) - weight.float()).abs().amax()
-    return ("q4_1", blocks) if error <= ON_GRID_TOLERANCE * weight.abs().amax() else ("q8_0", weight)
+        return QLinear(weight, bias, "q4_1", activations)
+    data, scales, error = cpu_native.quantize(weight, "q4_1")  # "auto" runs where the native kernels do
+    if error.max() <= ON_GRID_TOLERANCE * weight.abs().max():
+        return QLinear(weight, bias, "q4_1", activations, packed=(data, scales))
+    return QLinear(weight, bias, "q8_0", activations)
 
 
 def _quantize(model: nn.Module, mode: str, activations: str) -> None:
@@ -130,8 +130,7 @@ def _quantize(model: nn.Module, mode: str, activations: str) -> None:
         if weight_bias is None or not supported(weight_bias[0].shape[1]):
             continue
         weight, bias = weight_bias
-        format, blocks = _blocks(name, weight, mode)
-        replacements.append((name, QLinear(blocks, bias, format, activations)))
+        replacements.append((name, _quantized(name, weight, bias, mode, activations)))
     for name, new_module in replacements:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new_module)

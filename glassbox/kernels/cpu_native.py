@@ -75,6 +75,7 @@ SIGNATURES = {
     "gb_isa": ([], ctypes.c_char_p),
     "gb_qlinear": ([_P, _I, _I, _I, _INT, _P, _F, ctypes.POINTER(QWeight), _I, _P, _I, _P, _I], None),
     "gb_quantize_rows": ([_P, _I, _I, _P, _P, _P], None),
+    "gb_quantize": ([_P, _I, _I, _I, _P, _P, _P], None),
     "gb_argmax": ([_P, _I, _I, _I, _P], None),
     "gb_llama_layers": ([_P, _I, _I, _I, _I, _I, _I, _I, _F, _F, _INT, _P, _I, _P, _P, _P, _P, _I, _P, _I, _P], None),
     "gb_paged_attention": (
@@ -240,6 +241,21 @@ def qlinear(
         out_features, y.data_ptr(), out_features, _ptr(residual), 0 if residual is None else residual.stride(0),
     )  # fmt: skip
     return y
+
+
+def quantize(weight: torch.Tensor, format: str, isa: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight [N, K] float -> (data, scales) packed for the kernels of `isa` (as quantized_linear's
+    quantize_weight then pack, in one pass) and each row's max |dequantized - weight| [N]."""
+    weight = weight.detach().float().contiguous()
+    n, k = weight.shape
+    rows_ = rows(isa)
+    groups, blocks = -(-n // rows_), k // BLOCK
+    per_block = (BLOCK * rows_ // 2, 2 * rows_) if format == "q4_1" else (BLOCK * rows_, rows_)
+    data = torch.zeros(groups, blocks, per_block[0], dtype=torch.uint8)
+    scales = torch.zeros(groups, blocks, per_block[1], dtype=torch.float16)
+    error = torch.empty(n)
+    library(isa).gb_quantize(weight.data_ptr(), n, k, FORMATS[format], data.data_ptr(), scales.data_ptr(), error.data_ptr())
+    return data, scales, error
 
 
 def quantize_rows(x: torch.Tensor, isa: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -99,26 +99,28 @@ class QLinear(nn.Module):
 
     def __init__(
         self,
-        weight: torch.Tensor | tuple,
+        weight: torch.Tensor,
         bias: torch.Tensor | None,
         format: str,
         activations: str = "float32",
         native: bool | None = None,
+        packed: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        """weight: [out, in] float, quantized to `format`; or the (q, d, m) blocks of quantize_weight.
-        native: None = wherever the kernels are available."""
+        """weight: [out, in] float, quantized to `format` (by the native kernels where they run: one pass);
+        packed: its (data, scales) where cpu_native.quantize already made them. native: None = wherever the
+        kernels are available."""
         super().__init__()
         if activations not in ACTIVATIONS:
             raise ValueError(f"unknown activations {activations!r}; choose one of {', '.join(ACTIVATIONS)}")
-        q, d, m = quantize_weight(weight, format) if isinstance(weight, torch.Tensor) else weight
-        self.out_features, self.in_features = q.shape
+        self.out_features, self.in_features = weight.shape
         self.format, self.activations = format, activations
         self.native = cpu_native.available() if native is None else native
         if self.native:
-            data, scales = pack(q, d, m, cpu_native.rows())
+            data, scales = packed if packed is not None else cpu_native.quantize(weight, format)[:2]
             self.register_buffer("data", data)
             self.register_buffer("scales", scales)
         else:
+            q, d, m = quantize_weight(weight, format)
             self.register_buffer("q", q)
             self.register_buffer("d", d)
             self.register_buffer("m", m)

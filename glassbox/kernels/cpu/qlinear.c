@@ -481,3 +481,50 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
 void gb_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *q, float *d, int32_t *sum) {
     for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, q + m * K, d + m * (K / QBLOCK), sum + m * (K / QBLOCK));
 }
+
+// Weights w [N, K] float32 (K a multiple of 32) -> their blocks, packed (kernels.h): data and scales,
+// zero-filled by the caller for the padding rows; error [N]: each row's max |dequantized - w|. The same
+// numbers as layers/quantized_linear.quantize_weight then pack (tested bit for bit), in one pass.
+void gb_quantize(const float *w, int64_t N, int64_t K, int64_t format, uint8_t *data, uint16_t *scales, float *error) {
+    const int64_t nb = K / QBLOCK;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const int64_t g = n / ROWS, r = n % ROWS;
+        float worst = 0.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            const float *x = w + n * K + b * QBLOCK;
+            const int64_t block = g * nb + b;
+            int q[QBLOCK];
+            float low = x[0], high = x[0], amax = 0.0f;
+            for (int i = 0; i < QBLOCK; i++) {
+                low = fminf(low, x[i]);
+                high = fmaxf(high, x[i]);
+                amax = fmaxf(amax, fabsf(x[i]));
+            }
+            // As torch: q = clamp(round(nan_to_num((x - m) / d)), range), against the float16 d and m.
+            const uint16_t d16 = float_to_half(format == FORMAT_Q4_1 ? (high - low) / 15.0f : amax / 127.0f);
+            const uint16_t m16 = format == FORMAT_Q4_1 ? float_to_half(low) : 0;
+            const float d = half_to_float(d16), m = half_to_float(m16);
+            const float lo = format == FORMAT_Q4_1 ? 0.0f : -127.0f, hi = format == FORMAT_Q4_1 ? 15.0f : 127.0f;
+            for (int i = 0; i < QBLOCK; i++) {
+                float v = (x[i] - m) / d;
+                v = isnan(v) ? 0.0f : nearbyintf(v);
+                q[i] = (int)fminf(fmaxf(v, lo), hi);
+                worst = fmaxf(worst, fabsf((float)q[i] * d + m - x[i]));
+            }
+            if (format == FORMAT_Q4_1) {
+                uint8_t *out = data + block * 4 * ROWS * 4 + r * 4;
+                for (int j = 0; j < 4; j++)
+                    for (int t = 0; t < 4; t++) out[j * ROWS * 4 + t] = (uint8_t)(q[8 * j + t] | q[8 * j + 4 + t] << 4);
+                scales[block * 2 * ROWS + r] = d16;
+                scales[block * 2 * ROWS + ROWS + r] = m16;
+            } else {
+                uint8_t *out = data + block * 8 * ROWS * 4 + r * 4;
+                for (int j = 0; j < 8; j++)
+                    for (int t = 0; t < 4; t++) out[j * ROWS * 4 + t] = (uint8_t)(int8_t)q[4 * j + t];
+                scales[block * ROWS + r] = d16;
+            }
+        }
+        error[n] = worst;
+    }
+}

@@ -233,6 +233,21 @@ static inline float half_to_float(uint16_t h) {
 GB_INLINE vf vf_load_half(const uint16_t *p) { return half_to_float(*p); }
 #endif
 
+// float -> IEEE half, rounded to nearest even as torch's .half() (the weight scales as they are stored).
+static inline uint16_t float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000, absx = x & 0x7FFFFFFF;
+    if (absx >= 0x7F800000) return (uint16_t)(sign | 0x7C00 | (absx > 0x7F800000 ? 0x200 : 0));  // inf, NaN
+    if (absx >= 0x477FF000) return (uint16_t)(sign | 0x7C00);  // rounds past 65504: inf
+    if (absx < 0x38800000) {  // under 2^-14: a subnormal half, m · 2^-24 (m = 1024 is the smallest normal)
+        float v;
+        memcpy(&v, &absx, 4);
+        return (uint16_t)(sign | (uint32_t)nearbyintf(v * 16777216.0f));
+    }
+    return (uint16_t)(sign | ((absx + 0xFFF + ((absx >> 13) & 1) - 0x38000000) >> 13));
+}
+
 static inline uint16_t float_to_bf16(float x) {
     uint32_t bits;
     memcpy(&bits, &x, 4);
