@@ -15,6 +15,9 @@ Plain Python that imports nothing from glassbox, so every layer, the torch-free 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
 from typing import Generic, TypeVar
 
 Entry = TypeVar("Entry", bound=type)
@@ -80,6 +83,24 @@ class NameTable(Generic[Entry]):
     def is_from_plugin(self, name: str) -> bool:
         return name in self._plugin
 
+    def plugin_entries(self) -> dict[str, Entry]:
+        return self._plugin
+
+    def plugin_modules(self) -> set[str]:
+        """The module names of the plugin's entries (one plugin file: usually one name)."""
+        return {entry.__module__ for entry in self._plugin.values()}
+
+
+@dataclass(frozen=True)
+class AlgorithmFault:
+    """An algorithm that raised while serving: `kind` ("scheduling policy" / "sparsity method"), its name,
+    the error, and whether it came from the plugin file (a plugin's fault is the plugin's, not the server's)."""
+
+    kind: str
+    name: str
+    error: str
+    from_plugin: bool
+
 
 class AlgorithmRegistry:
     """The two kinds of algorithm a researcher swaps: who runs next, and which keys a query attends to."""
@@ -87,6 +108,48 @@ class AlgorithmRegistry:
     def __init__(self) -> None:
         self.scheduling_policies: NameTable = NameTable("scheduling policy")
         self.sparsity_methods: NameTable = NameTable("sparsity method")
+        # Called with each fault the engine reports (research/plugins.py unloads a plugin that raised).
+        self._fault_listeners: list[Callable[[AlgorithmFault], None]] = []
+
+    def add_fault_listener(self, listener: Callable[[AlgorithmFault], None]) -> None:
+        self._fault_listeners.append(listener)
+
+    def remove_fault_listener(self, listener: Callable[[AlgorithmFault], None]) -> None:
+        if listener in self._fault_listeners:
+            self._fault_listeners.remove(listener)
+
+    def fault(self, table: NameTable, name: str, error: BaseException | str) -> AlgorithmFault:
+        """Describe an algorithm that raised (before the plugin is unloaded: where it came from is known now)."""
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        return AlgorithmFault(table.kind, name, text, table.is_from_plugin(name))
+
+    def report_fault(self, fault: AlgorithmFault) -> None:
+        """Tell the listeners (on the engine's thread, between steps)."""
+        for listener in list(self._fault_listeners):
+            listener(fault)
+
+    def plugin_in_traceback(self, traceback: TracebackType | None) -> tuple[NameTable, str] | None:
+        """(table, entry name) of the plugin entry whose module raised, if a frame of the traceback runs
+        plugin code: an error inside a plugin's method is the plugin's fault, wherever the engine called it."""
+        tables = (self.scheduling_policies, self.sparsity_methods)
+        modules = set().union(*(table.plugin_modules() for table in tables))
+        if not modules:
+            return None
+        found = None
+        while traceback is not None:
+            frame = traceback.tb_frame
+            module = frame.f_globals.get("__name__")
+            if module in modules:
+                owner = frame.f_locals.get("self", frame.f_locals.get("cls"))
+                owner = owner if isinstance(owner, type) else type(owner)
+                for table in tables:
+                    for name, entry in table.plugin_entries().items():
+                        if entry is owner:
+                            return table, name  # a method of this plugin class raised
+                        if found is None and entry.__module__ == module:
+                            found = (table, name)  # a helper of the plugin's module: its first entry
+            traceback = traceback.tb_next
+        return found
 
 
 ALGORITHMS = AlgorithmRegistry()

@@ -78,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=os.environ.get("GLASSBOX_API_KEY"), help="require 'Authorization: Bearer KEY'")
     serve.add_argument("--plugin", default=None, help="Python file registering algorithms; reloaded on change")
     serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--shutdown-timeout", type=float, default=30.0,
+        help="seconds requests in flight get to finish after SIGTERM; the rest then end with an error (default 30)",
+    )
+    serve.add_argument(
+        "--allowed-hosts", default=None,
+        help="comma-separated Host names accepted ('*': any); default: the --host address (and its loopback names)",
+    )
+    serve.add_argument(
+        "--cors-origin", action="append", default=[],
+        help="a browser origin allowed to call the API (repeatable); none by default",
+    )
 
     algorithms = commands.add_parser("algorithms", help="list the scheduling policies and sparsity methods by name")
     algorithms.add_argument("--plugin", default=None, help="also list what this plugin file registers")
@@ -134,8 +146,8 @@ def run_serve(args: argparse.Namespace) -> None:
     from glassbox.engine.async_engine import AsyncLLMEngine
     from glassbox.engine.llm_engine import LLMEngine
     from glassbox.models.loader import load_model
-    from glassbox.server.app import create_app
-    from glassbox.server.settings import ServerSettings
+    from glassbox.server.app import create_app, uvicorn_shutdown_timeout
+    from glassbox.server.settings import ServerSettings, allowed_hosts_for
 
     if args.kv_cache_memory is not None and args.kv_cache_memory <= 0:
         raise ValueError(f"--kv-cache-memory must be positive, got {args.kv_cache_memory}")
@@ -159,10 +171,17 @@ def run_serve(args: argparse.Namespace) -> None:
     # the event loop sends tokens as they come instead of after the next step.
     sys.setswitchinterval(float(os.environ.get("GLASSBOX_SWITCH_INTERVAL", "0.001")))
     name = args.model_name or (Path(args.model).stem if args.model else "SmolLM2-135M-Instruct")
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    hosts = [h.strip().lower() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else None
     settings = ServerSettings(
         model_name=name,
         api_key=args.api_key,
         ready_message=f"glassbox: serving {name} on http://{args.host}:{args.port}",
+        allowed_hosts=allowed_hosts_for(args.host, hosts),
+        cors_origins=tuple(args.cors_origin),
+        shutdown_timeout_s=args.shutdown_timeout,
+        exit_on_engine_death=True,
     )
     uvicorn.run(
         create_app(engine, settings, plugins),
@@ -170,6 +189,7 @@ def run_serve(args: argparse.Namespace) -> None:
         port=args.port,
         log_level=args.log_level,
         access_log=args.log_level in ("debug", "info"),
+        timeout_graceful_shutdown=uvicorn_shutdown_timeout(settings),
     )
 
 

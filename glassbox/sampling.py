@@ -9,12 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import math
+
 import torch
 
+from glassbox.errors import FieldError
 from glassbox.kernels import cpu_native
 
 _GREEDY_EPS = 1e-5
 OUTPUT_KINDS = ("cumulative", "delta", "final_only")
+# vLLM takes (0, 2]; the floor keeps logits finite (a penalty of 1e-300 turns them into inf).
+REPETITION_PENALTY = (0.01, 2.0)
 TOP_P_PREFIX = 1024  # top_p on the CPU first looks for its tokens among this many (see filter_logits)
 
 
@@ -49,11 +54,12 @@ class SamplingParams:
             self.stop = [self.stop]
         checks = [
             (self.n >= 1, "n", "must be at least 1"),
-            (self.temperature >= 0, "temperature", "must be >= 0"),
+            (math.isfinite(self.temperature) and self.temperature >= 0, "temperature", "must be a finite number >= 0"),
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
             (self.top_k >= -1, "top_k", "must be -1, 0 (off) or a positive number"),
             (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
+            (REPETITION_PENALTY[0] <= self.repetition_penalty <= REPETITION_PENALTY[1], "repetition_penalty", f"must be in [{REPETITION_PENALTY[0]}, {REPETITION_PENALTY[1]}]"),
+            (self.seed is None or -(2**63) <= self.seed < 2**64, "seed", "must fit in 64 bits"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
             (self.max_tokens >= 1, "max_tokens", "must be at least 1"),
@@ -65,7 +71,7 @@ class SamplingParams:
         ]
         for ok, name, reason in checks:
             if not ok:
-                raise ValueError(f"{name} {reason}, got {getattr(self, name)!r}")
+                raise FieldError(name, f"{reason}, got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:

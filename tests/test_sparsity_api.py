@@ -117,7 +117,7 @@ def test_openai_api_takes_a_sparsity_field(server):
         ("/v1/completions", {"prompt": "x", "sparsity": {"method": "h2o", "heavy": 0.1}}, "sparsity.heavy"),
         ("/optimization/sparsity_mask", {"method": "threshold", "threshold": 2}, "body.threshold"),
         ("/optimization/evaluate", {"texts": ["a b"], "sparsity": {"method": "top_k", "k": -1}}, "sparsity.k"),
-        ("/optimization/evaluate", {"texts": ["a"], "sparsity": {"method": "top_k", "k": 1}}, None),
+        ("/optimization/evaluate", {"texts": ["a"], "sparsity": {"method": "top_k", "k": 1}}, "texts[0]"),
     ],
 )
 def test_bad_sparsity_is_a_400_naming_the_field(server, path, body, param):

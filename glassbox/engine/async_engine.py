@@ -4,8 +4,13 @@ request gets an asyncio stream of its outputs.
 All engine state is touched by the loop thread only. A request is made once, in the caller
 (`make_request`: tokenizing and checking are thread-safe and touch no queue), then `stream(state)` hands
 that same object over through a queue, as does `abort()`; `generate()` is the two in one. Anything else
-that reads or changes the engine runs on the loop thread through `call(fn)`. A step that raises marks
-the engine dead (`is_alive` turns False, /health says 503) and every open stream gets the error.
+that reads or changes the engine runs on the loop thread through `call(fn)`.
+
+A step that raises fails only its own requests (their streams raise `RequestFailedError`, saying whose
+fault it was) and the loop goes on (engine/llm_engine.py). If the engine cannot go on (`EngineFatalError`,
+or any error outside a step), the loop stops: the engine is dead (`is_alive` turns False, /health says
+503), every open stream gets `EngineDeadError` at once, every `call` waiting in the queue is answered,
+and the death listeners run (the server stops its process with a non-zero status).
 
 Give it a factory rather than a built engine to run the engine's set-up (weight layout, KV-pool fill)
 on the loop thread too: on the CPU, torch ops issued from a second thread after the first has run
@@ -25,7 +30,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from glassbox.engine.llm_engine import LLMEngine, RequestOutput, RequestState
+from glassbox.engine.llm_engine import LLMEngine, RequestError, RequestOutput, RequestState
 from glassbox.layers.sparsity import SparsityMethod
 from glassbox.sampling import SamplingParams
 
@@ -36,6 +41,15 @@ YIELD_AFTER_OUTPUT_S = 0.0005
 
 class EngineDeadError(RuntimeError):
     """The engine loop stopped after an error; the server must be restarted."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine ended this request with an error (its step failed, or the server is shutting down);
+    `error.fault` says whose fault it was."""
+
+    def __init__(self, error: RequestError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 @dataclass
@@ -65,6 +79,11 @@ class AsyncLLMEngine:
         self._idle_wait_s = idle_wait_s
         self.error: BaseException | None = None
         self._finish_listeners: list[Callable[[RequestOutput], None]] = []
+        self._death_listeners: list[Callable[[BaseException], None]] = []
+        # Held while a stream registers or an op is queued, and while the dying loop answers them: nothing
+        # slips in after the last answer and waits for ever.
+        self._lock = threading.Lock()
+        self._dead = False
         self._thread = threading.Thread(target=self._run, name="glassbox-engine", daemon=True)
 
     # ---- lifecycle
@@ -77,9 +96,14 @@ class AsyncLLMEngine:
         return self
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop (after its current step); streams still open get EngineDeadError."""
         self._stopping = True
         self._wakeup.set()
         self._thread.join(timeout)
+
+    def add_death_listener(self, listener: Callable[[BaseException], None]) -> None:
+        """Call listener(error) once, on the loop thread, if the engine dies (the loop cannot go on)."""
+        self._death_listeners.append(listener)
 
     @property
     def is_alive(self) -> bool:
@@ -119,14 +143,12 @@ class AsyncLLMEngine:
             except BaseException as error:  # handed to the caller, the engine goes on
                 future.set_exception(error)
 
-        if self._loop_stopped():
-            op()
-        else:
-            self._submit(op)
+        if not self._submit(op):
+            op()  # the loop has stopped: run here (a dead server still answers /model_info and /metrics)
         return future
 
     def _loop_stopped(self) -> bool:
-        return self._thread.ident is not None and not self._thread.is_alive()
+        return self._dead or (self._thread.ident is not None and not self._thread.is_alive())
 
     def _run_here(self, fn: Callable[[LLMEngine], Any]) -> Any:
         if self.engine is None:
@@ -163,15 +185,21 @@ class AsyncLLMEngine:
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._streams[request_id] = stream
-        self._submit(lambda: self.engine.enqueue(state))
+        with self._lock:
+            if self._dead:
+                raise EngineDeadError(f"the engine stopped: {type(self.error).__name__}: {self.error}")
+            self._streams[request_id] = stream
+        self._submit(lambda: self._enqueue(state, stream))
         finished = False
         try:
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
+                    finished = True  # the engine holds no more of it
                     raise item
                 finished = item.finished
+                if item.error is not None:
+                    raise RequestFailedError(item.error)
                 yield item
                 if finished:
                     return
@@ -199,10 +227,58 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         self._submit(lambda: self.engine.abort(request_id))
 
+    def fail_all(self, error: RequestError) -> None:
+        """End every request now with `error` (the drain timeout of a shutdown): each stream gets it."""
+        self._submit(lambda: self._deliver_outputs(self.engine.fail_requests(None, error)))
+
     # ---- the loop thread
-    def _submit(self, op: Callable[[], None]) -> None:
-        self._ops.put(op)
+    def _submit(self, op: Callable[[], None]) -> bool:
+        """Queue op for the loop thread; False (not queued) once the loop has stopped."""
+        with self._lock:
+            if self._loop_stopped():
+                return False
+            self._ops.put(op)
         self._wakeup.set()
+        return True
+
+    def _enqueue(self, state: RequestState, stream: _Stream) -> None:
+        try:
+            self.engine.enqueue(state)
+        except ValueError as error:  # a request id in use: that stream's error, not the loop's
+            stream.put(error)
+
+    def _run_op(self, op: Callable[[], None]) -> None:
+        """An op that raises is its caller's problem (a `call` hands the error back): the loop goes on."""
+        try:
+            op()
+        except Exception:
+            logger.exception("an operation submitted to the engine loop raised; the loop goes on")
+
+    def _deliver_outputs(self, outputs: list[RequestOutput]) -> None:
+        # One wake-up of each event loop per step, not one per token.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream, output))
+            if output.finished:
+                for listener in self._finish_listeners:
+                    listener(output)
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, items)
+
+    def _answer_everyone(self, error: BaseException) -> None:
+        """The loop is gone: every open stream gets `error`, every queued op runs here (a `call` answers)."""
+        with self._lock:
+            self._dead = True
+            streams = list(self._streams.values())
+        for stream in streams:
+            try:
+                stream.put(error)
+            except RuntimeError:  # its event loop is closed: nobody waits on it
+                pass
+        while not self._ops.empty():
+            self._run_op(self._ops.get())
 
     def _run(self) -> None:
         try:
@@ -216,30 +292,24 @@ class AsyncLLMEngine:
         try:
             while not self._stopping:
                 while not self._ops.empty():
-                    self._ops.get()()
+                    self._run_op(self._ops.get())
                 if not self.engine.has_unfinished_requests():
                     self._wakeup.wait(self._idle_wait_s)
                     self._wakeup.clear()
                     continue
                 outputs = self.engine.step()
-                # One wake-up of each event loop per step, not one per token.
-                by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
-                for output in outputs:
-                    stream = self._streams.get(output.request_id)
-                    if stream is not None:
-                        by_loop.setdefault(stream.loop, []).append((stream, output))
-                    if output.finished:
-                        for listener in self._finish_listeners:
-                            listener(output)
-                for loop, items in by_loop.items():
-                    loop.call_soon_threadsafe(_deliver, items)
+                self._deliver_outputs(outputs)
                 if outputs:
                     # Let the event loop take the GIL and send these tokens now: the next step holds
                     # it most of the time, and the tokens would otherwise wait for that step to end.
                     time.sleep(YIELD_AFTER_OUTPUT_S)
+            self._answer_everyone(EngineDeadError("the server is shutting down"))
         except BaseException as error:
             logger.exception("engine loop died")
             self.error = error
-            dead = EngineDeadError(f"the engine stopped: {type(error).__name__}: {error}")
-            for stream in list(self._streams.values()):
-                stream.put(dead)
+            self._answer_everyone(EngineDeadError(f"the engine stopped: {type(error).__name__}: {error}"))
+            for listener in self._death_listeners:
+                try:
+                    listener(error)
+                except Exception:
+                    logger.exception("a death listener raised")

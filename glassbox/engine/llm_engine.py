@@ -9,6 +9,11 @@ A step is vLLM v1's `EngineCore.step`: the scheduler picks the batch, the runner
 `scheduler.update_from_output` appends the tokens and ends finished sequences, and the output processor
 turns tokens into text and outputs. With async scheduling the next decode step is launched before the
 host reads the previous one's tokens (`_step_launched`), still scheduled by the scheduler.
+
+A step that raises fails the requests it was running (their blocks freed, each output carrying a
+`RequestError` that says whose fault it was) and the engine goes on; an algorithm of the plugin file that
+raised is reported (`ALGORITHMS.report_fault`) so that it is unloaded. Only when failures repeat step after
+step, or the device is lost, does `step()` raise `EngineFatalError`: the engine cannot go on.
 """
 
 from __future__ import annotations
@@ -17,19 +22,22 @@ import itertools
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 
+from glassbox.algorithms import ALGORITHMS, AlgorithmFault
 from glassbox.config import EngineConfig
 from glassbox.engine.block_manager import BlockManager
 from glassbox.engine.kv_cache import KVCache
 from glassbox.engine.model_runner import ModelRunner, PendingDecode
 from glassbox.engine.optimize import optimize_model
-from glassbox.engine.output_processor import OutputProcessor, RequestOutput, RequestState, TokenLogprobs
+from glassbox.engine.output_processor import OutputProcessor, RequestError, RequestOutput, RequestState, TokenLogprobs
 from glassbox.engine.scheduler import ScheduledBatch, Scheduler
 from glassbox.engine.sequence import Sequence
 from glassbox.engine.step_plan import StepPlan
+from glassbox.errors import FieldError
 from glassbox.kernels import cpu_native
 from glassbox.layers.attention import TritonAttentionBackend, set_attention_backend
 from glassbox.layers.sparsity import SparsityMethod, SparsityState
@@ -38,7 +46,17 @@ from glassbox.sampling import SampleRequest, SamplingParams, device_only
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LLMEngine", "RequestOutput", "RequestState", "StepObserver", "TokenLogprobs"]
+__all__ = ["EngineFatalError", "LLMEngine", "RequestError", "RequestOutput", "RequestState", "StepObserver", "TokenLogprobs"]
+
+# Steps failing one after another: past this many the fault is not in the requests (they were failed) but
+# in the engine, and it stops instead of failing every request that arrives.
+MAX_CONSECUTIVE_FAILED_STEPS = 8
+# An error whose message says the device is gone: nothing on it can be trusted any more.
+DEVICE_LOST = ("CUDA error", "device-side assert", "CUBLAS_STATUS", "illegal memory access")
+
+
+class EngineFatalError(RuntimeError):
+    """The engine cannot go on: its steps keep failing, or its device is lost. The server must stop."""
 
 
 class StepObserver(Protocol):
@@ -96,6 +114,8 @@ class LLMEngine:
         self.runner.warm_up()
         self.output_processor = OutputProcessor(self.tokenizer)
         self.observers: list[StepObserver] = []  # attached instruments: their steps are timed
+        # Called after every step, changing nothing in how it runs (the profiler counts its steps with one).
+        self.step_hooks: list[Callable[[LLMEngine], None]] = []
         self.last_plan: StepPlan | None = None
         self.executor_counts: Counter[str] = Counter()  # steps run by each executor, since start
         self.requests: dict[str, RequestState] = {}
@@ -107,6 +127,9 @@ class LLMEngine:
         self._pending: PendingDecode | None = None  # a decode step whose tokens the host has not read yet
         # Applied to new requests that name no sparsity of their own (POST /optimization/sparsity_mask).
         self.default_sparsity: SparsityMethod | None = None
+        self.num_failed_steps = 0
+        self._consecutive_failed_steps = 0
+        self._step_seqs: list[Sequence] | None = None  # the sequences the step in progress runs
 
     # ---- requests
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -118,8 +141,8 @@ class LLMEngine:
             self._report_stage("tokenize", time.perf_counter() - start)
             return ids
         vocab = self.loaded.config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if any(type(t) is not int or not 0 <= t < vocab for t in prompt):
+            raise FieldError("prompt", f"token ids must be integers in [0, {vocab})")
         return list(prompt)
 
     def add_request(
@@ -149,18 +172,25 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         prompt_ids = self.encode_prompt(prompt)
         if not prompt_ids:
-            raise ValueError("prompt is empty: it must hold at least one token")
+            raise FieldError("prompt", "is empty: it must hold at least one token")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(
+            raise FieldError(
+                "max_tokens",
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
-                f"length of {self.max_model_len} tokens"
+                f"length of {self.max_model_len} tokens",
             )
         blocks = -(-(len(prompt_ids) + params.max_tokens) // self.config.block_size)
         if blocks > self.kv_cache.num_blocks:
-            raise ValueError(
+            raise FieldError(
+                "max_tokens",
                 f"prompt + max_tokens needs {blocks} KV blocks but the pool has {self.kv_cache.num_blocks}; "
-                "lower max_tokens or give the KV cache more memory"
+                "lower max_tokens or give the KV cache more memory",
             )
+        vocab = self.loaded.config.vocab_size
+        if params.top_k > vocab:
+            raise FieldError("top_k", f"must be -1, 0 (off) or in [1, {vocab}] (the vocabulary), got {params.top_k}")
+        if any(type(t) is not int or not 0 <= t < vocab for t in params.stop_token_ids):
+            raise FieldError("stop_token_ids", f"token ids must be integers in [0, {vocab})")
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         seq = Sequence(
             request_id, prompt_ids, params, priority=priority, stop_token_ids=stop_ids, max_tokens=params.max_tokens
@@ -192,8 +222,94 @@ class LLMEngine:
         """Requests not finished yet, or a launched step not read yet (whose rows may all have finished)."""
         return bool(self.requests) or self._pending is not None
 
+    def fail_requests(self, request_ids: list[str] | None, error: RequestError) -> list[RequestOutput]:
+        """End requests now with `error` (all of them if None), blocks freed; their final outputs."""
+        ids = list(self.requests) if request_ids is None else request_ids
+        seqs = [self.requests[i].seq for i in ids if i in self.requests]
+        if request_ids is None:
+            self._pending = None  # nothing is left to read a launched step into
+        return self._fail(seqs, error)
+
     # ---- the step
     def step(self) -> list[RequestOutput]:
+        """One step (see `_step`); a step that raises fails its requests instead (see the module's doc)."""
+        self._step_seqs = None
+        try:
+            outputs = self._step()
+        except Exception as error:
+            return self._recover(error)
+        finally:
+            self._report_policy_faults()
+            for hook in list(self.step_hooks):
+                hook(self)
+        self._consecutive_failed_steps = 0
+        return self._fail_masks_that_raised(outputs)
+
+    def _recover(self, error: Exception) -> list[RequestOutput]:
+        """Fail the requests of the step that raised and go on; raise EngineFatalError if it cannot."""
+        self.num_failed_steps += 1
+        self._consecutive_failed_steps += 1
+        text = f"{type(error).__name__}: {error}"
+        if any(marker in str(error) for marker in DEVICE_LOST):
+            raise EngineFatalError(f"the device failed: {text}") from error
+        if self._consecutive_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
+            raise EngineFatalError(f"{self._consecutive_failed_steps} steps failed in a row, the last with {text}") from error
+        culprit = ALGORITHMS.plugin_in_traceback(error.__traceback__)
+        if culprit is not None:
+            table, name = culprit
+            ALGORITHMS.report_fault(AlgorithmFault(table.kind, name, text, from_plugin=True))
+            param = "sparsity" if table is ALGORITHMS.sparsity_methods else None
+            failure = RequestError("plugin", f"the plugin's {table.kind} {name!r} raised {text}; it was unloaded", param)
+        else:
+            logger.exception("a step failed; its requests are failed, the engine goes on")
+            failure = RequestError("internal", f"the engine failed this request's step: {text}")
+        seqs = self._step_seqs if self._step_seqs is not None else list(self.scheduler.running)
+        self._pending = None  # a launched step's tokens cannot be trusted after a failure
+        return self._fail(seqs, failure)
+
+    def _fail(self, seqs: list[Sequence], error: RequestError) -> list[RequestOutput]:
+        outputs = []
+        for seq in seqs:
+            state = self.requests.pop(seq.request_id, None)
+            if state is None:
+                continue  # finished or aborted before the failure
+            self.scheduler.finish(seq, "error")
+            state.error = error
+            outputs.append(self.output_processor.output(state))
+        return outputs
+
+    def _report_policy_faults(self) -> None:
+        """A policy the scheduler replaced (it raised): report it, so a plugin's is unloaded."""
+        faults, self.scheduler.policy_faults = self.scheduler.policy_faults, []
+        for fault in faults:
+            logger.error("scheduling policy %r raised %r; FCFS serves from now on", fault.policy, fault.error)
+            ALGORITHMS.report_fault(ALGORITHMS.fault(ALGORITHMS.scheduling_policies, fault.policy, fault.error))
+
+    def _fail_masks_that_raised(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """A request whose sparsity method raised in this step (layers/sparsity.py caught it and ran that
+        layer dense) did not get the attention it asked for: it fails, naming the method, which is reported."""
+        seqs = [seq for seq in self._step_seqs or () if seq.sparsity is not None and seq.sparsity.error]
+        if not seqs:
+            return outputs
+        by_id = {out.request_id: out for out in outputs}
+        for seq in seqs:
+            method = seq.sparsity.method
+            fault = ALGORITHMS.fault(ALGORITHMS.sparsity_methods, method.name, seq.sparsity.error)
+            ALGORITHMS.report_fault(fault)
+            if fault.from_plugin:
+                error = RequestError("plugin", f"the plugin's sparsity method {method.name!r} raised {fault.error}; it was unloaded", "sparsity")
+            else:
+                error = RequestError("internal", f"sparsity method {method.name!r} raised {fault.error}")
+            if self.default_sparsity is method:
+                self.default_sparsity = None  # the global mask raised: new requests run dense
+            seq.sparsity.error = None  # reported once
+            if seq.request_id in self.requests:
+                by_id.update({out.request_id: out for out in self._fail([seq], error)})
+            elif seq.request_id in by_id:  # it finished in this very step: its final output carries the error
+                by_id[seq.request_id].error, by_id[seq.request_id].finish_reason = error, "error"
+        return list(by_id.values())
+
+    def _step(self) -> list[RequestOutput]:
         """Schedule, plan and run one forward pass, sample, and report every request that advanced or
         finished.
 
@@ -206,6 +322,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        self._step_seqs = [seq for seq, _ in batch.items]
         sample_requests: dict[int, SampleRequest] = {}
         prompt_logprobs: dict[int, int] = {}
         for i, (seq, num_new) in enumerate(batch.items):
@@ -237,6 +354,7 @@ class LLMEngine:
         """Launch the next decode step if the scheduler can schedule it ahead, then read and report the
         launched step's tokens while the device runs the next."""
         pending = self._pending
+        self._step_seqs = [seq for seq, _ in pending.batch.items]
         self._pending = self._launch_ahead(pending)
         sampled = dict(enumerate(pending.token_ids()))
         advanced = self.scheduler.update_from_output(pending.batch, sampled, launched=True)

@@ -24,6 +24,17 @@ TokenLogprobs = dict[str, Any]
 PromptLogprob = tuple[int, float, list[tuple[int, float]]]
 
 
+@dataclass(frozen=True)
+class RequestError:
+    """Why the engine ended a request before its end: whose fault it is — "internal" (ours: the server
+    answers 500), "plugin" (an algorithm of the --plugin file that the request used: 422), "shutdown" (the
+    server stopped before the request finished: 503) — and a message that says what happened."""
+
+    fault: str
+    message: str
+    param: str | None = None  # the request field that chose the failing algorithm, if one did
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -35,12 +46,13 @@ class RequestOutput:
     new_text: str  # what this step added to `text`
     new_token_ids: list[int]
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort"
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error"
     logprobs: list[TokenLogprobs] | None
     prompt_logprobs: list[PromptLogprob | None] | None
     num_cached_tokens: int
     timings: dict[str, float | None]  # filled in the finished output (empty before)
     sparsity: dict[str, Any] | None = None  # the mask applied and its realised density
+    error: RequestError | None = None  # set (with finish_reason "error") when the engine failed the request
 
 
 @dataclass(eq=False)
@@ -60,6 +72,7 @@ class RequestState:
     emitted_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[PromptLogprob | None] = field(default_factory=list)
+    error: RequestError | None = None
 
 
 class OutputProcessor:
@@ -168,4 +181,5 @@ class OutputProcessor:
             num_cached_tokens=seq.num_cached_tokens,
             timings=seq.timings.summary() if seq.is_finished else {},  # summed up once, at the end
             sparsity=seq.sparsity.report() if seq.sparsity is not None else None,
+            error=state.error,
         )

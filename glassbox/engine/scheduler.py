@@ -6,16 +6,33 @@ token budget, so prefill chunks and decodes share one forward pass. Running sequ
 policy's order; if the pool runs out, the policy's victim is preempted (its blocks freed, to be recomputed
 later) — never a crash. Then waiting sequences are admitted, in the policy's order, after a prefix-cache
 lookup.
+
+A policy may come from a researcher's plugin file: if it raises (or returns something that is not an
+order of the sequences it was given, or a victim among them), the built-in FCFS takes over at once for
+the same call, so the step goes on; the fault is kept in `policy_faults` for the engine to report.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from glassbox.engine.block_manager import BlockManager
 from glassbox.engine.policies import SchedulingPolicy, get_policy
 from glassbox.engine.sequence import Sequence, SequenceStatus
+
+FALLBACK_POLICY = "fcfs"  # takes over from a policy that raised
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PolicyFault:
+    """A policy that raised and was replaced by the fallback: its name and what it raised."""
+
+    policy: str
+    error: BaseException
 
 
 @dataclass
@@ -52,6 +69,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.policy_faults: list[PolicyFault] = []  # read and cleared by the engine after each step
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -63,7 +81,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        self.running = self.policy.order(self.running)
+        self.running = self._order(self.running)
         scheduled: set[int] = set()
 
         # 1. Running sequences: decodes and the rest of chunked prefills.
@@ -72,7 +90,7 @@ class Scheduler:
             seq = self.running[index]
             num_new = min(seq.num_uncomputed_tokens, budget)
             while not self.block_manager.allocate(seq, num_new):
-                victim = self.policy.victim([s for s in self.running if id(s) not in scheduled])
+                victim = self._victim([s for s in self.running if id(s) not in scheduled])
                 self._preempt(victim, batch)
                 if victim is seq:
                     break
@@ -85,7 +103,7 @@ class Scheduler:
 
         # 2. Admit waiting sequences, unless this step had to preempt (the pool is tight).
         if not batch.preempted:
-            self.waiting = self.policy.order(self.waiting)
+            self.waiting = self._order(self.waiting)
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
                 self.block_manager.lookup_prefix(seq)
@@ -100,6 +118,33 @@ class Scheduler:
                 batch.items.append((seq, num_new))
                 budget -= num_new
         return batch
+
+    def _order(self, seqs: list[Sequence]) -> list[Sequence]:
+        def order(policy: SchedulingPolicy) -> list[Sequence]:
+            ordered = policy.order(seqs)
+            if len(ordered) != len(seqs) or {id(s) for s in ordered} != {id(s) for s in seqs}:
+                raise TypeError(f"order() must return the {len(seqs)} sequences it was given, reordered")
+            return list(ordered)
+
+        return self._guarded(order)
+
+    def _victim(self, candidates: list[Sequence]) -> Sequence:
+        def victim(policy: SchedulingPolicy) -> Sequence:
+            chosen = policy.victim(candidates)
+            if not any(chosen is s for s in candidates):
+                raise TypeError("victim() must return one of the running sequences it was given")
+            return chosen
+
+        return self._guarded(victim)
+
+    def _guarded(self, call: Callable[[SchedulingPolicy], T]) -> T:
+        """call(policy); if the policy raises, FCFS replaces it for good and answers instead."""
+        try:
+            return call(self.policy)
+        except Exception as error:  # a plugin's policy must not stop serving
+            self.policy_faults.append(PolicyFault(self.policy.name, error))
+            self.policy = get_policy(FALLBACK_POLICY)
+            return call(self.policy)
 
     def schedule_ahead(self, in_flight: ScheduledBatch) -> ScheduledBatch | None:
         """Async scheduling: the decode step after `in_flight` (launched, its tokens not read yet), scheduled

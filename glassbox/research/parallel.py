@@ -1,15 +1,19 @@
 """Tensor splitting and sharded execution on parallel workers, checked against the unsplit computation.
 
-`split` cuts a tensor (a model weight by name, or a seeded random tensor of a given shape) into shards
-along one dimension; `execute` runs `shard @ other` for every shard on its own worker thread (torch
-releases the GIL inside its kernels, so the shards really run at once) and gathers the results the way
-tensor parallelism does: a split along the rows (output features) is gathered by concatenation
-(column-parallel linear), a split along the contracted dimension by summing partial products, with the
-other operand split to match (row-parallel linear).
+`split` cuts a tensor (a model weight by name, or a seeded random tensor of a given shape, 1-D to 4-D)
+into shards along one dimension; `execute` runs `shard @ other` for every shard on its own worker thread
+(torch releases the GIL inside its kernels, so the shards really run at once), `other` a seeded random
+[last dimension, other_columns] matrix, and gathers the results the way tensor parallelism does: a split
+along any dimension but the last (rows, output features, a batch) is gathered by concatenation
+(column-parallel linear), a split along the last, contracted, dimension by summing partial products, with
+the other operand split to match (row-parallel linear). `gather: false` returns the shards' timings only.
+
+Sizes are bounded by `limits.tensor_max_elements` for the random tensor, the other operand and the output.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,7 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-MAX_ELEMENTS = 1 << 26  # 64M elements (256 MiB in float32) for a random tensor or an operand
+from glassbox.errors import FieldError
+from glassbox.research.limits import LimitError
+
+MAX_ELEMENTS = 1 << 22  # the default of limits.tensor_max_elements (16 MiB in float32)
 
 
 @dataclass
@@ -37,18 +44,27 @@ def _tensor_of(model: nn.Module, name: str) -> torch.Tensor:
     return tensors[name].detach()
 
 
-def _random(shape: list[int], seed: int) -> torch.Tensor:
-    if not shape or any(d < 1 for d in shape) or torch.Size(shape).numel() > MAX_ELEMENTS:
-        raise ValueError(f"tensor_shape: dimensions must be positive and hold at most {MAX_ELEMENTS} elements")
+def _random(shape: list[int], seed: int, max_elements: int) -> torch.Tensor:
+    if not 1 <= len(shape) <= 4 or any(d < 1 for d in shape):
+        raise FieldError("tensor_shape", "give 1 to 4 positive dimensions")
+    elements = math.prod(shape)  # Python ints: no overflow however large the dimensions
+    if elements > max_elements:
+        raise LimitError("tensor_max_elements", f"tensor_shape {shape} holds {elements} elements, over the limit of {max_elements}")
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
 def split(
-    model: nn.Module, weight: str | None, tensor_shape: list[int] | None, split_dim: int, num_splits: int, seed: int = 0
+    model: nn.Module,
+    weight: str | None,
+    tensor_shape: list[int] | None,
+    split_dim: int,
+    num_splits: int,
+    seed: int = 0,
+    max_elements: int = MAX_ELEMENTS,
 ) -> SplitTensor:
     if (weight is None) == (tensor_shape is None):
-        raise ValueError("give exactly one of weight (a model tensor's name) and tensor_shape")
-    full = _tensor_of(model, weight) if weight is not None else _random(tensor_shape, seed)
+        raise FieldError("weight", "give exactly one of weight (a model tensor's name) and tensor_shape")
+    full = _tensor_of(model, weight) if weight is not None else _random(tensor_shape, seed, max_elements)
     if not full.is_floating_point():
         raise ValueError(f"weight: {weight!r} is {full.dtype} (quantized); pick a floating-point tensor")
     if not -full.dim() <= split_dim < full.dim():
@@ -60,19 +76,29 @@ def split(
     return SplitTensor(weight or f"random{list(full.shape)}", full, split_dim, shards)
 
 
-def execute(parts: SplitTensor, other_columns: int, seed: int = 0) -> dict[str, Any]:
-    """matmul of every 2-D shard with a seeded random [in, other_columns] operand, on one thread per shard."""
-    if parts.full.dim() != 2:
-        raise ValueError("operation matmul needs a 2-D split tensor")
-    rows, inner = parts.full.shape
-    if other_columns < 1 or inner * other_columns > MAX_ELEMENTS:
-        raise ValueError(f"other_columns: must be in [1, {MAX_ELEMENTS // inner}]")
+def nbytes(parts: SplitTensor) -> int:
+    """What a split holds beyond the model: shards that are copies (not views of the full tensor), and the
+    full tensor unless it is a model weight."""
+    full_storage = parts.full.untyped_storage().data_ptr()
+    copies = sum(s.numel() * s.element_size() for s in parts.shards if s.untyped_storage().data_ptr() != full_storage)
+    own = parts.full.numel() * parts.full.element_size() if parts.source.startswith("random[") else 0
+    return copies + own
+
+
+def execute(
+    parts: SplitTensor, other_columns: int, seed: int = 0, gather: bool = True, max_elements: int = MAX_ELEMENTS
+) -> dict[str, Any]:
+    """matmul of every shard with a seeded random [last dim, other_columns] operand, one thread per shard."""
+    inner = parts.full.shape[-1]
+    outputs = parts.full.numel() // inner * other_columns
+    for name, elements in (("the other operand", inner * other_columns), ("the output", outputs)):
+        if elements > max_elements:
+            raise LimitError("tensor_max_elements", f"{name} would hold {elements} elements (other_columns {other_columns}), over the limit of {max_elements}")
     other = torch.randn(inner, other_columns, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-    full = parts.full.float()
-    row_parallel = parts.split_dim == 1
+    last = parts.full.dim() - 1
+    row_parallel = parts.split_dim == last
     if row_parallel:  # the contracted dimension is split: split the operand's rows the same way
-        sizes = [s.shape[1] for s in parts.shards]
-        operands = list(torch.split(other, sizes, dim=0))
+        operands = list(torch.split(other, [s.shape[-1] for s in parts.shards], dim=0))
     else:
         operands = [other] * len(parts.shards)
 
@@ -85,20 +111,27 @@ def execute(parts: SplitTensor, other_columns: int, seed: int = 0) -> dict[str, 
     with ThreadPoolExecutor(max_workers=len(parts.shards), thread_name_prefix="glassbox-shard") as pool:
         results = list(pool.map(run, range(len(parts.shards))))
     parallel_ms = (time.perf_counter() - start) * 1000
-    start = time.perf_counter()
-    gathered = torch.stack([r for r, _ in results]).sum(0) if row_parallel else torch.cat([r for r, _ in results], 0)
-    gather_ms = (time.perf_counter() - start) * 1000
-    start = time.perf_counter()
-    reference = full @ other
-    unsplit_ms = (time.perf_counter() - start) * 1000
-    return {
+    report: dict[str, Any] = {
         "operation": "matmul",
-        "gather": "sum" if row_parallel else "concat",
-        "output_shape": list(gathered.shape),
+        "gather": ("sum" if row_parallel else "concat") if gather else None,
+        "shard_output_shapes": [list(r.shape) for r, _ in results],
         "shard_ms": [ms for _, ms in results],
         "parallel_ms": parallel_ms,
+        "workers": f"{len(parts.shards)} threads",
+    }
+    if not gather:
+        return report
+    start = time.perf_counter()
+    partials = [r for r, _ in results]
+    gathered = torch.stack(partials).sum(0) if row_parallel else torch.cat(partials, parts.split_dim)
+    gather_ms = (time.perf_counter() - start) * 1000
+    start = time.perf_counter()
+    reference = parts.full.float() @ other
+    unsplit_ms = (time.perf_counter() - start) * 1000
+    return {
+        **report,
+        "output_shape": list(gathered.shape),
         "gather_ms": gather_ms,
         "unsplit_ms": unsplit_ms,
         "max_abs_error": float((gathered - reference).abs().max()),
-        "workers": f"{len(parts.shards)} threads",
     }

@@ -9,6 +9,11 @@ Steps, on one sequence of T tokens (no KV cache), each taking and giving hidden 
   final_norm   the model's last norm
   lm_head      hidden -> logits [T, vocab]
 Chaining embed -> every layer (or attention + mlp) -> final_norm -> lm_head gives the full forward's logits.
+
+Each step's output is kept behind a handle, so what a call will hold is known before it runs
+(`output_bytes`): the server refuses a call whose outputs could not all be kept (max_handle_bytes), and
+bounds the tokens of an input (pipeline_max_tokens). The server runs the steps of a schedule one engine
+call each, so serving steps run between them.
 """
 
 from __future__ import annotations
@@ -67,6 +72,12 @@ def run_step(model: nn.Module, step: str, layer_idx: int | None, activation: Act
     meta = AttentionMetadata.for_prompts([n], device=device)
     x = layer.attention_residual(x, layer_args, meta)
     return x if step == "attention" else layer.mlp_residual(x)  # "layer": attention then mlp
+
+
+def output_bytes(engine: LLMEngine, steps: list[tuple[str, int | None]], num_tokens: int) -> int:
+    """Bytes the steps' outputs take: [T, hidden] each, [T, vocab] for lm_head (float32, the widest)."""
+    config = engine.loaded.config
+    return sum(num_tokens * (config.vocab_size if step == "lm_head" else config.hidden_size) * 4 for step, _ in steps)
 
 
 def describe(tensor: torch.Tensor, with_values: bool) -> dict[str, Any]:

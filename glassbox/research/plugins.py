@@ -3,13 +3,18 @@ registers scheduling policies and sparse-attention methods, reloaded when the fi
 the weights stay loaded. A plugin that fails to import or to register is reported and the last good
 version keeps serving. Plugins come only from the command line, never from a request.
 
+A plugin whose policy or method raises while serving is unloaded as a whole (the engine reports the fault
+through `ALGORITHMS.report_fault`): the built-ins take over (FCFS, no global mask), /plugins shows the
+error, and the file is loaded again when it changes.
+
 What it registers joins the built-ins in the one registry (glassbox/algorithms.py), so every place that
 takes a name takes the plugin's too: `--scheduling-policy` (the file is loaded before the engine is built),
 /optimization/scheduling_policy and /batch_schedule's `algorithm`, any request's `sparsity.method`.
 
 A plugin file:
 
-    from glassbox.engine.policies import SchedulingPolicy
+    from glassbox.engine.policies import SchedulingPolicy, get_policy
+from glassbox.engine.scheduler import FALLBACK_POLICY
 
     class LongestFirst(SchedulingPolicy):
         name = "longest_first"
@@ -43,9 +48,10 @@ from typing import Any, Callable
 
 import torch
 
-from glassbox.algorithms import ALGORITHMS
+from glassbox.algorithms import ALGORITHMS, AlgorithmFault
 from glassbox.engine.llm_engine import LLMEngine
-from glassbox.engine.policies import SchedulingPolicy
+from glassbox.engine.policies import SchedulingPolicy, get_policy
+from glassbox.engine.scheduler import FALLBACK_POLICY
 from glassbox.layers.sparsity import SparsityMethod, SparsityState, parse_sparsity
 
 logger = logging.getLogger(__name__)
@@ -103,9 +109,35 @@ class PluginManager:
         self.last_error: str | None = None
         self.loaded_at: float | None = None
         self._listeners: list[Callable[[PluginEntries], None]] = [on_reload] if on_reload is not None else []
+        self._unload_listeners: list[Callable[[PluginEntries], None]] = []
         self._mtime: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.unloaded_at: float | None = None
+        self.faults = 0  # times an entry raised while serving
+        ALGORITHMS.add_fault_listener(self._on_fault)
+
+    def add_unload_listener(self, listener: Callable[[PluginEntries], None]) -> None:
+        """Call listener(the unloaded entries) when a fault unloads the plugin, on the thread that reported
+        it (the engine's loop thread)."""
+        self._unload_listeners.append(listener)
+
+    def _on_fault(self, fault: AlgorithmFault) -> None:
+        """An entry of this plugin raised while serving: unload the plugin; the built-ins take over."""
+        if not fault.from_plugin:
+            return
+        unloaded, self.entries = self.entries, PluginEntries()
+        ALGORITHMS.scheduling_policies.set_plugin_entries({})
+        ALGORITHMS.sparsity_methods.set_plugin_entries({})
+        self.faults += 1
+        self.unloaded_at = time.time()
+        self.last_error = (
+            f"{fault.kind} {fault.name!r} raised {fault.error} while serving: the plugin was unloaded and the "
+            "built-ins serve; it loads again when the file changes"
+        )
+        logger.error("plugin %s: %s", self.path, self.last_error)
+        for listener in self._unload_listeners:
+            listener(unloaded)
 
     def add_listener(self, listener: Callable[[PluginEntries], None]) -> None:
         """Call listener(entries) after every successful (re)load, on the thread that loaded."""
@@ -129,7 +161,7 @@ class PluginManager:
             return False
         ALGORITHMS.scheduling_policies.set_plugin_entries(entries.policies)
         ALGORITHMS.sparsity_methods.set_plugin_entries(entries.sparsity_methods)
-        self.entries, self.last_error = entries, None
+        self.entries, self.last_error, self.unloaded_at = entries, None, None
         self.version += 1
         self.loaded_at = time.time()
         logger.warning(
@@ -148,6 +180,7 @@ class PluginManager:
 
     def stop(self) -> None:
         self._stop.set()
+        ALGORITHMS.remove_fault_listener(self._on_fault)
 
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_s):
@@ -166,6 +199,9 @@ class PluginManager:
             "policies": sorted(self.entries.policies),
             "sparsity_methods": sorted(self.entries.sparsity_methods),
             "error": self.last_error,
+            "unloaded": self.unloaded_at is not None,
+            "unloaded_at": self.unloaded_at,
+            "faults": self.faults,
         }
 
 
@@ -182,3 +218,13 @@ def follow_new_version(engine: LLMEngine, entries: PluginEntries) -> None:
         except Exception:  # the new version rejects the old parameters: the global mask is dropped
             logger.exception("plugin reload: the global sparsity mask %s no longer parses; cleared", mask.spec())
             engine.default_sparsity = None
+
+
+def fall_back_to_builtins(engine: LLMEngine, unloaded: PluginEntries) -> None:
+    """After a fault unloaded the plugin, on the engine's loop thread: a serving policy or global mask of
+    the plugin gives way to the built-ins (FCFS, no mask)."""
+    if engine.scheduler.policy.name in unloaded.policies:
+        engine.scheduler.policy = get_policy(FALLBACK_POLICY)
+    mask = engine.default_sparsity
+    if mask is not None and mask.name in unloaded.sparsity_methods:
+        engine.default_sparsity = None

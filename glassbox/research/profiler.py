@@ -1,11 +1,23 @@
 """torch.profiler sessions around the engine's steps, started and stopped on the engine's loop thread
 (where the model runs). Traces are written to a directory the server owns; clients get an id, never a
-path."""
+path.
+
+Bounded (research/limits.py): a session stops recording by itself after `profiling_max_steps` engine steps
+or `profiling_max_seconds`, whichever comes first (a step hook, so recording never outlives its budget even
+if nobody calls stop); a session that recorded more than `profiling_max_events` events writes no trace (its
+summary is still given); a trace over `profiling_max_trace_bytes` is deleted; at most
+`profiling_traces_kept` traces are kept, the oldest deleted first, and all of them when the server stops.
+Only stopping the session runs on the engine thread: reading the events, the summary and writing the trace
+(seconds for a large session) run in the caller's worker thread while serving goes on.
+"""
 
 from __future__ import annotations
 
 import re
+import shutil
 import tempfile
+import threading
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -15,6 +27,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from glassbox.engine.llm_engine import LLMEngine
+from glassbox.errors import FieldError
+from glassbox.research.limits import Limits
 
 ACTIVITIES = {"cpu": ProfilerActivity.CPU, "cuda": ProfilerActivity.CUDA}
 TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -24,12 +38,28 @@ class ProfilerError(RuntimeError):
     """Asked to stop without a session, or to start a second one."""
 
 
+class _Session:
+    """One running (or finished recording) torch.profiler session and what it started from."""
+
+    def __init__(self, torch_session: profile, engine: LLMEngine, options: dict[str, Any]) -> None:
+        self.torch_session = torch_session
+        self.options = options
+        self.started = time.monotonic()
+        self.steps_at_start = engine.num_steps
+        self.executors_at_start = engine.executor_counts.copy()
+        self.recording = True
+        self.stopped_because: str | None = None  # the budget that ended recording early
+        self.steps = 0
+        self.executors: Counter[str] = Counter()
+
+
 class Profiler:
-    def __init__(self, trace_dir: Path | None = None) -> None:
+    def __init__(self, limits: Limits | None = None, trace_dir: Path | None = None) -> None:
+        self.limits = limits or Limits()
         self.trace_dir = trace_dir or Path(tempfile.mkdtemp(prefix="glassbox-traces-"))
-        self._session: profile | None = None
-        self._steps_at_start = 0
-        self._executors_at_start: Counter[str] = Counter()
+        self._session: _Session | None = None
+        self._traces: list[str] = []  # kept trace ids, oldest first
+        self._lock = threading.Lock()  # the trace list: written off the engine thread
 
     @property
     def active(self) -> bool:
@@ -38,43 +68,129 @@ class Profiler:
     def start(
         self, engine: LLMEngine, activities: list[str] | None = None, record_shapes: bool = False, with_stack: bool = False
     ) -> dict[str, Any]:
+        """On the engine thread. FieldError naming `activities` for one this machine cannot record."""
         if self._session is not None:
             raise ProfilerError("a profiling session is already running; stop it first")
-        names = activities or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+        names = list(dict.fromkeys(activities or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])))
         unknown = [a for a in names if a not in ACTIVITIES]
         if unknown:
-            raise ValueError(f"activities: unknown {unknown}; choose from {sorted(ACTIVITIES)}")
-        self._session = profile(
-            activities=[ACTIVITIES[a] for a in names], record_shapes=record_shapes, with_stack=with_stack
-        )
-        self._session.start()
-        self._steps_at_start = engine.num_steps
-        self._executors_at_start = engine.executor_counts.copy()
-        return {"profiling": True, "activities": names, "record_shapes": record_shapes, "with_stack": with_stack}
+            raise FieldError("activities", f"unknown {unknown}; choose from {sorted(ACTIVITIES)}")
+        if "cuda" in names and not torch.cuda.is_available():
+            raise FieldError("activities", "'cuda' needs a CUDA device; this server runs on the CPU: use ['cpu']")
+        torch_session = profile(activities=[ACTIVITIES[a] for a in names], record_shapes=record_shapes, with_stack=with_stack)
+        torch_session.start()  # if this raises nothing is kept: the next start begins afresh
+        options = {"activities": names, "record_shapes": record_shapes, "with_stack": with_stack}
+        self._session = _Session(torch_session, engine, options)
+        engine.step_hooks.append(self._on_step)
+        limits = self.limits
+        return {
+            "profiling": True,
+            **options,
+            "limits": {"max_steps": limits.profiling_max_steps, "max_seconds": limits.profiling_max_seconds},
+        }
 
-    def stop(self, engine: LLMEngine, top: int = 25) -> dict[str, Any]:
+    def _on_step(self, engine: LLMEngine) -> None:
+        """After each engine step: stop recording once the session has used its budget."""
+        session = self._session
+        if session is None or not session.recording:
+            return
+        steps = engine.num_steps - session.steps_at_start
+        if steps >= self.limits.profiling_max_steps:
+            self._stop_recording(engine, f"profiling_max_steps ({self.limits.profiling_max_steps} steps)")
+        elif time.monotonic() - session.started >= self.limits.profiling_max_seconds:
+            self._stop_recording(engine, f"profiling_max_seconds ({self.limits.profiling_max_seconds} s)")
+
+    def _stop_recording(self, engine: LLMEngine, reason: str | None) -> None:
+        session = self._session
+        if session.recording:
+            session.recording = False
+            session.stopped_because = reason
+            session.steps = engine.num_steps - session.steps_at_start
+            session.executors = engine.executor_counts - session.executors_at_start
+            session.torch_session.stop()
+        if self._on_step in engine.step_hooks:
+            engine.step_hooks.remove(self._on_step)
+
+    def stop(self, engine: LLMEngine) -> _Session:
+        """On the engine thread: end the session (recording stops now if it had not); `summarize` it next,
+        off the engine thread."""
         if self._session is None:
             raise ProfilerError("no profiling session is running; POST /debug/profiling/start first")
+        if self._session.recording and time.monotonic() - self._session.started >= self.limits.profiling_max_seconds:
+            self._stop_recording(engine, f"profiling_max_seconds ({self.limits.profiling_max_seconds} s)")
+        self._stop_recording(engine, None)
         session, self._session = self._session, None
-        session.stop()
-        trace_id = uuid.uuid4().hex
-        session.export_chrome_trace(str(self.trace_dir / f"{trace_id}.json"))
-        rows = sorted(session.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-        return {
-            "trace_id": trace_id,
-            "steps": engine.num_steps - self._steps_at_start,
+        return session
+
+    def summarize(self, session: _Session, top: int = 25) -> dict[str, Any]:
+        """The top operators by self time, and the trace's id (None if the session was over a budget)."""
+        limits = self.limits
+        events = session.torch_session.events()
+        num_events = len(events)
+        result: dict[str, Any] = {
+            "trace_id": None,
+            "steps": session.steps,
             # Each step's forward is named after its executor in the trace: glassbox::forward[<executor>].
-            "steps_by_executor": dict(engine.executor_counts - self._executors_at_start),
-            "top_ops_by_self_cpu_time": [
-                {
-                    "name": e.key,
-                    "calls": e.count,
-                    "self_cpu_ms": e.self_cpu_time_total / 1000,
-                    "cpu_total_ms": e.cpu_time_total / 1000,
-                }
-                for e in rows
-            ],
+            "steps_by_executor": dict(session.executors),
+            "num_events": num_events,
+            "recording_stopped_by": session.stopped_because,
         }
+        if num_events > limits.profiling_max_events:
+            result["trace_omitted"] = (
+                f"profiling_max_events: {num_events} events recorded, over the limit of {limits.profiling_max_events}"
+            )
+        else:
+            trace_id = uuid.uuid4().hex
+            path = self.trace_dir / f"{trace_id}.json"
+            session.torch_session.export_chrome_trace(str(path))
+            size = path.stat().st_size
+            if size > limits.profiling_max_trace_bytes:
+                path.unlink()
+                result["trace_omitted"] = (
+                    f"profiling_max_trace_bytes: the trace is {size} bytes, over the limit of {limits.profiling_max_trace_bytes}"
+                )
+            else:
+                result["trace_id"], result["trace_bytes"] = trace_id, size
+                result["deleted_traces"] = self._keep(trace_id)
+        rows = sorted(session.torch_session.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+        result["top_ops_by_self_cpu_time"] = [
+            {
+                "name": e.key,
+                "calls": e.count,
+                "self_cpu_ms": e.self_cpu_time_total / 1000,
+                "cpu_total_ms": e.cpu_time_total / 1000,
+            }
+            for e in rows
+        ]
+        return result
+
+    def _keep(self, trace_id: str) -> list[str]:
+        """Record a new trace; delete the oldest beyond `profiling_traces_kept`. Returns the deleted ids."""
+        with self._lock:
+            self._traces.append(trace_id)
+            deleted = self._traces[: -self.limits.profiling_traces_kept]
+            self._traces = self._traces[-self.limits.profiling_traces_kept :]
+        for old in deleted:
+            (self.trace_dir / f"{old}.json").unlink(missing_ok=True)
+        return deleted
+
+    def delete(self, trace_id: str) -> bool:
+        path = self.trace_path(trace_id)
+        if path is None:
+            return False
+        with self._lock:
+            if trace_id in self._traces:
+                self._traces.remove(trace_id)
+        path.unlink(missing_ok=True)
+        return True
+
+    def traces(self) -> list[str]:
+        with self._lock:
+            return list(self._traces)
+
+    def close(self) -> None:
+        """Delete every trace (server shutdown)."""
+        shutil.rmtree(self.trace_dir, ignore_errors=True)
 
     def trace_path(self, trace_id: str) -> Path | None:
         """The trace file of an id, or None; ids are checked so no other path can be named."""

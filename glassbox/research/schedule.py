@@ -1,9 +1,14 @@
 """Compare scheduling policies on the same set of requests: /optimization/batch_schedule.
 
-The set runs on the serving engine's loop thread, through a private engine over the same model (weights
-shared, its own small KV pool, no prefix cache): nothing else shares its batches, so two runs of the same
-set under two policies differ only by the policy. Serving waits meanwhile — a research tool, not for a
-busy production server.
+The set runs through a private engine over the serving model (weights shared, its own small KV pool, no
+prefix cache): nothing else shares its batches, so two runs of the same set under two policies differ only
+by the policy. It runs one private step per call on the serving engine's loop thread (`ScheduleRun.step`),
+so serving steps run between two of its steps: it never holds serving for more than one step, and the
+caller can stop calling (a client gone) to drop it. Its times are the sum of its own steps' times
+("virtual" time), not wall time, so they do not depend on the serving traffic interleaved with them.
+
+Budgets (research/limits.py): the number of requests, their tokens (prompt + max_tokens), and the bytes of
+the private KV pool sized for them.
 """
 
 from __future__ import annotations
@@ -13,8 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from glassbox.config import EngineConfig
-from glassbox.engine.llm_engine import LLMEngine
+from glassbox.engine.kv_cache import bytes_per_block
+from glassbox.engine.llm_engine import LLMEngine, RequestState
 from glassbox.engine.policies import SchedulingPolicy, get_policy
+from glassbox.errors import FieldError
+from glassbox.research.limits import Limits, check
 from glassbox.sampling import SamplingParams
 
 # Per-step token budget: small chunks keep decodes flowing (latency); large ones fill the batch (throughput).
@@ -26,7 +34,7 @@ def _policy(algorithm: str) -> SchedulingPolicy:
     try:
         return get_policy(algorithm)
     except ValueError as error:
-        raise ValueError(f"algorithm: {error}") from None
+        raise FieldError("algorithm", str(error)) from None
 
 
 @dataclass
@@ -36,81 +44,136 @@ class ScheduledRequest:
     max_tokens: int = 32
 
 
+class ScheduleRun:
+    """One set of requests on its private engine; `step()` until it returns True, then `result()`."""
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        requests: list[ScheduledRequest],
+        algorithm: str = "fcfs",
+        max_batch_size: int = 8,
+        strategy: str = "maximize_throughput",
+        limits: Limits | None = None,
+    ) -> None:
+        limits = limits or Limits()
+        self.policy = _policy(algorithm)
+        if strategy not in STRATEGIES:
+            raise FieldError("strategy", f"unknown {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        check("schedule_max_requests", len(requests), limits.schedule_max_requests, "the number of requests", 413)
+        prompts = []
+        for i, r in enumerate(requests):
+            try:
+                prompts.append(engine.encode_prompt(r.prompt))
+            except FieldError as error:
+                raise error.renamed(f"requests[{i}].prompt") from None
+        tokens = sum(len(p) + r.max_tokens for p, r in zip(prompts, requests))
+        check("schedule_max_tokens", tokens, limits.schedule_max_tokens, "prompt + max_tokens over the set", 413)
+        block_size = engine.config.block_size
+        blocks = sum(-(-(len(p) + r.max_tokens) // block_size) for p, r in zip(prompts, requests)) + 1
+        pool_bytes = blocks * bytes_per_block(engine.loaded.config, block_size, engine.kv_cache.dtype)
+        check("schedule_max_pool_bytes", pool_bytes, limits.schedule_max_pool_bytes, "the private KV pool (bytes)", 413)
+        self.requests, self.strategy, self.max_batch_size = requests, strategy, max_batch_size
+        self.private = LLMEngine(
+            engine.loaded,
+            EngineConfig(
+                block_size=block_size,
+                num_kv_blocks=blocks,
+                max_num_seqs=max_batch_size,
+                max_num_batched_tokens=STRATEGIES[strategy],
+                enable_prefix_caching=False,
+                quantization=engine.config.quantization,
+                kv_cache_dtype=engine.config.kv_cache_dtype,
+                enforce_eager=True,  # CUDA graphs would be captured anew for each short-lived engine
+            ),
+        )
+        self.private.scheduler.policy = self.policy
+        self.states: list[RequestState] = []
+        for p, r in zip(prompts, requests):
+            state = self.private.make_request(p, SamplingParams(temperature=0, max_tokens=r.max_tokens), priority=r.priority)
+            self.private.enqueue(state)
+            self.states.append(state)
+        self.elapsed = 0.0  # seconds of the private engine's own steps
+        self.queue_s: dict[int, float] = {}
+        self.first_token_s: dict[int, float] = {}
+        self.finish_s: dict[int, float] = {}
+        self.finished: dict[str, Any] = {}
+        self.order: list[int] = []
+        self.index = {state.seq.request_id: i for i, state in enumerate(self.states)}
+
+    def step(self) -> bool:
+        """One private step; True once every request has finished."""
+        if not self.private.has_unfinished_requests():
+            return True
+        before = self.elapsed
+        start = time.perf_counter()
+        outputs = self.private.step()
+        self.elapsed += time.perf_counter() - start
+        for i, state in enumerate(self.states):
+            if i not in self.queue_s and state.seq.timings.first_scheduled is not None:
+                self.queue_s[i] = before
+        for out in outputs:
+            i = self.index[out.request_id]
+            if out.token_ids and i not in self.first_token_s:
+                self.first_token_s[i] = self.elapsed
+            if out.finished:
+                self.finish_s[i] = self.elapsed
+                self.finished[out.request_id] = out
+                self.order.append(i)
+        return not self.private.has_unfinished_requests()
+
+    def result(self) -> dict[str, Any]:
+        """Per request: queue time, TTFT, finish time (ms of the set's own steps), output; and totals."""
+        results = []
+        for index, state in enumerate(self.states):
+            out = self.finished[state.seq.request_id]
+            results.append(
+                {
+                    "index": index,
+                    "priority": self.requests[index].priority,
+                    "prompt_tokens": len(out.prompt_token_ids),
+                    "queue_ms": self.queue_s.get(index, 0.0) * 1000,
+                    "ttft_ms": self.first_token_s.get(index, self.finish_s[index]) * 1000,
+                    "finish_ms": self.finish_s[index] * 1000,
+                    "text": out.text,
+                    "completion_tokens": len(out.token_ids),
+                    "finish_reason": out.finish_reason,
+                }
+            )
+        wall_ms = self.elapsed * 1000
+        tokens = sum(r["completion_tokens"] for r in results)
+        return {
+            "algorithm": self.policy.name,
+            "policy": self.policy.description,
+            "strategy": self.strategy,
+            "max_batch_size": self.max_batch_size,
+            "completion_order": self.order,
+            "results": results,
+            "totals": {
+                "wall_ms": wall_ms,
+                "completion_tokens": tokens,
+                "tokens_per_s": tokens / wall_ms * 1000 if wall_ms else 0.0,
+                "mean_ttft_ms": sum(r["ttft_ms"] for r in results) / len(results),
+                "mean_finish_ms": sum(r["finish_ms"] for r in results) / len(results),
+                "steps": self.private.num_steps,
+                "time": "the sum of the set's own steps (serving steps between them not counted)",
+            },
+        }
+
+
 def run_schedule(
     engine: LLMEngine,
     requests: list[ScheduledRequest],
     algorithm: str = "fcfs",
     max_batch_size: int = 8,
     strategy: str = "maximize_throughput",
+    limits: Limits | None = None,
 ) -> dict[str, Any]:
-    """Run the set to the end under the policy (greedy decoding); per request: queue time, TTFT, finish
-    time (ms from the set's start), output; and totals."""
-    policy = _policy(algorithm)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy: unknown {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    block_size = engine.config.block_size
-    prompts = [engine.encode_prompt(r.prompt) for r in requests]
-    blocks = sum(-(-(len(p) + r.max_tokens) // block_size) for p, r in zip(prompts, requests)) + 1
-    private = LLMEngine(
-        engine.loaded,
-        EngineConfig(
-            block_size=block_size,
-            num_kv_blocks=blocks,
-            max_num_seqs=max_batch_size,
-            max_num_batched_tokens=STRATEGIES[strategy],
-            enable_prefix_caching=False,
-            quantization=engine.config.quantization,
-            kv_cache_dtype=engine.config.kv_cache_dtype,
-            enforce_eager=True,  # CUDA graphs would be captured anew for each short-lived engine
-        ),
-    )
-    private.scheduler.policy = policy
-    start = time.perf_counter()
-    ids = [
-        private.add_request(p, SamplingParams(temperature=0, max_tokens=r.max_tokens), priority=r.priority)
-        for p, r in zip(prompts, requests)
-    ]
-    finished, order = {}, []
-    while private.has_unfinished_requests():
-        for out in private.step():
-            if out.finished:
-                finished[out.request_id] = out
-                order.append(ids.index(out.request_id))
-    wall_ms = (time.perf_counter() - start) * 1000
-    results = []
-    for index, request_id in enumerate(ids):
-        out = finished[request_id]
-        t = out.timings
-        results.append(
-            {
-                "index": index,
-                "priority": requests[index].priority,
-                "prompt_tokens": len(out.prompt_token_ids),
-                "queue_ms": t["queue_ms"],
-                "ttft_ms": t["ttft_ms"],
-                "finish_ms": t["total_ms"],
-                "text": out.text,
-                "completion_tokens": len(out.token_ids),
-                "finish_reason": out.finish_reason,
-            }
-        )
-    tokens = sum(r["completion_tokens"] for r in results)
-    return {
-        "algorithm": policy.name,
-        "policy": policy.description,
-        "strategy": strategy,
-        "max_batch_size": max_batch_size,
-        "completion_order": order,
-        "results": results,
-        "totals": {
-            "wall_ms": wall_ms,
-            "completion_tokens": tokens,
-            "tokens_per_s": tokens / wall_ms * 1000 if wall_ms else 0.0,
-            "mean_ttft_ms": sum(r["ttft_ms"] for r in results) / len(results),
-            "mean_finish_ms": sum(r["finish_ms"] for r in results) / len(results),
-            "steps": private.num_steps,
-        },
-    }
+    """The whole set at once (offline use: nothing else to serve meanwhile)."""
+    run = ScheduleRun(engine, requests, algorithm, max_batch_size, strategy, limits)
+    while not run.step():
+        pass
+    return run.result()
 
 
 def set_serving_policy(engine: LLMEngine, algorithm: str) -> dict[str, str]:

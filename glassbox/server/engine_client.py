@@ -11,17 +11,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from glassbox.engine.async_engine import AsyncLLMEngine
-from glassbox.engine.llm_engine import LLMEngine, RequestOutput, RequestState
+from glassbox.engine.async_engine import AsyncLLMEngine, RequestFailedError
+from glassbox.engine.llm_engine import LLMEngine, RequestError, RequestOutput, RequestState
+from glassbox.errors import FieldError
 from glassbox.layers.sparsity import SparsityMethod
+from glassbox.research.limits import Limits, check
 from glassbox.research.schedule import set_serving_policy
 from glassbox.sampling import SamplingParams
 from glassbox.tokenizer import Tokenizer
+
+SHUTTING_DOWN = RequestError("shutdown", "the server is shutting down: send the request to another server or retry later")
 
 
 @dataclass(frozen=True)
@@ -67,12 +72,14 @@ def _streamed(params: SamplingParams) -> SamplingParams:
 
 
 class EngineClient:
-    def __init__(self, engine: AsyncLLMEngine, model_name: str) -> None:
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, limits: Limits | None = None) -> None:
         """`engine` must be started (its model built)."""
         self._engine = engine
         self.model_name = model_name
+        self.limits = limits or Limits()
         self.facts: ModelFacts = engine.call_blocking(lambda llm: ModelFacts.read(llm, model_name))
         self.tokenizer = self.facts.tokenizer
+        self.draining = False  # set when a shutdown begins: new requests are refused (503)
 
     # ---- requests
     def make_request(
@@ -82,15 +89,65 @@ class EngineClient:
         priority: int = 0,
         sparsity: SparsityMethod | None = None,
     ) -> RequestState:
-        """Tokenize and validate (ValueError naming the problem; EngineDeadError once the engine died)."""
-        return self._engine.make_request(prompt, _streamed(params), priority=priority, sparsity=sparsity)
+        """Tokenize and validate (FieldError naming the field; EngineDeadError once the engine died)."""
+        return self.make_batch([prompt], params, priority, sparsity)[0]
+
+    def make_batch(
+        self,
+        prompts: list[str | list[int]],
+        params: SamplingParams,
+        priority: int = 0,
+        sparsity: SparsityMethod | None = None,
+        field: str = "prompt",
+    ) -> list[RequestState]:
+        """One request per prompt (/batch_generate), all checked before any runs; a bad prompt's error
+        names it (prompts[2]), and their tokens together are bounded by max_request_tokens."""
+        self._refuse_if_draining()
+        states = []
+        for i, prompt in enumerate(prompts):
+            try:
+                states.append(self._engine.make_request(prompt, _streamed(params), priority=priority, sparsity=sparsity))
+            except FieldError as error:
+                raise error.renamed(f"{field}[{i}]") if len(prompts) > 1 and error.field == "prompt" else error from None
+        self._check_tokens(states)
+        return states
 
     def make_requests(
         self, prompt: str | list[int], params: list[SamplingParams], sparsity: SparsityMethod | None = None
     ) -> list[RequestState]:
         """One request per SamplingParams on the same prompt (the n choices of /v1/*), tokenized once."""
+        self._refuse_if_draining()
         token_ids = self._engine.encode_prompt(prompt)
-        return [self._engine.make_request(token_ids, _streamed(sp), sparsity=sparsity) for sp in params]
+        states = [self._engine.make_request(token_ids, _streamed(sp), sparsity=sparsity) for sp in params]
+        self._check_tokens(states)
+        return states
+
+    def _check_tokens(self, states: list[RequestState]) -> None:
+        tokens = sum(len(s.seq.prompt_token_ids) + s.params.max_tokens for s in states)
+        what = "prompt + max_tokens summed over the request's sequences (n choices, prompts)"
+        check("max_request_tokens", tokens, self.limits.max_request_tokens, what, 400)
+
+    def _refuse_if_draining(self) -> None:
+        if self.draining:
+            raise RequestFailedError(SHUTTING_DOWN)
+
+    async def final_outputs(
+        self, states: list[RequestState], is_disconnected: Callable[[], Awaitable[bool]]
+    ) -> list[RequestOutput]:
+        """Every request's last output, in order; if one fails the others are aborted at once."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self.final_output(state, is_disconnected)) for state in states]
+        except ExceptionGroup as failed:
+            raise failed.exceptions[0] from None  # the first failure is the answer (one error per response)
+        return [task.result() for task in tasks]
+
+    def fail_all(self, error: RequestError = SHUTTING_DOWN) -> None:
+        """End every request in the engine now with `error` (a shutdown's drain timeout)."""
+        self._engine.fail_all(error)
+
+    async def num_unfinished(self) -> int:
+        return await self._engine.call(lambda engine: len(engine.requests))
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a text, or the given ids checked against the vocabulary (ValueError)."""
@@ -122,7 +179,7 @@ class EngineClient:
 
     async def model_info(self) -> dict[str, Any]:
         policy = await self._engine.call(lambda engine: engine.scheduler.policy.name)
-        return {**self.facts.model_info, "scheduling_policy": policy}
+        return {**self.facts.model_info, "scheduling_policy": policy, "limits": self.limits.describe()}
 
     async def stats(self) -> dict[str, Any]:
         """Running and waiting requests, KV blocks, preemptions, prefix-cache counters."""

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from glassbox.engine.llm_engine import RequestOutput, RequestState
-from glassbox.server.deps import SSE_DONE, engine_client, json_body, sparsity_of, sse
+from glassbox.server.deps import SSE_DONE, engine_client, json_body, sparsity_of, sse, with_error_event
 from glassbox.server.engine_client import EngineClient
 from glassbox.server.errors import APIError
 from glassbox.server.schemas import (
@@ -26,6 +25,7 @@ from glassbox.server.schemas import (
 )
 
 router = APIRouter()
+STREAMED = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events with stream: true"}}
 
 
 def response_of(out: RequestOutput) -> GenerateResponse:
@@ -57,7 +57,7 @@ async def stream_events(client: EngineClient, state: RequestState) -> AsyncItera
     yield SSE_DONE
 
 
-@router.post("/generate", response_model=GenerateResponse)
+@router.post("/generate", response_model=GenerateResponse, responses=STREAMED)
 async def generate(
     request: Request,
     body: GenerateRequest = Depends(json_body(GenerateRequest)),
@@ -66,8 +66,11 @@ async def generate(
     # Made (validated, tokenized) before the 200 goes out: errors must still be 4xx.
     state = client.make_request(body.prompt, body.sampling_params(), body.priority, sparsity_of(body.sparsity))
     if body.stream:
-        return StreamingResponse(stream_events(client, state), media_type="text/event-stream")
-    return response_of(await client.final_output(state, request.is_disconnected))
+        return StreamingResponse(with_error_event(stream_events(client, state)), media_type="text/event-stream")
+    out = await client.final_output(state, request.is_disconnected)
+    if out is None:
+        return Response(status_code=499)  # the client left before any token: nobody reads this
+    return response_of(out)
 
 
 @router.post("/batch_generate", response_model=BatchGenerateResponse)
@@ -77,10 +80,10 @@ async def batch_generate(
     client: EngineClient = Depends(engine_client),
 ) -> BatchGenerateResponse:
     """All prompts go to the engine at once and share its batches; results come back in order."""
-    params = body.sampling_params()
-    sparsity = sparsity_of(body.sparsity)
-    states = [client.make_request(prompt, params, sparsity=sparsity) for prompt in body.prompts]  # all valid first
-    outputs = await asyncio.gather(*(client.final_output(state, request.is_disconnected) for state in states))
+    states = client.make_batch(body.prompts, body.sampling_params(), sparsity=sparsity_of(body.sparsity), field="prompts")
+    outputs = await client.final_outputs(states, request.is_disconnected)
+    if any(out is None for out in outputs):
+        return Response(status_code=499)  # the client left
     return BatchGenerateResponse(results=[response_of(out) for out in outputs])
 
 
@@ -105,10 +108,17 @@ async def detokenize(
 
 @router.get("/model_info")
 async def model_info(client: EngineClient = Depends(engine_client)) -> dict:
+    """The model, the KV pool, the serving policy, and the budgets of every call (`limits`)."""
     return await client.model_info()
 
 
-@router.get("/health", response_model=HealthResponse)
+@router.get("/limits")
+async def limits(request: Request) -> dict:
+    """The budgets of every call (research/limits.py) and what the handles hold now."""
+    return {**request.app.state.settings.limits.describe(), "handles_in_use": request.app.state.handles.usage()}
+
+
+@router.get("/health", response_model=HealthResponse, responses={503: {"description": "the engine is dead", "content": {"application/json": {"schema": {"type": "object"}}}}})
 async def health(client: EngineClient = Depends(engine_client)) -> object:
     if not client.is_alive:
         return JSONResponse({"status": "dead", "error": repr(client.error)}, status_code=503)

@@ -10,16 +10,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from glassbox.engine.llm_engine import RequestOutput, RequestState
 from glassbox.sampling import SamplingParams
-from glassbox.server.deps import SSE_DONE, engine_client, json_body, sparsity_of, sse
+from glassbox.server.deps import SSE_DONE, engine_client, json_body, sparsity_of, sse, with_error_event
 from glassbox.server.engine_client import EngineClient
 from glassbox.server.errors import APIError
 from glassbox.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAICommon
 
 router = APIRouter(prefix="/v1")
+STREAMED = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events with stream: true"}}
 
 
 def _check_model(client: EngineClient, body: OpenAICommon) -> str:
@@ -121,7 +122,7 @@ async def models(client: EngineClient = Depends(engine_client)) -> dict[str, Any
     return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "glassbox"}]}
 
 
-@router.post("/completions")
+@router.post("/completions", responses=STREAMED)
 async def completions(
     request: Request,
     body: CompletionRequest = Depends(json_body(CompletionRequest)),
@@ -157,9 +158,11 @@ async def completions(
                 yield sse({"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": usage})
             yield SSE_DONE
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(with_error_event(events()), media_type="text/event-stream")
 
-    outputs = await asyncio.gather(*(client.final_output(state, request.is_disconnected) for state in states))
+    outputs = await client.final_outputs(states, request.is_disconnected)
+    if any(out is None for out in outputs):
+        return Response(status_code=499)  # the client left
     choices = [
         {
             "index": i,
@@ -173,7 +176,7 @@ async def completions(
     return {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": choices, "usage": _usage(outputs)}
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=STREAMED)
 async def chat_completions(
     request: Request,
     body: ChatCompletionRequest = Depends(json_body(ChatCompletionRequest)),
@@ -210,9 +213,11 @@ async def chat_completions(
                 yield chunk([], usage=_usage([finals[i] for i in sorted(finals)]))
             yield SSE_DONE
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(with_error_event(events()), media_type="text/event-stream")
 
-    outputs = await asyncio.gather(*(client.final_output(state, request.is_disconnected) for state in states))
+    outputs = await client.final_outputs(states, request.is_disconnected)
+    if any(out is None for out in outputs):
+        return Response(status_code=499)  # the client left
     choices = [
         {
             "index": i,

@@ -1,5 +1,7 @@
-"""Engine introspection: /cache/stats, /cache/clear, /debug/memory_usage, /debug/profiling/*. Each runs on
-the engine's loop thread between two steps, so what it reads is one consistent state."""
+"""Engine introspection: /cache/*, /debug/*, /optimization/batch_schedule and scheduling_policy, /plugins,
+/parallel/*, /pipeline/*. Each runs on the engine's loop thread between two steps (so what it reads is one
+consistent state), in pieces of at most about one step where it could take longer (a schedule, a
+pipeline), and within the budgets of research/limits.py (GET /limits)."""
 
 from __future__ import annotations
 
@@ -9,13 +11,15 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
 
+from glassbox.errors import FieldError
 from glassbox.research import parallel, pipeline
 from glassbox.research.attention import attention_scores
 from glassbox.research.cache import cache_stats, clear_prefix_cache
 from glassbox.research.heatmap import attention_png
+from glassbox.research.limits import LimitError, Limits, check
 from glassbox.research.memory import memory_usage
 from glassbox.research.profiler import Profiler, ProfilerError
-from glassbox.research.schedule import ScheduledRequest, run_schedule
+from glassbox.research.schedule import ScheduledRequest, ScheduleRun
 from glassbox.server.deps import engine_client, json_body, sparsity_of
 from glassbox.server.engine_client import EngineClient
 from glassbox.server.errors import APIError
@@ -32,6 +36,10 @@ from glassbox.server.schemas import (
 )
 
 router = APIRouter()
+
+
+def limits_of(request: Request) -> Limits:
+    return request.app.state.settings.limits
 
 
 @router.get("/cache/stats")
@@ -54,6 +62,7 @@ async def get_memory_usage(client: EngineClient = Depends(engine_client)) -> dic
 async def profiling_start(
     request: Request, body: ProfilingStart = Depends(json_body(ProfilingStart)), client: EngineClient = Depends(engine_client)
 ) -> dict[str, Any]:
+    """Record the engine's steps (at most limits.profiling_max_steps steps / profiling_max_seconds)."""
     profiler: Profiler = request.app.state.profiler
     try:
         return await client.call(
@@ -65,14 +74,22 @@ async def profiling_start(
 
 @router.post("/debug/profiling/stop")
 async def profiling_stop(request: Request, client: EngineClient = Depends(engine_client)) -> dict[str, Any]:
-    """Stops the session: the top operators by self time, and the id of its Chrome/Perfetto trace."""
+    """Stops the session: the top operators by self time, and the id of its Chrome/Perfetto trace (none if
+    the session was over profiling_max_events or its trace over profiling_max_trace_bytes)."""
     profiler: Profiler = request.app.state.profiler
     try:
-        result = await client.call(profiler.stop)
+        session = await client.call(profiler.stop)
     except ProfilerError as error:
         raise APIError(409, str(error)) from None
-    result["trace_url"] = f"/debug/profiling/traces/{result['trace_id']}"
+    result = await asyncio.to_thread(profiler.summarize, session)  # seconds for a big session: not on the engine
+    result["trace_url"] = f"/debug/profiling/traces/{result['trace_id']}" if result["trace_id"] else None
     return result
+
+
+@router.get("/debug/profiling/traces")
+async def profiling_traces(request: Request) -> dict[str, Any]:
+    """The traces kept (at most limits.profiling_traces_kept, oldest first)."""
+    return {"trace_ids": request.app.state.profiler.traces()}
 
 
 @router.get("/debug/profiling/traces/{trace_id}")
@@ -83,16 +100,38 @@ async def profiling_trace(request: Request, trace_id: str) -> FileResponse:
     return FileResponse(path, media_type="application/json", filename=f"glassbox-trace-{trace_id}.json")
 
 
+@router.delete("/debug/profiling/traces/{trace_id}")
+async def delete_profiling_trace(request: Request, trace_id: str) -> dict[str, Any]:
+    if not request.app.state.profiler.delete(trace_id):
+        raise APIError(404, f"trace_id: no trace {trace_id!r}", "trace_id", "not_found_error")
+    return {"deleted": trace_id}
+
+
 @router.post("/optimization/batch_schedule")
 async def batch_schedule(
-    body: BatchScheduleRequest = Depends(json_body(BatchScheduleRequest)), client: EngineClient = Depends(engine_client)
-) -> dict[str, Any]:
+    request: Request,
+    body: BatchScheduleRequest = Depends(json_body(BatchScheduleRequest)),
+    client: EngineClient = Depends(engine_client),
+) -> Any:
     """Run a set of requests to the end under one policy (built in or the plugin's); compare the per-request
-    times across policies."""
-    requests = [ScheduledRequest(r.prompt, r.priority, r.max_tokens) for r in body.requests]
-    return await client.call(
-        lambda engine: run_schedule(engine, requests, body.algorithm, body.max_batch_size, body.strategy)
-    )
+    times across policies. One private step per engine call: serving goes on between them, and the run is
+    dropped as soon as its client leaves."""
+    limits = limits_of(request)
+    state = request.app.state
+    if state.schedule_runs >= limits.schedule_max_concurrent:
+        raise LimitError("schedule_max_concurrent", f"{state.schedule_runs} schedule(s) already running; retry when done", 429)
+    state.schedule_runs += 1
+    try:
+        requests = [ScheduledRequest(r.prompt, r.priority, r.max_tokens) for r in body.requests]
+        run = await client.call(
+            lambda engine: ScheduleRun(engine, requests, body.algorithm, body.max_batch_size, body.strategy, limits)
+        )
+        while not await client.call(lambda engine: run.step()):
+            if await request.is_disconnected():
+                return Response(status_code=499)  # the client left: the run is dropped with its pool
+        return run.result()
+    finally:
+        state.schedule_runs -= 1
 
 
 @router.get("/optimization/scheduling_policy")
@@ -110,7 +149,8 @@ async def post_scheduling_policy(
 
 @router.get("/plugins")
 async def plugins_status(request: Request) -> dict[str, Any]:
-    """The plugin file given with --plugin: version, what it registered, the last load error."""
+    """The plugin file given with --plugin: version, what it registered, the last load error, and whether
+    a fault while serving unloaded it."""
     manager = request.app.state.plugins
     if manager is None:
         raise APIError(404, "no plugin: start the server with --plugin FILE", None, "not_found_error")
@@ -142,11 +182,15 @@ async def latency_reset(request: Request, client: EngineClient = Depends(engine_
 async def tensor_split(
     request: Request, body: TensorSplitRequest = Depends(json_body(TensorSplitRequest)), client: EngineClient = Depends(engine_client)
 ) -> dict[str, Any]:
-    """Split a model weight (by name) or a seeded random tensor into shards; returns a split_id (expires)."""
+    """Split a model weight (by name) or a seeded random tensor (1-D to 4-D, at most
+    limits.tensor_max_elements) into shards; returns a split_id (expires, limits.handle_ttl_s)."""
+    max_elements = limits_of(request).tensor_max_elements
     parts = await client.call(
-        lambda engine: parallel.split(engine.loaded.model, body.weight, body.tensor_shape, body.split_dim, body.num_splits, body.seed)
+        lambda engine: parallel.split(
+            engine.loaded.model, body.weight, body.tensor_shape, body.split_dim, body.num_splits, body.seed, max_elements
+        )
     )
-    split_id = request.app.state.handles.put(parts)
+    split_id = request.app.state.handles.put(parts, parallel.nbytes(parts))
     return {
         "split_id": split_id,
         "source": parts.source,
@@ -161,20 +205,34 @@ async def tensor_split(
 async def parallel_execute(
     request: Request, body: ParallelExecuteRequest = Depends(json_body(ParallelExecuteRequest))
 ) -> dict[str, Any]:
-    """Run the operation shard by shard on parallel workers, gather, and compare with the unsplit result."""
+    """Run the operation shard by shard on parallel workers; with `gather`, gather and compare with the
+    unsplit result."""
     parts = request.app.state.handles.get(body.splits)
-    if parts is None:
+    if not isinstance(parts, parallel.SplitTensor):
         raise APIError(404, f"splits: no split {body.splits!r} (unknown or expired)", "splits", "not_found_error")
-    return await asyncio.to_thread(parallel.execute, parts, body.other_columns, body.seed)
+    max_elements = limits_of(request).tensor_max_elements
+    return await asyncio.to_thread(parallel.execute, parts, body.other_columns, body.seed, body.gather, max_elements)
 
 
-@router.post("/debug/attention_scores")
+@router.post("/debug/attention_scores", responses={200: {"content": {"image/png": {}}, "description": "JSON, or a PNG with format png"}})
 async def debug_attention_scores(
-    body: AttentionScoresRequest = Depends(json_body(AttentionScoresRequest)), client: EngineClient = Depends(engine_client)
+    request: Request,
+    body: AttentionScoresRequest = Depends(json_body(AttentionScoresRequest)),
+    client: EngineClient = Depends(engine_client),
 ) -> Any:
     """Post-softmax attention of the live model on a prompt: a [query][key] matrix for one head, one per
-    head for a layer, or per-head statistics for every layer; sparsity, entropy and k for 90% mass."""
-    ids = client.encode_prompt(body.prompt if body.prompt is not None else body.token_ids)
+    head for a layer, or per-head statistics for every layer; sparsity, entropy and k for 90% mass.
+    At most limits.attention_max_tokens tokens and attention_max_values matrix values in the response."""
+    field = "prompt" if body.prompt is not None else "token_ids"
+    try:
+        ids = client.encode_prompt(body.prompt if body.prompt is not None else body.token_ids)
+    except FieldError as error:
+        raise error.renamed(field) from None
+    limits = limits_of(request)
+    check("attention_max_tokens", len(ids), limits.attention_max_tokens, f"the {field}'s length in tokens")
+    heads = client.facts.model_info["num_heads"]
+    matrices = 1 if body.head_idx is not None else heads if body.layer_idx is not None else 0
+    check("attention_max_values", matrices * len(ids) ** 2, limits.attention_max_values, "the attention values to return")
     sparsity = sparsity_of(body.sparsity)
     scores = await client.call(
         lambda e: attention_scores(e, ids, body.layer_idx, body.head_idx, body.threshold, sparsity)
@@ -192,7 +250,14 @@ def _pipeline_input(request: Request, client: EngineClient, body: PipelineInput)
         if not isinstance(activation, pipeline.Activation):
             raise APIError(404, f"input: no activation handle {body.input!r} (unknown or expired)", "input", "not_found_error")
         return activation
-    ids = client.encode_prompt(body.prompt if body.prompt is not None else body.input_ids)
+    field = "prompt" if body.prompt is not None else "input_ids"
+    try:
+        ids = client.encode_prompt(body.prompt if body.prompt is not None else body.input_ids)
+    except FieldError as error:
+        raise error.renamed(field) from None
+    if not ids:
+        raise FieldError(field, "must hold at least one token")
+    check("pipeline_max_tokens", len(ids), limits_of(request).pipeline_max_tokens, f"the {field}'s length in tokens")
     return pipeline.Activation(None, ids)
 
 
@@ -200,21 +265,31 @@ async def _run_pipeline(
     request: Request, client: EngineClient, body: PipelineInput, steps: list[tuple[str, int | None]]
 ) -> dict[str, Any]:
     activation = _pipeline_input(request, client, body)
-    reports, outputs = await client.call(
-        lambda engine: pipeline.execute(engine, steps, activation, body.return_intermediate)
-    )
-    for report, out in zip(reports, outputs):
-        report["handle"] = request.app.state.handles.put(pipeline.Activation(out, activation.token_ids))
+    handles = request.app.state.handles
+    kept = steps[-handles.max_entries :]  # the handles of earlier steps make room for later ones
+    handles.check_fits(await client.call(lambda engine: pipeline.output_bytes(engine, kept, len(activation.token_ids))))
+    reports = []
+    for step in steps:  # one engine call per step: serving steps run between them
+        if await request.is_disconnected():
+            return Response(status_code=499)
+        (report,), (out,) = await client.call(
+            lambda engine: pipeline.execute(engine, [step], activation, body.return_intermediate)
+        )
+        activation = pipeline.Activation(out, activation.token_ids)
+        report["handle"] = handles.put(activation, out.numel() * out.element_size())
+        reports.append(report)
     return {"token_ids": activation.token_ids, "steps": reports, "total_ms": sum(r["ms"] for r in reports)}
 
 
 @router.post("/pipeline/step_execute")
 async def step_execute(
     request: Request, body: StepExecuteRequest = Depends(json_body(StepExecuteRequest)), client: EngineClient = Depends(engine_client)
-) -> dict[str, Any]:
+) -> Any:
     """Run one piece of the model (embed, norm, attention, mlp, layer, final_norm, lm_head); the output's
     shape, dtype, statistics, a handle to chain from, and its values if asked (capped)."""
     result = await _run_pipeline(request, client, body, [(body.step, body.layer_idx)])
+    if isinstance(result, Response):
+        return result
     return {"token_ids": result["token_ids"], **result["steps"][0]}
 
 
@@ -223,6 +298,6 @@ async def pipeline_schedule(
     request: Request,
     body: PipelineScheduleRequest = Depends(json_body(PipelineScheduleRequest)),
     client: EngineClient = Depends(engine_client),
-) -> dict[str, Any]:
+) -> Any:
     """Run a list of steps in order, each on the previous one's output, with the time of each."""
     return await _run_pipeline(request, client, body, [(s.step, s.layer_idx) for s in body.steps])

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from glassbox.layers.sparsity import SparsityMethod, available_methods
+from glassbox.errors import FieldError
 from glassbox.research.evaluate import evaluate
+from glassbox.research.limits import check
 from glassbox.server.deps import engine_client, json_body, sparsity_of
 from glassbox.server.engine_client import EngineClient
 from glassbox.server.schemas import EvaluateRequest, SparsityMaskRequest
@@ -57,13 +59,19 @@ async def clear_sparsity_mask(client: EngineClient = Depends(engine_client)) -> 
 
 @router.post("/evaluate")
 async def evaluate_sparsity(
-    body: EvaluateRequest = Depends(json_body(EvaluateRequest)), client: EngineClient = Depends(engine_client)
+    request: Request, body: EvaluateRequest = Depends(json_body(EvaluateRequest)), client: EngineClient = Depends(engine_client)
 ) -> dict[str, Any]:
     """Teacher-forced dense vs sparse on the same texts: perplexity both ways, KL(dense‖sparse), top-1
-    agreement, realised density, per-layer attention-output error."""
+    agreement, realised density, per-layer attention-output error. At most limits.evaluate_max_tokens
+    tokens over the texts."""
     method = sparsity_of(body.sparsity)
-    texts = [
-        client.tokenizer.encode(t, add_special_tokens=body.add_special_tokens) if isinstance(t, str) else client.encode_prompt(t)
-        for t in body.texts
-    ]
+    texts = []
+    for i, text in enumerate(body.texts):
+        try:
+            ids = client.tokenizer.encode(text, add_special_tokens=body.add_special_tokens) if isinstance(text, str) else client.encode_prompt(text)
+        except FieldError as error:
+            raise error.renamed(f"texts[{i}]") from None
+        texts.append(ids)
+    limit = request.app.state.settings.limits.evaluate_max_tokens
+    check("evaluate_max_tokens", sum(len(ids) for ids in texts), limit, "the texts' tokens together")
     return await client.call(lambda engine: evaluate(engine, texts, method))

@@ -1,33 +1,48 @@
 """Request and response bodies of the HTTP API (pydantic). Routes stay thin: they validate into these,
-call the engine, and shape the answer."""
+call the engine, and shape the answer.
+
+Every request body is strict (`Body`): no coercion (`[false]` is not token 0, `1.0` is not `n`), no NaN or
+Infinity, unknown fields refused (OpenAI's bodies excepted: their clients send fields we do not use), and
+every number bounded, so a field error is a 400 naming the field before anything runs. Ranges of the
+sampler follow vLLM's SamplingParams (repetition_penalty kept finite: [0.01, 2]).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from glassbox.sampling import SamplingParams
+from glassbox.sampling import REPETITION_PENALTY, SamplingParams
+
+INT32 = 2**31 - 1
+MAX_TOKENS = 1 << 20  # beyond any context length; the engine checks the real one
+SEED = {"ge": -(2**63), "le": 2**64 - 1}  # what torch.Generator.manual_seed takes
+StopList = list[str]
 
 
-class SamplingFields(BaseModel):
+class Body(BaseModel):
+    """Base of every request body: strict types, finite numbers, no unknown fields."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class SamplingFields(Body):
     """Every sampler parameter, with vLLM's names. `temperature` 0 means greedy."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    max_tokens: int = Field(50, ge=1)
+    max_tokens: int = Field(50, ge=1, le=MAX_TOKENS)
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=-1)
+    top_k: int = Field(0, ge=-1, le=INT32, description="-1 or 0: off; else at most the vocabulary size")
     min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
+    repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY[0], le=REPETITION_PENALTY[1])
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    seed: int | None = Field(None, **SEED)
+    stop: str | StopList | None = Field(None, max_length=16)
+    stop_token_ids: list[int] | None = Field(None, max_length=1024)
     include_stop_str_in_output: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS)
     ignore_eos: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
@@ -55,7 +70,7 @@ SparsitySpec = dict[str, Any] | None
 class GenerateRequest(SamplingFields):
     prompt: str | list[int] = Field(..., description="text, or token ids")
     stream: bool = False
-    priority: int = 0
+    priority: int = Field(0, ge=-INT32, le=INT32)
     sparsity: SparsitySpec = None
 
     @field_validator("prompt")
@@ -93,9 +108,7 @@ class BatchGenerateResponse(BaseModel):
     results: list[GenerateResponse]
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class TokenizeRequest(Body):
     text: str
     add_special_tokens: bool = True
     with_pieces: bool = False
@@ -107,9 +120,7 @@ class TokenizeResponse(BaseModel):
     pieces: list[str] | None = None
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class DetokenizeRequest(Body):
     tokens: list[int]
     skip_special_tokens: bool = True
 
@@ -136,43 +147,45 @@ class ErrorResponse(BaseModel):
 
 
 # ---- OpenAI-compatible
-class StreamOptions(BaseModel):
+class StreamOptions(Body):
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
     include_usage: bool = False
 
 
-class OpenAICommon(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, ...)
+class OpenAICommon(Body):
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)  # OpenAI clients send fields we do not use (user, ...)
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: str | StopList | None = Field(None, max_length=16)
+    seed: int | None = Field(None, **SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     # vLLM's extra sampling parameters
-    top_k: int = Field(0, ge=-1)
+    top_k: int = Field(0, ge=-1, le=INT32)
     min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
-    min_tokens: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY[0], le=REPETITION_PENALTY[1])
+    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=1024)
     sparsity: SparsitySpec = None  # glassbox's own: a sparse-attention mask
 
 
 class CompletionRequest(OpenAICommon):
-    prompt: str | list[int] | list[str]
+    prompt: str | list[int] | list[str] = Field(..., min_length=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ChatMessage(Body):
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]]
@@ -184,69 +197,61 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(OpenAICommon):
-    messages: list[ChatMessage] = Field(..., min_length=1)
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=1024)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 # ---- research
-class ProfilingStart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    activities: list[Literal["cpu", "cuda"]] | None = None
+class ProfilingStart(Body):
+    activities: list[Literal["cpu", "cuda"]] | None = Field(None, min_length=1, max_length=2)
     record_shapes: bool = False
     with_stack: bool = False
 
 
-class ScheduleItem(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str | list[int]
-    priority: int = 0
+class ScheduleItem(Body):
+    prompt: str | list[int] = Field(..., min_length=1)
+    priority: int = Field(0, ge=-INT32, le=INT32)
     max_tokens: int = Field(32, ge=1, le=1024)
 
 
-class BatchScheduleRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class BatchScheduleRequest(Body):
     algorithm: str = "fcfs"
-    requests: list[ScheduleItem] = Field(..., min_length=1, max_length=128)
+    requests: list[ScheduleItem] = Field(..., min_length=1, max_length=1024, description="at most limits.schedule_max_requests")
     max_batch_size: int = Field(8, ge=1, le=256)
     strategy: Literal["minimize_latency", "maximize_throughput"] = "maximize_throughput"
 
 
-class PolicyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class PolicyRequest(Body):
     algorithm: str
 
 
-class TensorSplitRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+Dimension = Annotated[int, Field(ge=1, le=1 << 24)]
 
+
+class TensorSplitRequest(Body):
     weight: str | None = None
-    tensor_shape: list[int] | None = None
-    split_dim: int = 0
+    tensor_shape: list[Dimension] | None = Field(
+        None, min_length=1, max_length=4, description="a seeded random tensor of this shape (at most limits.tensor_max_elements)"
+    )
+    split_dim: int = Field(0, ge=-4, le=3)
     num_splits: int = Field(2, ge=1, le=64)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1)
 
 
-class ParallelExecuteRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ParallelExecuteRequest(Body):
     splits: str  # the split_id from /parallel/tensor_split
     operation: Literal["matmul"] = "matmul"
-    other_columns: int = Field(64, ge=1)  # the other operand: a seeded random [inner, other_columns] matrix
-    seed: int = 0
+    other_columns: int = Field(64, ge=1, le=1 << 16)  # the other operand: a seeded random [inner, other_columns] matrix
+    gather: bool = True  # gather the shards' results (and check them against the unsplit product)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
 
 
-class AttentionScoresRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str | None = None
-    token_ids: list[int] | None = None
-    layer_idx: int | None = None
-    head_idx: int | None = None
+class AttentionScoresRequest(Body):
+    prompt: str | None = Field(None, min_length=1)
+    token_ids: list[int] | None = Field(None, min_length=1)
+    layer_idx: int | None = Field(None, ge=0, le=INT32)
+    head_idx: int | None = Field(None, ge=0, le=INT32)
     threshold: float = Field(0.01, gt=0, lt=1)
     format: Literal["json", "png"] = "json"
     sparsity: SparsitySpec = None  # show the attention as this mask leaves it
@@ -260,18 +265,14 @@ class AttentionScoresRequest(BaseModel):
         return self
 
 
-class PipelineStep(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class PipelineStep(Body):
     step: Literal["embed", "norm", "attention", "mlp", "layer", "final_norm", "lm_head"]
-    layer_idx: int | None = None
+    layer_idx: int | None = Field(None, ge=0, le=INT32)
 
 
-class PipelineInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str | None = None
-    input_ids: list[int] | None = None
+class PipelineInput(Body):
+    prompt: str | None = Field(None, min_length=1)
+    input_ids: list[int] | None = Field(None, min_length=1)
     input: str | None = None  # a handle returned by an earlier step
     return_intermediate: bool = False
 
@@ -291,14 +292,13 @@ class PipelineScheduleRequest(PipelineInput):
 
 
 class SparsityMaskRequest(BaseModel):
-    """The body of POST /optimization/sparsity_mask: a sparsity spec, as the `sparsity` field of a request."""
+    """The body of POST /optimization/sparsity_mask: a sparsity spec, as the `sparsity` field of a request
+    (its parameters depend on the method: checked by layers.sparsity.parse_sparsity, naming the field)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
-class EvaluateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class EvaluateRequest(Body):
     texts: list[str | list[int]] = Field(..., min_length=1, max_length=16)
     sparsity: dict[str, Any]
     add_special_tokens: bool = True
