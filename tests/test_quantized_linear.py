@@ -30,6 +30,19 @@ def packed(weight: torch.Tensor, bias: torch.Tensor | None, format: str, isa: st
     return cpu_native.qweight(data, scales, bias, format, activations), (data, scales, bias)
 
 
+@pytest.mark.parametrize("format", ql.FORMATS)
+def test_dequantized_layer_gives_back_its_blocks(format):
+    """unpack(pack(blocks)) == blocks, and a layer's dequantized weight is the blocks' weight, natively
+    packed or not (research calls that name a weight read it)."""
+    weight = torch.randn(19, 64) * 0.05
+    q, d, m = ql.quantize_weight(weight, format)
+    back = ql.unpack(*ql.pack(q, d, m, 8), format, 8, 19)
+    assert torch.equal(back[0], q) and torch.equal(back[1], d) and (m is None or torch.equal(back[2], m))
+    expected = ql.dequantize_weight(q, d, m)
+    for native in {False, cpu_native.available()}:
+        assert torch.equal(ql.QLinear(weight, None, format, native=native).dequantized(), expected)
+
+
 @pytest.mark.parametrize("isa", X86_ISAS)
 @pytest.mark.parametrize("format", ql.FORMATS)
 def test_native_quantization_is_the_reference_bit_for_bit(isa, format):

@@ -50,6 +50,12 @@ def weight_format(model: nn.Module) -> str:
     return "as_loaded"
 
 
+def num_parameters(model: nn.Module) -> int:
+    """The model's parameter count, its quantized weights counted as the weights they stand for."""
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QLinear))
+    return sum(p.numel() for p in model.parameters()) + quantized
+
+
 def resolve(quantization: str | None, device: torch.device) -> str:
     """The mode a request for `quantization` (None: "auto") runs on this device."""
     quantization = quantization or "auto"

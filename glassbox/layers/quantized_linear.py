@@ -94,6 +94,21 @@ def pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, rows: int) ->
     return data, scales.contiguous()
 
 
+def unpack(data: torch.Tensor, scales: torch.Tensor, format: str, rows: int, out_features: int) -> tuple:
+    """pack's inverse: (data, scales) -> (q [N, K], d [N, K / 32], m or None)."""
+    groups, blocks = scales.shape[0], scales.shape[1]
+    if format == "q8_0":
+        q = data.reshape(groups, blocks, 8, rows, 4).view(torch.int8).permute(0, 3, 1, 2, 4)
+        d, m = scales.reshape(groups, blocks, rows).permute(0, 2, 1), None
+    else:
+        packed = data.reshape(groups, blocks, 4, rows, 4)
+        q = torch.stack([packed & 0x0F, packed >> 4], -1).permute(0, 3, 1, 2, 5, 4).to(torch.int8)
+        d, m = scales.reshape(groups, blocks, 2, rows).permute(2, 0, 3, 1)
+        m = m.reshape(groups * rows, blocks)[:out_features]
+    q = q.reshape(groups * rows, blocks * BLOCK)[:out_features]
+    return q, d.reshape(groups * rows, blocks)[:out_features], m
+
+
 class QLinear(nn.Module):
     """A linear layer over block-quantized weights (module docstring); in_features a multiple of 32."""
 
@@ -117,6 +132,7 @@ class QLinear(nn.Module):
         self.native = cpu_native.available() if native is None else native
         if self.native:
             data, scales = packed if packed is not None else cpu_native.quantize(weight, format)[:2]
+            self.rows = cpu_native.rows()
             self.register_buffer("data", data)
             self.register_buffer("scales", scales)
         else:
@@ -129,6 +145,12 @@ class QLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
                 f"activations={self.activations}")
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight [out, in] the blocks stand for (research calls that name a weight)."""
+        if self.native:
+            return dequantize_weight(*unpack(self.data, self.scales, self.format, self.rows, self.out_features))
+        return dequantize_weight(self.q, self.d, self.m)
 
     def qweight(self) -> cpu_native.QWeight:
         """The native kernels' view of this layer's packed weight (read afresh: the tensors may move)."""

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from glassbox.errors import FieldError
+from glassbox.layers.quantized_linear import QLinear
 from glassbox.research.limits import LimitError
 
 MAX_ELEMENTS = 1 << 22  # the default of limits.tensor_max_elements (16 MiB in float32)
@@ -38,10 +39,13 @@ class SplitTensor:
 
 def _tensor_of(model: nn.Module, name: str) -> torch.Tensor:
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    # A quantized layer's weight is named as it was: its float32 values, dequantized from the blocks.
+    tensors |= {f"{n}.weight": m.dequantized for n, m in model.named_modules() if isinstance(m, QLinear)}
     if name not in tensors:
         examples = ", ".join(list(tensors)[:4])
         raise ValueError(f"weight: no tensor named {name!r} in the model (e.g. {examples})")
-    return tensors[name].detach()
+    tensor = tensors[name]
+    return tensor() if callable(tensor) else tensor.detach()
 
 
 def _random(shape: list[int], seed: int, max_elements: int) -> torch.Tensor:

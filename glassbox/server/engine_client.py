@@ -19,6 +19,7 @@ from typing import Any
 
 from glassbox.engine.async_engine import AsyncLLMEngine, RequestFailedError
 from glassbox.engine.llm_engine import LLMEngine, RequestError, RequestOutput, RequestState
+from glassbox.engine.optimize import num_parameters, weight_format
 from glassbox.errors import FieldError
 from glassbox.layers.sparsity import SparsityMethod
 from glassbox.research.limits import Limits, check
@@ -46,9 +47,11 @@ class ModelFacts:
             "source": loaded.source,
             "architecture": config.architecture,
             "model_type": config.model_type,
-            "num_parameters": sum(p.numel() for p in loaded.model.parameters()),
+            "num_parameters": num_parameters(loaded.model),
             "dtype": str(loaded.dtype).removeprefix("torch."),
             "quantization": engine.config.quantization,
+            "weight_format": weight_format(loaded.model),  # what the CPU runs: q4_1, q8_0, ... or float
+            "activations": engine.config.activations,
             "device": str(loaded.device),
             "context_length": engine.max_model_len,
             "vocab_size": config.vocab_size,
