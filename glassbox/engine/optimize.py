@@ -50,9 +50,13 @@ def weight_format(model: nn.Module) -> str:
     return "as_loaded"
 
 
-def num_parameters(model: nn.Module) -> int:
-    """The model's parameter count, its quantized weights counted as the weights they stand for."""
-    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QLinear))
+def num_parameters(model: nn.Module, tied_head: bool) -> int:
+    """The model's parameter count, its quantized weights counted as the weights they stand for (a head
+    tied to the embedding once, as before quantization)."""
+    quantized = sum(
+        m.in_features * m.out_features for name, m in model.named_modules()
+        if isinstance(m, QLinear) and not (tied_head and name == "lm_head")
+    )  # fmt: skip
     return sum(p.numel() for p in model.parameters()) + quantized
 
 

@@ -47,7 +47,7 @@ class ModelFacts:
             "source": loaded.source,
             "architecture": config.architecture,
             "model_type": config.model_type,
-            "num_parameters": num_parameters(loaded.model),
+            "num_parameters": num_parameters(loaded.model, config.tie_word_embeddings),
             "dtype": str(loaded.dtype).removeprefix("torch."),
             "quantization": engine.config.quantization,
             "weight_format": weight_format(loaded.model),  # what the CPU runs: q4_1, q8_0, ... or float
