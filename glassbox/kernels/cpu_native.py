@@ -248,9 +248,10 @@ def quantize(weight: torch.Tensor, format: str, isa: str | None = None) -> tuple
     quantize_weight then pack, in one pass) and each row's max |dequantized - weight| [N]."""
     weight = weight.detach().float().contiguous()
     n, k = weight.shape
-    rows_ = rows(isa)
-    groups, blocks = -(-n // rows_), k // BLOCK
-    per_block = (BLOCK * rows_ // 2, 2 * rows_) if format == "q4_1" else (BLOCK * rows_, rows_)
+    group = rows(isa)
+    groups, blocks = -(-n // group), k // BLOCK
+    # bytes and float16 scales per group and block (kernels/cpu/kernels.h)
+    per_block = (BLOCK * group // 2, 2 * group) if format == "q4_1" else (BLOCK * group, group)
     data = torch.zeros(groups, blocks, per_block[0], dtype=torch.uint8)
     scales = torch.zeros(groups, blocks, per_block[1], dtype=torch.float16)
     error = torch.empty(n)
