@@ -18,12 +18,12 @@ import argparse
 import platform
 import statistics
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from glassbox.kernels import cpu_native
-from glassbox.layers import quantized_linear as ql
 
 # (name, in_features, out_features) of SmolLM2-135M: fused q/k/v, o, fused gate/up, down, LM head
 SHAPES = [("qkv", 576, 960), ("o", 576, 576), ("gate_up", 576, 3072), ("down", 1536, 576), ("lm_head", 576, 49152)]
@@ -81,8 +81,9 @@ def main() -> None:
         column_major = weight.t().contiguous().t()
         for m in rows:
             x = torch.randn(m, k, generator=g)
-            cells = [timed(lambda w=w: cpu_native.qlinear(x, w[0], n)) for w in ours.values()]
-            cells += [timed(lambda: int4(x)), timed(lambda: int8(x)), timed(lambda: F.linear(x, column_major))]
+            calls = [partial(cpu_native.qlinear, x, w[0], n) for w in ours.values()]
+            calls += [partial(int4, x), partial(int8, x), partial(F.linear, x, column_major)]
+            cells = [timed(call) for call in calls]
             print(f"| {name} [{k} -> {n}] | {m} | " + " | ".join(f"{c:,.0f}" for c in cells) + " |")
 
 

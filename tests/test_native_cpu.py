@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import run_all
+from test_quantized_linear import X86_ISAS, packed, runnable
 
 from glassbox import LLM, SamplingParams
 from glassbox.config import EngineConfig
@@ -23,7 +24,6 @@ from glassbox.layers.quantized_linear import QLinear
 from glassbox.layers.rotary import RotaryEmbedding, apply_rotary
 from glassbox.models import llama_native
 from glassbox.models.loader import load_model
-from test_quantized_linear import X86_ISAS, packed, runnable
 
 pytestmark = pytest.mark.skipif(not cpu_native.available(), reason="needs a C compiler")
 
