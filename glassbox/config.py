@@ -92,11 +92,14 @@ class EngineConfig:
     # What quantized CPU weights multiply: "float32" activations (the model's own numerics) or "int8" blocks
     # of 32 (llama.cpp's arithmetic: integer dot products, faster at large batches; layers/quantized_linear.py).
     activations: str = "float32"
+    # Ranks that split every layer's weights and the KV cache by heads (engine/tp_runner.py): this process is
+    # rank 0 and schedules; tensor_parallel_size - 1 worker processes run their shards (or torchrun's ranks).
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.activations not in ("float32", "int8"):
             raise ValueError(f"activations must be 'float32' or 'int8', got {self.activations!r}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

@@ -26,3 +26,8 @@ class FieldError(GlassboxError, ValueError):
     def renamed(self, field: str) -> FieldError:
         """The same error under the name the caller used for the field (input_ids, token_ids, texts[2])."""
         return FieldError(field, self.reason)
+
+
+class RankLostError(RuntimeError):
+    """A rank of a tensor-parallel group died or cannot be reached (engine/tp_group.py): the engine cannot
+    go on."""

@@ -29,9 +29,21 @@ class LLM:
         **engine_options: Any,
     ) -> None:
         """`model`: a GGUF file or Hugging Face folder (None = the embedded SmolLM2-135M-Instruct).
-        `engine_options`: fields of EngineConfig (kv_cache_memory, max_num_seqs, scheduling_policy, ...)."""
+        `engine_options`: fields of EngineConfig (kv_cache_memory, max_num_seqs, scheduling_policy,
+        tensor_parallel_size, ...). With tensor_parallel_size=N, N - 1 worker processes run until `shutdown()`
+        (or the end of a `with LLM(...) as llm:` block, or of this process)."""
         self.engine = LLMEngine(load_model(model, dtype=dtype, device=device), EngineConfig(**engine_options))
         self.tokenizer = self.engine.tokenizer
+
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes (tensor_parallel_size > 1; nothing to do otherwise)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
 
     def generate(
         self,

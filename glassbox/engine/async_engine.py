@@ -296,6 +296,7 @@ class AsyncLLMEngine:
                 if not self.engine.has_unfinished_requests():
                     self._wakeup.wait(self._idle_wait_s)
                     self._wakeup.clear()
+                    self.engine.check_alive()  # a tensor-parallel rank that died while idle stops the loop now
                     continue
                 outputs = self.engine.step()
                 self._deliver_outputs(outputs)
@@ -313,3 +314,5 @@ class AsyncLLMEngine:
                     listener(error)
                 except Exception:
                     logger.exception("a death listener raised")
+        finally:
+            self.engine.shutdown()  # worker processes (tensor parallelism) end with the loop

@@ -37,7 +37,7 @@ from glassbox.engine.output_processor import OutputProcessor, RequestError, Requ
 from glassbox.engine.scheduler import ScheduledBatch, Scheduler
 from glassbox.engine.sequence import Sequence
 from glassbox.engine.step_plan import StepPlan
-from glassbox.errors import FieldError
+from glassbox.errors import FieldError, RankLostError
 from glassbox.kernels import cpu_native
 from glassbox.layers.attention import TritonAttentionBackend, set_attention_backend
 from glassbox.layers.sparsity import SparsityMethod, SparsityState
@@ -78,7 +78,10 @@ class LLMEngine:
         )
         cfg = self.config
         on_cuda = loaded.device.type == "cuda"
-        optimize_model(loaded.model, cfg.quantization, cfg.activations)
+        self.tensor_parallel_size = cfg.tensor_parallel_size
+        tensor_parallel = cfg.tensor_parallel_size > 1
+        if not tensor_parallel:  # tensor-parallel ranks shard the float weights first (engine/tp_runner.py)
+            optimize_model(loaded.model, cfg.quantization, cfg.activations)
         if loaded.device.type == "cpu":
             cpu_native.keep_freed_memory()
         if on_cuda:
@@ -90,7 +93,12 @@ class LLMEngine:
             raise ValueError(
                 "kv_cache_dtype bfloat16 on CUDA needs a bfloat16 model (the kernels read the cache in the model's dtype)"
             )
-        if cfg.num_kv_blocks is not None:
+        self.runner: ModelRunner
+        if tensor_parallel:
+            from glassbox.engine.tp_runner import start_tensor_parallel
+
+            self.kv_cache, self.runner = start_tensor_parallel(loaded, cfg, kv_dtype, cfg.seed)
+        elif cfg.num_kv_blocks is not None:
             self.kv_cache = KVCache(loaded.config, cfg.num_kv_blocks, cfg.block_size, kv_dtype, loaded.device)
         elif cfg.kv_cache_memory is None and on_cuda:
             self.kv_cache = KVCache.for_free_device_memory(
@@ -105,8 +113,9 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.scheduling_policy, self.max_model_len
         )
-        self.runner = ModelRunner(loaded, self.kv_cache, cfg.seed, compile=on_cuda and cfg.compile)
-        graphs = on_cuda and not cfg.enforce_eager
+        if not tensor_parallel:
+            self.runner = ModelRunner(loaded, self.kv_cache, cfg.seed, compile=on_cuda and cfg.compile)
+        graphs = on_cuda and not cfg.enforce_eager and not tensor_parallel
         if graphs:
             self.runner.capture_graphs(cfg.max_num_seqs, -(-self.max_model_len // cfg.block_size))
         # Launch decode step N + 1 before the host reads step N's tokens (see step()).
@@ -196,6 +205,8 @@ class LLMEngine:
             request_id, prompt_ids, params, priority=priority, stop_token_ids=stop_ids, max_tokens=params.max_tokens
         )
         sparsity = sparsity or self.default_sparsity
+        if sparsity is not None and sparsity.name != "dense" and self.tensor_parallel_size > 1:
+            raise FieldError("sparsity", "masks do not run under tensor parallelism yet; serve with tensor_parallel_size=1")
         if sparsity is not None and sparsity.name != "dense":
             seq.sparsity, seq.prefix_cacheable = SparsityState(sparsity), False
         generator = None
@@ -250,6 +261,8 @@ class LLMEngine:
         self.num_failed_steps += 1
         self._consecutive_failed_steps += 1
         text = f"{type(error).__name__}: {error}"
+        if isinstance(error, RankLostError):
+            raise EngineFatalError(f"a tensor-parallel rank was lost: {error}") from error
         if any(marker in str(error) for marker in DEVICE_LOST):
             raise EngineFatalError(f"the device failed: {text}") from error
         if self._consecutive_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
@@ -438,6 +451,18 @@ class LLMEngine:
         # The history is only read by the penalties: no per-step copy of it otherwise.
         history = seq.output_token_ids if params.needs_penalties else []
         return SampleRequest(params, seq.prompt_token_ids, history, state.generator, banned)
+
+    def check_alive(self) -> None:
+        """Raise EngineFatalError if the engine cannot run another step (a tensor-parallel rank died while
+        idle); the serving loop calls it between waits, so /health turns 503 without a request."""
+        try:
+            self.runner.check_alive()
+        except RankLostError as error:
+            raise EngineFatalError(f"a tensor-parallel rank was lost: {error}") from error
+
+    def shutdown(self) -> None:
+        """Stop what the engine started outside this process (tensor-parallel workers); idempotent."""
+        self.runner.shutdown()
 
     # ---- introspection
     def stats(self) -> dict[str, Any]:

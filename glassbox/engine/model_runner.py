@@ -9,20 +9,21 @@ them later."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from glassbox.engine.cuda_graphs import DecodeGraphs
-from glassbox.engine.executors import build_executors
+from glassbox.engine.executors import Executor, build_executors
 from glassbox.engine.kv_cache import KVCache
 from glassbox.engine.scheduler import ScheduledBatch
 from glassbox.engine.sequence import Sequence
 from glassbox.engine.step_metadata import SeqChunk, build_step_metadata, filler_prompts
 from glassbox.engine.step_plan import StepPlan
 from glassbox.kernels import cpu_native
-from glassbox.layers.attention import attention_layers
+from glassbox.layers.attention import AttentionMetadata, attention_layers
 from glassbox.layers.probe import StepProbe
 from glassbox.models.loader import LoadedModel
 from glassbox.sampling import SampleRequest, SampleResult, SamplingParams, device_only, sample, sample_tokens
@@ -70,8 +71,10 @@ class ModelRunner:
         kv_cache: KVCache,
         seed: int | None = None,
         compile: bool = False,
+        executors: dict[str, Executor] | None = None,
     ) -> None:
-        """`compile`: build the torch.compiled layers (CUDA)."""
+        """`compile`: build the torch.compiled layers (CUDA). `executors`: these instead of the ones that
+        apply to the model (a tensor-parallel rank 0 runs its own, engine/tp_runner.py)."""
         self.model = loaded.model
         self.config = loaded.config
         self.device = loaded.device
@@ -80,7 +83,10 @@ class ModelRunner:
         self.attention_layers = attention_layers(self.model)
         kv_cache.bind(self.attention_layers)
         # The fast paths that apply to this model here, by name; the plan of each step picks one.
-        self.executors = build_executors(self.model, self.device, compile)
+        self.executors = executors if executors is not None else build_executors(self.model, self.device, compile)
+        # hidden [N, hidden] -> logits [N, vocab]: the model's own method, bound once (a tensor-parallel runner
+        # binds one that runs on every rank).
+        self.compute_logits: Callable[[torch.Tensor], torch.Tensor] = self.model.compute_logits
         self.graphs: DecodeGraphs | None = None  # CUDA graphs of decode steps, once captured
         self._ahead_plans: dict[int, StepPlan] = {}  # batch size -> plan of a decode step launched ahead
         self._host_tokens = [torch.empty(0, dtype=torch.int64)] * 2  # CUDA: pinned, grown on first use
@@ -205,7 +211,7 @@ class ModelRunner:
                     logits = all_logits
                 else:
                     rows = torch.tensor([ends[i] - 1 for i in indices], device=self.device)
-                    logits = self.model.compute_logits(hidden[rows])
+                    logits = self.compute_logits(hidden[rows])
                 sampled = self.sample(logits, [sample_requests[i] for i in indices])
             for i, token, logprob in zip(indices, sampled.token_ids, sampled.logprobs):
                 result.sampled[i] = token
@@ -248,7 +254,7 @@ class ModelRunner:
             else:
                 ids = source[torch.tensor(rows, device=self.device)]
             with torch.profiler.record_function("glassbox::forward"), _named(plan):
-                logits = self.model.compute_logits(self.executors[plan.executor].forward(ids, positions, meta))
+                logits = self.compute_logits(self.executors[plan.executor].forward(ids, positions, meta))
         with torch.profiler.record_function("glassbox::sample"):
             tokens = sample_tokens(logits, requests, self.generator)
         if tokens.device.type != "cuda":
@@ -293,9 +299,20 @@ class ModelRunner:
         if self.device.type == "cuda":
             weight = next(self.model.parameters())
             hidden = torch.zeros(1, self.config.hidden_size, dtype=weight.dtype, device=self.device)
-            logits = self.model.compute_logits(hidden)
+            logits = self.compute_logits(hidden)
             for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_k=2)):
                 sample_tokens(logits, [SampleRequest(params, [], [], None)], torch.Generator(self.device))
+
+    def run_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """A forward pass outside the step loop, on the model's readable path (research tools: attention
+        capture); hidden [T, hidden]. Under tensor parallelism it runs on every rank."""
+        return self.model(input_ids, positions, meta)
+
+    def check_alive(self) -> None:
+        """Raise if the runner cannot run another step (a tensor-parallel rank is gone); checked while idle."""
+
+    def shutdown(self) -> None:
+        """Release what the runner started (a tensor-parallel runner's worker processes)."""
 
     def sample(self, logits: torch.Tensor, requests: list[SampleRequest]) -> SampleResult:
         """logits [N, vocab] (on the model's device) -> one token per row."""
@@ -308,7 +325,7 @@ class ModelRunner:
         count = min(num_new, seq.num_prompt_tokens - 1 - start)
         if count <= 0:
             return []
-        logprobs = torch.log_softmax(self.model.compute_logits(hidden[:count]).float(), dim=-1).cpu()
+        logprobs = torch.log_softmax(self.compute_logits(hidden[:count]).float(), dim=-1).cpu()
         targets = seq.token_ids[start + 1 : start + 1 + count]
         entries = []
         for row, target in zip(logprobs, targets):

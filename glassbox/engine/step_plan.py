@@ -11,13 +11,15 @@ The rule, in `ModelRunner.plan`, the first that applies:
   native CPU layers (quantized)         -> native_stack over a float32/bfloat16 cache, else native_layers
   compiled layers, long step            -> compiled (model_runner.COMPILED_MIN_TOKENS tokens or more)
   otherwise                             -> eager
+A tensor-parallel engine's rank 0 plans every step as `tensor_parallel` (engine/tp_runner.py): the model's
+own forward on every rank, sent to the workers first.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-EXECUTORS = ("cuda_graph", "compiled", "native_stack", "native_layers", "eager")
+EXECUTORS = ("cuda_graph", "compiled", "native_stack", "native_layers", "eager", "tensor_parallel")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,205 @@
+"""Rank 0 of a tensor-parallel engine: the scheduler runs once (here), and each model call it makes is first
+sent to the workers, which make the same call on their shards (engine/tp_worker.py), so that every rank
+reaches the same collectives in the same order.
+
+Two calls reach the model in a step (nano-vllm's rank 0 sends "run" the same way, through shared memory):
+  Forward(input_ids, positions, metadata)  -> every rank runs its shard; the layers' all-reduces keep the
+                                              hidden states whole on every rank
+  Logits(hidden rows)                      -> every rank its vocabulary slice; rank 0 gathers and samples
+Rank 0 sends the hidden rows (a few KB: 576 floats a row for the default model) rather than the workers
+keeping theirs and being told which rows: any caller of `compute_logits` (sampling, prompt logprobs) then
+works unchanged.
+
+CPU: weights float32 per rank (`quantization` "auto" or "none"; the block-quantized native stack is one C
+call for all layers and has no place for an all-reduce). Every step runs the model's own forward (the
+readable path: module hooks, attention capture) on every rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from glassbox.config import EngineConfig
+from glassbox.engine.kv_cache import KVCache, bytes_per_block
+from glassbox.engine.model_runner import ModelRunner, StepResult
+from glassbox.engine.optimize import optimize_model
+from glassbox.engine.scheduler import ScheduledBatch
+from glassbox.engine.step_plan import StepPlan
+from glassbox.engine.tp_group import TensorParallelGroup
+from glassbox.errors import RankLostError
+from glassbox.layers.attention import AttentionMetadata
+from glassbox.layers.probe import StepProbe
+from glassbox.models.loader import LoadedModel
+from glassbox.models.tensor_parallel import check_shardable, shard_model
+from glassbox.sampling import SampleRequest
+
+
+@dataclass
+class WorkerSpec:
+    """What a worker needs to build its rank, sent once by rank 0 after the group forms."""
+
+    model: str | None  # a GGUF file or Hugging Face folder (None: the default model)
+    dtype: torch.dtype
+    num_blocks: int
+    block_size: int
+    kv_cache_dtype: torch.dtype
+
+
+@dataclass
+class Forward:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    meta: AttentionMetadata  # without probe or cached decode batch
+    capture_layers: frozenset[int] = frozenset()  # attention probabilities wanted back from these layers
+
+
+@dataclass
+class Logits:
+    hidden: torch.Tensor  # [N, hidden]: the rows to compute logits of
+
+
+def quantization_for_ranks(quantization: str | None) -> str:
+    """Tensor-parallel ranks run float weights: "auto" (the CPU default) becomes "none"; int4 and int8 are
+    refused, with what to do."""
+    if quantization in (None, "auto", "none"):
+        return "none"
+    raise ValueError(
+        f"quantization={quantization!r} runs with tensor_parallel_size=1 only; tensor-parallel ranks hold "
+        "float weights (quantization 'auto' or 'none')"
+    )
+
+
+def prepare_rank(
+    loaded: LoadedModel, group: TensorParallelGroup, num_blocks: int, block_size: int, kv_dtype: torch.dtype
+) -> KVCache:
+    """Shard the loaded model for this rank (in place, float weights) and allocate its share of the KV cache:
+    every rank has the same blocks, each holding this rank's KV heads."""
+    rank_config = shard_model(loaded.model, group.comm)
+    optimize_model(loaded.model, "none")
+    return KVCache(rank_config, num_blocks, block_size, kv_dtype, group.device)
+
+
+def start_tensor_parallel(
+    loaded: LoadedModel, config: EngineConfig, kv_dtype: torch.dtype, seed: int | None
+) -> tuple[KVCache, TensorParallelRunner]:
+    """Rank 0's side of a tensor-parallel engine: form the group (spawning the workers, or joining torchrun's),
+    send them what to load, shard this rank, and return its KV cache and runner."""
+    check_shardable(loaded.config, config.tensor_parallel_size)
+    quantization_for_ranks(config.quantization)
+    # As many blocks as tensor_parallel_size=1 gets from the same memory (so both schedule alike), each rank
+    # holding its KV heads' share of every block.
+    if config.num_kv_blocks is not None:
+        num_blocks = config.num_kv_blocks
+    else:
+        num_blocks = (config.kv_cache_memory or 1 << 30) // bytes_per_block(loaded.config, config.block_size, kv_dtype)
+        if num_blocks < 1:
+            raise ValueError(f"KV cache memory {config.kv_cache_memory} bytes holds no block")
+    group = TensorParallelGroup.launch_or_join(config.tensor_parallel_size, loaded.device)
+    try:
+        group.send(WorkerSpec(loaded.source, loaded.dtype, num_blocks, config.block_size, kv_dtype))
+        kv_cache = prepare_rank(loaded, group, num_blocks, config.block_size, kv_dtype)
+        group.barrier()  # every worker has loaded its shard
+    except Exception as error:
+        group.shutdown()
+        if isinstance(error, RankLostError):
+            raise
+        group.raise_if_lost(error)
+        raise
+    return kv_cache, TensorParallelRunner(loaded, kv_cache, group, seed)
+
+
+class TensorParallelRunner(ModelRunner):
+    def __init__(self, loaded: LoadedModel, kv_cache: KVCache, group: TensorParallelGroup, seed: int | None) -> None:
+        super().__init__(loaded, kv_cache, seed, executors={"tensor_parallel": DriverExecutor(loaded.model, group)})
+        self.group = group
+        self.compute_logits: Callable[[torch.Tensor], torch.Tensor] = self._logits_on_every_rank
+
+    def _plan(
+        self,
+        num_seqs: int,
+        num_tokens: int,
+        num_sampled: int,
+        masked: tuple[int, ...],
+        prompt_logprob_rows: tuple[int, ...],
+        timed: bool,
+        launched_ahead: bool,
+    ) -> StepPlan:
+        reason = f"{self.group.world_size} ranks over {self.group.backend}"
+        return StepPlan(
+            "tensor_parallel", reason, num_seqs, num_tokens, num_sampled, masked, prompt_logprob_rows, timed, launched_ahead
+        )
+
+    @staticmethod
+    def can_launch_ahead(plan: StepPlan, sample_requests: dict[int, SampleRequest]) -> bool:
+        return False  # every step is sent to the workers and read back before the next
+
+    def execute(
+        self,
+        plan: StepPlan,
+        batch: ScheduledBatch,
+        sample_requests: dict[int, SampleRequest],
+        prompt_logprobs: dict[int, int],
+    ) -> StepResult:
+        """As ModelRunner.execute. A step that fails once its forward was sent leaves the ranks out of step
+        (the workers wait in a collective rank 0 left): it is fatal (RankLostError), never a hang."""
+        self.group.check_alive()
+        try:
+            return super().execute(plan, batch, sample_requests, prompt_logprobs)
+        except Exception as error:
+            self.group.raise_if_lost(error)
+            self.group.lost = f"the ranks are out of step after a failed step: {type(error).__name__}: {error}"
+            raise RankLostError(self.group.lost) from error
+
+    def run_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        self.group.check_alive()
+        return self.executors["tensor_parallel"].forward(input_ids, positions, meta)
+
+    def _logits_on_every_rank(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab], each rank computing its vocabulary slice."""
+        self.group.send(Logits(hidden.contiguous()))
+        with self.group.comm.in_step():
+            return self.model.compute_logits(hidden)
+
+    def check_alive(self) -> None:
+        self.group.check_alive()
+
+    def shutdown(self) -> None:
+        self.group.shutdown()
+
+
+class DriverExecutor:
+    """Rank 0's forward: send it, then run this rank's shard (the model's own forward). Probabilities the
+    step captures (`meta.probe.capture_layers`) are gathered from the ranks, heads in rank order."""
+
+    name = "tensor_parallel"
+
+    def __init__(self, model: nn.Module, group: TensorParallelGroup) -> None:
+        self.model = model
+        self.group = group
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        probe = meta.probe
+        if probe is not None and probe.masks:
+            raise ValueError("sparsity masks do not run under tensor parallelism (tensor_parallel_size > 1)")
+        capture = probe.capture_layers if probe is not None else frozenset()
+        plain = dataclasses.replace(meta, probe=None, decode_batch=None)
+        self.group.send(Forward(input_ids, positions, plain, capture))
+        with self.group.comm.in_step():
+            hidden = self.model(input_ids, positions, meta)
+        if capture:
+            parts = self.group.gather_objects(None)
+            for layer in capture:
+                per_rank = [probe.captured[layer]] + [part[layer] for part in parts[1:]]
+                # one [H, q, k] tensor per sequence: the ranks' heads side by side
+                probe.captured[layer] = [torch.cat([p.to(seqs[0].device) for p in seqs]) for seqs in zip(*per_rank)]
+        return hidden
+
+
+def worker_probe(capture_layers: frozenset[int]) -> StepProbe | None:
+    """A worker's probe for a forward that captures attention (None when nothing is captured)."""
+    return StepProbe(capture_layers=capture_layers) if capture_layers else None

@@ -1,0 +1,71 @@
+"""A tensor-parallel worker (ranks 1..N-1): load the model rank 0 names, keep this rank's shard and KV heads,
+then make every model call rank 0 sends (engine/tp_runner.py) until it sends Stop.
+
+    python -m glassbox.engine.tp_worker --store HOST:PORT --rank R --world-size N [--device cpu] [--threads T]
+
+`TensorParallelGroup.launch` starts these; under torchrun `python -m glassbox.worker` calls `serve_commands`
+on every rank but 0. A worker that fails exits: rank 0's next collective then raises and the engine stops
+(a worker never waits for a rank 0 that is gone: its sockets close with it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from glassbox.engine.tp_group import Stop, TensorParallelGroup
+from glassbox.engine.tp_runner import Forward, Logits, WorkerSpec, prepare_rank, worker_probe
+from glassbox.models.loader import load_model
+
+logger = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def serve_commands(group: TensorParallelGroup) -> None:
+    """Receive the WorkerSpec, build this rank, then run rank 0's commands until Stop."""
+    spec: WorkerSpec = group.receive()
+    loaded = load_model(spec.model, dtype=spec.dtype, device=group.device, progress=False)
+    kv_cache = prepare_rank(loaded, group, spec.num_blocks, spec.block_size, spec.kv_cache_dtype)
+    kv_cache.bind(loaded.model)
+    group.barrier()
+    model = loaded.model
+    while True:
+        command = group.receive()
+        if isinstance(command, Stop):
+            return
+        if isinstance(command, Forward):
+            command.meta.probe = worker_probe(command.capture_layers)
+            model(command.input_ids.to(group.device), command.positions.to(group.device), command.meta)
+            if command.meta.probe is not None:
+                group.gather_objects({layer: [p.cpu() for p in probs] for layer, probs in command.meta.probe.captured.items()})
+        elif isinstance(command, Logits):
+            model.compute_logits(command.hidden.to(group.device))
+        else:
+            raise TypeError(f"unknown command {type(command).__name__} from rank 0")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m glassbox.engine.tp_worker")
+    parser.add_argument("--store", required=True, help="HOST:PORT of rank 0's TCPStore")
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads of this rank")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    group = TensorParallelGroup.join(args.store, args.rank, args.world_size, args.device)
+    try:
+        serve_commands(group)
+    except Exception:
+        logger.exception("tensor-parallel rank %d failed", args.rank)
+        return 1
+    finally:
+        group.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Tensor-parallel layers (Megatron-LM's split, as vLLM and nano-vllm run it), and the communicator they call.
+
+Each rank holds a slice of every weight and the hidden states between layers are whole on every rank:
+- column-parallel (q/k/v, gate/up): a plain `nn.Linear` over this rank's output rows; its output stays
+  split (this rank's heads, this rank's intermediate features) and needs no communication;
+- `RowParallelLinear` (o_proj, down_proj): this rank's input columns, a partial product, then one
+  all-reduce sums the ranks' partials; the bias is added once, after the sum;
+- `VocabParallelEmbedding`: this rank's rows of the vocabulary; ids outside it give zeros, an all-reduce
+  fills them in from the rank that holds them;
+- `ParallelLMHead`: this rank's vocabulary rows of the logits, gathered on rank 0 (the one that samples).
+
+The layers take their `Communicator` as an argument (no process-group global is read deep in a layer).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def shard_range(size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, end) of rank's share of `size` items split as evenly as can be, the first ranks taking one more
+    (3 KV heads over 2 ranks: [0, 2) and [2, 3))."""
+    base, extra = divmod(size, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+class Communicator:
+    """The collectives of one tensor-parallel group, counting the seconds and bytes they take (for the
+    comm share of a step: research/latency.py and bench/parallel.py read `seconds` and `bytes`)."""
+
+    def __init__(self, group: dist.ProcessGroup | None, rank: int, world_size: int) -> None:
+        self.group = group
+        self.rank = rank
+        self.world_size = world_size
+        self.seconds = 0.0  # spent inside collectives since the last `reset`
+        self.bytes = 0  # sent by this rank's collectives since the last `reset` (payload, not the wire)
+        self.calls = 0
+        # Rank 0 runs collectives only inside a step it has sent to the workers (`in_step`); one outside
+        # (a research tool calling the sharded model directly) would wait for ever for ranks that never come.
+        self.open = rank != 0
+
+    @contextmanager
+    def in_step(self) -> Iterator[None]:
+        """Rank 0: the workers were sent the call made inside this block."""
+        self.open = True
+        try:
+            yield
+        finally:
+            self.open = self.rank != 0
+
+    def reset(self) -> tuple[float, int, int]:
+        """(seconds, bytes, calls) since the last reset, and start counting again."""
+        counts = (self.seconds, self.bytes, self.calls)
+        self.seconds, self.bytes, self.calls = 0.0, 0, 0
+        return counts
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum x over the ranks, in place; every rank gets the same result."""
+        self._check_open()
+        start = time.perf_counter()
+        dist.all_reduce(x, group=self.group)
+        self._count(start, x)
+        return x
+
+    def gather_to_first(self, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """Rank 0 gets every rank's x (same shape on all ranks), in rank order; the others get None."""
+        self._check_open()
+        start = time.perf_counter()
+        parts = [torch.empty_like(x) for _ in range(self.world_size)] if self.rank == 0 else None
+        dist.gather(x.contiguous(), parts, dst=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
+        self._count(start, x)
+        return parts
+
+    def _check_open(self) -> None:
+        if not self.open:
+            raise RuntimeError(
+                "a tensor-parallel layer ran on rank 0 alone, outside a step sent to the workers: under "
+                "tensor parallelism call the model through the engine's runner (runner.run_forward)"
+            )
+
+    def _count(self, start: float, x: torch.Tensor) -> None:
+        self.seconds += time.perf_counter() - start
+        self.bytes += x.numel() * x.element_size()
+        self.calls += 1
+
+
+class RowParallelLinear(nn.Linear):
+    """y = x_r · W_rᵀ summed over the ranks (+ bias once): x_r [T, in_local] is this rank's slice of the input
+    features (its heads' attention output, its intermediate features), W_r [out, in_local]."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, comm: Communicator) -> None:
+        out_features, in_features = weight.shape
+        super().__init__(in_features, out_features, bias=bias is not None, device="meta")
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            self.bias = nn.Parameter(bias, requires_grad=False)
+        self.comm = comm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.comm.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """This rank's rows [start, start + rows) of the embedding table, padded to the same rows on every rank
+    (the last rank's pad rows are zeros and never looked up)."""
+
+    def __init__(self, full: torch.Tensor, comm: Communicator) -> None:
+        rows = -(-full.shape[0] // comm.world_size)
+        self.vocab_size = full.shape[0]
+        self.start = comm.rank * rows
+        shard = torch.zeros(rows, full.shape[1], dtype=full.dtype, device=full.device)
+        local = full[self.start : self.start + rows]
+        shard[: local.shape[0]] = local
+        super().__init__(rows, full.shape[1], _weight=shard)
+        self.weight.requires_grad_(False)
+        self.comm = comm
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [T] -> [T, hidden], whole on every rank."""
+        local = input_ids - self.start
+        outside = (local < 0) | (local >= self.num_embeddings)
+        x = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.comm.all_reduce(x.masked_fill_(outside[:, None], 0))
+
+
+class ParallelLMHead(nn.Linear):
+    """This rank's vocabulary rows of the head ([rows, hidden], rows = ceil(vocab / ranks)); the logits
+    [N, vocab] are gathered on rank 0, the other ranks get an empty [N, 0] tensor (they do not sample)."""
+
+    def __init__(self, weight: torch.Tensor, vocab_size: int, comm: Communicator) -> None:
+        super().__init__(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.vocab_size = vocab_size
+        self.comm = comm
+
+    @classmethod
+    def from_full(cls, full: torch.Tensor, comm: Communicator) -> ParallelLMHead:
+        """From the whole head [vocab, hidden], padded as VocabParallelEmbedding pads."""
+        rows = -(-full.shape[0] // comm.world_size)
+        shard = torch.zeros(rows, full.shape[1], dtype=full.dtype, device=full.device)
+        local = full[comm.rank * rows : (comm.rank + 1) * rows]
+        shard[: local.shape[0]] = local
+        return cls(shard, full.shape[0], comm)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        parts = self.comm.gather_to_first(F.linear(hidden, self.weight))
+        if parts is None:
+            return hidden.new_empty(hidden.shape[0], 0)
+        return torch.cat(parts, dim=-1)[:, : self.vocab_size]
