@@ -67,7 +67,8 @@ def attention_scores(
     state = SparsityState(sparsity) if sparsity is not None else None
     meta = prompt_metadata(engine, n, state)
     meta.probe.capture_layers = frozenset(layers)
-    engine.loaded.model(torch.tensor(token_ids, device=device), torch.arange(n, device=device), meta)
+    # Through the runner: under tensor parallelism every rank runs it and the heads come back from their ranks.
+    engine.runner.run_forward(torch.tensor(token_ids, device=device), torch.arange(n, device=device), meta)
     tokens = [engine.tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
     result: dict[str, Any] = {"tokens": tokens, "token_ids": token_ids, "threshold": threshold, "num_tokens": n}
     if state is not None:

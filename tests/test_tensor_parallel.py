@@ -1,0 +1,140 @@
+"""Tensor parallelism over real ranks (issue 18): two gloo ranks on this CPU give what one rank gives.
+
+Each test starts its own engine (rank 0 here, one worker process) and shuts it down: one tensor-parallel
+engine per process at a time. Float weights on both sides (quantization="none"): the comparison is of the
+parallel split, not of the quantized kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from glassbox import LLM, SamplingParams
+from glassbox.engine.llm_engine import EngineFatalError
+from glassbox.errors import FieldError, UnsupportedModelError
+from glassbox.layers.attention import AttentionMetadata
+from glassbox.layers.parallel import shard_range
+from glassbox.layers.sparsity import SlidingWindow
+from glassbox.research.attention import attention_scores
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+    "def fibonacci(n):",
+    "The three primary colors are",
+    "Water boils at",
+    "My favourite book is",
+    "To make a cup of tea, first",
+    "The largest planet in the solar system",
+    "In 1492, Columbus",
+    "Photosynthesis is the process by which",
+    "The quick brown fox",
+    "A haiku about autumn:",
+    "import numpy as np\n",
+    "The meaning of life is",
+    "Dear Sir or Madam,",
+    "Translate to French: good morning",
+]
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+
+
+def _logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
+    """float32 logits [T, vocab] of a cache-less forward over one prompt, through the engine's runner."""
+    runner = llm.engine.runner
+    n = len(token_ids)
+    with torch.inference_mode():
+        hidden = runner.run_forward(torch.tensor(token_ids), torch.arange(n), AttentionMetadata.for_prompts([n]))
+        return runner.compute_logits(hidden).float()
+
+
+def _workers(llm: LLM) -> list:
+    return llm.engine.runner.group.processes
+
+
+def test_shard_range_splits_unevenly_and_covers_everything():
+    assert [shard_range(3, r, 2) for r in range(2)] == [(0, 2), (2, 3)]
+    assert [shard_range(1536, r, 2) for r in range(2)] == [(0, 768), (768, 1536)]
+    assert [shard_range(10, r, 4) for r in range(4)] == [(0, 3), (3, 6), (6, 8), (8, 10)]
+
+
+def test_default_model_two_ranks_equal_one_rank():
+    """16 prompts, greedy, token for token; one step's float32 logits within 1e-4; attention probabilities
+    gathered from the ranks (layer 3: rank 0 holds heads 0-5, rank 1 heads 6-8) within 1e-5."""
+    one = LLM(quantization="none", kv_cache_memory=64 << 20)
+    expected = [out.token_ids for out in one.generate(PROMPTS, GREEDY)]
+    prompt_ids = one.tokenizer.encode(PROMPTS[1])
+    logits_one = _logits(one, prompt_ids)
+    scores_one = attention_scores(one.engine, prompt_ids, 3, None, 0.01)
+    with LLM(quantization="none", kv_cache_memory=64 << 20, tensor_parallel_size=2) as two:
+        assert two.engine.last_plan is None
+        got = [out.token_ids for out in two.generate(PROMPTS, GREEDY)]
+        assert two.engine.last_plan.executor == "tensor_parallel"
+        logits_two = _logits(two, prompt_ids)
+        scores_two = attention_scores(two.engine, prompt_ids, 3, None, 0.01)
+        workers = _workers(two)
+        assert all(p.poll() is None for p in workers)
+    assert got == expected
+    assert (logits_two - logits_one).abs().max().item() < 1e-4
+    assert len(scores_two["heads"]) == len(scores_one["heads"]) == 9
+    for head_one, head_two in zip(scores_one["heads"], scores_two["heads"]):
+        difference = torch.tensor(head_two["attention_matrix"]) - torch.tensor(head_one["attention_matrix"])
+        assert difference.abs().max().item() < 1e-5
+    assert all(p.poll() == 0 for p in workers)  # stopped when asked, exit code 0
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
+def test_tiny_families_two_ranks_equal_one_rank(tiny_model_dir, family):
+    """Qwen2 (q/k/v biases, tied head), Qwen3 (q/k norms), Llama (untied head): greedy outputs and logits."""
+    folder = str(tiny_model_dir(family))
+    prompts = [[5, 17, 42, 99, 3], [250, 8, 8, 1], list(range(30, 60))]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    one = LLM(folder, quantization="none", kv_cache_memory=8 << 20)
+    expected = [out.token_ids for out in one.generate(prompts, params)]
+    logits_one = _logits(one, prompts[2])
+    with LLM(folder, quantization="none", kv_cache_memory=8 << 20, tensor_parallel_size=2) as two:
+        got = [out.token_ids for out in two.generate(prompts, params)]
+        logits_two = _logits(two, prompts[2])
+    assert got == expected
+    assert (logits_two - logits_one).abs().max().item() < 1e-4
+
+
+def test_dead_worker_fails_the_engine_instead_of_hanging(tiny_model_dir):
+    folder = str(tiny_model_dir("qwen2"))
+    with LLM(folder, kv_cache_memory=8 << 20, tensor_parallel_size=2) as two:
+        worker = _workers(two)[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+        with pytest.raises(EngineFatalError, match="rank 1 exited"):
+            two.engine.check_alive()
+        start = time.monotonic()
+        with pytest.raises(EngineFatalError):
+            two.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4))
+        assert time.monotonic() - start < 10
+
+
+def test_a_collective_outside_a_sent_step_raises_instead_of_waiting(tiny_model_dir):
+    """A research tool calling the sharded model directly on rank 0 would wait for ever for the workers."""
+    with LLM(str(tiny_model_dir("qwen3")), kv_cache_memory=8 << 20, tensor_parallel_size=2) as two:
+        with pytest.raises(RuntimeError, match="outside a step"), torch.inference_mode():
+            two.engine.loaded.model(torch.tensor([1, 2]), torch.arange(2), AttentionMetadata.for_prompts([2]))
+        assert len(two.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3))[0].token_ids) == 3
+
+
+def test_what_tensor_parallelism_refuses(tiny_model_dir):
+    folder = str(tiny_model_dir("qwen2"))  # 2 KV heads
+    with pytest.raises(UnsupportedModelError, match="at most that many ranks"):
+        LLM(folder, tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="tensor_parallel_size=1 only"):
+        LLM(folder, tensor_parallel_size=2, quantization="int8")
+    with pytest.raises(UnsupportedModelError, match="Llama-family"):
+        LLM(str(tiny_model_dir("gpt2")), tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be at least 1"):
+        LLM(folder, tensor_parallel_size=0)
+    with LLM(folder, kv_cache_memory=8 << 20, tensor_parallel_size=2) as two:
+        with pytest.raises(FieldError, match="sparsity"):
+            two.engine.add_request([1, 2, 3], sparsity=SlidingWindow(window=2, sink_tokens=1))
