@@ -384,6 +384,62 @@ GB_INLINE void ftile(const float *x, int64_t ldx, const float *xsum, const int M
     }
 }
 
+
+// ftile for one row of x and GROUPS groups at once (weights gstride bytes and sstride scales apart; out
+// [GROUPS][M_TILE][ROWS], row 0): a multiply-add waits ~4 cycles for its chain's previous one, and one row of x over one
+// group keeps only 2 chains in flight. Each output's operations and order are ftile's (out: as ftile's).
+#define GROUPS 4
+GB_INLINE void ftile_row(const float *x, const float *xsum, const int format, const uint8_t *w, int64_t gstride,
+                         const uint16_t *sc, int64_t sstride, int64_t nb, float *out) {
+    for (int g = 0; g < GROUPS; g++)
+        for (int r = 0; r < ROWS; r++) out[g * M_TILE * ROWS + r] = 0.0f;
+#pragma GCC unroll 8
+    for (int rv = 0; rv < ROWS; rv += VW) {
+        for (int64_t b = 0; b < nb; b++) {
+            const float *xb = x + b * QBLOCK;
+            vf p[GROUPS][2];
+            for (int g = 0; g < GROUPS; g++) p[g][0] = p[g][1] = vf_zero();
+            if (format == FORMAT_Q4_1) {
+                const uint8_t *wb = w + b * 4 * ROWS * 4 + rv * 4;
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; j++) {
+#pragma GCC unroll 4
+                    for (int t = 0; t < 4; t++) {
+                        const vf x0 = vf_set1(xb[8 * j + t]), x1 = vf_set1(xb[8 * j + 4 + t]);
+#pragma GCC unroll 4
+                        for (int g = 0; g < GROUPS; g++) {
+                            p[g][0] = vf_fma(dq4(wb + g * gstride + j * ROWS * 4, 8 * t), x0, p[g][0]);
+                            p[g][1] = vf_fma(dq4(wb + g * gstride + j * ROWS * 4, 8 * t + 4), x1, p[g][1]);
+                        }
+                    }
+                }
+#pragma GCC unroll 4
+                for (int g = 0; g < GROUPS; g++) {
+                    const uint16_t *s = sc + g * sstride + b * 2 * ROWS + rv;
+                    const vf acc = vf_fma(vf_load_half(s), vf_add(p[g][0], p[g][1]), vf_load(out + g * M_TILE * ROWS + rv));
+                    vf_store(out + g * M_TILE * ROWS + rv, vf_fma(vf_load_half(s + ROWS), vf_set1(xsum[b]), acc));
+                }
+            } else {
+                const uint8_t *wb = w + b * 8 * ROWS * 4 + rv * 4;
+#pragma GCC unroll 8
+                for (int j = 0; j < 8; j++) {
+#pragma GCC unroll 4
+                    for (int t = 0; t < 4; t++) {
+                        const vf xv = vf_set1(xb[4 * j + t]);
+#pragma GCC unroll 4
+                        for (int g = 0; g < GROUPS; g++) p[g][j % 2] = vf_fma(dq8(wb + g * gstride + j * ROWS * 4, t), xv, p[g][j % 2]);
+                    }
+                }
+#pragma GCC unroll 4
+                for (int g = 0; g < GROUPS; g++) {
+                    const vf d = vf_load_half(sc + g * sstride + b * ROWS + rv);
+                    vf_store(out + g * M_TILE * ROWS + rv, vf_fma(d, vf_add(p[g][0], p[g][1]), vf_load(out + g * M_TILE * ROWS + rv)));
+                }
+            }
+        }
+    }
+}
+
 // x [M, K] (row stride ldx; K a multiple of 32) float32 -> y [M, N] (row stride ldy) float32, x first
 // transformed by the prologue (RMS_NORM: with norm_weight [K] and eps; SILU_MUL: x is [M, 2K]).
 // residual [M, N] (row stride ldr; may alias y) is optional (NULL), as is w->bias.
@@ -427,45 +483,61 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
     const int64_t groups = (N + ROWS - 1) / ROWS, m_blocks = (M + M_TILE - 1) / M_TILE;
     const int64_t group_bytes = w->format == FORMAT_Q4_1 ? nb * QBLOCK * ROWS / 2 : nb * QBLOCK * ROWS;
     const int64_t group_scales = w->format == FORMAT_Q4_1 ? nb * 2 * ROWS : nb * ROWS;
-    // Each thread takes whole groups of output rows (their weights stream once per M_TILE rows of x).
+    // Each thread takes whole groups of output rows (their weights stream once per M_TILE rows of x); the
+    // float32 path takes GROUPS groups at a time when x has one row (ftile_row).
+    const int GN = !int8 && M == 1 ? GROUPS : 1;
+    const int64_t units = (groups + GN - 1) / GN;
 #pragma omp parallel for schedule(static) collapse(2)
-    for (int64_t g = 0; g < groups; g++) {
+    for (int64_t u = 0; u < units; u++) {
         for (int64_t mb = 0; mb < m_blocks; mb++) {
             const int64_t m0 = mb * M_TILE, mt = M - m0 < M_TILE ? M - m0 : M_TILE;
+            const int64_t g0 = u * GN, gn = groups - g0 < GN ? groups - g0 : GN;
             const qrows xr = {q + m0 * K, d + m0 * nb, sum + m0 * nb, K};
-            const uint8_t *wg = (const uint8_t *)w->data + g * group_bytes;
-            const uint16_t *sg = w->scales + g * group_scales;
+            const uint8_t *wg = (const uint8_t *)w->data + g0 * group_bytes;
+            const uint16_t *sg = w->scales + g0 * group_scales;
             const float *xm = xf + m0 * ldf, *xs = xsum ? xsum + m0 * nb : NULL;
-            float out[M_TILE * ROWS];
-            // (every combination spelled out: MT and the format are constants inside each tile)
+            float out[GROUPS * M_TILE * ROWS];
+            // (every combination spelled out: MT, GN and the format are constants inside each tile)
 #define TILE(MT)                                                                                                     \
     if (int8) {                                                                                                      \
         if (w->format == FORMAT_Q4_1) tile(xr, MT, FORMAT_Q4_1, wg, sg, nb, out);                                   \
         else tile(xr, MT, FORMAT_Q8_0, wg, sg, nb, out);                                                            \
     } else {                                                                                                         \
-        if (w->format == FORMAT_Q4_1) ftile(xm, ldf, xs, MT, FORMAT_Q4_1, wg, sg, nb, out);                         \
-        else ftile(xm, ldf, xs, MT, FORMAT_Q8_0, wg, sg, nb, out);                                                  \
+        for (int64_t gi = 0; gi < gn; gi++) {                                                                        \
+            const uint8_t *wi = wg + gi * group_bytes;                                                               \
+            const uint16_t *si = sg + gi * group_scales;                                                             \
+            if (w->format == FORMAT_Q4_1) ftile(xm, ldf, xs, MT, FORMAT_Q4_1, wi, si, nb, out + gi * M_TILE * ROWS); \
+            else ftile(xm, ldf, xs, MT, FORMAT_Q8_0, wi, si, nb, out + gi * M_TILE * ROWS);                          \
+        }                                                                                                            \
     }
-            switch (mt) {
-                case 1: TILE(1); break;
-                case 2: TILE(2); break;
-                case 3: TILE(3); break;
+            if (gn == GROUPS && M == 1) {  // (only the float32 path takes GROUPS at once)
+                if (w->format == FORMAT_Q4_1) ftile_row(xm, xs, FORMAT_Q4_1, wg, group_bytes, sg, group_scales, nb, out);
+                else ftile_row(xm, xs, FORMAT_Q8_0, wg, group_bytes, sg, group_scales, nb, out);
+            } else {
+                switch (mt) {
+                    case 1: TILE(1); break;
+                    case 2: TILE(2); break;
+                    case 3: TILE(3); break;
 #if M_TILE > 4
-                case 4: TILE(4); break;
-                case 5: TILE(5); break;
-                case 6: TILE(6); break;
-                case 7: TILE(7); break;
+                    case 4: TILE(4); break;
+                    case 5: TILE(5); break;
+                    case 6: TILE(6); break;
+                    case 7: TILE(7); break;
 #endif
-                default: TILE(M_TILE); break;
+                    default: TILE(M_TILE); break;
+                }
             }
 #undef TILE
-            const int64_t n0 = g * ROWS, rows = N - n0 < ROWS ? N - n0 : ROWS;
-            for (int64_t i = 0; i < mt; i++) {
-                for (int64_t r = 0; r < rows; r += VW) {
-                    vf v = vf_load(out + i * ROWS + r);
-                    if (w->bias) v = vf_add(v, vf_load_n(w->bias + n0 + r, rows - r));
-                    if (residual) v = vf_add(vf_load_n(residual + (m0 + i) * ldr + n0 + r, rows - r), v);
-                    vf_store_n(y + (m0 + i) * ldy + n0 + r, v, rows - r);
+            for (int64_t gi = 0; gi < gn; gi++) {
+                const float *o = out + gi * M_TILE * ROWS;
+                const int64_t n0 = (g0 + gi) * ROWS, rows = N - n0 < ROWS ? N - n0 : ROWS;
+                for (int64_t i = 0; i < mt; i++) {
+                    for (int64_t r = 0; r < rows; r += VW) {
+                        vf v = vf_load(o + i * ROWS + r);
+                        if (w->bias) v = vf_add(v, vf_load_n(w->bias + n0 + r, rows - r));
+                        if (residual) v = vf_add(vf_load_n(residual + (m0 + i) * ldr + n0 + r, rows - r), v);
+                        vf_store_n(y + (m0 + i) * ldy + n0 + r, v, rows - r);
+                    }
                 }
             }
         }
