@@ -28,6 +28,12 @@ if TYPE_CHECKING:
     from glassbox.research.plugins import PluginManager
 
 
+TP_HELP = (
+    "ranks that split the model (default 1): this process is rank 0, N - 1 worker processes hold the other shards "
+    "(gloo on the CPU, NCCL on CUDA; float weights); under torchrun, the ranks torchrun started"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glassbox", description="LLM inference server with its engine opened up")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -42,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-cache-memory", type=float, default=GENERATE_KV_CACHE_GIB,
         help=f"GiB for the KV cache: prompt + max tokens must fit (default {GENERATE_KV_CACHE_GIB})",
     )
+    generate.add_argument("--tensor-parallel-size", type=int, default=1, help=TP_HELP)
     generate.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
     generate.add_argument("--json", action="store_true", help='print {"text": ..., "token_ids": [...]}')
 
@@ -71,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: the model's dtype; bfloat16: half a float32 model's bytes per cached token; fp8: float8_e4m3fn",
     )
     serve.add_argument("--max-num-seqs", type=int, default=256)
+    serve.add_argument("--tensor-parallel-size", type=int, default=1, help=TP_HELP)
     serve.add_argument(
         "--scheduling-policy", default="fcfs",
         help=f"{', '.join(ALGORITHMS.scheduling_policies.names())}, or a policy of the --plugin file (default fcfs)",
@@ -108,10 +116,12 @@ def run_generate(args: argparse.Namespace) -> None:
     llm = LLM(
         args.model, dtype=args.dtype, device=args.device, kv_cache_memory=int(args.kv_cache_memory * 2**30),
         enforce_eager=True, compile=False,  # one short run: CUDA graphs and compilation would cost more than they save
+        tensor_parallel_size=args.tensor_parallel_size,
     )
-    prompt = llm.tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
-    # The stop token (EOS) ends the output and is kept in token_ids; the text leaves it out.
-    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=args.max_tokens))[0]
+    with llm:
+        prompt = llm.tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+        # The stop token (EOS) ends the output and is kept in token_ids; the text leaves it out.
+        out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=args.max_tokens))[0]
     if args.json:
         print(json.dumps({"text": out.text, "token_ids": out.token_ids}))
     else:
@@ -165,6 +175,7 @@ def run_serve(args: argparse.Namespace) -> None:
         scheduling_policy=args.scheduling_policy,
         quantization=args.quantization,
         activations=args.activations,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     engine = AsyncLLMEngine(lambda: LLMEngine(loaded, engine_config)).start()
     # The engine thread holds the GIL for much of each step; hand it over more often (default 5 ms) so

@@ -138,3 +138,27 @@ def test_what_tensor_parallelism_refuses(tiny_model_dir):
     with LLM(folder, kv_cache_memory=8 << 20, tensor_parallel_size=2) as two:
         with pytest.raises(FieldError, match="sparsity"):
             two.engine.add_request([1, 2, 3], sparsity=SlidingWindow(window=2, sink_tokens=1))
+
+
+def test_a_worker_dying_while_idle_kills_the_serving_loop(tiny_model_dir):
+    """The async loop checks the ranks between waits: /health (which reads `is_alive`) turns 503 without a
+    request arriving, and the error names the rank."""
+    from glassbox.config import EngineConfig
+    from glassbox.engine.async_engine import AsyncLLMEngine
+    from glassbox.engine.llm_engine import LLMEngine
+    from glassbox.models.loader import load_model
+
+    loaded = load_model(str(tiny_model_dir("qwen3")))
+    engine = AsyncLLMEngine(lambda: LLMEngine(loaded, EngineConfig(kv_cache_memory=8 << 20, tensor_parallel_size=2)), idle_wait_s=0.1)
+    engine.start()
+    try:
+        assert engine.is_alive
+        worker = engine.engine.runner.group.processes[0]
+        worker.kill()
+        deadline = time.monotonic() + 10
+        while engine.is_alive and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not engine.is_alive and "rank 1 exited" in str(engine.error)
+    finally:
+        engine.shutdown()
+    assert worker.poll() is not None

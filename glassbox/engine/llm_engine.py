@@ -32,7 +32,7 @@ from glassbox.config import EngineConfig
 from glassbox.engine.block_manager import BlockManager
 from glassbox.engine.kv_cache import KVCache
 from glassbox.engine.model_runner import ModelRunner, PendingDecode
-from glassbox.engine.optimize import optimize_model
+from glassbox.engine.optimize import num_parameters, optimize_model
 from glassbox.engine.output_processor import OutputProcessor, RequestError, RequestOutput, RequestState, TokenLogprobs
 from glassbox.engine.scheduler import ScheduledBatch, Scheduler
 from glassbox.engine.sequence import Sequence
@@ -79,6 +79,9 @@ class LLMEngine:
         cfg = self.config
         on_cuda = loaded.device.type == "cuda"
         self.tensor_parallel_size = cfg.tensor_parallel_size
+        # The whole model's, read before quantizing or sharding (/model_info; quantized weights count as the
+        # weights they stand for, a tied head once).
+        self.num_parameters = num_parameters(loaded.model, loaded.config.tie_word_embeddings)
         tensor_parallel = cfg.tensor_parallel_size > 1
         if not tensor_parallel:  # tensor-parallel ranks shard the float weights first (engine/tp_runner.py)
             optimize_model(loaded.model, cfg.quantization, cfg.activations)

@@ -19,7 +19,7 @@ from typing import Any
 
 from glassbox.engine.async_engine import AsyncLLMEngine, RequestFailedError
 from glassbox.engine.llm_engine import LLMEngine, RequestError, RequestOutput, RequestState
-from glassbox.engine.optimize import num_parameters, weight_format
+from glassbox.engine.optimize import weight_format
 from glassbox.errors import FieldError
 from glassbox.layers.sparsity import SparsityMethod
 from glassbox.research.limits import Limits, check
@@ -47,9 +47,10 @@ class ModelFacts:
             "source": loaded.source,
             "architecture": config.architecture,
             "model_type": config.model_type,
-            "num_parameters": num_parameters(loaded.model, config.tie_word_embeddings),
+            "num_parameters": engine.num_parameters,
             "dtype": str(loaded.dtype).removeprefix("torch."),
-            "quantization": engine.config.quantization,
+            "quantization": engine.config.quantization if engine.tensor_parallel_size == 1 else "none",
+            "tensor_parallel_size": engine.tensor_parallel_size,
             "weight_format": weight_format(loaded.model),  # what the CPU runs: q4_1, q8_0, ... or float
             "activations": engine.config.activations,
             "device": str(loaded.device),
@@ -63,7 +64,7 @@ class ModelFacts:
             "kv_cache_dtype": str(engine.kv_cache.dtype).removeprefix("torch."),
             "kv_block_size": engine.config.block_size,
             "kv_num_blocks": engine.kv_cache.num_blocks,
-            "kv_cache_bytes": engine.kv_cache.nbytes,
+            "kv_cache_bytes": engine.kv_cache.nbytes,  # rank 0's share under tensor parallelism
             "loaded_at": loaded.loaded_at,
         }
         return cls(engine.tokenizer, config.vocab_size, engine.max_model_len, info)

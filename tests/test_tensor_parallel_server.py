@@ -1,0 +1,128 @@
+"""`glassbox serve --tensor-parallel-size 2` (a real server, one worker process): the same answers as one rank,
+through the design's API and the OpenAI client; a dying rank turns /health to 503 and leaves no process."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from conftest import start_server, stop_server
+
+from glassbox import LLM, SamplingParams
+from glassbox.research.attention import attention_scores
+
+MODEL = "SmolLM2-135M-Instruct"
+PROMPTS = ["The capital of France is", "Once upon a time,", "def fibonacci(n):", "Water boils at"]
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (its tensor-parallel workers)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found.extend(int(child) for child in text)
+    return found
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"  # a zombie has exited
+
+
+def wait_until(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.fixture(scope="module")
+def reference() -> Iterator[LLM]:
+    """One rank, float32 weights: what the server's two ranks must give."""
+    yield LLM(quantization="none", kv_cache_memory=64 << 20)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[subprocess.Popen, str]]:
+    proc, url = start_server("--tensor-parallel-size", "2")
+    yield proc, url
+    stop_server(proc)
+
+
+def test_generate_openai_and_attention_equal_one_rank(server, reference):
+    proc, url = server
+    info = httpx.get(f"{url}/model_info", timeout=60).json()
+    assert info["tensor_parallel_size"] == 2 and info["quantization"] == "none"
+    assert info["num_parameters"] == 134_515_008  # the whole model's, not rank 0's share
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    expected = [out.token_ids for out in reference.generate(PROMPTS, params)]
+    batch = httpx.post(
+        f"{url}/batch_generate", json={"prompts": PROMPTS, "max_tokens": 10, "temperature": 0, "ignore_eos": True}, timeout=120
+    ).json()
+    assert [r["token_ids"] for r in batch["results"]] == expected
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    completion = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=10, temperature=0)
+    assert completion.choices[0].text == reference.tokenizer.decode(expected[0])
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=12, temperature=0
+    )
+    assert "Paris" in chat.choices[0].message.content
+
+    body = {"prompt": "The Roman Empire was", "layer_idx": 3}
+    scores = httpx.post(f"{url}/debug/attention_scores", json=body, timeout=60).json()
+    ids = reference.tokenizer.encode(body["prompt"])
+    local = attention_scores(reference.engine, ids, 3, None, 0.01)
+    assert len(scores["heads"]) == 9
+    for head, want in zip(scores["heads"], local["heads"]):
+        difference = torch.tensor(head["attention_matrix"]) - torch.tensor(want["attention_matrix"])
+        assert difference.abs().max().item() < 1e-5
+
+    sparse = httpx.post(f"{url}/generate", json={"prompt": "Hi", "sparsity": {"method": "top_k", "k": 2}}, timeout=60)
+    assert sparse.status_code == 400 and sparse.json()["error"]["param"] == "sparsity"
+    assert len(children(proc.pid)) == 1
+
+
+def test_a_worker_dying_mid_request_answers_it_503_and_stops_the_server():
+    """The request in flight gets its answer (503 engine_dead) instead of waiting for a rank that is gone,
+    and the server stops (non-zero), leaving no worker behind (/health turning 503 while the process lives:
+    tests/test_tensor_parallel.py)."""
+    proc, url = start_server("--tensor-parallel-size", "2")
+    try:
+        (worker,) = children(proc.pid)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            body = {"prompt": "Tell me a long story", "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
+            answer = pool.submit(httpx.post, f"{url}/generate", json=body, timeout=120)
+            time.sleep(3)  # decoding by now
+            os.kill(worker, signal.SIGKILL)
+            start = time.monotonic()
+            response = answer.result()
+        assert response.status_code == 503 and response.json()["error"]["type"] == "engine_dead"
+        assert "rank" in response.json()["error"]["message"]
+        assert time.monotonic() - start < 20
+        assert proc.wait(60) != 0
+    finally:
+        stop_server(proc)
+
+
+def test_a_killed_server_takes_its_worker_with_it():
+    proc, url = start_server("--tensor-parallel-size", "2")
+    (worker,) = children(proc.pid)
+    proc.kill()
+    proc.wait(10)
+    assert wait_until(lambda: gone(worker), 30)
