@@ -162,3 +162,35 @@ def test_a_worker_dying_while_idle_kills_the_serving_loop(tiny_model_dir):
     finally:
         engine.shutdown()
     assert worker.poll() is not None
+
+
+def test_parallel_research_on_real_ranks(tiny_model_dir):
+    """/parallel/*'s work on the ranks: shards placed on rank i mod 2, multiplied there, met on rank 0 through
+    a gloo reduce (split along the contracted dimension) or gather; weights read by name are the whole
+    model's, put back together from the ranks."""
+    from glassbox.research.parallel_ranks import execute_on_ranks, split_on_ranks
+
+    folder = str(tiny_model_dir("qwen2"))
+    one = LLM(folder, quantization="none", kv_cache_memory=8 << 20)
+    whole = dict(one.engine.loaded.model.named_parameters())
+    with LLM(folder, kv_cache_memory=8 << 20, tensor_parallel_size=2) as two:
+        engine = two.engine
+        for name in ("model.layers.1.self_attn.qkv_proj.weight", "model.layers.1.self_attn.qkv_proj.bias",
+                     "model.layers.0.self_attn.o_proj.weight", "model.layers.0.mlp.gate_up_proj.weight",
+                     "model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight", "model.norm.weight"):  # fmt: skip
+            parts = split_on_ranks(engine, name, None, 0, 2, 0, 1 << 22)
+            assert torch.equal(parts.full, whole[name]), name
+        concat = split_on_ranks(engine, None, [4, 16, 24], 0, 2, 7, 1 << 22)
+        report = execute_on_ranks(engine, concat, 8, 3, True, 1 << 22)
+        assert report["gather"] == "concat" and report["workers"] == "2 ranks (gloo)"
+        assert [r["shards"] for r in report["ranks"]] == [[0], [1]] and report["output_shape"] == [4, 16, 8]
+        assert all(r["compute_ms"] > 0 and r["comm_bytes"] > 0 for r in report["ranks"])
+        assert report["max_abs_error"] < 1e-4
+        summed = split_on_ranks(engine, "model.layers.0.mlp.down_proj.weight", None, -1, 3, 0, 1 << 22)
+        report = execute_on_ranks(engine, summed, 16, 0, True, 1 << 22)
+        assert report["gather"] == "sum" and [r["shards"] for r in report["ranks"]] == [[0, 2], [1]]
+        assert report["max_abs_error"] < 1e-4 and report["output_shape"] == [64, 16]
+        alone = execute_on_ranks(engine, summed, 16, 0, False, 1 << 22)
+        assert "max_abs_error" not in alone and len(alone["shard_ms"]) == 3
+        # the ranks are still in step: serving goes on
+        assert len(two.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3))[0].token_ids) == 3

@@ -126,3 +126,26 @@ def test_a_killed_server_takes_its_worker_with_it():
     proc.kill()
     proc.wait(10)
     assert wait_until(lambda: gone(worker), 30)
+
+
+def test_the_designs_parallel_requests_run_on_the_ranks(server):
+    _, url = server
+    split = httpx.post(f"{url}/parallel/tensor_split", json={"tensor_shape": [4, 512, 768], "split_dim": 0, "num_splits": 2}, timeout=60)
+    assert split.status_code == 200, split.text
+    placement = split.json()["placement"]
+    assert placement["backend"] == "gloo" and [r["shards"] for r in placement["ranks"]] == [[0], [1]]
+    body = {"splits": split.json()["splits"], "operation": "matmul", "gather": True}
+    report = httpx.post(f"{url}/parallel/execute", json=body, timeout=60)
+    assert report.status_code == 200, report.text
+    report = report.json()
+    assert report["workers"] == "2 ranks (gloo)" and report["output_shape"] == [4, 512, 64]
+    assert [r["rank"] for r in report["ranks"]] == [0, 1]
+    assert all(r["compute_ms"] > 0 and r["comm_ms"] > 0 and r["comm_bytes"] > 0 for r in report["ranks"])
+    assert report["max_abs_error"] < 1e-4
+    weight = {"weight": "model.layers.0.mlp.down_proj.weight", "split_dim": 1, "num_splits": 4}
+    split = httpx.post(f"{url}/parallel/tensor_split", json=weight, timeout=60).json()
+    assert split["shape"] == [576, 1536]  # the whole weight, gathered from the ranks
+    report = httpx.post(f"{url}/parallel/execute", json={"splits": split["split_id"], "other_columns": 32}, timeout=60).json()
+    assert report["gather"] == "sum" and report["max_abs_error"] < 1e-4
+    wrong = httpx.post(f"{url}/parallel/execute", json={"splits": split["splits"][:2]}, timeout=60)
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "splits"

@@ -24,6 +24,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import weakref
 from datetime import timedelta
 from typing import Any
@@ -65,6 +66,7 @@ class TensorParallelGroup:
         self.control = control
         self.processes = processes or []  # the workers rank 0 spawned (none under torchrun)
         self.lost: str | None = None
+        self.send_seconds = 0.0  # rank 0's time in `send` (pickling + broadcast), for the comm share of a step
         self._owns_process_group = owns_process_group
         # Workers are stopped when the engine is closed, or when the interpreter exits, whichever is first.
         self._finalizer = weakref.finalize(self, _kill_workers, self.processes)  # runs at exit too
@@ -138,7 +140,9 @@ class TensorParallelGroup:
         """Rank 0: hand `command` to every worker (they are waiting in `receive`)."""
         if self.lost is not None:
             raise RankLostError(self.lost)
+        start = time.perf_counter()
         dist.broadcast_object_list([command], src=0, group=self.control)
+        self.send_seconds += time.perf_counter() - start
 
     def receive(self) -> Any:
         """A worker: wait for rank 0's next command."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,6 +62,35 @@ class Forward:
 @dataclass
 class Logits:
     hidden: torch.Tensor  # [N, hidden]: the rows to compute logits of
+
+
+@dataclass
+class RankContext:
+    """What a RankTask sees on its rank."""
+
+    group: TensorParallelGroup
+    model: nn.Module  # this rank's shard
+    kept: dict[str, Any]  # objects a task keeps on this rank for a later one (research: placed shards), bounded
+
+
+class RankTask:
+    """Work that runs on every rank at once (research tools: shards placed and multiplied on their ranks,
+    weights gathered): rank 0 sends the task, then every rank calls `run_on_rank`, whose collectives all
+    ranks reach in the same order. Rank 0's return value is the task's result; the others' are dropped."""
+
+    def run_on_rank(self, rank: RankContext) -> Any:
+        raise NotImplementedError
+
+
+MAX_KEPT = 16  # objects kept per rank by tasks (the oldest dropped first)
+
+
+def keep(kept: dict[str, Any], key: str, value: Any) -> None:
+    """Keep `value` on this rank under `key`, dropping the oldest beyond MAX_KEPT."""
+    kept.pop(key, None)
+    kept[key] = value
+    while len(kept) > MAX_KEPT:
+        kept.pop(next(iter(kept)))
 
 
 def quantization_for_ranks(quantization: str | None) -> str:
@@ -118,6 +148,7 @@ class TensorParallelRunner(ModelRunner):
         super().__init__(loaded, kv_cache, seed, executors={"tensor_parallel": DriverExecutor(loaded.model, group)})
         self.group = group
         self.compute_logits: Callable[[torch.Tensor], torch.Tensor] = self._logits_on_every_rank
+        self.rank_context = RankContext(group, loaded.model, {})
 
     def _plan(
         self,
@@ -164,6 +195,19 @@ class TensorParallelRunner(ModelRunner):
         self.group.send(Logits(hidden.contiguous()))
         with self.group.comm.in_step():
             return self.model.compute_logits(hidden)
+
+    def run_task(self, task: RankTask) -> Any:
+        """Run `task` on every rank (between steps: on the engine's thread); rank 0's result. A task that
+        fails after it was sent leaves the ranks out of step: fatal, as a failed step."""
+        self.group.check_alive()
+        self.group.send(task)
+        try:
+            with self.group.comm.in_step():
+                return task.run_on_rank(self.rank_context)
+        except Exception as error:
+            self.group.raise_if_lost(error)
+            self.group.lost = f"the ranks are out of step after a failed {type(task).__name__}: {error}"
+            raise RankLostError(self.group.lost) from error
 
     def check_alive(self) -> None:
         self.group.check_alive()

@@ -17,7 +17,7 @@ import sys
 import torch
 
 from glassbox.engine.tp_group import Stop, TensorParallelGroup
-from glassbox.engine.tp_runner import Forward, Logits, WorkerSpec, prepare_rank, worker_probe
+from glassbox.engine.tp_runner import Forward, Logits, RankContext, RankTask, WorkerSpec, prepare_rank, worker_probe
 from glassbox.models.loader import load_model
 
 logger = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ def serve_commands(group: TensorParallelGroup) -> None:
     kv_cache.bind(loaded.model)
     group.barrier()
     model = loaded.model
+    context = RankContext(group, model, {})
     while True:
         command = group.receive()
         if isinstance(command, Stop):
@@ -43,6 +44,8 @@ def serve_commands(group: TensorParallelGroup) -> None:
                 group.gather_objects({layer: [p.cpu() for p in probs] for layer, probs in command.meta.probe.captured.items()})
         elif isinstance(command, Logits):
             model.compute_logits(command.hidden.to(group.device))
+        elif isinstance(command, RankTask):
+            command.run_on_rank(context)
         else:
             raise TypeError(f"unknown command {type(command).__name__} from rank 0")
 

@@ -107,3 +107,26 @@ def _shard_mlp(mlp: LlamaMLP, config: ModelConfig, comm: Communicator) -> None:
     local.weight = nn.Parameter(torch.cat([gate_up.weight[start:end], gate_up.weight[size + start : size + end]]), requires_grad=False)
     mlp.gate_up_proj = local
     mlp.down_proj = RowParallelLinear(mlp.down_proj.weight[:, start:end].contiguous(), None, comm)
+
+
+def unshard(name: str, parts: list[torch.Tensor], config: ModelConfig) -> torch.Tensor:
+    """The whole model's tensor `name` from every rank's piece of it (in rank order): the inverse of
+    `shard_model`, for research tools that read a weight by name under tensor parallelism."""
+    world_size = len(parts)
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return torch.cat(parts)[: config.vocab_size]
+    if name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
+        return torch.cat(parts, dim=1)
+    if name.endswith(("self_attn.qkv_proj.weight", "self_attn.qkv_proj.bias")):
+        group = config.num_attention_heads // config.num_key_value_heads
+        pieces: list[list[torch.Tensor]] = [[], [], []]  # q, k, v of every rank
+        for rank, part in enumerate(parts):
+            kv_start, kv_end = shard_range(config.num_key_value_heads, rank, world_size)
+            kv_rows = (kv_end - kv_start) * config.head_dim
+            for piece, tensor in zip(pieces, part.split([kv_rows * group, kv_rows, kv_rows])):
+                piece.append(tensor)
+        return torch.cat([torch.cat(piece) for piece in pieces])
+    if name.endswith("mlp.gate_up_proj.weight"):
+        halves = [part.chunk(2) for part in parts]
+        return torch.cat([torch.cat([gate for gate, _ in halves]), torch.cat([up for _, up in halves])])
+    return parts[0]  # norms, biases after a row-parallel sum, rotary tables: the same on every rank

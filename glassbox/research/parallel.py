@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,6 +36,8 @@ class SplitTensor:
     full: torch.Tensor
     split_dim: int
     shards: list[torch.Tensor]
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)  # names the shards placed on ranks
+    placement: dict[str, Any] | None = None  # where the shards live (research/parallel_ranks.py), None: here
 
 
 def _tensor_of(model: nn.Module, name: str) -> torch.Tensor:
@@ -48,7 +51,7 @@ def _tensor_of(model: nn.Module, name: str) -> torch.Tensor:
     return tensor() if callable(tensor) else tensor.detach()
 
 
-def _random(shape: list[int], seed: int, max_elements: int) -> torch.Tensor:
+def random_tensor(shape: list[int], seed: int, max_elements: int) -> torch.Tensor:
     if not 1 <= len(shape) <= 4 or any(d < 1 for d in shape):
         raise FieldError("tensor_shape", "give 1 to 4 positive dimensions")
     elements = math.prod(shape)  # Python ints: no overflow however large the dimensions
@@ -68,7 +71,12 @@ def split(
 ) -> SplitTensor:
     if (weight is None) == (tensor_shape is None):
         raise FieldError("weight", "give exactly one of weight (a model tensor's name) and tensor_shape")
-    full = _tensor_of(model, weight) if weight is not None else _random(tensor_shape, seed, max_elements)
+    full = _tensor_of(model, weight) if weight is not None else random_tensor(tensor_shape, seed, max_elements)
+    return cut(full, weight, split_dim, num_splits)
+
+
+def cut(full: torch.Tensor, weight: str | None, split_dim: int, num_splits: int) -> SplitTensor:
+    """`full` (the named weight, or a random tensor when `weight` is None) in `num_splits` shards."""
     if not full.is_floating_point():
         raise ValueError(f"weight: {weight!r} is {full.dtype} (quantized); pick a floating-point tensor")
     if not -full.dim() <= split_dim < full.dim():
@@ -78,6 +86,17 @@ def split(
         raise ValueError(f"num_splits: must be in [1, {full.shape[split_dim]}] (the size of dimension {split_dim})")
     shards = [s.contiguous() for s in torch.tensor_split(full, num_splits, dim=split_dim)]
     return SplitTensor(weight or f"random{list(full.shape)}", full, split_dim, shards)
+
+
+def split_id_of(splits: str | list[str]) -> str:
+    """The split a /parallel/execute request names: its split_id, or the shard ids ("<split_id>#<index>")
+    of one split."""
+    if isinstance(splits, str):
+        return splits
+    ids = {item.split("#", 1)[0] for item in splits}
+    if len(ids) != 1:
+        raise FieldError("splits", "name the shards of one split ('<split_id>#<index>'), or its split_id")
+    return ids.pop()
 
 
 def nbytes(parts: SplitTensor) -> int:

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
 
 from glassbox.errors import FieldError
-from glassbox.research import parallel, pipeline
+from glassbox.research import parallel, parallel_ranks, pipeline
 from glassbox.research.attention import attention_scores
 from glassbox.research.cache import cache_stats, clear_prefix_cache
 from glassbox.research.heatmap import attention_png
@@ -186,8 +186,8 @@ async def tensor_split(
     limits.tensor_max_elements) into shards; returns a split_id (expires, limits.handle_ttl_s)."""
     max_elements = limits_of(request).tensor_max_elements
     parts = await client.call(
-        lambda engine: parallel.split(
-            engine.loaded.model, body.weight, body.tensor_shape, body.split_dim, body.num_splits, body.seed, max_elements
+        lambda engine: parallel_ranks.split_for_engine(
+            engine, body.weight, body.tensor_shape, body.split_dim, body.num_splits, body.seed, max_elements
         )
     )
     split_id = request.app.state.handles.put(parts, parallel.nbytes(parts))
@@ -198,19 +198,30 @@ async def tensor_split(
         "dtype": str(parts.full.dtype).removeprefix("torch."),
         "split_dim": parts.split_dim,
         "shards": [{"index": i, "shape": list(s.shape)} for i, s in enumerate(parts.shards)],
+        "splits": [f"{split_id}#{i}" for i in range(len(parts.shards))],
+        "placement": parts.placement or {"threads": len(parts.shards)},
     }
 
 
 @router.post("/parallel/execute")
 async def parallel_execute(
-    request: Request, body: ParallelExecuteRequest = Depends(json_body(ParallelExecuteRequest))
+    request: Request,
+    body: ParallelExecuteRequest = Depends(json_body(ParallelExecuteRequest)),
+    client: EngineClient = Depends(engine_client),
 ) -> dict[str, Any]:
     """Run the operation shard by shard on parallel workers; with `gather`, gather and compare with the
     unsplit result."""
-    parts = request.app.state.handles.get(body.splits)
+    split_id = parallel.split_id_of(body.splits)
+    parts = request.app.state.handles.get(split_id)
     if not isinstance(parts, parallel.SplitTensor):
-        raise APIError(404, f"splits: no split {body.splits!r} (unknown or expired)", "splits", "not_found_error")
+        raise APIError(404, f"splits: no split {split_id!r} (unknown or expired)", "splits", "not_found_error")
+    if isinstance(body.splits, list) and sorted(body.splits) != sorted(f"{split_id}#{i}" for i in range(len(parts.shards))):
+        raise FieldError("splits", f"name every shard of the split ({len(parts.shards)} ids '{split_id}#<index>'), or its split_id")
     max_elements = limits_of(request).tensor_max_elements
+    if parts.placement is not None:  # on the ranks that hold the shards, between two steps
+        return await client.call(
+            lambda engine: parallel_ranks.execute_on_ranks(engine, parts, body.other_columns, body.seed, body.gather, max_elements)
+        )
     return await asyncio.to_thread(parallel.execute, parts, body.other_columns, body.seed, body.gather, max_elements)
 
 

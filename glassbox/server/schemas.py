@@ -240,7 +240,9 @@ class TensorSplitRequest(Body):
 
 
 class ParallelExecuteRequest(Body):
-    splits: str  # the split_id from /parallel/tensor_split
+    # The split_id from /parallel/tensor_split, or the list of its shard ids ("<split_id>#<index>", its
+    # response's "splits"), as the design writes it: every shard of one split.
+    splits: str | list[str] = Field(..., description="a split_id, or the shard ids of one split")
     operation: Literal["matmul"] = "matmul"
     other_columns: int = Field(64, ge=1, le=1 << 16)  # the other operand: a seeded random [inner, other_columns] matrix
     gather: bool = True  # gather the shards' results (and check them against the unsplit product)

@@ -1,0 +1,74 @@
+"""Tensor parallelism on this CPU: one rank against two (gloo), same model, same prompts, greedy.
+
+    .venv/bin/python bench/parallel.py [--new-tokens 64] [--concurrency 1,32] [--model PATH]
+
+Rows: TP=1 on the default CPU weights (quantization auto: Q4_1 blocks on the native stack), TP=1 float32
+(quantization none: what each TP rank runs), TP=2 float32. Columns: decode ms/token of one request, output
+tokens/s with 1 and N concurrent requests (ignore EOS), and rank 0's communication share of the run: the
+seconds inside the layers' collectives (all-reduce, the head's gather) and inside sending each model call
+to the worker, over the run's wall time. Threads: torch's per rank, as set (OMP_NUM_THREADS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import torch
+
+from glassbox import LLM, SamplingParams
+
+PROMPT = "The history of the Roman Empire is long and complicated. It began"
+TOPICS = ["Roman Empire", "Ming dynasty", "printing press", "steam engine", "Silk Road", "French Revolution"]
+
+
+def prompts(n: int) -> list[str]:
+    return [f"The history of the {TOPICS[i % len(TOPICS)]} is long and complicated. Chapter {i} begins" for i in range(n)]
+
+
+def run(label: str, llm: LLM, new_tokens: int, concurrency: list[int]) -> dict[str, object]:
+    llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=8))  # warm-up
+    out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))[0]
+    row: dict[str, object] = {"setup": label, "decode ms/token": out.timings["decode_ms_per_token"]}
+    group = getattr(llm.engine.runner, "group", None)
+    for n in concurrency:
+        if group is not None:
+            group.comm.reset()
+            group.send_seconds = 0.0
+        start = time.perf_counter()
+        outs = llm.generate(prompts(n), SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+        wall = time.perf_counter() - start
+        row[f"tok/s @{n}"] = sum(len(o.token_ids) for o in outs) / wall
+        if group is not None:
+            collective_s, collective_bytes, calls = group.comm.reset()
+            row[f"comm share @{n}"] = f"{collective_s / wall:.0%} + {group.send_seconds / wall:.0%} send"
+            row[f"collectives @{n}"] = f"{calls} ({collective_bytes / 2**20:.0f} MiB)"
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--concurrency", default="1,32")
+    parser.add_argument("--model", default=None)
+    args = parser.parse_args()
+    concurrency = [int(n) for n in args.concurrency.split(",")]
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} torch threads per rank, {args.new_tokens} new tokens")
+    rows = []
+    options = dict(kv_cache_memory=256 << 20, max_num_batched_tokens=4096)
+    for label, quantization, tp in (("TP=1 auto (Q4_1)", "auto", 1), ("TP=1 float32", "none", 1), ("TP=2 float32", "none", 2)):
+        with LLM(args.model, quantization=quantization, tensor_parallel_size=tp, **options) as llm:
+            rows.append(run(label, llm, args.new_tokens, concurrency))
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        cells = [f"{row[c]:.1f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
