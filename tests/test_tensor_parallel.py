@@ -194,3 +194,22 @@ def test_parallel_research_on_real_ranks(tiny_model_dir):
         assert "max_abs_error" not in alone and len(alone["shard_ms"]) == 3
         # the ranks are still in step: serving goes on
         assert len(two.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3))[0].token_ids) == 3
+
+
+def test_overlap_schedule_needs_ranks_and_gives_the_serial_outputs(tiny_model_dir):
+    from glassbox.research.overlap import overlap_schedule
+    from glassbox.research.pipeline import Activation
+
+    folder = str(tiny_model_dir("qwen3"))
+    steps = [("embed", None), ("layer", 0), ("layer", 1), ("final_norm", None)]
+    one = LLM(folder, kv_cache_memory=8 << 20)
+    with pytest.raises(FieldError, match="overlap_comm"):
+        overlap_schedule(one.engine, steps, Activation(None, [1, 2, 3]), 2)
+    with LLM(folder, kv_cache_memory=8 << 20, tensor_parallel_size=2) as two:
+        with pytest.raises(ValueError, match="layer_idx"):
+            overlap_schedule(two.engine, [("embed", None), ("layer", 9)], Activation(None, [1, 2, 3]), 2)
+        report = overlap_schedule(two.engine, steps, Activation(None, list(range(1, 40))), 3)
+        assert report["max_abs_diff"] == 0.0 and report["output_shape"] == [39, 64]
+        assert [r["rank"] for r in report["ranks"]] == [0, 1] and report["serial_comm_ms"] > 0
+        assert report["serial_ms"] > 0 and report["overlapped_ms"] > 0
+        assert len(two.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3))[0].token_ids) == 3

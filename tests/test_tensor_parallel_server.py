@@ -149,3 +149,30 @@ def test_the_designs_parallel_requests_run_on_the_ranks(server):
     assert report["gather"] == "sum" and report["max_abs_error"] < 1e-4
     wrong = httpx.post(f"{url}/parallel/execute", json={"splits": split["splits"][:2]}, timeout=60)
     assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "splits"
+
+
+def test_pipeline_steps_and_overlapped_schedule_on_the_ranks(server, reference):
+    """/pipeline/* under tensor parallelism: each step on every rank (the same hidden states as one rank), and
+    overlap_comm: a measured overlap > 0, the overlapped schedule faster than the serial one, same outputs."""
+    from glassbox.research.pipeline import Activation, execute
+
+    _, url = server
+    prompt = "The history of the Roman Empire is long and complicated. It began with a small city"
+    steps = [{"step": "embed"}, {"step": "layer", "layer_idx": 0}, {"step": "attention", "layer_idx": 1},
+             {"step": "mlp", "layer_idx": 1}, {"step": "final_norm"}, {"step": "lm_head"}]  # fmt: skip
+    chain = httpx.post(f"{url}/pipeline/schedule", json={"prompt": prompt, "steps": steps}, timeout=60)
+    assert chain.status_code == 200, chain.text
+    ids = reference.tokenizer.encode(prompt)
+    local, _ = execute(reference.engine, [(s["step"], s.get("layer_idx")) for s in steps], Activation(None, ids), False)
+    for got, want in zip(chain.json()["steps"], local):
+        assert got["shape"] == want["shape"]
+        assert abs(got["stats"]["l2_norm"] - want["stats"]["l2_norm"]) < 1e-3 * want["stats"]["l2_norm"]
+
+    layers = [{"step": "embed"}] + [{"step": "layer", "layer_idx": i} for i in range(30)] + [{"step": "final_norm"}]
+    body = {"prompt": prompt, "steps": layers, "overlap_comm": True, "micro_batches": 2}
+    report = httpx.post(f"{url}/pipeline/schedule", json=body, timeout=300)
+    assert report.status_code == 200, report.text
+    report = report.json()
+    assert report["workers"] == "2 ranks (gloo)" and report["max_abs_diff"] == 0.0
+    assert report["serial_comm_ms"] > 0 and len(report["ranks"]) == 2
+    assert report["overlap_ms"] > 0 and report["overlapped_ms"] < report["serial_ms"], report

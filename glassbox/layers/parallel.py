@@ -14,6 +14,7 @@ The layers take their `Communicator` as an argument (no process-group global is 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,7 +38,11 @@ class Communicator:
     comm share of a step: research/latency.py and bench/parallel.py read `seconds` and `bytes`)."""
 
     def __init__(self, group: dist.ProcessGroup | None, rank: int, world_size: int) -> None:
-        self.group = group
+        self.default_group = group
+        # A thread may run its collectives on a group of its own (`using`): two micro-batches on two threads
+        # then overlap one's all-reduce with the other's compute (research/overlap.py), each group keeping
+        # its collectives in its thread's order.
+        self._thread = threading.local()
         self.rank = rank
         self.world_size = world_size
         self.seconds = 0.0  # spent inside collectives since the last `reset`
@@ -46,6 +51,19 @@ class Communicator:
         # Rank 0 runs collectives only inside a step it has sent to the workers (`in_step`); one outside
         # (a research tool calling the sharded model directly) would wait for ever for ranks that never come.
         self.open = rank != 0
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        return getattr(self._thread, "group", self.default_group)
+
+    @contextmanager
+    def using(self, group: dist.ProcessGroup) -> Iterator[None]:
+        """This thread's collectives go to `group` inside the block."""
+        self._thread.group = group
+        try:
+            yield
+        finally:
+            del self._thread.group
 
     @contextmanager
     def in_step(self) -> Iterator[None]:
@@ -75,7 +93,8 @@ class Communicator:
         self._check_open()
         start = time.perf_counter()
         parts = [torch.empty_like(x) for _ in range(self.world_size)] if self.rank == 0 else None
-        dist.gather(x.contiguous(), parts, dst=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
+        group = self.group
+        dist.gather(x.contiguous(), parts, dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
         self._count(start, x)
         return parts
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from glassbox.engine.llm_engine import LLMEngine
+from glassbox.engine.tp_runner import RankContext, RankTask
 from glassbox.layers.attention import AttentionMetadata
 
 STEPS = ("embed", "norm", "attention", "mlp", "layer", "final_norm", "lm_head")
@@ -41,14 +42,22 @@ class Activation:
     token_ids: list[int]
 
 
-def run_step(model: nn.Module, step: str, layer_idx: int | None, activation: Activation) -> torch.Tensor:
-    """One step on the model's parts (models/llama.py lists them): the same modules, in the same order,
-    as its forward."""
+def check_step(model: nn.Module, step: str, layer_idx: int | None, activation: Activation) -> None:
+    """Raise ValueError naming the field if the step cannot run on this input."""
     if step not in STEPS:
         raise ValueError(f"step: unknown {step!r}; choose one of {', '.join(STEPS)}")
     num_layers = len(model.layers)
     if step in LAYER_STEPS and (layer_idx is None or not 0 <= layer_idx < num_layers):
         raise ValueError(f"layer_idx: step {step!r} needs layer_idx in [0, {num_layers - 1}], got {layer_idx}")
+    x, n = activation.tensor, len(activation.token_ids)
+    if step != "embed" and (x is None or x.shape[0] != n or x.dim() != 2):
+        raise ValueError("input: this step needs hidden states [T, hidden] (a handle from embed or a layer step)")
+
+
+def run_step(model: nn.Module, step: str, layer_idx: int | None, activation: Activation) -> torch.Tensor:
+    """One step on the model's parts (models/llama.py lists them): the same modules, in the same order,
+    as its forward."""
+    check_step(model, step, layer_idx, activation)
     x = activation.tensor
     n = len(activation.token_ids)
     device = next(model.parameters()).device
@@ -56,8 +65,6 @@ def run_step(model: nn.Module, step: str, layer_idx: int | None, activation: Act
     positions = torch.arange(n, device=device)
     if step == "embed":
         return model.embed(token_ids, positions)[0]
-    if x is None or x.shape[0] != n or x.dim() != 2:
-        raise ValueError("input: this step needs hidden states [T, hidden] (a handle from embed or a layer step)")
     if step == "final_norm":
         return model.final_norm(x)
     if step == "lm_head":
@@ -100,16 +107,35 @@ def describe(tensor: torch.Tensor, with_values: bool) -> dict[str, Any]:
     return info
 
 
+@dataclass
+class StepOnRanks(RankTask):
+    """One step on every rank of a tensor-parallel engine, each on its shard (the input, whole on every rank,
+    sent along); rank 0's output is the whole step's."""
+
+    step: str
+    layer_idx: int | None
+    activation: Activation
+
+    def run_on_rank(self, rank: RankContext) -> torch.Tensor:
+        with torch.inference_mode():
+            return run_step(rank.model, self.step, self.layer_idx, self.activation)
+
+
 @torch.inference_mode()
 def execute(
     engine: LLMEngine, steps: list[tuple[str, int | None]], activation: Activation, with_values: bool
 ) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
-    """Run the steps in order from `activation`; per step its time and a description; and the outputs."""
+    """Run the steps in order from `activation`; per step its time and a description; and the outputs.
+    Under tensor parallelism each step runs on every rank (its time includes sending it)."""
     model = engine.loaded.model
     reports, outputs = [], []
     for step, layer_idx in steps:
         start = time.perf_counter()
-        out = run_step(model, step, layer_idx, activation)
+        if engine.tensor_parallel_size > 1:
+            check_step(model, step, layer_idx, activation)  # before sending: a bad request fails here alone
+            out = engine.runner.run_task(StepOnRanks(step, layer_idx, activation))
+        else:
+            out = run_step(model, step, layer_idx, activation)
         elapsed = (time.perf_counter() - start) * 1000
         activation = Activation(out, activation.token_ids)
         outputs.append(out)

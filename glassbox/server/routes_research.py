@@ -18,6 +18,7 @@ from glassbox.research.cache import cache_stats, clear_prefix_cache
 from glassbox.research.heatmap import attention_png
 from glassbox.research.limits import LimitError, Limits, check
 from glassbox.research.memory import memory_usage
+from glassbox.research.overlap import overlap_schedule
 from glassbox.research.profiler import Profiler, ProfilerError
 from glassbox.research.schedule import ScheduledRequest, ScheduleRun
 from glassbox.server.deps import engine_client, json_body, sparsity_of
@@ -310,5 +311,12 @@ async def pipeline_schedule(
     body: PipelineScheduleRequest = Depends(json_body(PipelineScheduleRequest)),
     client: EngineClient = Depends(engine_client),
 ) -> Any:
-    """Run a list of steps in order, each on the previous one's output, with the time of each."""
-    return await _run_pipeline(request, client, body, [(s.step, s.layer_idx) for s in body.steps])
+    """Run a list of steps in order, each on the previous one's output, with the time of each; with
+    `overlap_comm` (tensor parallelism), serially and overlapped over micro-batches, both timed."""
+    steps = [(s.step, s.layer_idx) for s in body.steps]
+    if body.overlap_comm:
+        activation = _pipeline_input(request, client, body)
+        check("pipeline_max_tokens", len(activation.token_ids) * body.micro_batches, limits_of(request).pipeline_max_tokens,
+              "the input's tokens times micro_batches")  # fmt: skip
+        return await client.call(lambda engine: overlap_schedule(engine, steps, activation, body.micro_batches))
+    return await _run_pipeline(request, client, body, steps)

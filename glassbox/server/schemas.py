@@ -291,6 +291,10 @@ class StepExecuteRequest(PipelineInput, PipelineStep):
 
 class PipelineScheduleRequest(PipelineInput):
     steps: list[PipelineStep] = Field(..., min_length=1, max_length=512)
+    # Under tensor parallelism: run the steps over micro-batches twice, serially and with one micro-batch's
+    # all-reduces overlapping the next one's compute, and report both (research/overlap.py).
+    overlap_comm: bool = False
+    micro_batches: int = Field(2, ge=2, le=8)
 
 
 class SparsityMaskRequest(BaseModel):
