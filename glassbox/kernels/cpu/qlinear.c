@@ -26,6 +26,9 @@
 //   NEON          sdot by lane (4 signed × 4 signed bytes into int32), 8 rows as two vectors
 //   generic C     plain loops
 // A step's weights are read once per M_TILE rows of x: a batch-1 decode step streams each weight once.
+// With float32 activations, one row of x runs over 4 groups at once (ftile_row: more multiply-add chains
+// in flight), and on x86 8 rows or more read each pair of groups made floats once (ftile_pair: 1.3-1.6x
+// per core at 13 and 32 rows against ftile, docs/benchmarks.md); all give ftile's bits.
 
 #include <stdlib.h>
 #include <string.h>
@@ -386,8 +389,8 @@ GB_INLINE void ftile(const float *x, int64_t ldx, const float *xsum, const int M
 
 
 // ftile for one row of x and GROUPS groups at once (weights gstride bytes and sstride scales apart; out
-// [GROUPS][M_TILE][ROWS], row 0): a multiply-add waits ~4 cycles for its chain's previous one, and one row of x over one
-// group keeps only 2 chains in flight. Each output's operations and order are ftile's (out: as ftile's).
+// [GROUPS][M_TILE][ROWS], row 0 of each): a multiply-add waits ~4 cycles for its chain's previous one, and
+// one row of x over one group keeps only 2 chains in flight. Each output's operations and order are ftile's.
 #define GROUPS 4
 GB_INLINE void ftile_row(const float *x, const float *xsum, const int format, const uint8_t *w, int64_t gstride,
                          const uint16_t *sc, int64_t sstride, int64_t nb, float *out) {
@@ -440,6 +443,75 @@ GB_INLINE void ftile_row(const float *x, const float *xsum, const int format, co
     }
 }
 
+// ftile for many rows of x on x86 (prefill, batches): two groups' q are made floats once, into wq
+// [nb][32][2][ROWS], and every tile of FM rows of x reads them there, so each q is converted once per call
+// (not once per M_TILE rows) and each broadcast x feeds two multiply-adds. out [FM][2][ROWS]. Each
+// output's operations and order are ftile's.
+#if GB_AVX2 || GB_AVX512
+#define PAIRED 1
+// 2 groups x 2 chains x FM rows of x: 12 of AVX2's 16 registers, 24 of AVX-512's 32
+#if GB_AVX512
+#define FM 6
+#else
+#define FM 3
+#endif
+GB_INLINE void dequantize_pair(const int format, const uint8_t *w, int64_t gstride, int64_t nb, float *wq) {
+    for (int64_t b = 0; b < nb; b++) {
+        for (int g = 0; g < 2; g++) {
+            float *dst = wq + b * QBLOCK * 2 * ROWS + g * ROWS;
+            if (format == FORMAT_Q4_1) {
+                const uint8_t *wb = w + g * gstride + b * 4 * ROWS * 4;
+                for (int j = 0; j < 4; j++)
+                    for (int t = 0; t < 4; t++)
+                        for (int h = 0; h < 2; h++) vf_store(dst + (8 * j + 4 * h + t) * 2 * ROWS, dq4(wb + j * ROWS * 4, 8 * t + 4 * h));
+            } else {
+                const uint8_t *wb = w + g * gstride + b * 8 * ROWS * 4;
+                for (int j = 0; j < 8; j++)
+                    for (int t = 0; t < 4; t++) vf_store(dst + (4 * j + t) * 2 * ROWS, dq8(wb + j * ROWS * 4, t));
+            }
+        }
+    }
+}
+
+GB_INLINE void ftile_pair(const float *x, int64_t ldx, const float *xsum, const int MT, const int format, const float *wq,
+                          const uint16_t *sc, int64_t sstride, int64_t nb, float *out) {
+    vf acc[FM][2];
+    for (int i = 0; i < FM; i++) acc[i][0] = acc[i][1] = vf_zero();
+    for (int64_t b = 0; b < nb; b++) {
+        const float *xb = x + b * QBLOCK, *wb = wq + b * QBLOCK * 2 * ROWS;
+        vf p[FM][2][2];  // [row][group][chain]
+        for (int i = 0; i < FM; i++) p[i][0][0] = p[i][0][1] = p[i][1][0] = p[i][1][1] = vf_zero();
+#pragma GCC unroll 32
+        for (int k = 0; k < QBLOCK; k++) {
+            const vf w0 = vf_load(wb + k * 2 * ROWS), w1 = vf_load(wb + k * 2 * ROWS + ROWS);
+            const int c = (k / 4) % 2;
+            for (int i = 0; i < MT; i++) {
+                const vf xv = vf_set1(xb[i * ldx + k]);
+                p[i][0][c] = vf_fma(w0, xv, p[i][0][c]);
+                p[i][1][c] = vf_fma(w1, xv, p[i][1][c]);
+            }
+        }
+        for (int g = 0; g < 2; g++) {
+            if (format == FORMAT_Q4_1) {
+                const uint16_t *s = sc + g * sstride + b * 2 * ROWS;
+                const vf d = vf_load_half(s), m = vf_load_half(s + ROWS);
+                for (int i = 0; i < MT; i++)
+                    acc[i][g] = vf_fma(m, vf_set1(xsum[i * nb + b]), vf_fma(d, vf_add(p[i][g][0], p[i][g][1]), acc[i][g]));
+            } else {
+                const vf d = vf_load_half(sc + g * sstride + b * ROWS);
+                for (int i = 0; i < MT; i++) acc[i][g] = vf_fma(d, vf_add(p[i][g][0], p[i][g][1]), acc[i][g]);
+            }
+        }
+    }
+    for (int i = 0; i < MT; i++) {
+        vf_store(out + i * 2 * ROWS, acc[i][0]);
+        vf_store(out + i * 2 * ROWS + ROWS, acc[i][1]);
+    }
+}
+#else
+#define PAIRED 0
+#endif
+
 // x [M, K] (row stride ldx; K a multiple of 32) float32 -> y [M, N] (row stride ldy) float32, x first
 // transformed by the prologue (RMS_NORM: with norm_weight [K] and eps; SILU_MUL: x is [M, 2K]).
 // residual [M, N] (row stride ldr; may alias y) is optional (NULL), as is w->bias.
@@ -485,6 +557,60 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
     const int64_t group_scales = w->format == FORMAT_Q4_1 ? nb * 2 * ROWS : nb * ROWS;
     // Each thread takes whole groups of output rows (their weights stream once per M_TILE rows of x); the
     // float32 path takes GROUPS groups at a time when x has one row (ftile_row).
+#if PAIRED
+    // Many rows over float32: each thread takes pairs of groups, all the rows of x (ftile_pair).
+    if (!int8 && M >= 8) {
+        const int64_t pairs = (groups + 1) / 2;
+#pragma omp parallel
+        {
+            float *wq = aligned_alloc(64, sizeof(float) * (size_t)(nb * QBLOCK * 2 * ROWS));
+            float out[FM * 2 * ROWS];
+#pragma omp for schedule(static)
+            for (int64_t pr = 0; pr < pairs; pr++) {
+                const int64_t g0 = 2 * pr;
+                // (an odd last group: its pair's second group is itself again, and not stored)
+                const int64_t gstride = g0 + 1 < groups ? group_bytes : 0, sstride = g0 + 1 < groups ? group_scales : 0;
+                const uint8_t *wg = (const uint8_t *)w->data + g0 * group_bytes;
+                const uint16_t *sg = w->scales + g0 * group_scales;
+                if (w->format == FORMAT_Q4_1) dequantize_pair(FORMAT_Q4_1, wg, gstride, nb, wq);
+                else dequantize_pair(FORMAT_Q8_0, wg, gstride, nb, wq);
+                for (int64_t m0 = 0; m0 < M; m0 += FM) {
+                    const int64_t mt = M - m0 < FM ? M - m0 : FM;
+                    const float *xm = xf + m0 * ldf, *xs = xsum ? xsum + m0 * nb : NULL;
+#define PAIR(MT)                                                                              \
+    if (w->format == FORMAT_Q4_1) ftile_pair(xm, ldf, xs, MT, FORMAT_Q4_1, wq, sg, sstride, nb, out); \
+    else ftile_pair(xm, ldf, xs, MT, FORMAT_Q8_0, wq, sg, sstride, nb, out);
+                    switch (mt) {
+                        case 1: PAIR(1); break;
+                        case 2: PAIR(2); break;
+#if FM > 3
+                        case 3: PAIR(3); break;
+                        case 4: PAIR(4); break;
+                        case 5: PAIR(5); break;
+#endif
+                        default: PAIR(FM); break;
+                    }
+#undef PAIR
+                    for (int64_t gi = 0; gi < 2 && g0 + gi < groups; gi++) {
+                        const int64_t n0 = (g0 + gi) * ROWS, rows = N - n0 < ROWS ? N - n0 : ROWS;
+                        for (int64_t i = 0; i < mt; i++) {
+                            for (int64_t r = 0; r < rows; r += VW) {
+                                vf v = vf_load(out + i * 2 * ROWS + gi * ROWS + r);
+                                if (w->bias) v = vf_add(v, vf_load_n(w->bias + n0 + r, rows - r));
+                                if (residual) v = vf_add(vf_load_n(residual + (m0 + i) * ldr + n0 + r, rows - r), v);
+                                vf_store_n(y + (m0 + i) * ldy + n0 + r, v, rows - r);
+                            }
+                        }
+                    }
+                }
+            }
+            free(wq);
+        }
+        free(rows);
+        free(xsum);
+        return;
+    }
+#endif
     const int GN = !int8 && M == 1 ? GROUPS : 1;
     const int64_t units = (groups + GN - 1) / GN;
 #pragma omp parallel for schedule(static) collapse(2)
