@@ -176,3 +176,30 @@ def test_pipeline_steps_and_overlapped_schedule_on_the_ranks(server, reference):
     assert report["workers"] == "2 ranks (gloo)" and report["max_abs_diff"] == 0.0
     assert report["serial_comm_ms"] > 0 and len(report["ranks"]) == 2
     assert report["overlap_ms"] > 0 and report["overlapped_ms"] < report["serial_ms"], report
+
+
+def test_instruments_see_communication_and_every_rank(server):
+    """Latency stats and the profiler show the collectives as their own stage; memory per rank (rank 0 holds
+    2 of the 3 KV heads, so twice rank 1's KV pool)."""
+    _, url = server
+    assert httpx.post(f"{url}/debug/latency_stats/enable", timeout=60).status_code == 200
+    httpx.post(f"{url}/debug/latency_stats/reset", timeout=60)
+    httpx.post(f"{url}/generate", json={"prompt": "Hello there", "max_tokens": 6, "temperature": 0}, timeout=60)
+    stats = httpx.get(f"{url}/debug/latency_stats", timeout=60).json()
+    httpx.post(f"{url}/debug/latency_stats/disable", timeout=60)
+    assert stats["steps_by_executor"] == {"tensor_parallel": 6}
+    assert stats["stages"]["communication"]["count"] > 0 and stats["communication_ms"] > 0
+    assert stats["attention_ms"] > 0 and stats["mlp_ms"] > 0
+
+    httpx.post(f"{url}/debug/profiling/start", json={}, timeout=60)
+    httpx.post(f"{url}/generate", json={"prompt": "Hello", "max_tokens": 3, "temperature": 0}, timeout=60)
+    stopped = httpx.post(f"{url}/debug/profiling/stop", timeout=60).json()
+    trace = httpx.get(f"{url}{stopped['trace_url']}", timeout=60).json()
+    events = {event.get("name") for event in trace["traceEvents"]}
+    assert {"glassbox::communication[all_reduce]", "glassbox::communication[gather]", "glassbox::executor[tensor_parallel]"} <= events
+
+    memory = httpx.get(f"{url}/debug/memory_usage", timeout=60).json()
+    first, second = memory["ranks"]
+    assert [first["rank"], second["rank"]] == [0, 1]
+    assert abs(first["kv_cache_mb"] - 2 * second["kv_cache_mb"]) < 1e-6
+    assert first["model_weights_mb"] > second["model_weights_mb"] > 0 and second["process_rss_mb"] > 0

@@ -70,6 +70,7 @@ class RankContext:
 
     group: TensorParallelGroup
     model: nn.Module  # this rank's shard
+    kv_cache: KVCache  # this rank's KV heads of every block
     kept: dict[str, Any]  # objects a task keeps on this rank for a later one (research: placed shards), bounded
 
 
@@ -148,7 +149,7 @@ class TensorParallelRunner(ModelRunner):
         super().__init__(loaded, kv_cache, seed, executors={"tensor_parallel": DriverExecutor(loaded.model, group)})
         self.group = group
         self.compute_logits: Callable[[torch.Tensor], torch.Tensor] = self._logits_on_every_rank
-        self.rank_context = RankContext(group, loaded.model, {})
+        self.rank_context = RankContext(group, loaded.model, kv_cache, {})
 
     def _plan(
         self,

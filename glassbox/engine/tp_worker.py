@@ -32,7 +32,7 @@ def serve_commands(group: TensorParallelGroup) -> None:
     kv_cache.bind(loaded.model)
     group.barrier()
     model = loaded.model
-    context = RankContext(group, model, {})
+    context = RankContext(group, model, kv_cache, {})
     while True:
         command = group.receive()
         if isinstance(command, Stop):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -84,7 +84,8 @@ class Communicator:
         """Sum x over the ranks, in place; every rank gets the same result."""
         self._check_open()
         start = time.perf_counter()
-        dist.all_reduce(x, group=self.group)
+        with _profiled("glassbox::communication[all_reduce]"):
+            dist.all_reduce(x, group=self.group)
         self._count(start, x)
         return x
 
@@ -94,7 +95,8 @@ class Communicator:
         start = time.perf_counter()
         parts = [torch.empty_like(x) for _ in range(self.world_size)] if self.rank == 0 else None
         group = self.group
-        dist.gather(x.contiguous(), parts, dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        with _profiled("glassbox::communication[gather]"):
+            dist.gather(x.contiguous(), parts, dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
         self._count(start, x)
         return parts
 
@@ -109,6 +111,11 @@ class Communicator:
         self.seconds += time.perf_counter() - start
         self.bytes += x.numel() * x.element_size()
         self.calls += 1
+
+
+def _profiled(name: str) -> AbstractContextManager:
+    """A profiler region (communication as its own row in a trace), only while a profiler runs."""
+    return torch.profiler.record_function(name) if torch.autograd._profiler_enabled() else nullcontext()
 
 
 class RowParallelLinear(nn.Linear):

@@ -23,7 +23,8 @@ from torch import nn
 from glassbox.engine.llm_engine import LLMEngine, RequestOutput
 from glassbox.engine.step_plan import StepPlan
 
-STAGES = ("tokenize", "queue", "embed", "attention", "mlp", "lm_head", "forward_other", "sample", "detokenize", "step_other")
+STAGES = ("tokenize", "queue", "embed", "attention", "mlp", "lm_head", "communication", "forward_other", "sample",
+          "detokenize", "step_other")  # fmt: skip
 _FORWARD_PARTS = ("embed", "attention", "mlp")  # timed inside the model's forward
 
 
@@ -45,6 +46,10 @@ class LatencyStats:
         self._lm_head_at_step_start = 0.0
         self._cuda = False
         self._sync: Callable[[], None] = lambda: None
+        # Seconds rank 0 has spent in the layers' collectives (tensor parallelism; 0 on one rank): what a hooked
+        # part spent in them is the "communication" stage, not the part's.
+        self._comm_seconds: Callable[[], float] = lambda: 0.0
+        self._head_comm = 0.0  # of which inside the LM head (sampled rows' gather), a part of sampling
 
     # ---- switching
     def enable(self, engine: LLMEngine) -> dict[str, Any]:
@@ -54,6 +59,9 @@ class LatencyStats:
         self._cuda = engine.loaded.device.type == "cuda"
         self._sync = torch.cuda.synchronize if self._cuda else (lambda: None)
         model = engine.loaded.model
+        if engine.tensor_parallel_size > 1:
+            comm = engine.runner.group.comm
+            self._comm_seconds = lambda: comm.seconds
         self._hook(model.embedding, "embed")
         for layer in model.layers:
             self._hook(layer.attention, "attention")  # projections + attention + output projection
@@ -76,7 +84,7 @@ class LatencyStats:
         self.totals = dict.fromkeys(STAGES, 0.0)
         self.steps_by_executor.clear()
         self.last_plan = None
-        self._covered_at_step_start = self._lm_head_at_step_start = 0.0
+        self._covered_at_step_start = self._lm_head_at_step_start = self._head_comm = 0.0
         return self.status()
 
     def observe_request(self, out: RequestOutput) -> None:
@@ -94,10 +102,10 @@ class LatencyStats:
         self.steps_by_executor[plan.executor] += 1
         self.last_plan = str(plan)
         forward = seconds.get("forward", 0.0)
-        covered = self._covered(_FORWARD_PARTS) - self._covered_at_step_start
+        covered = self._covered_in_forward() - self._covered_at_step_start
         self._record("forward_other", max(forward - covered, 0.0))
         if "sample" in seconds:
-            lm_head = self.totals["lm_head"] - self._lm_head_at_step_start
+            lm_head = self.totals["lm_head"] + self._head_comm - self._lm_head_at_step_start
             self._record("sample", max(seconds["sample"] - lm_head, 0.0))
         self._record("detokenize", seconds.get("detokenize", 0.0))
         inside = forward + seconds.get("sample", 0.0) + seconds.get("detokenize", 0.0)
@@ -106,8 +114,12 @@ class LatencyStats:
 
     # ---- instrumentation
     def _mark_step_start(self) -> None:
-        self._covered_at_step_start = self._covered(_FORWARD_PARTS)
-        self._lm_head_at_step_start = self.totals["lm_head"]
+        self._covered_at_step_start = self._covered_in_forward()
+        self._lm_head_at_step_start = self.totals["lm_head"] + self._head_comm
+
+    def _covered_in_forward(self) -> float:
+        """Seconds the hooks inside the forward have recorded: its parts and their collectives."""
+        return self._covered(_FORWARD_PARTS) + self.totals["communication"] - self._head_comm
 
     def _record(self, stage: str, seconds: float) -> None:
         self.samples[stage].append(seconds)
@@ -121,11 +133,17 @@ class LatencyStats:
 
         def before(_module: nn.Module, _args: Any) -> None:
             self._sync()
-            starts.append(time.perf_counter())
+            starts.append((time.perf_counter(), self._comm_seconds()))
 
         def after(_module: nn.Module, _args: Any, _out: Any) -> None:
             self._sync()
-            self._record(stage, time.perf_counter() - starts.pop())
+            start, comm_start = starts.pop()
+            comm = self._comm_seconds() - comm_start
+            self._record(stage, time.perf_counter() - start - comm)
+            if comm > 0:
+                self._record("communication", comm)
+                if stage == "lm_head":
+                    self._head_comm += comm
 
         handles = [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
         self._undo.append(lambda: [h.remove() for h in handles])
@@ -165,6 +183,7 @@ class LatencyStats:
             "embed_ms": total["embed"],
             "attention_ms": total["attention"],
             "mlp_ms": total["mlp"],
+            "communication_ms": total["communication"],  # tensor parallelism: the layers' collectives on rank 0
             "output_ms": total["lm_head"] + total["sample"] + total["detokenize"],
             "total_ms": sum(v for k, v in total.items() if k != "queue"),
         }

@@ -3,12 +3,14 @@ allocator statistics on CUDA."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from glassbox.engine.kv_cache import bytes_per_block
 from glassbox.engine.llm_engine import LLMEngine
+from glassbox.engine.tp_runner import RankContext, RankTask
 
 MB = 2**20
 
@@ -34,7 +36,34 @@ def _proc_status() -> dict[str, int]:
     return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM") if k in fields}
 
 
+@dataclass
+class MemoryOnRank(RankTask):
+    """Every rank's weights, KV pool and process memory, on rank 0."""
+
+    def run_on_rank(self, rank: RankContext) -> list[dict[str, Any]] | None:
+        status = _proc_status()
+        mine = {
+            "rank": rank.group.rank,
+            "device": str(rank.group.device),
+            "model_weights_mb": weight_bytes(rank.model) / MB,
+            "kv_cache_mb": rank.kv_cache.nbytes / MB,
+            "process_rss_mb": status.get("VmRSS", 0) / MB,
+            "process_peak_rss_mb": status.get("VmHWM", 0) / MB,
+        }
+        return rank.group.gather_objects(mine)
+
+
 def memory_usage(engine: LLMEngine) -> dict[str, Any]:
+    """This process's memory; under tensor parallelism also every rank's (`ranks`), rank 0's at the top
+    level, and `kv_cache_mb.in_use` counted over all ranks."""
+    result = _memory_here(engine)
+    if engine.tensor_parallel_size > 1:
+        result["ranks"] = engine.runner.run_task(MemoryOnRank())
+        result["how"] += "; ranks: each rank's own shard, KV heads and process"
+    return result
+
+
+def _memory_here(engine: LLMEngine) -> dict[str, Any]:
     loaded = engine.loaded
     weights = weight_bytes(loaded.model)
     kv_allocated = engine.kv_cache.nbytes
