@@ -95,6 +95,9 @@ class EngineConfig:
     # Ranks that split every layer's weights and the KV cache by heads (engine/tp_runner.py): this process is
     # rank 0 and schedules; tensor_parallel_size - 1 worker processes run their shards (or torchrun's ranks).
     tensor_parallel_size: int = 1
+    # Take the tensor-parallel path (process group, sharded layers, rank 0 sending each call) even with one
+    # rank: on one GPU, the NCCL path at world size 1 (tests). Off: one rank runs the plain engine.
+    distributed: bool = False
 
     def __post_init__(self) -> None:
         if self.activations not in ("float32", "int8"):

@@ -82,7 +82,9 @@ class LLMEngine:
         # The whole model's, read before quantizing or sharding (/model_info; quantized weights count as the
         # weights they stand for, a tied head once).
         self.num_parameters = num_parameters(loaded.model, loaded.config.tie_word_embeddings)
-        tensor_parallel = cfg.tensor_parallel_size > 1
+        tensor_parallel = cfg.tensor_parallel_size > 1 or cfg.distributed
+        # Rank 0 of a process group: every model call goes through the runner, which sends it to the ranks.
+        self.distributed = tensor_parallel
         if not tensor_parallel:  # tensor-parallel ranks shard the float weights first (engine/tp_runner.py)
             optimize_model(loaded.model, cfg.quantization, cfg.activations)
         if loaded.device.type == "cpu":
@@ -208,7 +210,7 @@ class LLMEngine:
             request_id, prompt_ids, params, priority=priority, stop_token_ids=stop_ids, max_tokens=params.max_tokens
         )
         sparsity = sparsity or self.default_sparsity
-        if sparsity is not None and sparsity.name != "dense" and self.tensor_parallel_size > 1:
+        if sparsity is not None and sparsity.name != "dense" and self.distributed:
             raise FieldError("sparsity", "masks do not run under tensor parallelism yet; serve with tensor_parallel_size=1")
         if sparsity is not None and sparsity.name != "dense":
             seq.sparsity, seq.prefix_cacheable = SparsityState(sparsity), False

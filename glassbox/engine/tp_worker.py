@@ -11,6 +11,7 @@ on every rank but 0. A worker that fails exits: rank 0's next collective then ra
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
@@ -18,6 +19,7 @@ import torch
 
 from glassbox.engine.tp_group import Stop, TensorParallelGroup
 from glassbox.engine.tp_runner import Forward, Logits, RankContext, RankTask, WorkerSpec, prepare_rank, worker_probe
+from glassbox.layers.attention import AttentionMetadata
 from glassbox.models.loader import load_model
 
 logger = logging.getLogger(__name__)
@@ -38,16 +40,28 @@ def serve_commands(group: TensorParallelGroup) -> None:
         if isinstance(command, Stop):
             return
         if isinstance(command, Forward):
-            command.meta.probe = worker_probe(command.capture_layers)
-            model(command.input_ids.to(group.device), command.positions.to(group.device), command.meta)
-            if command.meta.probe is not None:
-                group.gather_objects({layer: [p.cpu() for p in probs] for layer, probs in command.meta.probe.captured.items()})
+            meta = on_device(command.meta, group.device)
+            meta.probe = worker_probe(command.capture_layers)
+            model(command.input_ids.to(group.device), command.positions.to(group.device), meta)
+            if meta.probe is not None:
+                group.gather_objects({layer: [p.cpu() for p in probs] for layer, probs in meta.probe.captured.items()})
         elif isinstance(command, Logits):
             model.compute_logits(command.hidden.to(group.device))
         elif isinstance(command, RankTask):
             command.run_on_rank(context)
         else:
             raise TypeError(f"unknown command {type(command).__name__} from rank 0")
+
+
+def on_device(meta: AttentionMetadata, device: torch.device) -> AttentionMetadata:
+    """Rank 0's step metadata with its tensors on this rank's device (CUDA: rank 0 pickled them on its own)."""
+    if meta.query_start_loc.device == device:
+        return meta
+    moved = {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)}
+    for name, value in moved.items():
+        if isinstance(value, torch.Tensor):
+            moved[name] = value.to(device)
+    return AttentionMetadata(**moved)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,7 +59,7 @@ class LatencyStats:
         self._cuda = engine.loaded.device.type == "cuda"
         self._sync = torch.cuda.synchronize if self._cuda else (lambda: None)
         model = engine.loaded.model
-        if engine.tensor_parallel_size > 1:
+        if engine.distributed:
             comm = engine.runner.group.comm
             self._comm_seconds = lambda: comm.seconds
         self._hook(model.embedding, "embed")

@@ -57,7 +57,7 @@ def memory_usage(engine: LLMEngine) -> dict[str, Any]:
     """This process's memory; under tensor parallelism also every rank's (`ranks`), rank 0's at the top
     level, and `kv_cache_mb.in_use` counted over all ranks."""
     result = _memory_here(engine)
-    if engine.tensor_parallel_size > 1:
+    if engine.distributed:
         result["ranks"] = engine.runner.run_task(MemoryOnRank())
         result["how"] += "; ranks: each rank's own shard, KV heads and process"
     return result

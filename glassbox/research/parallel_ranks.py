@@ -112,7 +112,7 @@ def split_for_engine(
     max_elements: int,
 ) -> SplitTensor:
     """On the engine's ranks under tensor parallelism (`split_on_ranks`), else here (research/parallel.py)."""
-    if engine.tensor_parallel_size > 1:
+    if engine.distributed:
         return split_on_ranks(engine, weight, tensor_shape, split_dim, num_splits, seed, max_elements)
     return split(engine.loaded.model, weight, tensor_shape, split_dim, num_splits, seed, max_elements)
 

@@ -131,7 +131,7 @@ def execute(
     reports, outputs = [], []
     for step, layer_idx in steps:
         start = time.perf_counter()
-        if engine.tensor_parallel_size > 1:
+        if engine.distributed:
             check_step(model, step, layer_idx, activation)  # before sending: a bad request fails here alone
             out = engine.runner.run_task(StepOnRanks(step, layer_idx, activation))
         else:
