@@ -95,6 +95,10 @@ def test_generate_openai_and_attention_equal_one_rank(server, reference):
 
     sparse = httpx.post(f"{url}/generate", json={"prompt": "Hi", "sparsity": {"method": "top_k", "k": 2}}, timeout=60)
     assert sparse.status_code == 400 and sparse.json()["error"]["param"] == "sparsity"
+    glob = httpx.post(f"{url}/optimization/sparsity_mask", json={"method": "top_k", "k": 2}, timeout=60)
+    assert glob.status_code == 400 and "tensor parallelism" in glob.json()["error"]["message"]
+    quality = httpx.post(f"{url}/optimization/evaluate", json={"texts": ["Hello there"], "sparsity": {"method": "top_k", "k": 2}}, timeout=60)
+    assert quality.status_code == 400 and quality.json()["error"]["param"] == "sparsity"
     assert len(children(proc.pid)) == 1
 
 

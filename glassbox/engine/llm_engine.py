@@ -55,6 +55,9 @@ MAX_CONSECUTIVE_FAILED_STEPS = 8
 DEVICE_LOST = ("CUDA error", "device-side assert", "CUBLAS_STATUS", "illegal memory access")
 
 
+NO_MASKS_UNDER_TENSOR_PARALLELISM = "masks do not run under tensor parallelism yet; serve with tensor_parallel_size=1"
+
+
 class EngineFatalError(RuntimeError):
     """The engine cannot go on: its steps keep failing, or its device is lost. The server must stop."""
 
@@ -211,7 +214,7 @@ class LLMEngine:
         )
         sparsity = sparsity or self.default_sparsity
         if sparsity is not None and sparsity.name != "dense" and self.distributed:
-            raise FieldError("sparsity", "masks do not run under tensor parallelism yet; serve with tensor_parallel_size=1")
+            raise FieldError("sparsity", NO_MASKS_UNDER_TENSOR_PARALLELISM)
         if sparsity is not None and sparsity.name != "dense":
             seq.sparsity, seq.prefix_cacheable = SparsityState(sparsity), False
         generator = None

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from glassbox.engine.llm_engine import LLMEngine
+from glassbox.engine.llm_engine import NO_MASKS_UNDER_TENSOR_PARALLELISM, LLMEngine
+from glassbox.errors import FieldError
 from glassbox.layers.attention import attention_layers
 from glassbox.layers.sparsity import SparsityMethod, SparsityState
 from glassbox.research.attention import prompt_metadata
@@ -61,6 +62,8 @@ def _compare(engine: LLMEngine, dense: torch.Tensor, sparse: torch.Tensor, targe
 @torch.inference_mode()
 def evaluate(engine: LLMEngine, texts: list[list[int]], method: SparsityMethod) -> dict[str, Any]:
     """texts: token ids (each at least 2 tokens). The figures averaged over every predicted position."""
+    if engine.distributed:
+        raise FieldError("sparsity", NO_MASKS_UNDER_TENSOR_PARALLELISM)
     for i, ids in enumerate(texts):
         if not 2 <= len(ids) <= MAX_TOKENS:
             raise ValueError(f"texts[{i}]: must hold 2 to {MAX_TOKENS} tokens, got {len(ids)}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from glassbox.engine.async_engine import AsyncLLMEngine, RequestFailedError
-from glassbox.engine.llm_engine import LLMEngine, RequestError, RequestOutput, RequestState
+from glassbox.engine.llm_engine import NO_MASKS_UNDER_TENSOR_PARALLELISM, LLMEngine, RequestError, RequestOutput, RequestState
 from glassbox.engine.optimize import weight_format
 from glassbox.errors import FieldError
 from glassbox.layers.sparsity import SparsityMethod
@@ -206,6 +206,8 @@ class EngineClient:
 
     async def set_sparsity_mask(self, method: SparsityMethod | None) -> SparsityMethod | None:
         def apply(engine: LLMEngine) -> SparsityMethod | None:
+            if engine.distributed and method is not None and method.name != "dense":
+                raise FieldError("body", NO_MASKS_UNDER_TENSOR_PARALLELISM)
             engine.default_sparsity = None if method is None or method.name == "dense" else method
             return engine.default_sparsity
 
