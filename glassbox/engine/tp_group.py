@@ -93,7 +93,7 @@ class TensorParallelGroup:
         ]
         try:
             dist.init_process_group(backend, store=store, rank=0, world_size=world_size, timeout=DATA_TIMEOUT,
-                                    device_id=device if device.type == "cuda" else None)  # fmt: skip
+                                    device_id=_rank_device(device, 0) if device.type == "cuda" else None)  # fmt: skip
             control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
         except Exception as error:
             codes = {rank: p.poll() for rank, p in enumerate(processes, start=1)}
