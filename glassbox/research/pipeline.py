@@ -121,6 +121,28 @@ class StepOnRanks(RankTask):
             return run_step(rank.model, self.step, self.layer_idx, self.activation)
 
 
+# lm_head's tokens per engine call: [64, 49152] logits are ~0.1 s of a 2-core CPU, so serving steps run
+# between the calls of a long input (512 tokens at once held a waiting request's first token ~0.7 s).
+LM_HEAD_TOKENS_PER_CALL = 64
+
+
+def pieces(step: str, activation: Activation) -> list[Activation]:
+    """The parts a step runs in, one engine call each: lm_head's rows in slices (each token's logits are its
+    own row's), any other step whole."""
+    n, size = len(activation.token_ids), LM_HEAD_TOKENS_PER_CALL
+    if step != "lm_head" or n <= size or activation.tensor is None:
+        return [activation]
+    return [Activation(activation.tensor[i : i + size], activation.token_ids[i : i + size]) for i in range(0, n, size)]
+
+
+def joined(
+    step: tuple[str, int | None], parts: list[tuple[dict[str, Any], torch.Tensor]], with_values: bool
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """The report and output of a step run in pieces (their reports and outputs, in order)."""
+    out = parts[0][1] if len(parts) == 1 else torch.cat([o for _, o in parts])
+    return {"step": step[0], "layer_idx": step[1], "ms": sum(r["ms"] for r, _ in parts), **describe(out, with_values)}, out
+
+
 @torch.inference_mode()
 def execute(
     engine: LLMEngine, steps: list[tuple[str, int | None]], activation: Activation, with_values: bool

@@ -281,12 +281,14 @@ async def _run_pipeline(
     kept = steps[-handles.max_entries :]  # the handles of earlier steps make room for later ones
     handles.check_fits(await client.call(lambda engine: pipeline.output_bytes(engine, kept, len(activation.token_ids))))
     reports = []
-    for step in steps:  # one engine call per step: serving steps run between them
-        if await request.is_disconnected():
-            return Response(status_code=499)
-        (report,), (out,) = await client.call(
-            lambda engine: pipeline.execute(engine, [step], activation, body.return_intermediate)
-        )
+    for step in steps:  # one engine call per step (or per slice of lm_head): serving steps run between them
+        parts = []
+        for piece in pipeline.pieces(step[0], activation):
+            if await request.is_disconnected():
+                return Response(status_code=499)
+            (part,), (out,) = await client.call(lambda engine, piece=piece: pipeline.execute(engine, [step], piece, False))
+            parts.append((part, out))
+        report, out = pipeline.joined(step, parts, body.return_intermediate)
         activation = pipeline.Activation(out, activation.token_ids)
         report["handle"] = handles.put(activation, out.numel() * out.element_size())
         reports.append(report)
