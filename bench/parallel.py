@@ -48,12 +48,43 @@ def run(label: str, llm: LLM, new_tokens: int, concurrency: list[int]) -> dict[s
     return row
 
 
+def parity(model: str | None) -> None:
+    """How close two ranks are to one: greedy agreement on 16 prompts, the largest logit difference of one
+    step (float32), against one rank float32 and against the default quantized CPU mode."""
+    from glassbox.layers.attention import AttentionMetadata
+
+    texts = prompts(16)
+    greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+
+    def logits(llm: LLM, ids: list[int]) -> torch.Tensor:
+        runner, n = llm.engine.runner, len(ids)
+        with torch.inference_mode():
+            hidden = runner.run_forward(torch.tensor(ids), torch.arange(n), AttentionMetadata.for_prompts([n]))
+            return runner.compute_logits(hidden).float()
+
+    results = {}
+    for label, quantization, tp in (("TP=1 float32", "none", 1), ("TP=1 auto", "auto", 1), ("TP=2 float32", "none", 2)):
+        with LLM(model, quantization=quantization, tensor_parallel_size=tp, kv_cache_memory=256 << 20) as llm:
+            ids = llm.tokenizer.encode(texts[0])
+            results[label] = ([o.token_ids for o in llm.generate(texts, greedy)], logits(llm, ids))
+    two_tokens, two_logits = results["TP=2 float32"]
+    for label in ("TP=1 float32", "TP=1 auto"):
+        tokens, reference = results[label]
+        same = sum(a == b for a, b in zip(tokens, two_tokens))
+        print(f"TP=2 vs {label}: {same}/16 prompts token for token (32 tokens each), "
+              f"max |logit difference| {float((two_logits - reference).abs().max()):.2e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--concurrency", default="1,32")
     parser.add_argument("--model", default=None)
+    parser.add_argument("--parity", action="store_true", help="print TP=2's agreement with TP=1 instead of speed")
     args = parser.parse_args()
+    if args.parity:
+        parity(args.model)
+        return
     concurrency = [int(n) for n in args.concurrency.split(",")]
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch threads per rank, {args.new_tokens} new tokens")

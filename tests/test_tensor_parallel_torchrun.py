@@ -46,3 +46,13 @@ def test_two_torchrun_hosts_give_the_outputs_of_one_rank(tiny_model_dir):
 def test_worker_outside_torchrun_says_how_to_start_it():
     result = subprocess.run([sys.executable, "-m", "glassbox.worker", "serve"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "torchrun" in result.stderr
+
+
+def test_generate_with_two_ranks_prints_one_ranks_tokens(tiny_model_dir):
+    folder = str(tiny_model_dir("qwen3"))
+    args = ["generate", PROMPT, "--model", folder, "--max-tokens", "12", "--json", "--tensor-parallel-size", "2"]
+    result = subprocess.run([sys.executable, "-m", "glassbox.cli", *args], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with LLM(folder, quantization="none", kv_cache_memory=8 << 20) as one:
+        expected = one.generate(PROMPT, SamplingParams(temperature=0, max_tokens=12))[0].token_ids
+    assert json.loads(result.stdout.strip().splitlines()[-1])["token_ids"] == expected
