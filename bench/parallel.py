@@ -75,15 +75,107 @@ def parity(model: str | None) -> None:
               f"max |logit difference| {float((two_logits - reference).abs().max()):.2e}")
 
 
+def _forward_command(num_seqs: int) -> object:
+    """A decode step's command as rank 0 sends it: num_seqs sequences of ~120 tokens (8 blocks of 16)."""
+    from glassbox.engine.step_metadata import SeqChunk, build_step_metadata
+    from glassbox.engine.tp_runner import Forward
+
+    chunks = [SeqChunk(list(range(8 * i, 8 * i + 8)), 120, 1) for i in range(num_seqs)]
+    positions, meta = build_step_metadata(chunks, 16)
+    return Forward(torch.arange(num_seqs), positions, meta)
+
+
+def _channel_worker(port: int, memory_name: str, ready: object, done: object, steps: int) -> None:
+    import pickle
+    import torch.distributed as dist
+    from multiprocessing import shared_memory
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=2)
+    memory = shared_memory.SharedMemory(memory_name)
+    for _ in range(steps):  # the barrier alone
+        dist.barrier()
+    for _ in range(2 * steps):  # through the broadcast
+        box = [None]
+        dist.broadcast_object_list(box, src=0)
+        dist.barrier()
+    for _ in range(2 * steps):  # through shared memory + events (nano-vllm's way)
+        ready.wait()
+        ready.clear()
+        size = int.from_bytes(memory.buf[:4], "little")
+        pickle.loads(memory.buf[4 : 4 + size])
+        done.set()
+        dist.barrier()
+    memory.close()
+    dist.destroy_process_group()
+
+
+def channel(steps: int = 200) -> None:
+    """Rank 0 -> worker, one decode step's command: a gloo broadcast of the pickled object (what glassbox
+    does: it reaches other hosts) against shared memory + events (nano-vllm's way, one host). Each send is
+    followed by the same gloo barrier, so the difference between the rows is the channel's."""
+    import multiprocessing
+    import pickle
+    import socket
+    from multiprocessing import shared_memory
+
+    import torch.distributed as dist
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = multiprocessing.get_context("spawn")
+    ready, done = context.Event(), context.Event()
+    memory = shared_memory.SharedMemory(create=True, size=1 << 20)
+    worker = context.Process(target=_channel_worker, args=(port, memory.name, ready, done, steps))
+    worker.start()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2)
+    print("| command | bytes pickled | broadcast + barrier (us) | shared memory + events + barrier (us) |")
+    print("|---|---|---|---|")
+    times = {}
+    start = time.perf_counter()
+    for _ in range(steps):
+        dist.barrier()
+    print(f"| (the barrier alone) | 0 | {(time.perf_counter() - start) / steps * 1e6:.0f} | |")
+    for num_seqs in (1, 32):
+        command = _forward_command(num_seqs)
+        start = time.perf_counter()
+        for _ in range(steps):
+            dist.broadcast_object_list([command], src=0)
+            dist.barrier()
+        times[("broadcast", num_seqs)] = (time.perf_counter() - start) / steps * 1e6
+    for num_seqs in (1, 32):
+        command = _forward_command(num_seqs)
+        start = time.perf_counter()
+        for _ in range(steps):
+            data = pickle.dumps(command)
+            memory.buf[:4] = len(data).to_bytes(4, "little")
+            memory.buf[4 : 4 + len(data)] = data
+            ready.set()
+            done.wait()
+            done.clear()
+            dist.barrier()
+        times[("shm", num_seqs)] = (time.perf_counter() - start) / steps * 1e6
+        size = len(pickle.dumps(command))
+        print(f"| decode step, {num_seqs} seqs | {size} | {times[('broadcast', num_seqs)]:.0f} | {times[('shm', num_seqs)]:.0f} |")
+    worker.join()
+    dist.destroy_process_group()
+    memory.close()
+    memory.unlink()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--concurrency", default="1,32")
     parser.add_argument("--model", default=None)
     parser.add_argument("--parity", action="store_true", help="print TP=2's agreement with TP=1 instead of speed")
+    parser.add_argument("--channel", action="store_true", help="time the command channel: broadcast vs shared memory")
     args = parser.parse_args()
     if args.parity:
         parity(args.model)
+        return
+    if args.channel:
+        channel()
         return
     concurrency = [int(n) for n in args.concurrency.split(",")]
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "

@@ -136,10 +136,11 @@ def start_tensor_parallel(
         kv_cache = prepare_rank(loaded, group, num_blocks, config.block_size, kv_dtype)
         group.barrier()  # every worker has loaded its shard
     except Exception as error:
-        group.shutdown()
-        if isinstance(error, RankLostError):
-            raise
-        group.raise_if_lost(error)
+        try:
+            if not isinstance(error, RankLostError):
+                group.raise_if_lost(error)  # a worker that failed to load: say which, before stopping the others
+        finally:
+            group.shutdown()
         raise
     return kv_cache, TensorParallelRunner(loaded, kv_cache, group, seed)
 
