@@ -291,7 +291,9 @@ class AsyncLLMEngine:
             self._ready.set()
         try:
             while not self._stopping:
-                while not self._ops.empty():
+                # Only the ops queued by now: callers that queue their next op as soon as one ends (a
+                # pipeline's steps, a schedule's steps) would otherwise keep the queue full and starve serving.
+                for _ in range(self._ops.qsize()):
                     self._run_op(self._ops.get())
                 if not self.engine.has_unfinished_requests():
                     self._wakeup.wait(self._idle_wait_s)
