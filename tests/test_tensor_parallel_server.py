@@ -51,8 +51,8 @@ def wait_until(condition, timeout: float) -> bool:
 
 @pytest.fixture(scope="module")
 def reference() -> Iterator[LLM]:
-    """One rank, float32 weights: what the server's two ranks must give."""
-    yield LLM(quantization="none", kv_cache_memory=64 << 20)
+    """One rank, the CPU default (Q4_1 blocks): what the server's two ranks (the same default) must give."""
+    yield LLM(kv_cache_memory=64 << 20)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def server() -> Iterator[tuple[subprocess.Popen, str]]:
 def test_generate_openai_and_attention_equal_one_rank(server, reference):
     proc, url = server
     info = httpx.get(f"{url}/model_info", timeout=60).json()
-    assert info["tensor_parallel_size"] == 2 and info["quantization"] == "none"
+    assert info["tensor_parallel_size"] == 2 and info["quantization"] == "auto" and info["weight_format"] == "q4_1+q8_0"
     assert info["num_parameters"] == 134_515_008  # the whole model's, not rank 0's share
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     expected = [out.token_ids for out in reference.generate(PROMPTS, params)]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -82,7 +83,10 @@ class TensorParallelGroup:
             )
         device = torch.device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=DATA_TIMEOUT, wait_for_workers=False)
+        # A port free on IPv4 loopback, where the workers connect. With port 0 (the store's own pick) a worker
+        # once failed to connect for 120 s under load; the store may listen on IPv6 first, so its pick need not
+        # be free on IPv4 (not confirmed).
+        store = dist.TCPStore("127.0.0.1", _free_port(), world_size, is_master=True, timeout=DATA_TIMEOUT, wait_for_workers=False)
         threads = _threads_per_rank(world_size)
         processes = [
             subprocess.Popen([
@@ -194,6 +198,12 @@ class TensorParallelGroup:
         self._finalizer()
         if self._owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _rank_device(device: torch.device, rank: int) -> torch.device:

@@ -10,9 +10,10 @@ Rank 0 sends the hidden rows (a few KB: 576 floats a row for the default model) 
 keeping theirs and being told which rows: any caller of `compute_logits` (sampling, prompt logprobs) then
 works unchanged.
 
-CPU: weights float32 per rank (`quantization` "auto" or "none"; the block-quantized native stack is one C
-call for all layers and has no place for an all-reduce). Every step runs the model's own forward (the
-readable path: module hooks, attention capture) on every rank.
+Each rank converts its slices as `quantization` says, as one rank would (CPU "auto": the checkpoint's own
+GGUF blocks, multiplied by the native per-layer kernel; "none": float32). Every step runs the model's own
+forward on every rank (the readable path: module hooks, attention capture): the native stack, all layers in
+one C call, has no place for the all-reduces between them.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from glassbox.errors import RankLostError
 from glassbox.layers.attention import AttentionMetadata
 from glassbox.layers.probe import StepProbe
 from glassbox.models.loader import LoadedModel
-from glassbox.models.tensor_parallel import check_shardable, shard_model
+from glassbox.models.tensor_parallel import attach_collectives, check_shardable, shard_model
 from glassbox.sampling import SampleRequest
 
 
@@ -49,6 +50,8 @@ class WorkerSpec:
     num_blocks: int
     block_size: int
     kv_cache_dtype: torch.dtype
+    quantization: str | None  # EngineConfig's: each rank converts its slices alike
+    activations: str
 
 
 @dataclass
@@ -94,25 +97,15 @@ def keep(kept: dict[str, Any], key: str, value: Any) -> None:
         kept.pop(next(iter(kept)))
 
 
-def quantization_for_ranks(quantization: str | None) -> str:
-    """Tensor-parallel ranks run float weights: "auto" (the CPU default) becomes "none"; int4 and int8 are
-    refused, with what to do."""
-    if quantization in (None, "auto", "none"):
-        return "none"
-    raise ValueError(
-        f"quantization={quantization!r} runs with tensor_parallel_size=1 only; tensor-parallel ranks hold "
-        "float weights (quantization 'auto' or 'none')"
-    )
-
-
-def prepare_rank(
-    loaded: LoadedModel, group: TensorParallelGroup, num_blocks: int, block_size: int, kv_dtype: torch.dtype
-) -> KVCache:
-    """Shard the loaded model for this rank (in place, float weights) and allocate its share of the KV cache:
-    every rank has the same blocks, each holding this rank's KV heads."""
+def prepare_rank(loaded: LoadedModel, group: TensorParallelGroup, spec: WorkerSpec) -> KVCache:
+    """Shard the loaded model for this rank (in place), convert its slices as the engine's quantization says
+    (float column-major, or GGUF blocks: the slices' boundaries are multiples of 32, the blocks' width), wire
+    the collectives around them, and allocate this rank's share of the KV cache: every rank has the same
+    blocks, each holding this rank's KV heads."""
     rank_config = shard_model(loaded.model, group.comm)
-    optimize_model(loaded.model, "none")
-    return KVCache(rank_config, num_blocks, block_size, kv_dtype, group.device)
+    optimize_model(loaded.model, spec.quantization, spec.activations)
+    attach_collectives(loaded.model, group.comm)
+    return KVCache(rank_config, spec.num_blocks, spec.block_size, spec.kv_cache_dtype, group.device)
 
 
 def start_tensor_parallel(
@@ -121,7 +114,6 @@ def start_tensor_parallel(
     """Rank 0's side of a tensor-parallel engine: form the group (spawning the workers, or joining torchrun's),
     send them what to load, shard this rank, and return its KV cache and runner."""
     check_shardable(loaded.config, config.tensor_parallel_size)
-    quantization_for_ranks(config.quantization)
     # As many blocks as tensor_parallel_size=1 gets from the same memory (so both schedule alike), each rank
     # holding its KV heads' share of every block.
     if config.num_kv_blocks is not None:
@@ -132,8 +124,11 @@ def start_tensor_parallel(
             raise ValueError(f"KV cache memory {config.kv_cache_memory} bytes holds no block")
     group = TensorParallelGroup.launch_or_join(config.tensor_parallel_size, loaded.device)
     try:
-        group.send(WorkerSpec(loaded.source, loaded.dtype, num_blocks, config.block_size, kv_dtype))
-        kv_cache = prepare_rank(loaded, group, num_blocks, config.block_size, kv_dtype)
+        spec = WorkerSpec(
+            loaded.source, loaded.dtype, num_blocks, config.block_size, kv_dtype, config.quantization, config.activations
+        )
+        group.send(spec)
+        kv_cache = prepare_rank(loaded, group, spec)
         group.barrier()  # every worker has loaded its shard
     except Exception as error:
         try:

@@ -30,7 +30,7 @@ def serve_commands(group: TensorParallelGroup) -> None:
     """Receive the WorkerSpec, build this rank, then run rank 0's commands until Stop."""
     spec: WorkerSpec = group.receive()
     loaded = load_model(spec.model, dtype=spec.dtype, device=group.device, progress=False)
-    kv_cache = prepare_rank(loaded, group, spec.num_blocks, spec.block_size, spec.kv_cache_dtype)
+    kv_cache = prepare_rank(loaded, group, spec)
     kv_cache.bind(loaded.model)
     group.barrier()
     model = loaded.model

@@ -3,13 +3,17 @@
 Each rank holds a slice of every weight and the hidden states between layers are whole on every rank:
 - column-parallel (q/k/v, gate/up): a plain `nn.Linear` over this rank's output rows; its output stays
   split (this rank's heads, this rank's intermediate features) and needs no communication;
-- `RowParallelLinear` (o_proj, down_proj): this rank's input columns, a partial product, then one
-  all-reduce sums the ranks' partials; the bias is added once, after the sum;
+- row-parallel (o_proj, down_proj): a linear over this rank's input columns gives a partial product, and
+  `AllReduceOutput` (a forward hook) sums the ranks' partials; the bias lives on rank 0 only, so it is summed
+  in once;
 - `VocabParallelEmbedding`: this rank's rows of the vocabulary; ids outside it give zeros, an all-reduce
   fills them in from the rank that holds them;
-- `ParallelLMHead`: this rank's vocabulary rows of the logits, gathered on rank 0 (the one that samples).
+- the LM head: a linear over this rank's vocabulary rows, its logits gathered on rank 0 (the one that
+  samples) by `GatherLogits` (a forward hook).
+The linears themselves stay plain `nn.Linear` until the engine makes them float column-major or
+block-quantized (engine/optimize.py), which is why the collectives are hooks around them, attached after.
 
-The layers take their `Communicator` as an argument (no process-group global is read deep in a layer).
+The layers and hooks take their `Communicator` as an argument (no process-group global read deep in a layer).
 """
 
 from __future__ import annotations
@@ -118,35 +122,55 @@ def _profiled(name: str) -> AbstractContextManager:
     return torch.profiler.record_function(name) if torch.autograd._profiler_enabled() else nullcontext()
 
 
-class RowParallelLinear(nn.Linear):
-    """y = x_r · W_rᵀ summed over the ranks (+ bias once): x_r [T, in_local] is this rank's slice of the input
-    features (its heads' attention output, its intermediate features), W_r [out, in_local]."""
+class AllReduceOutput:
+    """A forward hook that makes a linear row-parallel: its output x_r · W_rᵀ (x_r [T, in_local] this rank's
+    slice of the input features — its heads' attention output, its intermediate features — W_r
+    [out, in_local], the bias on rank 0 only) summed over the ranks, whole on every rank. A hook, not a
+    subclass: the linear stays whatever the engine made of it (float column-major, or block-quantized
+    QLinear: engine/optimize.py swaps nn.Linear modules), and this sums its output."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, comm: Communicator) -> None:
-        out_features, in_features = weight.shape
-        super().__init__(in_features, out_features, bias=bias is not None, device="meta")
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        if bias is not None:
-            self.bias = nn.Parameter(bias, requires_grad=False)
+    def __init__(self, comm: Communicator) -> None:
         self.comm = comm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.comm.all_reduce(F.linear(x, self.weight))
-        return y if self.bias is None else y + self.bias
+    def __call__(self, module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        return self.comm.all_reduce(output)
+
+
+class GatherLogits:
+    """A forward hook on the LM head over this rank's vocabulary rows ([rows, hidden], rows = ceil(vocab /
+    ranks), the last rank's padded with zeros): the logits [N, vocab] gathered on rank 0; the other ranks get
+    an empty [N, 0] tensor (they do not sample)."""
+
+    def __init__(self, comm: Communicator, vocab_size: int) -> None:
+        self.comm = comm
+        self.vocab_size = vocab_size
+
+    def __call__(self, module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        parts = self.comm.gather_to_first(output)
+        if parts is None:
+            return output.new_empty(output.shape[0], 0)
+        return torch.cat(parts, dim=-1)[:, : self.vocab_size]
+
+
+def vocab_rows(full: torch.Tensor, comm: Communicator) -> torch.Tensor:
+    """This rank's rows [rank * rows, (rank + 1) * rows) of a [vocab, hidden] table, rows = ceil(vocab / ranks),
+    zero-padded on the last rank so that every rank's slice has the same shape (a gather needs it)."""
+    rows = -(-full.shape[0] // comm.world_size)
+    shard = torch.zeros(rows, full.shape[1], dtype=full.dtype, device=full.device)
+    local = full[comm.rank * rows : (comm.rank + 1) * rows]
+    shard[: local.shape[0]] = local
+    return shard
 
 
 class VocabParallelEmbedding(nn.Embedding):
-    """This rank's rows [start, start + rows) of the embedding table, padded to the same rows on every rank
-    (the last rank's pad rows are zeros and never looked up)."""
+    """This rank's rows of the embedding table (`vocab_rows`): ids outside them look up zeros, and an
+    all-reduce fills them in from the rank that holds them."""
 
     def __init__(self, full: torch.Tensor, comm: Communicator) -> None:
-        rows = -(-full.shape[0] // comm.world_size)
+        shard = vocab_rows(full, comm)
         self.vocab_size = full.shape[0]
-        self.start = comm.rank * rows
-        shard = torch.zeros(rows, full.shape[1], dtype=full.dtype, device=full.device)
-        local = full[self.start : self.start + rows]
-        shard[: local.shape[0]] = local
-        super().__init__(rows, full.shape[1], _weight=shard)
+        self.start = comm.rank * shard.shape[0]
+        super().__init__(shard.shape[0], full.shape[1], _weight=shard)
         self.weight.requires_grad_(False)
         self.comm = comm
 
@@ -156,29 +180,3 @@ class VocabParallelEmbedding(nn.Embedding):
         outside = (local < 0) | (local >= self.num_embeddings)
         x = F.embedding(local.masked_fill(outside, 0), self.weight)
         return self.comm.all_reduce(x.masked_fill_(outside[:, None], 0))
-
-
-class ParallelLMHead(nn.Linear):
-    """This rank's vocabulary rows of the head ([rows, hidden], rows = ceil(vocab / ranks)); the logits
-    [N, vocab] are gathered on rank 0, the other ranks get an empty [N, 0] tensor (they do not sample)."""
-
-    def __init__(self, weight: torch.Tensor, vocab_size: int, comm: Communicator) -> None:
-        super().__init__(weight.shape[1], weight.shape[0], bias=False, device="meta")
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.vocab_size = vocab_size
-        self.comm = comm
-
-    @classmethod
-    def from_full(cls, full: torch.Tensor, comm: Communicator) -> ParallelLMHead:
-        """From the whole head [vocab, hidden], padded as VocabParallelEmbedding pads."""
-        rows = -(-full.shape[0] // comm.world_size)
-        shard = torch.zeros(rows, full.shape[1], dtype=full.dtype, device=full.device)
-        local = full[comm.rank * rows : (comm.rank + 1) * rows]
-        shard[: local.shape[0]] = local
-        return cls(shard, full.shape[0], comm)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        parts = self.comm.gather_to_first(F.linear(hidden, self.weight))
-        if parts is None:
-            return hidden.new_empty(hidden.shape[0], 0)
-        return torch.cat(parts, dim=-1)[:, : self.vocab_size]

@@ -17,7 +17,7 @@ from torch import nn
 
 from glassbox.config import ModelConfig
 from glassbox.errors import UnsupportedModelError
-from glassbox.layers.parallel import Communicator, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding, shard_range
+from glassbox.layers.parallel import AllReduceOutput, Communicator, GatherLogits, VocabParallelEmbedding, shard_range, vocab_rows
 from glassbox.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 
 
@@ -48,7 +48,8 @@ def rank_config(config: ModelConfig, rank: int, world_size: int) -> ModelConfig:
 @torch.no_grad()
 def shard_model(model: nn.Module, comm: Communicator) -> ModelConfig:
     """Keep this rank's slices of `model`'s weights (the rest is freed); returns the rank's config
-    (`rank_config`)."""
+    (`rank_config`). The linears stay plain `nn.Linear` (the engine may quantize them next); call
+    `attach_collectives` once it has."""
     if not isinstance(model, LlamaForCausalLM):
         raise UnsupportedModelError(f"tensor parallelism runs Llama-family models, not {type(model).__name__}")
     config: ModelConfig = model.config
@@ -56,14 +57,29 @@ def shard_model(model: nn.Module, comm: Communicator) -> ModelConfig:
     for layer in model.layers:
         _shard_attention(layer.self_attn, config, comm)
         _shard_mlp(layer.mlp, config, comm)
-    tied = config.tie_word_embeddings
     embedding = VocabParallelEmbedding(model.model.embed_tokens.weight, comm)
     model.model.embed_tokens = embedding
-    if tied:
-        model.lm_head = ParallelLMHead(embedding.weight, config.vocab_size, comm)
-    else:
-        model.lm_head = ParallelLMHead.from_full(model.lm_head.weight, comm)
+    head = embedding.weight if config.tie_word_embeddings else nn.Parameter(vocab_rows(model.lm_head.weight, comm), requires_grad=False)
+    model.lm_head = _linear(head, None)
     return rank_config(config, comm.rank, comm.world_size)
+
+
+def attach_collectives(model: nn.Module, comm: Communicator) -> None:
+    """The all-reduce after each o_proj and down_proj, the logits' gather after the head: forward hooks on
+    whatever modules the engine left there (float or block-quantized linears)."""
+    for layer in model.layers:
+        layer.self_attn.o_proj.register_forward_hook(AllReduceOutput(comm))
+        layer.mlp.down_proj.register_forward_hook(AllReduceOutput(comm))
+    model.lm_head.register_forward_hook(GatherLogits(comm, model.config.vocab_size))
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding these tensors (no copy; built on the meta device, so nothing is initialized)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+    return linear
 
 
 def _shard_attention(attn: LlamaAttention, config: ModelConfig, comm: Communicator) -> None:
@@ -84,14 +100,10 @@ def _shard_attention(attn: LlamaAttention, config: ModelConfig, comm: Communicat
         ])  # fmt: skip
 
     qkv = attn.qkv_proj
-    weight = rows(qkv.weight)
-    local_qkv = nn.Linear(qkv.in_features, weight.shape[0], bias=qkv.bias is not None, device="meta")
-    local_qkv.weight = nn.Parameter(weight, requires_grad=False)
-    if qkv.bias is not None:
-        local_qkv.bias = nn.Parameter(rows(qkv.bias), requires_grad=False)
-    attn.qkv_proj = local_qkv
+    attn.qkv_proj = _linear(rows(qkv.weight), None if qkv.bias is None else rows(qkv.bias))
     o = attn.o_proj
-    attn.o_proj = RowParallelLinear(o.weight[:, q_rows].contiguous(), o.bias, comm)
+    # Row-parallel: this rank's input columns; the bias on rank 0 only, so that the all-reduce adds it once.
+    attn.o_proj = _linear(o.weight[:, q_rows].contiguous(), o.bias if comm.rank == 0 else None)
     # The module's head counts become this rank's: its forward splits and views the local q/k/v with them.
     attn.num_heads = attn.attn.num_heads = (kv_end - kv_start) * group
     attn.num_kv_heads = attn.attn.num_kv_heads = kv_end - kv_start
@@ -102,11 +114,9 @@ def _shard_attention(attn: LlamaAttention, config: ModelConfig, comm: Communicat
 def _shard_mlp(mlp: LlamaMLP, config: ModelConfig, comm: Communicator) -> None:
     size = config.intermediate_size
     start, end = shard_range(size, comm.rank, comm.world_size)
-    gate_up = mlp.gate_up_proj
-    local = nn.Linear(gate_up.in_features, 2 * (end - start), bias=False, device="meta")
-    local.weight = nn.Parameter(torch.cat([gate_up.weight[start:end], gate_up.weight[size + start : size + end]]), requires_grad=False)
-    mlp.gate_up_proj = local
-    mlp.down_proj = RowParallelLinear(mlp.down_proj.weight[:, start:end].contiguous(), None, comm)
+    gate_up = mlp.gate_up_proj.weight
+    mlp.gate_up_proj = _linear(torch.cat([gate_up[start:end], gate_up[size + start : size + end]]), None)
+    mlp.down_proj = _linear(mlp.down_proj.weight[:, start:end].contiguous(), None)
 
 
 def unshard(name: str, parts: list[torch.Tensor], config: ModelConfig) -> torch.Tensor:

@@ -41,7 +41,7 @@ class OverlapSchedule(RankTask):
     repeats: int
 
     def run_on_rank(self, rank: RankContext) -> dict[str, Any]:
-        comm = rank.model.layers[0].self_attn.o_proj.comm  # the layers' communicator
+        comm = rank.group.comm  # the layers' communicator
         groups = rank.kept.get(f"overlap-groups-{self.micro_batches}")
         if groups is None:  # made once, by every rank in the same order
             groups = [dist.new_group(backend=dist.get_backend()) for _ in range(self.micro_batches)]

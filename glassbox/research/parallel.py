@@ -40,7 +40,9 @@ class SplitTensor:
     placement: dict[str, Any] | None = None  # where the shards live (research/parallel_ranks.py), None: here
 
 
-def _tensor_of(model: nn.Module, name: str) -> torch.Tensor:
+def tensor_of(model: nn.Module, name: str) -> torch.Tensor:
+    """The model's tensor `name` (a parameter, a buffer, or a quantized layer's weight as float32); ValueError
+    naming the field if there is none."""
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     # A quantized layer's weight is named as it was: its float32 values, dequantized from the blocks.
     tensors |= {f"{n}.weight": m.dequantized for n, m in model.named_modules() if isinstance(m, QLinear)}
@@ -71,7 +73,7 @@ def split(
 ) -> SplitTensor:
     if (weight is None) == (tensor_shape is None):
         raise FieldError("weight", "give exactly one of weight (a model tensor's name) and tensor_shape")
-    full = _tensor_of(model, weight) if weight is not None else random_tensor(tensor_shape, seed, max_elements)
+    full = tensor_of(model, weight) if weight is not None else random_tensor(tensor_shape, seed, max_elements)
     return cut(full, weight, split_dim, num_splits)
 
 

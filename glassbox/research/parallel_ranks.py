@@ -26,7 +26,7 @@ from glassbox.engine.tp_runner import RankContext, RankTask, keep
 from glassbox.errors import FieldError
 from glassbox.models.tensor_parallel import unshard
 from glassbox.research.limits import LimitError
-from glassbox.research.parallel import SplitTensor, cut, random_tensor, split
+from glassbox.research.parallel import SplitTensor, cut, random_tensor, split, tensor_of
 
 
 @dataclass
@@ -36,8 +36,11 @@ class GatherTensor(RankTask):
     name: str
 
     def run_on_rank(self, rank: RankContext) -> torch.Tensor | None:
-        tensors = dict(rank.model.named_parameters()) | dict(rank.model.named_buffers())
-        parts = rank.group.gather_objects(tensors[self.name].detach().cpu())
+        try:
+            mine = tensor_of(rank.model, self.name).cpu()
+        except ValueError:  # a row-parallel layer's bias lives on rank 0 alone
+            mine = None
+        parts = rank.group.gather_objects(mine)
         return None if parts is None else unshard(self.name, parts, rank.model.config)
 
 
@@ -131,9 +134,7 @@ def split_on_ranks(
         raise FieldError("weight", "give exactly one of weight (a model tensor's name) and tensor_shape")
     runner = engine.runner
     if weight is not None:
-        names = set(dict(engine.loaded.model.named_parameters())) | set(dict(engine.loaded.model.named_buffers()))
-        if weight not in names:
-            raise ValueError(f"weight: no tensor named {weight!r} in the model (e.g. {', '.join(sorted(names)[:4])})")
+        tensor_of(engine.loaded.model, weight)  # raises, naming the field, before any rank is asked
         full = runner.run_task(GatherTensor(weight))
     else:
         full = random_tensor(tensor_shape, seed, max_elements)  # the same seeded tensor as one rank makes

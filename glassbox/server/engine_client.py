@@ -49,7 +49,7 @@ class ModelFacts:
             "model_type": config.model_type,
             "num_parameters": engine.num_parameters,
             "dtype": str(loaded.dtype).removeprefix("torch."),
-            "quantization": "none" if engine.distributed else engine.config.quantization,
+            "quantization": engine.config.quantization,
             "tensor_parallel_size": engine.tensor_parallel_size,
             "weight_format": weight_format(loaded.model),  # what the CPU runs: q4_1, q8_0, ... or float
             "activations": engine.config.activations,
