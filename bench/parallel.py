@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/parallel.py [--new-tokens 64] [--concurrency 1,32] [--model PATH]
 
-Rows: TP=1 on the default CPU weights (quantization auto: Q4_1 blocks on the native stack), TP=1 float32
-(quantization none: what each TP rank runs), TP=2 float32. Columns: decode ms/token of one request, output
+Rows: one and two ranks on the default CPU weights (quantization auto: Q4_1 blocks; one rank runs all layers
+in one native call, two ranks the per-layer kernel with the all-reduces between), and on float32 weights
+(quantization none). Columns: decode ms/token of one request, output
 tokens/s with 1 and N concurrent requests (ignore EOS), and rank 0's communication share of the run: the
 seconds inside the layers' collectives (all-reduce, the head's gather) and inside sending each model call
 to the worker, over the run's wall time. Threads: torch's per rank, as set (OMP_NUM_THREADS).
@@ -182,7 +183,9 @@ def main() -> None:
           f"{torch.get_num_threads()} torch threads per rank, {args.new_tokens} new tokens")
     rows = []
     options = dict(kv_cache_memory=256 << 20, max_num_batched_tokens=4096)
-    for label, quantization, tp in (("TP=1 auto (Q4_1)", "auto", 1), ("TP=1 float32", "none", 1), ("TP=2 float32", "none", 2)):
+    setups = (("TP=1 auto (Q4_1, native stack)", "auto", 1), ("TP=2 auto (Q4_1, per-layer kernel)", "auto", 2),
+              ("TP=1 float32", "none", 1), ("TP=2 float32", "none", 2))  # fmt: skip
+    for label, quantization, tp in setups:
         with LLM(args.model, quantization=quantization, tensor_parallel_size=tp, **options) as llm:
             rows.append(run(label, llm, args.new_tokens, concurrency))
     columns = list(dict.fromkeys(key for row in rows for key in row))
