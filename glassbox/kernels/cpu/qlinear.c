@@ -36,6 +36,13 @@
 #include "kernels.h"
 #include "simd.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+static int max_threads(void) { return omp_get_max_threads(); }
+#else
+static int max_threads(void) { return 1; }
+#endif
+
 #if GB_AVX512
 #define ROWS 16
 #define M_TILE 8  // rows of x per register block (32 vector registers here, 16 for AVX2)
@@ -556,9 +563,9 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
     const int64_t group_bytes = w->format == FORMAT_Q4_1 ? nb * QBLOCK * ROWS / 2 : nb * QBLOCK * ROWS;
     const int64_t group_scales = w->format == FORMAT_Q4_1 ? nb * 2 * ROWS : nb * ROWS;
     // Each thread takes whole groups of output rows (their weights stream once per M_TILE rows of x); the
-    // float32 path takes GROUPS groups at a time when x has one row (ftile_row). Work is handed out in
-    // chunks of 4 (dynamic): a thread the OS preempts (another process on a 2-core machine) holds up one
-    // chunk, not half the call (10-20% faster under light background load).
+    // float32 path takes GROUPS groups at a time when x has one row (ftile_row). With more rows, work is
+    // handed out in chunks of 4 (dynamic): a thread the OS preempts (another process on a 2-core machine)
+    // holds up one chunk, not half the call (10-20% faster under light background load).
 #if PAIRED
     // Many rows over float32: each thread takes pairs of groups, all the rows of x (ftile_pair).
     if (!int8 && M >= 8) {
@@ -615,7 +622,9 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
 #endif
     const int GN = !int8 && M == 1 ? GROUPS : 1;
     const int64_t units = (groups + GN - 1) / GN;
-#pragma omp parallel for schedule(dynamic, 4) collapse(2)
+    // (one row of x: even shares, as a static schedule: a decode step's many short calls feel the hand-out)
+    const int64_t chunk = M == 1 ? (units + max_threads() - 1) / max_threads() : 4;
+#pragma omp parallel for schedule(dynamic, chunk) collapse(2)
     for (int64_t u = 0; u < units; u++) {
         for (int64_t mb = 0; mb < m_blocks; mb++) {
             const int64_t m0 = mb * M_TILE, mt = M - m0 < M_TILE ? M - m0 : M_TILE;
