@@ -38,7 +38,7 @@ def test_two_torchrun_hosts_give_the_outputs_of_one_rank(tiny_model_dir):
     assert [h.returncode for h in hosts] == [0, 0], [err[-2000:] for _, err in outputs]
     got = json.loads(outputs[0][0].strip().splitlines()[-1])
     assert outputs[1][0].strip() == ""  # rank 1 prints nothing: it only computes
-    with LLM(folder, quantization="none", kv_cache_memory=8 << 20) as one:
+    with LLM(folder, kv_cache_memory=8 << 20) as one:  # the same quantization as the command line's default
         expected = one.generate(PROMPT, SamplingParams(temperature=0, max_tokens=12))[0].token_ids
     assert got["token_ids"] == expected
 
@@ -53,6 +53,6 @@ def test_generate_with_two_ranks_prints_one_ranks_tokens(tiny_model_dir):
     args = ["generate", PROMPT, "--model", folder, "--max-tokens", "12", "--json", "--tensor-parallel-size", "2"]
     result = subprocess.run([sys.executable, "-m", "glassbox.cli", *args], capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
-    with LLM(folder, quantization="none", kv_cache_memory=8 << 20) as one:
+    with LLM(folder, kv_cache_memory=8 << 20) as one:  # the same quantization as the command line's default
         expected = one.generate(PROMPT, SamplingParams(temperature=0, max_tokens=12))[0].token_ids
     assert json.loads(result.stdout.strip().splitlines()[-1])["token_ids"] == expected
