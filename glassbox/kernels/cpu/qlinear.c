@@ -345,6 +345,26 @@ GB_INLINE vf dq4(const uint8_t *p, int shift) {
 GB_INLINE vf dq8(const uint8_t *p, int t) { return (float)(int8_t)p[t]; }
 #endif
 
+// On x86, ftile_row does not shift a Q4_1 nibble down: (lane & 0xF << 8t) is q·2^8t, exact as a float,
+// and it multiplies x·2^-8t (copy t of the row, scaled by gb_qlinear): the same product q·x, so the same
+// bits (for activations above 2^-100 in magnitude, whose copies are exact), one vector operation fewer a
+// weight; AVX2 runs one shift a cycle.
+#if GB_AVX512
+#define X86_NIBBLES 1
+typedef __m512i vi;
+GB_INLINE vi vi_load(const uint8_t *p) { return _mm512_loadu_si512((const void *)p); }
+GB_INLINE vi vi_high_nibbles(vi v) { return _mm512_srli_epi32(v, 4); }
+GB_INLINE vf nibble(vi v, int t) { return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xF << 8 * t))); }
+#elif GB_AVX2
+#define X86_NIBBLES 1
+typedef __m256i vi;
+GB_INLINE vi vi_load(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+GB_INLINE vi vi_high_nibbles(vi v) { return _mm256_srli_epi32(v, 4); }
+GB_INLINE vf nibble(vi v, int t) { return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF << 8 * t))); }
+#else
+#define X86_NIBBLES 0
+#endif
+
 // out [MT][ROWS] = the group's rows for MT ≤ M_TILE rows of x (row stride ldx), in float32. Per output and
 // block, Σ q·x over the block's 32 inputs in two fused multiply-add chains (the inputs k with k / 4 even,
 // and odd: two multiply-adds in flight), then scaled once — the block's weights are d·q + m, so
@@ -399,8 +419,8 @@ GB_INLINE void ftile(const float *x, int64_t ldx, const float *xsum, const int M
 // [GROUPS][M_TILE][ROWS], row 0 of each): a multiply-add waits ~4 cycles for its chain's previous one, and
 // one row of x over one group keeps only 2 chains in flight. Each output's operations and order are ftile's.
 #define GROUPS 4
-GB_INLINE void ftile_row(const float *x, const float *xsum, const int format, const uint8_t *w, int64_t gstride,
-                         const uint16_t *sc, int64_t sstride, int64_t nb, float *out) {
+GB_INLINE void ftile_row(const float *x, const float *xs, int64_t K, const float *xsum, const int format,
+                         const uint8_t *w, int64_t gstride, const uint16_t *sc, int64_t sstride, int64_t nb, float *out) {
     for (int g = 0; g < GROUPS; g++)
         for (int r = 0; r < ROWS; r++) out[g * M_TILE * ROWS + r] = 0.0f;
 #pragma GCC unroll 8
@@ -413,6 +433,18 @@ GB_INLINE void ftile_row(const float *x, const float *xsum, const int format, co
                 const uint8_t *wb = w + b * 4 * ROWS * 4 + rv * 4;
 #pragma GCC unroll 4
                 for (int j = 0; j < 4; j++) {
+#if X86_NIBBLES
+                    const float *xj = xs + b * QBLOCK + 8 * j;  // xs: the row's copies [4][K]
+#pragma GCC unroll 4
+                    for (int g = 0; g < GROUPS; g++) {
+                        const vi v = vi_load(wb + g * gstride + j * ROWS * 4), high = vi_high_nibbles(v);
+#pragma GCC unroll 4
+                        for (int t = 0; t < 4; t++) {
+                            p[g][0] = vf_fma(nibble(v, t), vf_set1(xj[t * K + t]), p[g][0]);
+                            p[g][1] = vf_fma(nibble(high, t), vf_set1(xj[t * K + 4 + t]), p[g][1]);
+                        }
+                    }
+#else
 #pragma GCC unroll 4
                     for (int t = 0; t < 4; t++) {
                         const vf x0 = vf_set1(xb[8 * j + t]), x1 = vf_set1(xb[8 * j + 4 + t]);
@@ -422,6 +454,7 @@ GB_INLINE void ftile_row(const float *x, const float *xsum, const int format, co
                             p[g][1] = vf_fma(dq4(wb + g * gstride + j * ROWS * 4, 8 * t + 4), x1, p[g][1]);
                         }
                     }
+#endif
                 }
 #pragma GCC unroll 4
                 for (int g = 0; g < GROUPS; g++) {
@@ -621,6 +654,13 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
     }
 #endif
     const int GN = !int8 && M == 1 ? GROUPS : 1;
+    // ftile_row over Q4_1 on x86: the row as 4 copies [4][K], copy t scaled by 2^-8t
+    float *xcopies = NULL;
+    if (X86_NIBBLES && GN > 1 && w->format == FORMAT_Q4_1) {
+        xcopies = malloc(sizeof(float) * (size_t)(4 * K));
+        for (int t = 0; t < 4; t++)
+            for (int64_t k = 0; k < K; k++) xcopies[t * K + k] = xf[k] * (1.0f / (float)(1 << 8 * t));
+    }
     const int64_t units = (groups + GN - 1) / GN;
     // (one row of x: even shares, as a static schedule: a decode step's many short calls feel the hand-out)
     const int64_t chunk = M == 1 ? (units + max_threads() - 1) / max_threads() : 4;
@@ -648,8 +688,8 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
         }                                                                                                            \
     }
             if (gn == GROUPS && M == 1) {  // (only the float32 path takes GROUPS at once)
-                if (w->format == FORMAT_Q4_1) ftile_row(xm, xs, FORMAT_Q4_1, wg, group_bytes, sg, group_scales, nb, out);
-                else ftile_row(xm, xs, FORMAT_Q8_0, wg, group_bytes, sg, group_scales, nb, out);
+                if (w->format == FORMAT_Q4_1) ftile_row(xm, xcopies, K, xs, FORMAT_Q4_1, wg, group_bytes, sg, group_scales, nb, out);
+                else ftile_row(xm, xcopies, K, xs, FORMAT_Q8_0, wg, group_bytes, sg, group_scales, nb, out);
             } else {
                 switch (mt) {
                     case 1: TILE(1); break;
@@ -679,6 +719,7 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
             }
         }
     }
+    free(xcopies);
     free(rows);
     free(xsum);
     free(q);
