@@ -345,22 +345,29 @@ GB_INLINE vf dq4(const uint8_t *p, int shift) {
 GB_INLINE vf dq8(const uint8_t *p, int t) { return (float)(int8_t)p[t]; }
 #endif
 
-// On x86, ftile_row does not shift a Q4_1 nibble down: (lane & 0xF << 8t) is q·2^8t, exact as a float,
-// and it multiplies x·2^-8t (copy t of the row, scaled by gb_qlinear): the same product q·x, so the same
-// bits (for activations above 2^-100 in magnitude, whose copies are exact), one vector operation fewer a
-// weight; AVX2 runs one shift a cycle.
+// On x86, ftile_row does not shift a weight down to bit 0: a Q4_1 nibble masked in place,
+// (lane & 0xF << 8t), is q·2^8t, exact as a float, and it multiplies x·2^-8t (copy t of the row, scaled
+// by gb_qlinear); a Q8_0 byte shifted to the top and masked, top_byte, is q·2^24 (signed) against
+// x·2^-24. The same products q·x, so the same bits (for activations above 2^-100 in magnitude, whose
+// copies are exact), with one vector shift fewer a weight: AVX2 runs one shift a cycle.
 #if GB_AVX512
 #define X86_NIBBLES 1
 typedef __m512i vi;
 GB_INLINE vi vi_load(const uint8_t *p) { return _mm512_loadu_si512((const void *)p); }
 GB_INLINE vi vi_high_nibbles(vi v) { return _mm512_srli_epi32(v, 4); }
 GB_INLINE vf nibble(vi v, int t) { return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xF << 8 * t))); }
+GB_INLINE vf top_byte(vi v, int t) {
+    return _mm512_cvtepi32_ps(_mm512_and_si512(t == 3 ? v : _mm512_slli_epi32(v, 24 - 8 * t), _mm512_set1_epi32((int)0xFF000000)));
+}
 #elif GB_AVX2
 #define X86_NIBBLES 1
 typedef __m256i vi;
 GB_INLINE vi vi_load(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
 GB_INLINE vi vi_high_nibbles(vi v) { return _mm256_srli_epi32(v, 4); }
 GB_INLINE vf nibble(vi v, int t) { return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF << 8 * t))); }
+GB_INLINE vf top_byte(vi v, int t) {
+    return _mm256_cvtepi32_ps(_mm256_and_si256(t == 3 ? v : _mm256_slli_epi32(v, 24 - 8 * t), _mm256_set1_epi32((int)0xFF000000)));
+}
 #else
 #define X86_NIBBLES 0
 #endif
@@ -466,12 +473,22 @@ GB_INLINE void ftile_row(const float *x, const float *xs, int64_t K, const float
                 const uint8_t *wb = w + b * 8 * ROWS * 4 + rv * 4;
 #pragma GCC unroll 8
                 for (int j = 0; j < 8; j++) {
+#if X86_NIBBLES
+                    const float *xj = xs + b * QBLOCK + 4 * j;  // xs: the row scaled by 2^-24
+#pragma GCC unroll 4
+                    for (int g = 0; g < GROUPS; g++) {
+                        const vi v = vi_load(wb + g * gstride + j * ROWS * 4);
+#pragma GCC unroll 4
+                        for (int t = 0; t < 4; t++) p[g][j % 2] = vf_fma(top_byte(v, t), vf_set1(xj[t]), p[g][j % 2]);
+                    }
+#else
 #pragma GCC unroll 4
                     for (int t = 0; t < 4; t++) {
                         const vf xv = vf_set1(xb[4 * j + t]);
 #pragma GCC unroll 4
                         for (int g = 0; g < GROUPS; g++) p[g][j % 2] = vf_fma(dq8(wb + g * gstride + j * ROWS * 4, t), xv, p[g][j % 2]);
                     }
+#endif
                 }
 #pragma GCC unroll 4
                 for (int g = 0; g < GROUPS; g++) {
@@ -654,12 +671,13 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
     }
 #endif
     const int GN = !int8 && M == 1 ? GROUPS : 1;
-    // ftile_row over Q4_1 on x86: the row as 4 copies [4][K], copy t scaled by 2^-8t
+    // ftile_row on x86: the row as 4 copies [4][K], copy t scaled by 2^-8t (Q4_1), or one scaled by 2^-24
     float *xcopies = NULL;
-    if (X86_NIBBLES && GN > 1 && w->format == FORMAT_Q4_1) {
-        xcopies = malloc(sizeof(float) * (size_t)(4 * K));
-        for (int t = 0; t < 4; t++)
-            for (int64_t k = 0; k < K; k++) xcopies[t * K + k] = xf[k] * (1.0f / (float)(1 << 8 * t));
+    if (X86_NIBBLES && GN > 1) {
+        const int q4 = w->format == FORMAT_Q4_1;
+        xcopies = malloc(sizeof(float) * (size_t)((q4 ? 4 : 1) * K));
+        for (int t = 0; t < (q4 ? 4 : 1); t++)
+            for (int64_t k = 0; k < K; k++) xcopies[t * K + k] = xf[k] * (1.0f / (float)(1 << (q4 ? 8 * t : 24)));
     }
     const int64_t units = (groups + GN - 1) / GN;
     // (one row of x: even shares, as a static schedule: a decode step's many short calls feel the hand-out)
