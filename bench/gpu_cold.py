@@ -38,6 +38,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--folder", type=Path, help="a saved random-weight folder of the shape (made if absent)")
+    parser.add_argument("--warm-up", choices=["short", "budget"], default="short",
+                        help="short: nano-vllm's (one 100-token prompt); budget: also 16 x 1024-token prompts in one step")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.folder or Path(tmp) / NANO_SHAPE
@@ -51,11 +53,24 @@ def main() -> None:
         startup = time.perf_counter() - start
         start = time.perf_counter()
         generate(engine, [[1] * 100], [8])  # nano-vllm's warm-up: one short generate
+        if args.warm_up == "budget":
+            generate(engine, [[2 + i] * 1024 for i in range(16)], [2] * 16)
         warm_up = time.perf_counter() - start
         steps = watch_steps(engine)
+        slow, step = [], engine.step
+
+        def timed_step() -> list:  # the steps over 30 ms (prefills), in order
+            begin = time.perf_counter()
+            outputs = step()
+            if (elapsed := time.perf_counter() - begin) > 0.03:
+                plan = engine.last_plan
+                slow.append([round(elapsed * 1000), plan and plan.executor, plan and plan.reason, len(engine.scheduler.running)])
+            return outputs
+
+        engine.step = timed_step
         cold_s, outs = generate(engine, prompts, max_tokens, temperature=NANO_TEMPERATURE)
         tokens = sum(len(o.token_ids) for o in outs)
-        cold_steps = dict(steps)
+        cold_steps, cold_slow, slow[:] = dict(steps), list(slow), []
         # (the same requests, shifted ids: no prefix cache hits)
         warm_s, outs = generate(engine, [[t + 1 for t in p] for p in prompts], max_tokens, temperature=NANO_TEMPERATURE)
         warm_tokens = sum(len(o.token_ids) for o in outs)
@@ -63,7 +78,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "kv_cache_dtype": args.kv_cache_dtype,
         "max_num_batched_tokens": MAX_BATCHED_TOKENS, "startup_s": startup, "warm_up_generate_s": warm_up,
         "cold_tok_s": tokens / cold_s, "warm_tok_s": warm_tokens / warm_s, "cold_over_warm": (tokens / cold_s) / (warm_tokens / warm_s),
-        "cold_steps": cold_steps, "date": time.strftime("%Y-%m-%d"),
+        "cold_steps": cold_steps, "cold_slow_steps_ms": cold_slow, "warm_slow_steps_ms": slow, "warm_up": args.warm_up, "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
     print(json.dumps(result, indent=1))
     print("\n| KV cache | start-up s | warm-up generate s | cold tok/s | warm tok/s (same process) | cold / warm |")
