@@ -38,8 +38,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--folder", type=Path, help="a saved random-weight folder of the shape (made if absent)")
-    parser.add_argument("--warm-up", choices=["short", "budget"], default="short",
-                        help="short: nano-vllm's (one 100-token prompt); budget: also 16 x 1024-token prompts in one step")
+    parser.add_argument("--warm-up", choices=["short", "budget", "chunked"], default="short",
+                        help="short: nano-vllm's (one 100-token prompt); budget: also 16 x 1024-token prompts in one "
+                             "step; chunked: also one prompt longer than the step budget (its prefill split in two)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.folder or Path(tmp) / NANO_SHAPE
@@ -55,6 +56,8 @@ def main() -> None:
         generate(engine, [[1] * 100], [8])  # nano-vllm's warm-up: one short generate
         if args.warm_up == "budget":
             generate(engine, [[2 + i] * 1024 for i in range(16)], [2] * 16)
+        if args.warm_up == "chunked":
+            generate(engine, [[2] * (MAX_BATCHED_TOKENS + 512)], [2])
         warm_up = time.perf_counter() - start
         steps = watch_steps(engine)
         slow, step = [], engine.step
