@@ -138,9 +138,9 @@ async def _ttft(http: httpx.AsyncClient) -> float:
 
 def test_adversarial_research_calls_keep_serving_and_memory_bounded(server):
     """Max tensor handles, long pipelines and a max batch_schedule at once: /generate keeps answering and
-    RSS stays under the documented ceiling (3 GB). Its time to first token is printed, not held to 2x: on
-    a 2-core machine OpenMP's spin-waiting between torch's thread pool (research ops) and the native
-    kernels' slows serving steps ~10x unless OMP_WAIT_POLICY=PASSIVE (docs/benchmarks.md, issue 17)."""
+    RSS stays under the documented ceiling (3 GB). Its time to first token is printed, not held to a bound
+    (a timing; bench/adversarial.py measures it: research calls share the engine thread with serving steps,
+    docs/benchmarks.md, issue 17)."""
     _, url = server
 
     async def main() -> tuple[float, float]:
