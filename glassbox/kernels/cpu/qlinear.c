@@ -433,7 +433,9 @@ GB_INLINE void ftile_row(const float *x, const float *xs, int64_t K, const float
 #pragma GCC unroll 8
     for (int rv = 0; rv < ROWS; rv += VW) {
         for (int64_t b = 0; b < nb; b++) {
+#if !X86_NIBBLES  // (x86 reads the row's scaled copies, xs)
             const float *xb = x + b * QBLOCK;
+#endif
             vf p[GROUPS][2];
             for (int g = 0; g < GROUPS; g++) p[g][0] = p[g][1] = vf_zero();
             if (format == FORMAT_Q4_1) {
@@ -569,6 +571,21 @@ GB_INLINE void ftile_pair(const float *x, int64_t ldx, const float *xsum, const 
 #define PAIRED 0
 #endif
 
+// y's rows [m0, m0 + mt) and columns [n0, n0 + ROWS) (those < N) = a tile's out (its row i at out + i * ld)
+// + bias [N] (or NULL) + residual (row stride ldr; or NULL; may alias y).
+GB_INLINE void store_tile(const float *out, int64_t ld, int64_t mt, int64_t m0, int64_t n0, int64_t N, const float *bias,
+                          const float *residual, int64_t ldr, float *y, int64_t ldy) {
+    const int64_t rows = N - n0 < ROWS ? N - n0 : ROWS;
+    for (int64_t i = 0; i < mt; i++) {
+        for (int64_t r = 0; r < rows; r += VW) {
+            vf v = vf_load(out + i * ld + r);
+            if (bias) v = vf_add(v, vf_load_n(bias + n0 + r, rows - r));
+            if (residual) v = vf_add(vf_load_n(residual + (m0 + i) * ldr + n0 + r, rows - r), v);
+            vf_store_n(y + (m0 + i) * ldy + n0 + r, v, rows - r);
+        }
+    }
+}
+
 // x [M, K] (row stride ldx; K a multiple of 32) float32 -> y [M, N] (row stride ldy) float32, x first
 // transformed by the prologue (RMS_NORM: with norm_weight [K] and eps; SILU_MUL: x is [M, 2K]).
 // residual [M, N] (row stride ldr; may alias y) is optional (NULL), as is w->bias.
@@ -650,24 +667,13 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
                         default: PAIR(FM); break;
                     }
 #undef PAIR
-                    for (int64_t gi = 0; gi < 2 && g0 + gi < groups; gi++) {
-                        const int64_t n0 = (g0 + gi) * ROWS, rows = N - n0 < ROWS ? N - n0 : ROWS;
-                        for (int64_t i = 0; i < mt; i++) {
-                            for (int64_t r = 0; r < rows; r += VW) {
-                                vf v = vf_load(out + i * 2 * ROWS + gi * ROWS + r);
-                                if (w->bias) v = vf_add(v, vf_load_n(w->bias + n0 + r, rows - r));
-                                if (residual) v = vf_add(vf_load_n(residual + (m0 + i) * ldr + n0 + r, rows - r), v);
-                                vf_store_n(y + (m0 + i) * ldy + n0 + r, v, rows - r);
-                            }
-                        }
-                    }
+                    for (int64_t gi = 0; gi < 2 && g0 + gi < groups; gi++)
+                        store_tile(out + gi * ROWS, 2 * ROWS, mt, m0, (g0 + gi) * ROWS, N, w->bias, residual, ldr, y, ldy);
                 }
             }
             free(wq);
         }
-        free(rows);
-        free(xsum);
-        return;
+        goto done;
     }
 #endif
     const int GN = !int8 && M == 1 ? GROUPS : 1;
@@ -723,21 +729,14 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
                 }
             }
 #undef TILE
-            for (int64_t gi = 0; gi < gn; gi++) {
-                const float *o = out + gi * M_TILE * ROWS;
-                const int64_t n0 = (g0 + gi) * ROWS, rows = N - n0 < ROWS ? N - n0 : ROWS;
-                for (int64_t i = 0; i < mt; i++) {
-                    for (int64_t r = 0; r < rows; r += VW) {
-                        vf v = vf_load(o + i * ROWS + r);
-                        if (w->bias) v = vf_add(v, vf_load_n(w->bias + n0 + r, rows - r));
-                        if (residual) v = vf_add(vf_load_n(residual + (m0 + i) * ldr + n0 + r, rows - r), v);
-                        vf_store_n(y + (m0 + i) * ldy + n0 + r, v, rows - r);
-                    }
-                }
-            }
+            for (int64_t gi = 0; gi < gn; gi++)
+                store_tile(out + gi * M_TILE * ROWS, ROWS, mt, m0, (g0 + gi) * ROWS, N, w->bias, residual, ldr, y, ldy);
         }
     }
     free(xcopies);
+#if PAIRED
+done:  // (the paired path's end)
+#endif
     free(rows);
     free(xsum);
     free(q);
