@@ -421,7 +421,6 @@ GB_INLINE void ftile(const float *x, int64_t ldx, const float *xsum, const int M
     }
 }
 
-
 // ftile for one row of x and GROUPS groups at once (weights gstride bytes and sstride scales apart; out
 // [GROUPS][M_TILE][ROWS], row 0 of each): a multiply-add waits ~4 cycles for its chain's previous one, and
 // one row of x over one group keeps only 2 chains in flight. Each output's operations and order are ftile's.
