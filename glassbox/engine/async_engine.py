@@ -71,7 +71,10 @@ class AsyncLLMEngine:
         self._factory = None if isinstance(engine, LLMEngine) else engine
         self.engine: LLMEngine = engine if isinstance(engine, LLMEngine) else None  # set by start()
         self._ready = threading.Event()
+        # Serving's own operations (new requests, aborts), and calls (research, introspection): a request
+        # waits behind at most one call, not behind every call queued before it.
         self._ops: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
@@ -115,7 +118,7 @@ class AsyncLLMEngine:
 
     def submit(self, fn: Callable[[LLMEngine], Any]) -> None:
         """Run fn(engine) on the loop thread between steps, from any thread, without waiting."""
-        self._submit(lambda: fn(self.engine))
+        self._submit(lambda: fn(self.engine), call=True)
 
     def call(self, fn: Callable[[LLMEngine], Any]) -> asyncio.Future:
         """Run fn(engine) on the loop thread between steps (for introspection and changes); await it.
@@ -143,7 +146,7 @@ class AsyncLLMEngine:
             except BaseException as error:  # handed to the caller, the engine goes on
                 future.set_exception(error)
 
-        if not self._submit(op):
+        if not self._submit(op, call=True):
             op()  # the loop has stopped: run here (a dead server still answers /model_info and /metrics)
         return future
 
@@ -232,12 +235,13 @@ class AsyncLLMEngine:
         self._submit(lambda: self._deliver_outputs(self.engine.fail_requests(None, error)))
 
     # ---- the loop thread
-    def _submit(self, op: Callable[[], None]) -> bool:
-        """Queue op for the loop thread; False (not queued) once the loop has stopped."""
+    def _submit(self, op: Callable[[], None], call: bool = False) -> bool:
+        """Queue op for the loop thread (a `call`: after serving's own); False (not queued) once the loop
+        has stopped."""
         with self._lock:
             if self._loop_stopped():
                 return False
-            self._ops.put(op)
+            (self._calls if call else self._ops).put(op)
         self._wakeup.set()
         return True
 
@@ -277,8 +281,9 @@ class AsyncLLMEngine:
                 stream.put(error)
             except RuntimeError:  # its event loop is closed: nobody waits on it
                 pass
-        while not self._ops.empty():
-            self._run_op(self._ops.get())
+        for ops in (self._ops, self._calls):
+            while not ops.empty():
+                self._run_op(ops.get())
 
     def _run(self) -> None:
         try:
@@ -291,11 +296,16 @@ class AsyncLLMEngine:
             self._ready.set()
         try:
             while not self._stopping:
-                # Only the ops queued by now: callers that queue their next op as soon as one ends (a
-                # pipeline's steps, a schedule's steps) would otherwise keep the queue full and starve serving.
                 for _ in range(self._ops.qsize()):
                     self._run_op(self._ops.get())
+                # Calls: one between two steps while requests run (a pipeline's or a schedule's steps, each
+                # queued as soon as the last ends, would otherwise hold serving); those queued by now if idle.
+                busy = self.engine.has_unfinished_requests()
+                for _ in range(min(1, self._calls.qsize()) if busy else self._calls.qsize()):
+                    self._run_op(self._calls.get())
                 if not self.engine.has_unfinished_requests():
+                    if not self._ops.empty() or not self._calls.empty():
+                        continue
                     self._wakeup.wait(self._idle_wait_s)
                     self._wakeup.clear()
                     self.engine.check_alive()  # a tensor-parallel rank that died while idle stops the loop now
