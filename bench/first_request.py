@@ -8,9 +8,7 @@ token event; then ten more prompts the same way, and one request's server-side t
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -18,26 +16,7 @@ import time
 
 import httpx
 from engine import PROMPT
-
-
-def first_token_ms(port: int, prompt: str) -> float:
-    """Request sent to the first SSE event holding a token (TCP_NODELAY, as curl)."""
-    body = json.dumps({"prompt": prompt, "max_tokens": 2, "temperature": 0, "stream": True}).encode()
-    head = "POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-    head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        begin = time.perf_counter()
-        sock.sendall(head.encode() + body)
-        received = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise RuntimeError(f"no token streamed: {received[-300:]!r}")
-            received += chunk
-            event = received.partition(b"data: ")[2]
-            if b"\n\n" in event and b'"token_ids": [' in event:
-                return (time.perf_counter() - begin) * 1000
+from server import first_token_ms  # (a raw socket, as curl)
 
 
 def one_start(port: int, extra: list[str]) -> tuple[float, float, list[float], dict]:

@@ -45,10 +45,10 @@ def start(mode: str) -> tuple[subprocess.Popen, str, float]:
             time.sleep(0.02)
 
 
-def first_token_ms(port: int) -> float:
+def first_token_ms(port: int, prompt: str = "Hi") -> float:
     """Request sent to the first SSE event holding a token, read off a raw socket (TCP_NODELAY, as curl
     does) so that no client library's own overhead is counted."""
-    body = json.dumps({"prompt": "Hi", "max_tokens": 2, "temperature": 0, "stream": True}).encode()
+    body = json.dumps({"prompt": prompt, "max_tokens": 2, "temperature": 0, "stream": True}).encode()
     head = "POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     with socket.create_connection(("127.0.0.1", port)) as sock:
