@@ -14,11 +14,8 @@ rank 0 names: the same path must hold it on every host.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-
-logger = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,20 +30,12 @@ def main(argv: list[str] | None = None) -> int:
             argv += ["--tensor-parallel-size", os.environ["WORLD_SIZE"]]
         return cli_main(argv)
     from glassbox.engine.tp_group import TensorParallelGroup
-    from glassbox.engine.tp_worker import serve_commands
+    from glassbox.engine.tp_worker import run_rank
 
     device = argparse.ArgumentParser(add_help=False)
     device.add_argument("--device", default="cpu")
     args, _ = device.parse_known_args(argv)
-    group = TensorParallelGroup.from_environment(args.device)
-    try:
-        serve_commands(group)
-    except Exception:
-        logger.exception("tensor-parallel rank %s failed", os.environ["RANK"])
-        return 1
-    finally:
-        group.shutdown()
-    return 0
+    return run_rank(TensorParallelGroup.from_environment(args.device), int(os.environ["RANK"]))
 
 
 if __name__ == "__main__":

@@ -73,11 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads of this rank")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    group = TensorParallelGroup.join(args.store, args.rank, args.world_size, args.device)
+    return run_rank(TensorParallelGroup.join(args.store, args.rank, args.world_size, args.device), args.rank)
+
+
+def run_rank(group: TensorParallelGroup, rank: int) -> int:
+    """A worker rank's life once in its group: rank 0's commands until Stop; the exit status (1: failed)."""
     try:
         serve_commands(group)
     except Exception:
-        logger.exception("tensor-parallel rank %d failed", args.rank)
+        logger.exception("tensor-parallel rank %d failed", rank)
         return 1
     finally:
         group.shutdown()
