@@ -107,3 +107,21 @@ def test_a_request_made_once_is_the_one_streamed(engine):
     assert outputs[-1].prompt_token_ids == prompt_ids and len(outputs[-1].token_ids) == 4
     with pytest.raises(ValueError, match="context length"):
         engine.make_request([1] * 300, params)  # raises in the caller, before anything is queued
+
+
+def test_calls_wait_while_new_requests_wait_for_their_first_step(engine):
+    """A research call queued with new requests runs after the step that takes them in: a request's first
+    token never waits behind a call (while requests run, one call between two steps)."""
+    saw_waiting = []
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+    async def main():
+        background = asyncio.create_task(collect(engine, [3] * 8, params))
+        await asyncio.sleep(0.05)  # the engine is busy stepping
+        for i in range(12):
+            calls = [engine.call(lambda e: saw_waiting.append(e.has_waiting_requests())) for _ in range(3)]
+            await asyncio.gather(collect(engine, [7, i + 1], SamplingParams(temperature=0, max_tokens=2)), *calls)
+        await background
+
+    asyncio.run(main())
+    assert len(saw_waiting) == 36 and not any(saw_waiting)

@@ -37,6 +37,10 @@ from glassbox.sampling import SamplingParams
 logger = logging.getLogger(__name__)
 
 YIELD_AFTER_OUTPUT_S = 0.0005
+# While requests wait to be scheduled, calls wait for the steps that take them in: a new request's first
+# token does not sit behind a research call. At most this many steps in a row, though (preempted requests
+# can wait long under KV pressure, and a call must not starve).
+CALLS_DEFERRED_AT_MOST = 8
 
 
 class EngineDeadError(RuntimeError):
@@ -294,15 +298,21 @@ class AsyncLLMEngine:
             return
         finally:
             self._ready.set()
+        deferred = 0  # steps run in a row while calls waited
         try:
             while not self._stopping:
                 for _ in range(self._ops.qsize()):
                     self._run_op(self._ops.get())
                 # Calls: one between two steps while requests run (a pipeline's or a schedule's steps, each
-                # queued as soon as the last ends, would otherwise hold serving); those queued by now if idle.
+                # queued as soon as the last ends, would otherwise hold serving), none while requests wait
+                # to be taken in (see CALLS_DEFERRED_AT_MOST); those queued by now if idle.
                 busy = self.engine.has_unfinished_requests()
-                for _ in range(min(1, self._calls.qsize()) if busy else self._calls.qsize()):
-                    self._run_op(self._calls.get())
+                if busy and self.engine.has_waiting_requests() and deferred < CALLS_DEFERRED_AT_MOST:
+                    deferred += 1
+                else:
+                    deferred = 0
+                    for _ in range(min(1, self._calls.qsize()) if busy else self._calls.qsize()):
+                        self._run_op(self._calls.get())
                 if not self.engine.has_unfinished_requests():
                     if not self._ops.empty() or not self._calls.empty():
                         continue

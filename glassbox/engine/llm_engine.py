@@ -261,6 +261,10 @@ class LLMEngine:
         """Requests not finished yet, or a launched step not read yet (whose rows may all have finished)."""
         return bool(self.requests) or self._pending is not None
 
+    def has_waiting_requests(self) -> bool:
+        """Requests waiting to be scheduled (new ones before their first step, or preempted ones)."""
+        return bool(self.scheduler.waiting)
+
     def fail_requests(self, request_ids: list[str] | None, error: RequestError) -> list[RequestOutput]:
         """End requests now with `error` (all of them if None), blocks freed; their final outputs."""
         ids = list(self.requests) if request_ids is None else request_ids

@@ -36,8 +36,8 @@ class Limits:
     # ---- profiling (/debug/profiling/*)
     profiling_max_seconds: float = 30.0  # a session stops recording after this long ...
     profiling_max_steps: int = 64  # ... or after this many engine steps, whichever comes first
-    profiling_max_events: int = 1_000_000  # more recorded events: summary only, no trace written
-    profiling_max_trace_bytes: int = 256 * MiB  # a larger trace file is deleted, the summary kept
+    profiling_max_events: int = 1_000_000  # more recorded events: summary only, the trace deleted
+    profiling_max_trace_bytes: int = 256 * MiB  # a larger trace file is deleted unread (no summary)
     profiling_traces_kept: int = 4  # the oldest trace is deleted when a new one would exceed this
     # ---- handles (/pipeline/* activations, /parallel/tensor_split splits)
     handle_ttl_s: float = 300.0

@@ -121,9 +121,10 @@ class StepOnRanks(RankTask):
             return run_step(rank.model, self.step, self.layer_idx, self.activation)
 
 
-# lm_head's tokens per engine call: [64, 49152] logits are ~0.1 s of a 2-core CPU, so serving steps run
-# between the calls of a long input (512 tokens at once held a waiting request's first token ~0.7 s).
-LM_HEAD_TOKENS_PER_CALL = 64
+# lm_head's tokens per engine call, so serving steps run between the calls of a long input: [16, 49152]
+# logits are ~10 ms of a 2-core CPU (512 tokens at once held a waiting request's first token ~0.7 s; 64
+# tokens a call, ~40 ms, still doubled it under a busy pipeline client).
+LM_HEAD_TOKENS_PER_CALL = 16
 
 
 def pieces(step: str, activation: Activation) -> list[Activation]:

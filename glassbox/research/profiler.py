@@ -4,17 +4,20 @@ path.
 
 Bounded (research/limits.py): a session stops recording by itself after `profiling_max_steps` engine steps
 or `profiling_max_seconds`, whichever comes first (a step hook, so recording never outlives its budget even
-if nobody calls stop); a session that recorded more than `profiling_max_events` events writes no trace (its
-summary is still given); a trace over `profiling_max_trace_bytes` is deleted; at most
+if nobody calls stop); a session that recorded more than `profiling_max_events` events keeps no trace (its
+summary is still given); a trace over `profiling_max_trace_bytes` is deleted unread; at most
 `profiling_traces_kept` traces are kept, the oldest deleted first, and all of them when the server stops.
-Only stopping the session runs on the engine thread: reading the events, the summary and writing the trace
-(seconds for a large session) run in the caller's worker thread while serving goes on.
+Only stopping the session runs on the engine thread: writing the trace runs in the caller's worker thread,
+and reading the summary from it in a child process (research/trace_summary.py), while serving goes on.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -123,45 +126,47 @@ class Profiler:
         return session
 
     def summarize(self, session: _Session, top: int = 25) -> dict[str, Any]:
-        """The top operators by self time, and the trace's id (None if the session was over a budget)."""
+        """The top operators by self time, and the trace's id (None if the session was over a budget).
+
+        Off the engine thread: torch writes the trace (C++), and a child process at the lowest priority
+        reads the summary from it (research/trace_summary.py: torch's own reading is Python over every
+        event, and would take the GIL from serving for seconds)."""
         limits = self.limits
-        events = session.torch_session.events()
-        num_events = len(events)
+        trace_id = uuid.uuid4().hex
+        path = self.trace_dir / f"{trace_id}.json"
+        session.torch_session.export_chrome_trace(str(path))
+        size = path.stat().st_size
         result: dict[str, Any] = {
             "trace_id": None,
             "steps": session.steps,
             # Each step's forward is named after its executor in the trace: glassbox::forward[<executor>].
             "steps_by_executor": dict(session.executors),
-            "num_events": num_events,
+            "num_events": None,
             "recording_stopped_by": session.stopped_because,
+            "top_ops_by_self_cpu_time": None,
         }
-        if num_events > limits.profiling_max_events:
+        if size > limits.profiling_max_trace_bytes:
+            path.unlink()
             result["trace_omitted"] = (
-                f"profiling_max_events: {num_events} events recorded, over the limit of {limits.profiling_max_events}"
+                f"profiling_max_trace_bytes: the trace is {size} bytes, over the limit of {limits.profiling_max_trace_bytes}"
+                " (the summary is read from the trace: none either)"
+            )
+            return result
+        command = [sys.executable, "-m", "glassbox.research.trace_summary", str(path), "--top", str(top)]
+        try:
+            summary = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        result.update(summary)
+        if summary["num_events"] > limits.profiling_max_events:
+            path.unlink()
+            result["trace_omitted"] = (
+                f"profiling_max_events: {summary['num_events']} events recorded, over the limit of {limits.profiling_max_events}"
             )
         else:
-            trace_id = uuid.uuid4().hex
-            path = self.trace_dir / f"{trace_id}.json"
-            session.torch_session.export_chrome_trace(str(path))
-            size = path.stat().st_size
-            if size > limits.profiling_max_trace_bytes:
-                path.unlink()
-                result["trace_omitted"] = (
-                    f"profiling_max_trace_bytes: the trace is {size} bytes, over the limit of {limits.profiling_max_trace_bytes}"
-                )
-            else:
-                result["trace_id"], result["trace_bytes"] = trace_id, size
-                result["deleted_traces"] = self._keep(trace_id)
-        rows = sorted(session.torch_session.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-        result["top_ops_by_self_cpu_time"] = [
-            {
-                "name": e.key,
-                "calls": e.count,
-                "self_cpu_ms": e.self_cpu_time_total / 1000,
-                "cpu_total_ms": e.cpu_time_total / 1000,
-            }
-            for e in rows
-        ]
+            result["trace_id"], result["trace_bytes"] = trace_id, size
+            result["deleted_traces"] = self._keep(trace_id)
         return result
 
     def _keep(self, trace_id: str) -> list[str]:

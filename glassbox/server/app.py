@@ -21,6 +21,7 @@ from glassbox.research.handles import HandleStore
 from glassbox.research.latency import LatencyStats
 from glassbox.research.plugins import PluginEntries, PluginManager, fall_back_to_builtins, follow_new_version
 from glassbox.research.profiler import Profiler
+from glassbox.server.background import Background
 from glassbox.server import routes_generate, routes_openai, routes_ops, routes_research, routes_sparsity
 from glassbox.server.engine_client import EngineClient
 from glassbox.server.errors import add_error_handlers
@@ -56,6 +57,7 @@ def create_app(
         if plugins is not None:
             plugins.stop()
         engine.shutdown()
+        app.state.background.close()
         app.state.profiler.close()
 
     app = FastAPI(title="glassbox", version=__version__, lifespan=lifespan)
@@ -63,6 +65,7 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.profiler = Profiler(limits)
+    app.state.background = Background()
     app.state.latency = LatencyStats()
     app.state.handles = HandleStore(limits.max_handles, limits.handle_ttl_s, limits.max_handle_bytes)
     app.state.plugins = plugins

@@ -5,7 +5,6 @@ pipeline), and within the budgets of research/limits.py (GET /limits)."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -82,7 +81,7 @@ async def profiling_stop(request: Request, client: EngineClient = Depends(engine
         session = await client.call(profiler.stop)
     except ProfilerError as error:
         raise APIError(409, str(error)) from None
-    result = await asyncio.to_thread(profiler.summarize, session)  # seconds for a big session: not on the engine
+    result = await request.app.state.background.run(profiler.summarize, session)  # seconds for a big session
     result["trace_url"] = f"/debug/profiling/traces/{result['trace_id']}" if result["trace_id"] else None
     return result
 
@@ -186,11 +185,15 @@ async def tensor_split(
     """Split a model weight (by name) or a seeded random tensor (1-D to 4-D, at most
     limits.tensor_max_elements) into shards; returns a split_id (expires, limits.handle_ttl_s)."""
     max_elements = limits_of(request).tensor_max_elements
-    parts = await client.call(
-        lambda engine: parallel_ranks.split_for_engine(
-            engine, body.weight, body.tensor_shape, body.split_dim, body.num_splits, body.seed, max_elements
+    if body.weight is None and client.facts.model_info["tensor_parallel_size"] == 1:  # touches no engine state
+        args = (None, None, body.tensor_shape, body.split_dim, body.num_splits, body.seed, max_elements)
+        parts = await request.app.state.background.run(parallel.split, *args)
+    else:
+        parts = await client.call(
+            lambda engine: parallel_ranks.split_for_engine(
+                engine, body.weight, body.tensor_shape, body.split_dim, body.num_splits, body.seed, max_elements
+            )
         )
-    )
     split_id = request.app.state.handles.put(parts, parallel.nbytes(parts))
     return {
         "split_id": split_id,
@@ -223,7 +226,8 @@ async def parallel_execute(
         return await client.call(
             lambda engine: parallel_ranks.execute_on_ranks(engine, parts, body.other_columns, body.seed, body.gather, max_elements)
         )
-    return await asyncio.to_thread(parallel.execute, parts, body.other_columns, body.seed, body.gather, max_elements)
+    background = request.app.state.background
+    return await background.run(parallel.execute, parts, body.other_columns, body.seed, body.gather, max_elements)
 
 
 @router.post("/debug/attention_scores", responses={200: {"content": {"image/png": {}}, "description": "JSON, or a PNG with format png"}})
@@ -251,7 +255,7 @@ async def debug_attention_scores(
     )
     if body.format == "png":
         title = f"layer {body.layer_idx}, head {body.head_idx}: sparsity {scores['sparsity_ratio']:.2f}, entropy {scores['entropy']:.2f}"
-        png = await asyncio.to_thread(attention_png, scores["attention_matrix"], scores["tokens"], title)
+        png = await request.app.state.background.run(attention_png, scores["attention_matrix"], scores["tokens"], title)
         return Response(png, media_type="image/png")
     return scores
 
@@ -289,7 +293,7 @@ async def _run_pipeline(
             (part,), (out,) = await client.call(lambda engine, piece=piece: pipeline.execute(engine, [step], piece, False))
             parts.append((part, out))
         # (statistics over [T, vocab] logits: ~0.1 s, off the event loop)
-        report, out = await asyncio.to_thread(pipeline.joined, step, parts, body.return_intermediate)
+        report, out = await request.app.state.background.run(pipeline.joined, step, parts, body.return_intermediate)
         activation = pipeline.Activation(out, activation.token_ids)
         report["handle"] = handles.put(activation, out.numel() * out.element_size())
         reports.append(report)
