@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: the model's dtype; bfloat16: half a float32 model's bytes per cached token; fp8: float8_e4m3fn",
     )
     serve.add_argument("--max-num-seqs", type=int, default=256)
+    serve.add_argument(
+        "--batch-invariant", action="store_true",
+        help="a request's logits the same bits whatever else is in the batch (CUDA: slower Triton kernels)",
+    )  # fmt: skip
     serve.add_argument("--tensor-parallel-size", type=int, default=1, help=TP_HELP)
     serve.add_argument(
         "--scheduling-policy", default="fcfs",
@@ -176,6 +180,7 @@ def run_serve(args: argparse.Namespace) -> None:
         quantization=args.quantization,
         activations=args.activations,
         tensor_parallel_size=args.tensor_parallel_size,
+        batch_invariant=args.batch_invariant,
     )
     engine = AsyncLLMEngine(lambda: LLMEngine(loaded, engine_config)).start()
     # The engine thread holds the GIL for much of each step; hand it over more often (default 5 ms) so

@@ -98,6 +98,10 @@ class EngineConfig:
     # Take the tensor-parallel path (process group, sharded layers, rank 0 sending each call) even with one
     # rank: on one GPU, the NCCL path at world size 1 (tests). Off: one rank runs the plain engine.
     distributed: bool = False
+    # A sequence's logits the same bits whatever else is in the batch and however its prompt was chunked
+    # (engine/batch_invariant.py): on CUDA, Triton matmuls/norms/attention with a fixed reduction order per
+    # row (slower); on the CPU the native quantized kernels, which already are.
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if self.activations not in ("float32", "int8"):
@@ -107,5 +111,7 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}")
+        if self.batch_invariant and (self.tensor_parallel_size > 1 or self.distributed):
+            raise ValueError("batch_invariant runs on one rank; set tensor_parallel_size=1")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")

@@ -17,6 +17,7 @@ from torch import nn
 
 from glassbox.kernels import cpu_native
 from glassbox.layers.attention import AttentionMetadata
+from glassbox.layers.batch_invariant import is_batch_invariant
 from glassbox.models import llama_native
 
 
@@ -97,7 +98,11 @@ def _native_supported(model: nn.Module, device: torch.device, compile: bool) -> 
 # The eager executor always applies. Add a fast path here, then teach ModelRunner.plan when to take it.
 REGISTRY: dict[str, tuple[Callable[[nn.Module, torch.device, bool], bool], Callable[[nn.Module], Executor]]] = {
     "eager": (lambda model, device, compile: True, EagerExecutor),
-    "compiled": (lambda model, device, compile: compile and device.type == "cuda", CompiledExecutor),
+    # Not over batch-invariant layers (engine/batch_invariant.py): inductor chooses its reductions by shape.
+    "compiled": (
+        lambda model, device, compile: compile and device.type == "cuda" and not is_batch_invariant(model),
+        CompiledExecutor,
+    ),
     "native_layers": (_native_supported, NativeLayersExecutor),
     "native_stack": (_native_supported, NativeStackExecutor),
 }

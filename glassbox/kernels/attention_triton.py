@@ -510,6 +510,7 @@ def _prefill_kernel(
     SLIDING_WINDOW: tl.constexpr,  # 0 = none
     FP8_MAX: tl.constexpr,  # 0 unless the cache is an 8-bit float (then tiles are widened to q's dtype)
     IEEE: tl.constexpr,
+    ALIGNED: tl.constexpr,  # key tiles start at multiples of BLOCK_N whatever the window (batch-invariant)
     BLOCK_M: tl.constexpr,  # rows of the tile: BLOCK_Q queries x GROUP heads (+ padding rows)
     BLOCK_Q: tl.constexpr,  # queries per program = BLOCK_M // GROUP
     BLOCK_D: tl.constexpr,
@@ -548,6 +549,8 @@ def _prefill_kernel(
     lo = 0
     if SLIDING_WINDOW > 0:
         lo = tl.maximum(first_pos - SLIDING_WINDOW + 1, 0)
+        if ALIGNED:  # the first query's window start depends on the chunking; the tile edges must not
+            lo = (lo // BLOCK_N) * BLOCK_N
 
     running_max = tl.full([BLOCK_M], NO_MAX, tl.float32)
     running_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -587,11 +590,19 @@ def prefill_attention(
     scale: float,
     sliding_window: int | None = None,
     out: torch.Tensor | None = None,
+    *,
+    batch_invariant: bool = False,
 ) -> torch.Tensor:
     """Causal attention of a flattened batch over the paged cache (this step's keys already stored).
     q: [T, H, D]; sequence i's queries are rows [query_start_loc[i], query_start_loc[i+1]) ([S + 1] on the
     device) at the last q_len positions of its context_lens[i] ([S] on the device). max_query_len: a host
-    bound on q_len that sizes the grid. Decode rows (q_len 1) may be mixed in. Returns out [T, H, D]."""
+    bound on q_len that sizes the grid. Decode rows (q_len 1) may be mixed in. Returns out [T, H, D].
+
+    Each query row's result depends only on its position and its sequence's keys: its keys are visited in
+    BLOCK_N tiles from position 0 (tiles past the query, fully masked, change nothing), one program per
+    query tile and KV head, no split over the keys. So a row gets the same bits however its prompt was
+    chunked and whatever else is in the batch; `batch_invariant` also aligns a sliding window's first tile
+    (layers/batch_invariant.py runs decode rows here too, instead of the split-K decode kernel)."""
     _check_cache(k_cache, v_cache)
     _check(q.dim() == 3 and q.stride(-1) == 1, f"q must be [T, H, D] with contiguous D, got {tuple(q.shape)}")
     num_tokens, num_heads, head_dim = q.shape
@@ -623,6 +634,7 @@ def prefill_attention(
         SLIDING_WINDOW=sliding_window or 0,
         FP8_MAX=_fp8_max(k_cache),
         IEEE=_ieee(q, k_cache),
+        ALIGNED=batch_invariant,
         BLOCK_M=block_m,
         BLOCK_Q=block_q,
         BLOCK_D=_block_d(head_dim),

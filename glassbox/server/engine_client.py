@@ -53,6 +53,8 @@ class ModelFacts:
             "tensor_parallel_size": engine.tensor_parallel_size,
             "weight_format": weight_format(loaded.model),  # what the CPU runs: q4_1, q8_0, ... or float
             "activations": engine.config.activations,
+            # Whether a request's numbers are independent of the batch it ran in (engine/batch_invariant.py).
+            "batch_invariant": engine.config.batch_invariant,
             "device": str(loaded.device),
             "context_length": engine.max_model_len,
             "vocab_size": config.vocab_size,
