@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.autograd.profiler import profile
 
 from glassbox.engine.llm_engine import LLMEngine
 from glassbox.errors import FieldError
 from glassbox.research.limits import Limits
 
-ACTIVITIES = {"cpu": ProfilerActivity.CPU, "cuda": ProfilerActivity.CUDA}
+ACTIVITIES = ("cpu", "cuda")
 TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -77,11 +77,16 @@ class Profiler:
         names = list(dict.fromkeys(activities or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])))
         unknown = [a for a in names if a not in ACTIVITIES]
         if unknown:
-            raise FieldError("activities", f"unknown {unknown}; choose from {sorted(ACTIVITIES)}")
+            raise FieldError("activities", f"unknown {unknown}; choose from {list(ACTIVITIES)}")
         if "cuda" in names and not torch.cuda.is_available():
             raise FieldError("activities", "'cuda' needs a CUDA device; this server runs on the CPU: use ['cpu']")
-        torch_session = profile(activities=[ACTIVITIES[a] for a in names], record_shapes=record_shapes, with_stack=with_stack)
-        torch_session.start()  # if this raises nothing is kept: the next start begins afresh
+        # torch.autograd.profiler's profile (Kineto underneath), not torch.profiler's: the latter's first start
+        # imports torch._inductor (~2 s on the engine thread, every request waiting).
+        torch_session = profile(
+            use_cpu="cpu" in names, use_device="cuda" if "cuda" in names else None, record_shapes=record_shapes,
+            with_stack=with_stack, use_kineto=True,
+        )  # fmt: skip
+        torch_session.__enter__()  # if this raises nothing is kept: the next start begins afresh
         options = {"activities": names, "record_shapes": record_shapes, "with_stack": with_stack}
         self._session = _Session(torch_session, engine, options)
         engine.step_hooks.append(self._on_step)
@@ -110,7 +115,7 @@ class Profiler:
             session.stopped_because = reason
             session.steps = engine.num_steps - session.steps_at_start
             session.executors = engine.executor_counts - session.executors_at_start
-            session.torch_session.stop()
+            session.torch_session.__exit__(None, None, None)
         if self._on_step in engine.step_hooks:
             engine.step_hooks.remove(self._on_step)
 

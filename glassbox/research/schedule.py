@@ -4,8 +4,10 @@ The set runs through a private engine over the serving model (weights shared, it
 prefix cache): nothing else shares its batches, so two runs of the same set under two policies differ only
 by the policy. It runs one private step per call on the serving engine's loop thread (`ScheduleRun.step`),
 so serving steps run between two of its steps: it never holds serving for more than one step, and the
-caller can stop calling (a client gone) to drop it. Its times are the sum of its own steps' times
-("virtual" time), not wall time, so they do not depend on the serving traffic interleaved with them.
+caller can stop calling (a client gone) to drop it. On the CPU's native path even one private step is cut
+in slices of a few layers, one per call (research/step_slices.py): a new request waits behind a slice, not
+a 16-sequence step. Its times are the sum of its own steps' times ("virtual" time), not wall time, so they
+do not depend on the serving traffic interleaved with them.
 
 Budgets (research/limits.py): the number of requests, their tokens (prompt + max_tokens), and the bytes of
 the private KV pool sized for them.
@@ -23,6 +25,7 @@ from glassbox.engine.llm_engine import LLMEngine, RequestState
 from glassbox.engine.policies import SchedulingPolicy, get_policy
 from glassbox.errors import FieldError
 from glassbox.research.limits import Limits, check
+from glassbox.research.step_slices import Handover, SlicedLayers
 from glassbox.sampling import SamplingParams
 
 # Per-step token budget: small chunks keep decodes flowing (latency); large ones fill the batch (throughput).
@@ -55,7 +58,10 @@ class ScheduleRun:
         max_batch_size: int = 8,
         strategy: str = "maximize_throughput",
         limits: Limits | None = None,
+        sliced: bool = True,
     ) -> None:
+        """`sliced`: cut each private step in slices of layers where the path allows (see step()); off for
+        a run with nothing else to serve."""
         limits = limits or Limits()
         self.policy = _policy(algorithm)
         if strategy not in STRATEGIES:
@@ -88,12 +94,19 @@ class ScheduleRun:
             ),
         )
         self.private.scheduler.policy = self.policy
+        self.handover: Handover | None = None
+        runner = self.private.runner
+        if sliced and "native_layers" in runner.executors:
+            self.handover = Handover()
+            executor = SlicedLayers(engine.loaded.model, self.handover, lambda: runner.kv_cache.bind(runner.attention_layers))
+            runner.executors = {"eager": runner.executors["eager"], "native_layers": executor}
         self.states: list[RequestState] = []
         for p, r in zip(prompts, requests):
             state = self.private.make_request(p, SamplingParams(temperature=0, max_tokens=r.max_tokens), priority=r.priority)
             self.private.enqueue(state)
             self.states.append(state)
         self.elapsed = 0.0  # seconds of the private engine's own steps
+        self._step_began = 0.0  # self.elapsed when the step in progress began
         self.queue_s: dict[int, float] = {}
         self.first_token_s: dict[int, float] = {}
         self.finish_s: dict[int, float] = {}
@@ -102,16 +115,25 @@ class ScheduleRun:
         self.index = {state.seq.request_id: i for i, state in enumerate(self.states)}
 
     def step(self) -> bool:
-        """One private step; True once every request has finished."""
-        if not self.private.has_unfinished_requests():
-            return True
-        before = self.elapsed
+        """One private step, or one slice of it (see `sliced`); True once every request has finished."""
+        if self.handover is None or not self.handover.busy:
+            if not self.private.has_unfinished_requests():
+                return True
+            self._step_began = self.elapsed
+            if self.handover is not None:
+                self.handover.start(self.private.step)
         start = time.perf_counter()
-        outputs = self.private.step()
+        if self.handover is None:
+            outputs = self.private.step()
+        elif self.handover.resume():
+            outputs = self.handover.result
+        else:
+            self.elapsed += time.perf_counter() - start
+            return False
         self.elapsed += time.perf_counter() - start
         for i, state in enumerate(self.states):
             if i not in self.queue_s and state.seq.timings.first_scheduled is not None:
-                self.queue_s[i] = before
+                self.queue_s[i] = self._step_began
         for out in outputs:
             i = self.index[out.request_id]
             if out.token_ids and i not in self.first_token_s:
@@ -121,6 +143,11 @@ class ScheduleRun:
                 self.finished[out.request_id] = out
                 self.order.append(i)
         return not self.private.has_unfinished_requests()
+
+    def close(self) -> None:
+        """Drop the run where it is (on the engine thread: a paused private step unwinds there)."""
+        if self.handover is not None:
+            self.handover.close()
 
     def result(self) -> dict[str, Any]:
         """Per request: queue time, TTFT, finish time (ms of the set's own steps), output; and totals."""
@@ -170,7 +197,7 @@ def run_schedule(
     limits: Limits | None = None,
 ) -> dict[str, Any]:
     """The whole set at once (offline use: nothing else to serve meanwhile)."""
-    run = ScheduleRun(engine, requests, algorithm, max_batch_size, strategy, limits)
+    run = ScheduleRun(engine, requests, algorithm, max_batch_size, strategy, limits, sliced=False)
     while not run.step():
         pass
     return run.result()

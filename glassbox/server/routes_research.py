@@ -126,10 +126,13 @@ async def batch_schedule(
         run = await client.call(
             lambda engine: ScheduleRun(engine, requests, body.algorithm, body.max_batch_size, body.strategy, limits)
         )
-        while not await client.call(lambda engine: run.step()):
-            if await request.is_disconnected():
-                return Response(status_code=499)  # the client left: the run is dropped with its pool
-        return run.result()
+        try:
+            while not await client.call(lambda engine: run.step()):
+                if await request.is_disconnected():
+                    return Response(status_code=499)  # the client left: the run is dropped with its pool
+            return run.result()
+        finally:
+            await client.call(lambda engine: run.close())
     finally:
         state.schedule_runs -= 1
 
