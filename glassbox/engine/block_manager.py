@@ -54,7 +54,7 @@ class BlockManager:
         return self.num_used_blocks / self.num_blocks
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
-        total = seq.num_computed_tokens + num_new_tokens
+        total = seq.num_kv_slots + num_new_tokens
         return max(0, -(-total // self.block_size) - len(seq.block_table))
 
     # ---- admission: reuse cached prefix blocks
@@ -138,6 +138,21 @@ class BlockManager:
                     self.free_blocks.append(block)
         seq.block_table = []
         seq.block_hashes = []
+
+    def release_unused(self, seq: Sequence) -> int:
+        """Give back the blocks past the sequence's filled slots (after an evicting method dropped tokens:
+        engine/eviction.py); last first, as `free` does. Returns how many."""
+        keep = -(-seq.num_kv_slots // self.block_size)
+        released = seq.block_table[keep:]
+        for block in reversed(released):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                if self.block_keys[block] is not None:
+                    self.evictable[block] = None
+                else:
+                    self.free_blocks.append(block)
+        del seq.block_table[keep:]
+        return len(released)
 
     def reset_prefix_cache(self) -> int:
         """Forget every unreferenced cached block (e.g. after weights change). Returns how many."""

@@ -30,6 +30,7 @@ import torch
 from glassbox.algorithms import ALGORITHMS, AlgorithmFault
 from glassbox.config import EngineConfig
 from glassbox.engine.block_manager import BlockManager, PrefixCacheStats
+from glassbox.engine.eviction import KVEvictor
 from glassbox.engine.kv_cache import KVCache
 from glassbox.engine.model_runner import COMPILED_MIN_TOKENS, ModelRunner, PendingDecode
 from glassbox.engine.optimize import num_parameters, optimize_model
@@ -121,6 +122,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.scheduling_policy, self.max_model_len
         )
+        # Frees the blocks of what sliding_window and h2o drop, after each step (engine/eviction.py).
+        self.evictor = KVEvictor(self.kv_cache, self.block_manager, loaded.config.num_attention_heads)
         if not tensor_parallel:
             self.runner = ModelRunner(loaded, self.kv_cache, cfg.seed, compile=on_cuda and cfg.compile)
         graphs = on_cuda and not cfg.enforce_eager and not tensor_parallel
@@ -216,7 +219,12 @@ class LLMEngine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
                 f"length of {self.max_model_len} tokens",
             )
-        blocks = -(-(len(prompt_ids) + params.max_tokens) // self.config.block_size)
+        sparsity = sparsity or self.default_sparsity
+        evicting = sparsity is not None and self.evicts(sparsity)
+        held = len(prompt_ids) + params.max_tokens
+        if evicting:  # the whole prompt first (computed in the mask form), then what the method keeps
+            held = max(len(prompt_ids), sparsity.max_kv_tokens(held))
+        blocks = -(-held // self.config.block_size)
         if blocks > self.kv_cache.num_blocks:
             raise FieldError(
                 "max_tokens",
@@ -232,15 +240,27 @@ class LLMEngine:
         seq = Sequence(
             request_id, prompt_ids, params, priority=priority, stop_token_ids=stop_ids, max_tokens=params.max_tokens
         )
-        sparsity = sparsity or self.default_sparsity
         if sparsity is not None and sparsity.name != "dense" and self.distributed:
             raise FieldError("sparsity", NO_MASKS_UNDER_TENSOR_PARALLELISM)
         if sparsity is not None and sparsity.name != "dense":
-            seq.sparsity, seq.prefix_cacheable = SparsityState(sparsity), False
+            seq.sparsity = SparsityState(sparsity, evicting=evicting)
+            seq.prefix_cacheable = False
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.loaded.device).manual_seed(params.seed)
         return RequestState(seq, params, generator)
+
+    def evicts(self, method: SparsityMethod) -> bool:
+        """Whether a request under `method` has what the method drops evicted from its KV cache (its blocks
+        freed), or runs the mask form only: a method that evicts, that drops something within this
+        engine's context length, on a model without sliding windows of its own (their masks count
+        positions as slots), on one rank."""
+        return (
+            method.evicts
+            and not method.is_dense(self.max_model_len)
+            and not any(self.loaded.config.layer_windows)
+            and not self.distributed
+        )
 
     def enqueue(self, state: RequestState) -> None:
         request_id = state.seq.request_id
@@ -379,7 +399,8 @@ class LLMEngine:
             if state.params.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens:
                 prompt_logprobs[i] = state.params.prompt_logprobs
         plan = self.runner.plan(batch, len(sample_requests), list(prompt_logprobs), timed=bool(self.observers))
-        if self.async_scheduling and self.runner.can_launch_ahead(plan, sample_requests):
+        evicting = any(seq.sparsity is not None and seq.sparsity.evicting for seq in self._step_seqs)
+        if self.async_scheduling and not evicting and self.runner.can_launch_ahead(plan, sample_requests):
             plan = self._record(self.runner.plan_ahead(plan.num_seqs))
             requests = [sample_requests[i] for i in range(len(batch.items))]
             input_ids = [seq.token_ids[-1] for seq, _ in batch.items]
@@ -391,6 +412,7 @@ class LLMEngine:
             seq = batch.items[i][0]
             self.output_processor.record_prompt_logprobs(self.requests[seq.request_id], seq.num_computed_tokens, entries)
         advanced = self.scheduler.update_from_output(batch, result.sampled)
+        self.evictor.after_step(batch.items)
         outputs = self._process(batch, advanced, result.sampled, result.logprobs, result.seconds)
         self._report_step(plan, start, result.seconds)
         return outputs

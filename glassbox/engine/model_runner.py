@@ -109,9 +109,10 @@ class ModelRunner:
         self, batch: ScheduledBatch, num_sampled: int, prompt_logprob_rows: list[int], timed: bool = False
     ) -> StepPlan:
         """How this step runs (see engine/step_plan.py for the rule)."""
+        evicted = any(seq.num_evicted_tokens for seq, _ in batch.items)
         return self._plan(
             len(batch.items), batch.num_tokens, num_sampled, tuple(self._masked_rows(batch)),
-            tuple(prompt_logprob_rows), timed, launched_ahead=False,
+            tuple(prompt_logprob_rows), timed, launched_ahead=False, evicted=evicted,
         )  # fmt: skip
 
     def plan_ahead(self, num_seqs: int) -> StepPlan:
@@ -132,7 +133,10 @@ class ModelRunner:
         prompt_logprob_rows: tuple[int, ...],
         timed: bool,
         launched_ahead: bool,
+        evicted: bool = False,
     ) -> StepPlan:
+        """`evicted`: a row's KV cache lost tokens to eviction (its slots are not its positions, which the
+        CUDA graphs' inputs assume)."""
         decode = num_tokens == num_seqs and num_sampled == num_seqs and not prompt_logprob_rows
         if timed:
             executor, reason = "eager", "latency timers on"
@@ -140,6 +144,8 @@ class ModelRunner:
             executor, reason = "compiled", f"masked rows, {num_tokens} tokens >= {COMPILED_MIN_TOKENS}"
         elif masked:
             executor, reason = "eager", "masked rows need the readable attention"
+        elif decode and evicted and self.graphs is not None:
+            executor, reason = "eager", "evicted KV caches: the decode graphs take positions for slots"
         elif decode and self.graphs is not None and self.graphs.can_run(num_seqs):
             executor, reason = "cuda_graph", "decode step within the captured sizes"
         elif "native_stack" in self.executors and self.kv_cache.dtype in cpu_native.CACHE_DTYPES:
@@ -188,7 +194,7 @@ class ModelRunner:
         for seq, num_new in batch.items:
             start = seq.num_computed_tokens
             input_ids.extend(seq.token_ids[start : start + num_new])
-            chunks.append(SeqChunk(seq.block_table, start, num_new))
+            chunks.append(SeqChunk(seq.block_table, start, num_new, seq.num_kv_slots))
         result = StepResult()
         clock = _Clock(plan.timed, self.device)
         if plan.executor == "cuda_graph":
@@ -238,6 +244,7 @@ class ModelRunner:
         each sequence then computes the token that step samples for it)."""
         self.kv_cache.bind(self.attention_layers)
         seqs = [seq for seq, _ in batch.items]
+        # (A sequence with evicted tokens is never launched ahead: its slots are not its positions.)
         chunks = [SeqChunk(seq.block_table, seq.num_computed_tokens, 1) for seq in seqs]
         rows = None
         if previous is not None:

@@ -110,7 +110,7 @@ class Scheduler:
                 num_new = min(seq.num_uncomputed_tokens, budget)
                 if not self.block_manager.allocate(seq, num_new):
                     self.block_manager.free(seq)
-                    seq.num_computed_tokens = seq.num_cached_tokens = 0
+                    seq.forget_cache()
                     break
                 self.waiting.pop(0)
                 seq.status = SequenceStatus.RUNNING
@@ -205,7 +205,7 @@ class Scheduler:
         """Free the sequence's blocks; it goes back to waiting and recomputes its tokens when readmitted."""
         self.running.remove(seq)
         self.block_manager.free(seq)
-        seq.num_computed_tokens = seq.num_cached_tokens = 0
+        seq.forget_cache()
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1

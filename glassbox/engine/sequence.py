@@ -59,7 +59,10 @@ class Sequence:
 
     token_ids: list[int] = field(default_factory=list)  # prompt + output
     status: SequenceStatus = SequenceStatus.WAITING
-    num_computed_tokens: int = 0  # tokens whose keys/values are in the cache
+    num_computed_tokens: int = 0  # tokens whose keys/values were computed (the next token's position)
+    # Of those, how many an evicting sparsity method (sliding_window, h2o) dropped from the KV cache: the
+    # cache holds `num_kv_slots` slots, and its blocks cover only those (engine/eviction.py).
+    num_evicted_tokens: int = 0
     num_cached_tokens: int = 0  # of those, how many came from the prefix cache (last admission)
     block_table: list[int] = field(default_factory=list)
     # Chained hash of each leading full block already registered in the prefix cache.
@@ -98,5 +101,17 @@ class Sequence:
         return self.num_tokens - self.num_computed_tokens
 
     @property
+    def num_kv_slots(self) -> int:
+        """Slots of the KV cache this sequence fills: its computed tokens less the evicted ones."""
+        return self.num_computed_tokens - self.num_evicted_tokens
+
+    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    def forget_cache(self) -> None:
+        """Its KV cache is gone (preempted, or never admitted): every token is computed again, and an
+        evicting method starts over from the recomputed prompt."""
+        self.num_computed_tokens = self.num_cached_tokens = self.num_evicted_tokens = 0
+        if self.sparsity is not None:
+            self.sparsity.forget_cache()

@@ -12,11 +12,15 @@ from glassbox.layers.attention import AttentionMetadata
 
 @dataclass
 class SeqChunk:
-    """One sequence's share of a step: tokens [start, start + num_new) are computed now."""
+    """One sequence's share of a step: the tokens at positions [start, start + num_new) are computed now, into
+    the cache slots [cache_start, cache_start + num_new), and attend over the slots before them too. The
+    slots are the positions (cache_start None) unless an evicting sparsity method dropped tokens
+    (engine/eviction.py)."""
 
     block_table: list[int]
     start: int
     num_new: int
+    cache_start: int | None = None
 
 
 def build_step_metadata(
@@ -28,11 +32,12 @@ def build_step_metadata(
     starts = [0]
     context_lens = []
     for chunk in chunks:
-        for pos in range(chunk.start, chunk.start + chunk.num_new):
-            positions.append(pos)
-            slots.append(chunk.block_table[pos // block_size] * block_size + pos % block_size)
+        first = chunk.start if chunk.cache_start is None else chunk.cache_start
+        positions.extend(range(chunk.start, chunk.start + chunk.num_new))
+        for slot in range(first, first + chunk.num_new):
+            slots.append(chunk.block_table[slot // block_size] * block_size + slot % block_size)
         starts.append(starts[-1] + chunk.num_new)
-        context_lens.append(chunk.start + chunk.num_new)
+        context_lens.append(first + chunk.num_new)
     width = max(len(c.block_table) for c in chunks)
     tables = np.full((len(chunks), width), -1, dtype=np.int32)  # row by row: cheaper than nested lists
     for row, chunk in zip(tables, chunks):

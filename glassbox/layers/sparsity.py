@@ -5,10 +5,20 @@ path (kernels/attention_torch.attend) sets the dropped scores to -inf before the
 probabilities are renormalised. Only the sequences that ask for a mask take that path; the others run as
 usual. Masks work on prefill and decode alike.
 
-What this costs, honestly: every method here runs over the dense scores and then masks them ("simulated
-sparsity") — it measures the effect on quality, it saves no compute. `sliding_window` and `block_sparse`
-choose keys without looking at the scores (positions, per-block key bounds), so a kernel could skip the
-dropped blocks; `top_k`, `threshold` and `h2o` need the scores (or their history) first.
+What this costs, honestly: `top_k`, `threshold` and `block_sparse` run over the dense scores and then mask
+them ("simulated sparsity") — they measure the effect on quality and save no compute. `sliding_window`
+(StreamingLLM) and `h2o` (heavy hitters) save memory: in the engine, once a sequence's prompt is computed
+(in the mask form, as here), what they drop is evicted from its KV cache for good and its blocks go back
+to the pool (engine/eviction.py); a decode step then attends over exactly the keys it keeps, on the fast
+path for `sliding_window` (h2o's steps take the readable path, which hands it the probabilities it
+accumulates). Each method's `saves` says which.
+
+Positions under eviction: original positions. A kept key keeps the rotary position it was computed at,
+and a query sits at its own position in the sequence, so an evicting step computes exactly the mask form
+over dense attention with the same kept keys (tests/test_kv_eviction.py holds it to that). StreamingLLM's
+"rolling" cache instead renumbers the kept keys 0..n-1 (positions within the cache), which lets a model
+run past its trained context but needs the keys stored before rotation and rotated again every step; here
+the engine's limit max_model_len still applies.
 
 A method is a small class: parse its parameters with `Params`, answer `is_dense` (keeps everything at this
 context length: the sequence then takes the dense path and gives exactly the dense output), and `keep`.
@@ -121,14 +131,78 @@ class MaskInputs:
         return keep.scatter_(-1, order, within.expand_as(order)) & (ranking > float("-inf"))
 
 
+@dataclass
+class KVSlots:
+    """What one sequence's KV cache still holds once eviction began, per layer and KV head, slot by slot.
+
+    Slot j of row (layer l, KV head h) holds the key/value of token `positions[l, h, j]` (rotated at that
+    position). Every row holds the same number of slots, so the sequence's block table covers `num_slots`
+    tokens; rows may hold different tokens (h2o chooses per KV head), and their order is not the tokens'
+    (eviction fills holes from the end: a decode query attends to every slot, in any order)."""
+
+    positions: torch.Tensor  # [L, KV, n] int64 original positions
+    scores: torch.Tensor | None = None  # [L, KV, n] float32 attention each slot received so far (h2o)
+
+    @classmethod
+    def full(cls, num_layers: int, num_kv_heads: int, num_tokens: int, device: torch.device) -> KVSlots:
+        """A cache that holds tokens 0 .. num_tokens - 1 in order, in every row."""
+        positions = torch.arange(num_tokens, device=device).expand(num_layers, num_kv_heads, num_tokens).clone()
+        return cls(positions)
+
+    @property
+    def num_slots(self) -> int:
+        return self.positions.shape[-1]
+
+    def append(self, start: int, num_new: int) -> None:
+        """The tokens at positions start .. start + num_new - 1 took the next slots of every row (scores of 0
+        until observed)."""
+        new = torch.arange(start, start + num_new, device=self.positions.device)
+        self.positions = torch.cat([self.positions, new.expand(*self.positions.shape[:2], num_new)], -1)
+        if self.scores is not None:
+            self.scores = self._padded(self.scores, self.num_slots)
+
+    def observe(self, layer_idx: int, probs: torch.Tensor) -> None:
+        """Add one layer's attention probabilities [H, Lq, Lk] (Lk = slots incl. this step's tokens) to the
+        scores of the slots, summed over the query heads that share each KV head."""
+        num_heads, _, lk = probs.shape
+        num_kv = self.positions.shape[1]
+        if self.scores is None:
+            self.scores = torch.zeros(self.positions.shape, device=probs.device)
+        if self.scores.shape[-1] < lk:
+            self.scores = self._padded(self.scores, lk)
+        received = probs.sum(1).view(num_kv, num_heads // num_kv, lk).sum(1)  # [KV, Lk]
+        self.scores[layer_idx, :, :lk] += received
+
+    def move(self, rows: tuple[torch.Tensor, torch.Tensor], holes: torch.Tensor, sources: torch.Tensor, keep: int) -> None:
+        """Slot `sources[i]` of row (rows[0][i], rows[1][i]) moved to slot `holes[i]`; keep the first `keep`."""
+        layers, heads = rows
+        for name in ("positions", "scores"):
+            table = getattr(self, name)
+            if table is not None:
+                table[layers, heads, holes] = table[layers, heads, sources]
+                setattr(self, name, table[..., :keep].contiguous())
+
+    @staticmethod
+    def _padded(table: torch.Tensor, length: int) -> torch.Tensor:
+        return torch.nn.functional.pad(table, (0, length - table.shape[-1]))
+
+
 class SparsityMethod:
     """Base class: subclasses set `name`, `description`, `selects_from` and implement `keep` (and `parse`
-    when they take parameters)."""
+    when they take parameters). A method that can evict sets `evicts` and implements `evict` (and
+    `observes_scores` + `start_eviction` if its choice needs the attention it received)."""
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
     # What the choice of keys depends on; "scores" means the dense scores must be computed first.
     selects_from: ClassVar[str] = "scores"
+    # What the method saves when served (listed by GET /optimization/sparsity_mask).
+    saves: ClassVar[str] = "nothing yet: a mask over the dense scores (quality only)"
+    # Whether what it drops for one decode query stays dropped for every later one (a key never comes
+    # back), so that the engine may evict it from the KV cache and free its blocks.
+    evicts: ClassVar[bool] = False
+    # Evicting decode steps must hand this method the probabilities of the kept keys (h2o's history).
+    observes_scores: ClassVar[bool] = False
 
     @classmethod
     def parse(cls, params: Params) -> SparsityMethod:
@@ -148,6 +222,20 @@ class SparsityMethod:
     def keep(self, x: MaskInputs) -> torch.Tensor:
         """-> bool mask broadcastable to [H, Lq, Lk]; True = keep. Anded with `allowed` afterwards."""
         raise NotImplementedError
+
+    def start_eviction(self, slots: KVSlots, layer_state: dict[int, dict[str, Any]], num_heads: int) -> None:
+        """The prompt is computed (in the mask form) and eviction begins: carry what the mask form learnt
+        (its `layer_state`) into `slots` (every token still there, in order)."""
+
+    def evict(self, slots: KVSlots, next_position: int) -> torch.Tensor:
+        """Which slots the query at `next_position` no longer keeps (it attends to the others and to
+        itself): [L, KV, n] bool, the same number in every row. Evicting methods only."""
+        raise NotImplementedError
+
+    def max_kv_tokens(self, context_len: int) -> int:
+        """The most keys an evicted cache holds during a decode step while a sequence grows to
+        `context_len` tokens (what its blocks must cover)."""
+        return context_len
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params()})"
@@ -233,6 +321,8 @@ class SlidingWindow(SparsityMethod):
     name = "sliding_window"
     description = "StreamingLLM: the first `sink_tokens` keys and the last `window` (the query's own included)"
     selects_from = "positions"
+    saves = "KV memory: evicts the keys between the sinks and the window; a sequence holds sink_tokens + window"
+    evicts = True
 
     def __init__(self, window: int, sink_tokens: int) -> None:
         self.window, self.sink_tokens = window, sink_tokens
@@ -249,6 +339,13 @@ class SlidingWindow(SparsityMethod):
     def keep(self, x: MaskInputs) -> torch.Tensor:
         k_pos = x.k_positions
         return (k_pos > x.q_positions - self.window) | (k_pos < self.sink_tokens)
+
+    def evict(self, slots: KVSlots, next_position: int) -> torch.Tensor:
+        # keep's rule for the query at next_position; a key past the window stays past it for later queries.
+        return (slots.positions <= next_position - self.window) & (slots.positions >= self.sink_tokens)
+
+    def max_kv_tokens(self, context_len: int) -> int:
+        return min(context_len, self.sink_tokens + self.window)
 
 
 class BlockSparse(SparsityMethod):
@@ -300,6 +397,12 @@ class H2O(SparsityMethod):
         "of older keys that received the most attention from all earlier queries"
     )
     selects_from = "history of scores"
+    saves = (
+        "KV memory: evicts, per KV head, the older keys that received the least attention; a sequence holds "
+        "(heavy_ratio + recent_ratio) of its tokens"
+    )
+    evicts = True
+    observes_scores = True
 
     def __init__(self, heavy_ratio: float, recent_ratio: float) -> None:
         self.heavy_ratio, self.recent_ratio = heavy_ratio, recent_ratio
@@ -330,6 +433,39 @@ class H2O(SparsityMethod):
         is_recent = x.k_positions > x.q_positions - recent[:, None]
         older = received.masked_fill(is_recent | ~x.allowed, float("-inf"))
         return is_recent | x.rank_keep(older, share(n, self.heavy_ratio))
+
+    # Served, h2o evicts as the paper's own cache does (its "real drop" code): once the prompt is computed,
+    # each (layer, KV head) keeps the recent_ratio share of the n = position + 1 keys the next query could
+    # see and the heavy_ratio share of the older keys it still holds that received the most attention —
+    # summed over the query heads of that KV head, from the prompt's dense attention and, at each decode
+    # step since, from the attention over the keys kept. An evicted key never comes back (the mask form
+    # above may bring one back: it ranks every older key by its dense history), so at a step where both
+    # shares grow the cache holds one heavy key fewer than the share. Each step evicts at most one key per
+    # row, since both shares grow by at most one key per token.
+
+    def start_eviction(self, slots: KVSlots, layer_state: dict[int, dict[str, Any]], num_heads: int) -> None:
+        num_layers, num_kv, n = slots.positions.shape
+        slots.scores = torch.zeros(slots.positions.shape, device=slots.positions.device)
+        for layer_idx in range(num_layers):
+            history = layer_state.get(layer_idx, {}).get("h2o")  # [H, n] from the prompt's mask form
+            if history is not None and history.shape[-1] == n:
+                slots.scores[layer_idx] = history.view(num_kv, num_heads // num_kv, n).sum(1)
+
+    def evict(self, slots: KVSlots, next_position: int) -> torch.Tensor:
+        n = torch.tensor([next_position + 1])
+        recent = int(share(n, self.recent_ratio).clamp(min=1))
+        heavy = int(share(n, self.heavy_ratio))
+        older = slots.positions <= next_position - recent  # [L, KV, slots]
+        ranking = slots.scores.masked_fill(~older, float("-inf"))
+        kept = torch.zeros_like(older)
+        top = min(heavy, slots.num_slots)
+        if top:
+            kept.scatter_(-1, ranking.topk(top, dim=-1).indices, True)
+        return older & ~kept
+
+    def max_kv_tokens(self, context_len: int) -> int:
+        n = torch.tensor([context_len])  # the shares only grow with n: the last step holds the most
+        return min(context_len, int(share(n, self.recent_ratio).clamp(min=1) + share(n, self.heavy_ratio)))
 
 
 BUILTIN_METHODS: dict[str, type[SparsityMethod]] = {
@@ -382,13 +518,25 @@ class SparsityState:
     kept: torch.Tensor | int = 0  # attention entries kept (summed over layers, heads, queries)
     allowed: torch.Tensor | int = 0  # causal entries they were chosen from
     error: str | None = None  # a plugin method that raised: the rest of the request runs dense
+    # The engine evicts what the method drops (it `evicts`, the model has no sliding window of its own, one
+    # rank): set by LLMEngine.make_request.
+    evicting: bool = False
+    # Once eviction began (the prompt computed): what the sequence's KV cache holds. None before, and after
+    # a preemption (the prompt and output are then recomputed in the mask form).
+    slots: KVSlots | None = None
+
+    def forget_cache(self) -> None:
+        self.slots = None
 
     def select(
         self, layer_idx: int, scores: torch.Tensor, allowed: torch.Tensor, q: torch.Tensor, keys: torch.Tensor
     ) -> torch.Tensor:
         """The keep mask [H, Lq, Lk] for one layer of this sequence (called from the attention kernel)."""
-        inputs = MaskInputs(scores, allowed, q, keys, layer_idx, self.layer_state.setdefault(layer_idx, {}))
         keep = allowed.expand_as(scores)
+        if self.slots is not None:  # an evicted cache: every slot is kept; the method sees the probabilities
+            self.slots.observe(layer_idx, scores.softmax(-1))
+            return keep
+        inputs = MaskInputs(scores, allowed, q, keys, layer_idx, self.layer_state.setdefault(layer_idx, {}))
         if self.error is None:
             try:
                 chosen = self.method.keep(inputs)
@@ -403,7 +551,15 @@ class SparsityState:
 
     def masks_step(self, q_len: int, context_len: int, num_heads: int, layer_windows: list[int | None]) -> bool:
         """Whether this step's attention must be masked. A mask that keeps everything at this length lets
-        the step run the plain path (exactly the dense output); its entries are counted as kept."""
+        the step run the plain path (exactly the dense output); its entries are counted as kept. Over an
+        evicted cache the step attends to every slot, so it runs the plain path too, unless the method
+        observes the probabilities (h2o)."""
+        if self.slots is not None:
+            num_layers = len(layer_windows)
+            positions = range(context_len - q_len, context_len)
+            self.kept = self.kept + sum(self.slots.num_slots + i + 1 for i in range(q_len)) * num_heads * num_layers
+            self.allowed = self.allowed + sum(p + 1 for p in positions) * num_heads * num_layers
+            return self.method.observes_scores
         if not self.method.is_dense(context_len):
             return True
         positions = range(context_len - q_len, context_len)

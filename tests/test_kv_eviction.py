@@ -1,0 +1,199 @@
+"""KV eviction (engine/eviction.py): sliding_window (StreamingLLM) and h2o drop tokens from a sequence's KV
+cache as it decodes and give its blocks back. Equivalence: each evicting run gives the outputs of the mask
+form over dense attention with the same kept keys at their original positions. Memory: 4,096 generated
+tokens hold a bounded number of blocks, every block comes back at the end or on abort."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import _randomize, _save_tokenizer
+
+from glassbox.config import EngineConfig
+from glassbox.engine.block_manager import BlockManager
+from glassbox.engine.llm_engine import LLMEngine
+from glassbox.engine.sequence import Sequence
+from glassbox.errors import FieldError
+from glassbox.layers.sparsity import H2O, MaskInputs, SlidingWindow, SparsityMethod, parse_sparsity, share
+from glassbox.models.loader import LoadedModel, load_model
+from glassbox.sampling import SamplingParams
+
+HEADS, KV_HEADS, LAYERS = 4, 2, 2
+
+
+@pytest.fixture(scope="module")
+def long_tiny(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """A tiny random Llama with 8,192 positions (conftest's have 256): room for 4,096 generated tokens."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    folder: Path = tmp_path_factory.mktemp("long_tiny")
+    config = LlamaConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    )  # fmt: skip
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    _randomize(model)
+    model.save_pretrained(folder)
+    _save_tokenizer(folder)
+    return load_model(folder)
+
+
+def make_engine(loaded: LoadedModel, **options) -> LLMEngine:
+    return LLMEngine(loaded, EngineConfig(**{"quantization": "none", "num_kv_blocks": 512, **options}))
+
+
+PROMPT = [(7 * i + 3) % 300 for i in range(40)]
+
+
+def generate(engine: LLMEngine, method: SparsityMethod | None, max_tokens: int, watch=None, prompt=PROMPT):
+    """Greedy, with the sampled token's logprob; `watch(seq)` after every step while the request runs."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=0)
+    request_id = engine.add_request(prompt, params, sparsity=method)
+    seq = engine.requests[request_id].seq
+    final = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            final = out if out.finished else final
+        if watch is not None and not seq.is_finished:
+            watch(seq)
+    logprobs = [entry["logprob"] for entry in final.logprobs]
+    return final, logprobs
+
+
+class MaskOnly(SlidingWindow):
+    """The same method in its mask form: every key stays in the cache, the readable path masks them."""
+
+    evicts = False
+
+
+def test_sliding_window_eviction_equals_its_mask_form(long_tiny):
+    engine = make_engine(long_tiny, block_size=4)
+    window, sinks = 8, 2
+    held = []
+
+    def watch(seq: Sequence) -> None:
+        next_position = seq.num_computed_tokens
+        expected = sorted({*range(sinks), *range(next_position - window + 1, next_position)})
+        for row in seq.sparsity.slots.positions.view(-1, seq.num_kv_slots):
+            assert sorted(row.tolist()) == expected  # every layer and KV head holds the sinks and the window
+        if seq.num_output_tokens > 1:  # decode steps attend over the cache as is, on the fast path
+            assert engine.last_plan.masked_rows == () and engine.last_plan.kind == "decode"
+        held.append(len(seq.block_table))
+
+    evicting, evicting_logprobs = generate(engine, SlidingWindow(window, sinks), 48, watch)
+    masked, masked_logprobs = generate(engine, MaskOnly(window, sinks), 48)
+    assert evicting.token_ids == masked.token_ids
+    assert evicting_logprobs == pytest.approx(masked_logprobs, abs=1e-4)
+    assert evicting.sparsity["density"] == pytest.approx(masked.sparsity["density"])
+    # sinks + window - 1 keys between steps: 3 blocks of 4, from the first step after the prompt's 10 blocks
+    assert held == [3] * len(held) and len(held) == 47
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+class Replay(SparsityMethod):
+    """The reference for h2o's evicting path: dense attention with the mask of the keys the evicting run
+    kept for each decode query (per KV head, at their original positions); the prompt in h2o's mask form."""
+
+    name = "replay"
+
+    def __init__(self, prompt_method: H2O, kept: dict[int, torch.Tensor]) -> None:
+        self.prompt_method, self.kept = prompt_method, kept
+
+    def keep(self, x: MaskInputs) -> torch.Tensor:
+        num_heads, q_len, context_len = x.scores.shape
+        if q_len > 1:
+            return self.prompt_method.keep(x)
+        position = context_len - 1
+        kept = self.kept[position][x.layer_idx]  # [KV, slots]: what this layer's KV heads held
+        mask = torch.zeros(kept.shape[0], context_len, dtype=torch.bool).scatter_(1, kept, True)
+        mask[:, position] = True  # and the query's own key
+        return mask.repeat_interleave(num_heads // kept.shape[0], 0)[:, None, :]
+
+
+def test_h2o_eviction_equals_dense_attention_masked_to_the_kept_keys(long_tiny):
+    engine = make_engine(long_tiny, block_size=4)
+    method = H2O(heavy_ratio=0.2, recent_ratio=0.1)
+    kept: dict[int, torch.Tensor] = {}
+
+    def watch(seq: Sequence) -> None:
+        next_position = seq.num_computed_tokens
+        slots = seq.sparsity.slots
+        n = torch.tensor([next_position + 1])
+        recent, heavy = int(share(n, 0.1)), int(share(n, 0.2))
+        # The budget for the next query, less the query itself; one heavy key short at the steps where both
+        # shares grow at once (an evicted key never comes back)
+        assert recent - 1 + heavy - 1 <= slots.num_slots <= recent - 1 + heavy
+        assert (slots.positions > next_position - recent).sum(-1).eq(recent - 1).all()  # the recent ones
+        assert len(seq.block_table) == math.ceil(slots.num_slots / 4)
+        kept[next_position] = slots.positions.clone()
+
+    evicting, evicting_logprobs = generate(engine, method, 40, watch)
+    replayed, replayed_logprobs = generate(engine, Replay(H2O(0.2, 0.1), kept), 40)
+    assert evicting.token_ids == replayed.token_ids
+    assert evicting_logprobs == pytest.approx(replayed_logprobs, abs=1e-4)
+    # Per KV head: the two heads of a layer came to hold different keys.
+    last = kept[max(kept)]
+    assert any(set(last[layer, 0].tolist()) != set(last[layer, 1].tolist()) for layer in range(LAYERS))
+    assert 0.2 < evicting.sparsity["density"] < 0.5
+
+
+def test_4096_tokens_hold_a_bounded_number_of_blocks(long_tiny):
+    """The issue's memory must-show: dense, sliding_window (512, 4 sinks) and h2o (0.1, 0.1) generate 4,096
+    tokens each, in one batch; the blocks each holds at its last step."""
+    engine = make_engine(long_tiny, num_kv_blocks=400)
+    prompt = PROMPT[:16]
+    params = SamplingParams(max_tokens=4096, temperature=0, ignore_eos=True)
+    methods = {"dense": None, "sliding_window": SlidingWindow(512, 4), "h2o": H2O(0.1, 0.1)}
+    seqs = {}
+    for name, method in methods.items():
+        request_id = engine.add_request(prompt, params, sparsity=method)
+        seqs[name] = engine.requests[request_id].seq
+    held = dict.fromkeys(methods, 0)
+    most = dict.fromkeys(methods, 0)
+    while engine.has_unfinished_requests():
+        engine.step()
+        for name, seq in seqs.items():
+            if not seq.is_finished:
+                held[name] = len(seq.block_table)
+                most[name] = max(most[name], held[name])
+    block_size = engine.config.block_size
+    assert all(seq.num_output_tokens == 4096 for seq in seqs.values())
+    assert held["dense"] == math.ceil((16 + 4095) / block_size) == 257
+    assert most["sliding_window"] <= (512 + 4) / block_size + 2 and held["sliding_window"] == 33
+    assert held["h2o"] <= 0.25 * held["dense"] and most["h2o"] == held["h2o"] == 52
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks  # all back at the end
+
+
+def test_aborted_evicting_requests_return_every_block_and_fit_a_pool_dense_cannot(long_tiny):
+    engine = make_engine(long_tiny, num_kv_blocks=40)
+    params = SamplingParams(max_tokens=4096, temperature=0, ignore_eos=True)
+    with pytest.raises(FieldError, match="KV blocks"):
+        engine.add_request(PROMPT, params)  # dense would need 259 blocks
+    window = engine.add_request(PROMPT, params, sparsity=parse_sparsity({"method": "sliding_window", "window": 20}))
+    h2o = engine.add_request(PROMPT, params, sparsity=parse_sparsity({"method": "h2o", "heavy_ratio": 0.05, "recent_ratio": 0.05}))
+    seqs = [engine.requests[i].seq for i in (window, h2o)]
+    for _ in range(30):
+        engine.step()
+    assert all(seq.num_evicted_tokens > 0 for seq in seqs)
+    assert engine.block_manager.num_used_blocks == sum(len(seq.block_table) for seq in seqs) < 10
+    assert engine.abort(window) and engine.abort(h2o)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert all(count == 0 for count in engine.block_manager.ref_counts)
+
+
+def test_release_unused_gives_back_the_blocks_past_the_filled_slots():
+    manager = BlockManager(num_blocks=8, block_size=4)
+    seq = Sequence("s", list(range(20)), None)
+    assert manager.allocate(seq, 20) and len(seq.block_table) == 5
+    seq.num_computed_tokens, seq.num_evicted_tokens = 20, 11  # 9 slots filled: 3 blocks
+    tail = seq.block_table[3:]
+    assert manager.release_unused(seq) == 2 and len(seq.block_table) == 3
+    assert manager.num_free_blocks == 5 and all(manager.ref_counts[b] == 0 for b in tail)
+    assert manager.blocks_needed(seq, 4) == 1  # 9 + 4 slots: one more block
+    seq.forget_cache()
+    assert (seq.num_computed_tokens, seq.num_evicted_tokens) == (0, 0)
