@@ -186,6 +186,20 @@ def test_aborted_evicting_requests_return_every_block_and_fit_a_pool_dense_canno
     assert all(count == 0 for count in engine.block_manager.ref_counts)
 
 
+def test_the_global_mask_evicts_and_a_model_window_keeps_the_mask_form(long_tiny, tiny_model_dir):
+    engine = make_engine(long_tiny)
+    engine.default_sparsity = parse_sparsity({"method": "sliding_window", "window": 16, "sink_tokens": 4})
+    held = []
+    generate(engine, None, 40, lambda seq: held.append((len(seq.block_table), seq.num_evicted_tokens)))
+    assert held[-1] == (2, 40 + 39 - 20)  # 20 keys in 2 blocks of 16; the rest evicted
+    # Mistral's own sliding window counts positions as slots: its requests keep every key (mask form)
+    mistral = make_engine(load_model(tiny_model_dir("mistral")))
+    method = SlidingWindow(4, 1)
+    assert not mistral.evicts(method) and engine.evicts(method)
+    out, _ = generate(mistral, method, 8, lambda seq: held.append(seq.num_evicted_tokens))
+    assert held[-1] == 0 and out.sparsity["density"] < 1
+
+
 def test_release_unused_gives_back_the_blocks_past_the_filled_slots():
     manager = BlockManager(num_blocks=8, block_size=4)
     seq = Sequence("s", list(range(20)), None)
@@ -197,3 +211,20 @@ def test_release_unused_gives_back_the_blocks_past_the_filled_slots():
     assert manager.blocks_needed(seq, 4) == 1  # 9 + 4 slots: one more block
     seq.forget_cache()
     assert (seq.num_computed_tokens, seq.num_evicted_tokens) == (0, 0)
+
+
+def test_evaluate_reports_the_blocks_the_engine_holds(long_tiny):
+    """/optimization/evaluate's memory figure equals the blocks a request generating the text was measured
+    to hold at its last step, dense and evicting."""
+    from glassbox.research.evaluate import evaluate
+
+    engine = make_engine(long_tiny)
+    text = [(11 * i + 5) % 300 for i in range(300)]
+    for method, expected in ((SlidingWindow(32, 4), 3), (H2O(0.1, 0.1), 4), (None, 19)):
+        report = evaluate(engine, [text], method or parse_sparsity({"method": "dense"}))
+        held = []
+        generate(engine, method, 300 - 16, lambda seq: held.append(len(seq.block_table)), prompt=text[:16])
+        blocks = report["kv_blocks_at_end"]
+        assert blocks["sparse"] == held[-1] == report["per_text"][0]["kv_blocks_sparse"] == expected
+        assert blocks["dense"] == report["per_text"][0]["kv_blocks_dense"] == math.ceil(299 / 16) == 19
+        assert blocks["evicts"] == (method is not None)

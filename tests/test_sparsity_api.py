@@ -82,9 +82,13 @@ def test_global_mask_set_shown_and_cleared(server):
     shown = httpx.get(f"{server}/optimization/sparsity_mask", timeout=60).json()
     assert shown["active"] is None and {m["method"] for m in shown["methods"]} >= {
         "top_k", "threshold", "sliding_window", "block_sparse", "h2o"}
-    assert "simulated" in shown["compute"]
+    assert "simulated" in shown["compute"] and shown["evicts"] is None
+    methods = {m["method"]: m for m in shown["methods"]}  # what each saves: KV memory by eviction, or nothing yet
+    assert methods["sliding_window"]["evicts"] and methods["h2o"]["evicts"] and "KV memory" in methods["h2o"]["saves"]
+    assert not methods["top_k"]["evicts"] and methods["top_k"]["saves"].startswith("nothing")
     set_ = httpx.post(f"{server}/optimization/sparsity_mask", json={"mask_pattern": "top_k", "k": 2}, timeout=60)
     assert set_.status_code == 200 and set_.json()["active"] == {"method": "top_k", "k": 2}
+    assert set_.json()["evicts"] is False
     try:
         masked = generate(server)
         opted_out = generate(server, sparsity={"method": "dense"})
@@ -152,6 +156,9 @@ def test_evaluate_dense_perplexity_equals_transformers(server):
     assert window["perplexity_dense"] != same["perplexity_dense"]  # two texts now
     assert window["per_text"][0]["perplexity_dense"] == pytest.approx(same["perplexity_dense"], rel=1e-6)
     assert window["kl_dense_sparse"] > 0 and window["top1_agreement"] < 1 and 0 < window["density"] < 1
+    # Memory: the default model evicts under sliding_window; 12 keys fit one block (TEXT: 3 blocks dense)
+    assert window["kv_blocks_at_end"] == {"dense": 4, "sparse": 2, "block_size": 16, "evicts": True}
+    assert same["kv_blocks_at_end"]["sparse"] == same["kv_blocks_at_end"]["dense"] and not same["kv_blocks_at_end"]["evicts"]
     errors = window["attention_output_rel_error"]
     assert len(errors) == 30 and all(e > 0 for e in errors)
     no_sinks = httpx.post(f"{server}/optimization/evaluate",

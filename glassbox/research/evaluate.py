@@ -5,6 +5,11 @@ mask on every layer — and the two next-token distributions are compared positi
 perplexity both ways, mean KL(dense ‖ sparse), top-1 agreement, the realised density, and per layer the
 relative error of the attention output ‖O_dense − O_sparse‖ / ‖O_dense‖ (measured in the sparse run, so a
 layer's error includes what earlier layers' masks changed in its input).
+
+Memory beside quality: the KV blocks a request holds at its last decode step when its prompt and output
+are the text (at least one token decoded), dense and under the method — fewer where
+this engine evicts what the method drops (engine/eviction.py). The figure is the method's own bound
+(`max_kv_tokens`), which tests/test_kv_eviction.py holds equal to the blocks the engine was measured to hold.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ def evaluate(engine: LLMEngine, texts: list[list[int]], method: SparsityMethod) 
     per_text = []
     state = SparsityState(method)
     positions = 0
+    kv_totals = {"dense": 0, "sparse": 0}
     for ids in texts:
         dense_hidden, dense_outs = _forward(engine, ids, None)
         sparse_hidden, sparse_outs = _forward(engine, ids, state)
@@ -88,9 +94,14 @@ def evaluate(engine: LLMEngine, texts: list[list[int]], method: SparsityMethod) 
         positions += n
         for key in totals:
             totals[key] += sums[key]
+        blocks = kv_blocks_at_end(engine, method, len(ids))
+        for key in kv_totals:
+            kv_totals[key] += blocks[key]
         per_text.append(
             {
                 "num_tokens": len(ids),
+                "kv_blocks_dense": blocks["dense"],
+                "kv_blocks_sparse": blocks["sparse"],
                 "perplexity_dense": math.exp(sums["nll_dense"] / n),
                 "perplexity_sparse": math.exp(sums["nll_sparse"] / n),
                 "kl_dense_sparse": sums["kl"] / n,
@@ -107,6 +118,21 @@ def evaluate(engine: LLMEngine, texts: list[list[int]], method: SparsityMethod) 
         "top1_agreement": totals["agree"] / positions,
         "density": state.density(),
         "attention_output_rel_error": [math.sqrt(a / b) if b else 0.0 for a, b in zip(err_num, err_den)],
+        "kv_blocks_at_end": {**kv_totals, "block_size": engine.config.block_size, "evicts": engine.evicts(method)},
         "per_text": per_text,
-        "note": "teacher-forced; KL in nats per position; the mask runs over dense scores (no compute saved)",
+        "note": (
+            "teacher-forced; KL in nats per position; quality from the mask over dense scores (what an evicting "
+            "method computes too); kv_blocks_at_end: blocks held at the last decode step of generating each "
+            "text, summed over the texts"
+        ),
     }
+
+
+def kv_blocks_at_end(engine: LLMEngine, method: SparsityMethod, num_tokens: int) -> dict[str, int]:
+    """KV blocks a request whose prompt and output are `num_tokens` tokens holds at its last decode step
+    (which computes all but the last token): dense, and under `method` (what it keeps where this engine
+    evicts, else every token)."""
+    block_size = engine.config.block_size
+    context_len = num_tokens - 1
+    held = method.max_kv_tokens(context_len) if engine.evicts(method) else context_len
+    return {"dense": -(-context_len // block_size), "sparse": -(-held // block_size)}

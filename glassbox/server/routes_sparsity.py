@@ -3,7 +3,7 @@ quality (/optimization/evaluate). Per-request masks are the `sparsity` field of 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, Request
 
@@ -15,31 +15,52 @@ from glassbox.server.deps import engine_client, json_body, sparsity_of
 from glassbox.server.engine_client import EngineClient
 from glassbox.server.schemas import EvaluateRequest, SparsityMaskRequest
 
+if TYPE_CHECKING:
+    from glassbox.engine.llm_engine import LLMEngine
+
 router = APIRouter(prefix="/optimization")
 
 COMPUTE_NOTE = (
-    "masks run over the dense scores on the readable PyTorch path (simulated sparsity): they change the "
-    "attention, not its cost; sequences without a mask keep the fast path"
+    "sliding_window and h2o evict what they drop from a request's KV cache once its prompt is computed (in "
+    "the mask form): its blocks go back to the pool and sliding_window's decode steps run the fast path over "
+    "the keys kept. The other methods are masks over the dense scores on the readable PyTorch path "
+    "(simulated sparsity): they change the attention, not its cost. Each method's `saves` says which; "
+    "sequences without a mask keep the fast path"
 )
 
 
-def _describe(method: SparsityMethod | None) -> dict[str, Any]:
+def _describe(method: SparsityMethod | None, evicts: bool | None) -> dict[str, Any]:
     return {
         "active": method.spec() if method is not None else None,
+        # Whether this engine evicts under the active method (not on models with sliding windows of their
+        # own, nor under tensor parallelism: the mask form runs there).
+        "evicts": evicts,
         "applies_to": "requests that arrive from now on and name no sparsity of their own",
         "compute": COMPUTE_NOTE,
     }
 
 
+def _active(engine: LLMEngine) -> tuple[SparsityMethod | None, bool | None]:
+    """The global mask and whether this engine evicts under it (run on the engine thread)."""
+    method = engine.default_sparsity
+    return method, None if method is None else engine.evicts(method)
+
+
 @router.get("/sparsity_mask")
 async def get_sparsity_mask(client: EngineClient = Depends(engine_client)) -> dict[str, Any]:
     """The global mask (or null) and the methods a request may name (built in and the plugin's), with what
-    each selects keys from."""
+    each selects keys from and what it saves when served (KV memory by eviction, or nothing yet)."""
     methods = [
-        {"method": name, "description": cls.description, "selects_from": cls.selects_from}
+        {
+            "method": name,
+            "description": cls.description,
+            "selects_from": cls.selects_from,
+            "saves": cls.saves,
+            "evicts": cls.evicts,
+        }
         for name, cls in available_methods().items()
     ]
-    return {**_describe(await client.sparsity_mask()), "methods": methods}
+    return {**_describe(*await client.call(_active)), "methods": methods}
 
 
 @router.post("/sparsity_mask")
@@ -49,12 +70,14 @@ async def set_sparsity_mask(
     """Set the mask for all new requests: {"method": "top_k", "k": 32}, {"mask_pattern": "top_k", "k": 32,
     "threshold": 0.1} or {"sparsity_ratio": 0.8, "method": "top_k"}."""
     method = sparsity_of(body.model_dump(), field="body")
-    return _describe(await client.set_sparsity_mask(method))
+    active = await client.set_sparsity_mask(method)
+    evicts = None if active is None else await client.call(lambda engine: engine.evicts(active))
+    return _describe(active, evicts)
 
 
 @router.delete("/sparsity_mask")
 async def clear_sparsity_mask(client: EngineClient = Depends(engine_client)) -> dict[str, Any]:
-    return _describe(await client.set_sparsity_mask(None))
+    return _describe(await client.set_sparsity_mask(None), None)
 
 
 @router.post("/evaluate")
