@@ -200,6 +200,29 @@ def test_the_global_mask_evicts_and_a_model_window_keeps_the_mask_form(long_tiny
     assert held[-1] == 0 and out.sparsity["density"] < 1
 
 
+def test_a_preempted_evicting_sequence_recomputes_in_the_mask_form_and_evicts_again(long_tiny):
+    """Preemption frees every block and forgets the evictions; the sequence's prompt and output are then
+    recomputed in the mask form (the same keys for sliding_window), so the tokens do not change."""
+    from glassbox.engine.scheduler import ScheduledBatch
+
+    engine = make_engine(long_tiny, block_size=4)
+    alone, _ = generate(engine, SlidingWindow(8, 2), 30)
+    preempted = []
+
+    def preempt_once(seq: Sequence) -> None:
+        if seq.num_output_tokens == 12 and not preempted:
+            assert seq.num_evicted_tokens > 0
+            engine.scheduler._preempt(seq, ScheduledBatch())
+            preempted.append((seq.num_evicted_tokens, seq.sparsity.slots, engine.block_manager.num_used_blocks))
+        elif preempted and seq.sparsity.slots is not None:
+            preempted.append(seq.num_evicted_tokens)
+
+    again, _ = generate(engine, SlidingWindow(8, 2), 30, preempt_once)
+    assert preempted[0] == (0, None, 0)
+    assert preempted[1] == 40 + 12 - 9  # evicting again right after the recompute
+    assert again.token_ids == alone.token_ids
+
+
 def test_release_unused_gives_back_the_blocks_past_the_filled_slots():
     manager = BlockManager(num_blocks=8, block_size=4)
     seq = Sequence("s", list(range(20)), None)

@@ -202,3 +202,30 @@ def test_global_default_applies_to_new_requests_and_dense_opts_out(engine):
         engine.default_sparsity = None
     assert masked.sparsity["method"] == "top_k" and opted_out.sparsity is None
     assert math.isclose(masked.sparsity["density"], masked.sparsity["density"]) and masked.sparsity["density"] < 1
+
+
+def test_evicting_methods_free_blocks_and_equal_their_mask_form_on_the_default_model(engine):
+    """sliding_window evicts once the prompt is computed (engine/eviction.py); its decode steps then run the
+    native CPU path over the kept keys and give the mask form's tokens (tests/test_kv_eviction.py has more)."""
+    from glassbox.layers.sparsity import SlidingWindow
+
+    class MaskOnly(SlidingWindow):
+        evicts = False
+
+    prompt = " ".join([PROMPT] * 3)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0)
+    runs = {}
+    for name, method in (("evicting", SlidingWindow(16, 4)), ("mask", MaskOnly(16, 4))):
+        request_id = engine.add_request(prompt, params, sparsity=method)
+        seq, executors, blocks = engine.requests[request_id].seq, [], []
+        while engine.has_unfinished_requests():
+            out = engine.step()[-1]
+            executors.append(engine.last_plan.executor)
+            blocks.append(len(seq.block_table))
+        runs[name] = (out, executors, blocks, seq.num_evicted_tokens)
+    (evicting, fast, held, evicted), (masked, slow, _, kept_all) = runs["evicting"], runs["mask"]
+    assert evicting.token_ids == masked.token_ids
+    assert [e["logprob"] for e in evicting.logprobs] == pytest.approx([e["logprob"] for e in masked.logprobs], abs=2e-3)
+    assert set(fast[1:]) == {"native_stack"} and set(slow) == {"eager"}
+    assert max(held[1:]) == 2 and evicted > 40 and kept_all == 0  # 20 keys: 2 blocks of 16
+    assert engine.block_manager.num_used_blocks == 0
