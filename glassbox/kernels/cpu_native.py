@@ -70,6 +70,13 @@ class LlamaLayer(ctypes.Structure):
     _fields_ += [("k_cache", _P), ("v_cache", _P), ("sliding_window", _I)]
 
 
+class Quest(ctypes.Structure):
+    """kernels.h's gb_quest: Quest's per-block key summaries, the block budget of a decode token, and where
+    to write the blocks each token's kv head read (or NULL)."""
+
+    _fields_ = [("summaries", _P), ("top_blocks", _I), ("selected", _P)]
+
+
 SIGNATURES = {
     "gb_rows": ([], _I),
     "gb_isa": ([], ctypes.c_char_p),
@@ -79,7 +86,8 @@ SIGNATURES = {
     "gb_argmax": ([_P, _I, _I, _I, _P], None),
     "gb_llama_layers": ([_P, _I, _I, _I, _I, _I, _I, _I, _F, _F, _INT, _P, _I, _P, _P, _P, _P, _I, _P, _I, _P], None),
     "gb_paged_attention": (
-        [_P, _I, _I, _P, _P, _P, _P, _INT, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _F, _I, _P], None,
+        [_P, _I, _I, _P, _P, _P, _P, _INT, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _F, _I, ctypes.POINTER(Quest), _P],
+        None,
     ),
 }
 # The KV cache dtypes paged_attention reads and writes.
@@ -284,22 +292,33 @@ def paged_attention(
     scale: float,
     sliding_window: int | None,
     isa: str | None = None,
+    quest_summaries: torch.Tensor | None = None,
+    top_blocks: int = 0,
+    selected: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A step's attention, prefill chunks and decode tokens alike: rotary on q and k, k/v stored to their
     slots, causal attention of every new token through its sequence's block table.
     qkv [T, (H + 2 KV) * D] float32 (the fused projection's output); cos, sin [T, 1, D] float32; caches
     [num_blocks, block_size, KV, D] float32 or bfloat16 (CACHE_DTYPES); query_start_loc [S + 1] int32
-    -> [T, H * D] float32."""
+    -> [T, H * D] float32.
+    Quest (block-sparse decode, kernels.h): quest_summaries [num_blocks, KV, 2, D] float32, the min and max
+    of each block's keys, kept up to date by the call; a decode token reads only top_blocks blocks (0: all);
+    selected [T, KV, top_blocks] int32 (optional) gets the blocks each token's kv head read (-1: all)."""
     tokens = qkv.shape[0]
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     assert qkv.stride(1) == 1 and k_cache.dtype == v_cache.dtype and k_cache.dtype in CACHE_DTYPES
     assert cos.is_contiguous() and sin.is_contiguous() and block_tables.is_contiguous()
     out = torch.empty(tokens, num_heads * head_dim, dtype=torch.float32)
+    quest = None
+    if quest_summaries is not None:
+        assert quest_summaries.dtype == torch.float32 and quest_summaries.is_contiguous()
+        assert selected is None or (selected.dtype == torch.int32 and selected.shape == (tokens, num_kv_heads, top_blocks))
+        quest = ctypes.byref(Quest(quest_summaries.data_ptr(), top_blocks, None if selected is None else selected.data_ptr()))
     library(isa).gb_paged_attention(
         qkv.data_ptr(), tokens, qkv.stride(0), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         k_cache.dtype == torch.bfloat16, slot_mapping.data_ptr(), query_start_loc.data_ptr(),
         query_start_loc.shape[0] - 1, block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(),
-        num_heads, num_kv_heads, head_dim, block_size, scale, sliding_window or 0, out.data_ptr(),
+        num_heads, num_kv_heads, head_dim, block_size, scale, sliding_window or 0, quest, out.data_ptr(),
     )  # fmt: skip
     return out
 

@@ -31,8 +31,20 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
                 float eps, const gb_qweight *w, int64_t N, float *y, int64_t ldy, const float *residual,
                 int64_t ldr);
 
+// Quest (Tang et al., 2024): block-sparse decode that reads only the blocks whose keys can score high.
+// Per cache block and kv head the elementwise min and max of its keys bound q·k for any key in it:
+// Σ_d max(q_d·min_d, q_d·max_d). A decode token (its sequence's only new token) attends to its last block
+// and the top_blocks - 1 other blocks of highest bound (the max over the kv head's query heads), in block
+// order; prefill tokens, windowed layers and sequences of <= top_blocks blocks attend to everything.
+typedef struct {
+    float *summaries;    // [num_blocks, KVH, 2, D] float32: min then max of each block's stored keys
+    int64_t top_blocks;  // blocks a decode token reads (0: all, the summaries still kept up to date)
+    int32_t *selected;   // [T, KVH, top_blocks] or NULL: the blocks (of the sequence's table) each token's kv
+                         // head read, in order (-1: all its blocks: no choice made)
+} gb_quest;
+
 void gb_paged_attention(const float *qkv, int64_t T, int64_t ld_qkv, const float *cos, const float *sin,
                         void *k_cache, void *v_cache, int cache_bf16, const int64_t *slot_mapping,
                         const int32_t *query_start_loc, int64_t S, const int32_t *block_tables, int64_t max_blocks,
                         const int32_t *context_lens, int64_t H, int64_t KVH, int64_t D, int64_t BS, float scale,
-                        int64_t window, float *out);
+                        int64_t window, const gb_quest *quest, float *out);

@@ -36,7 +36,7 @@ void gb_llama_layers(const gb_llama_layer *layers, int64_t num_layers, int64_t h
         gb_qlinear(x, T, hidden, hidden, PROLOGUE_RMS_NORM, l->input_norm, eps, &l->qkv, qkv_n, qkv, qkv_n, NULL, 0);
         gb_paged_attention(qkv, T, qkv_n, cos, sin, l->k_cache, l->v_cache, cache_bf16, slot_mapping,
                            query_start_loc, S, block_tables, max_blocks, context_lens, H, KVH, D, BS, scale,
-                           l->sliding_window, attn);
+                           l->sliding_window, NULL, attn);
         gb_qlinear(attn, T, H * D, H * D, PROLOGUE_NONE, NULL, 0.0f, &l->o, hidden, x, hidden, x, hidden);
         gb_qlinear(x, T, hidden, hidden, PROLOGUE_RMS_NORM, l->post_attention_norm, eps, &l->gate_up, 2 * intermediate,
                    gate_up, 2 * intermediate, NULL, 0);

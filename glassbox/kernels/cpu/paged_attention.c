@@ -41,6 +41,11 @@ GB_INLINE vf load_row(const void *row, int64_t i, int64_t n, const int bf16) {
     return bf16 ? vf_load_bf16_n((const uint16_t *)row + i, n) : vf_load_n((const float *)row + i, n);
 }
 
+GB_INLINE float bf16_widen(uint16_t x) {
+    union { uint32_t u; float f; } v = {(uint32_t)x << 16};
+    return v.f;
+}
+
 // x [D] float32 -> a cache row: copied, or rounded to bfloat16 as torch rounds finite values.
 static void store_row(const float *x, int64_t D, void *row, const int bf16) {
     if (!bf16) {
@@ -105,12 +110,69 @@ GB_INLINE void attend(const float *q, int64_t NK, int64_t G, int64_t D, const ch
     }
 }
 
-// window > 0: each query sees only its last `window` keys (the model's sliding window).
+// Quest's block summaries: sequence s's new tokens, in order, widen the min/max of their blocks' kv head kvh
+// (a token at a block's first slot starts it afresh: the block may have held another sequence's keys).
+// One call per sequence and kv head: a block is written by one sequence only.
+static void update_summaries(float *summaries, const void *k_cache, int cache_bf16, const int64_t *slot_mapping,
+                             int64_t first, int64_t end, int64_t kvh, int64_t KVH, int64_t D, int64_t BS) {
+    const int64_t elem = cache_bf16 ? 2 : 4, row = KVH * D * elem;
+    for (int64_t t = first; t < end; t++) {
+        const int64_t slot = slot_mapping[t];
+        const char *key = (const char *)k_cache + slot * row + kvh * D * elem;
+        float *mn = summaries + ((slot / BS) * KVH + kvh) * 2 * D, *mx = mn + D;
+        for (int64_t d = 0; d < D; d++) {
+            const float k = cache_bf16 ? bf16_widen(((const uint16_t *)key)[d]) : ((const float *)key)[d];
+            if (slot % BS == 0 || k < mn[d]) mn[d] = k;
+            if (slot % BS == 0 || k > mx[d]) mx[d] = k;
+        }
+    }
+}
+
+// Quest's choice for one decode token's kv head: its G query heads q [G, D] against the summaries of the
+// sequence's nblocks blocks (table) -> keep [top] block indices (into table) in block order: the last
+// block and the top - 1 others of highest bound, ties to the earlier block. bound: scratch [nblocks].
+static void quest_select(const float *q, int64_t G, int64_t D, const float *summaries, int64_t KVH, int64_t kvh,
+                         const int32_t *table, int64_t nblocks, int64_t top, float *bound, int32_t *keep) {
+    for (int64_t b = 0; b < nblocks - 1; b++) {
+        const float *mn = summaries + ((int64_t)table[b] * KVH + kvh) * 2 * D, *mx = mn + D;
+        float best = -INFINITY;
+        for (int64_t g = 0; g < G; g++) {
+            vf total = vf_zero();
+            for (int64_t d = 0; d < D; d += VW) {
+                const vf qd = vf_load_n(q + g * D + d, D - d);
+                total = vf_add(total, vf_max(vf_mul(qd, vf_load_n(mn + d, D - d)), vf_mul(qd, vf_load_n(mx + d, D - d))));
+            }
+            const float u = vf_sum(total);
+            best = u > best ? u : best;
+        }
+        bound[b] = best;
+    }
+    // top - 1 rounds of "the best block not taken yet" (top is a small fraction of nblocks), marking taken
+    // blocks with -inf after noting them; then back to block order.
+    int64_t n = 0;
+    for (; n < top - 1; n++) {
+        int64_t arg = 0;
+        for (int64_t b = 1; b < nblocks - 1; b++)
+            if (bound[b] > bound[arg]) arg = b;
+        keep[n] = (int32_t)arg;
+        bound[arg] = -INFINITY;
+    }
+    for (int64_t i = 1; i < n; i++)  // insertion sort: few entries
+        for (int64_t j = i; j > 0 && keep[j - 1] > keep[j]; j--) {
+            const int32_t t = keep[j];
+            keep[j] = keep[j - 1];
+            keep[j - 1] = t;
+        }
+    keep[n] = (int32_t)(nblocks - 1);
+}
+
+// window > 0: each query sees only its last `window` keys (the model's sliding window). quest: NULL, or
+// Quest's summaries (kept up to date) and its block budget (kernels.h).
 void gb_paged_attention(const float *qkv, int64_t T, int64_t ld_qkv, const float *cos, const float *sin,
                         void *k_cache, void *v_cache, int cache_bf16, const int64_t *slot_mapping,
                         const int32_t *query_start_loc, int64_t S, const int32_t *block_tables, int64_t max_blocks,
                         const int32_t *context_lens, int64_t H, int64_t KVH, int64_t D, int64_t BS, float scale,
-                        int64_t window, float *out) {
+                        int64_t window, const gb_quest *quest, float *out) {
     const int64_t G = H / KVH, elem = cache_bf16 ? 2 : 4, row = KVH * D * elem;  // row: bytes per token
     // A task is a new token and all its heads (it reads whole cache rows), or one kv head of it where
     // the step has too few tokens to keep the threads busy (a batch-1 decode step).
@@ -134,11 +196,20 @@ void gb_paged_attention(const float *qkv, int64_t T, int64_t ld_qkv, const float
             store_row(rotated, D, (char *)k_cache + at, cache_bf16);
             store_row(x + (H + KVH + kvh) * D, D, (char *)v_cache + at, cache_bf16);
         }  // (the loop's barrier)
+        if (quest) {
+#pragma omp for schedule(static)
+            for (int64_t task = 0; task < S * KVH; task++)
+                update_summaries(quest->summaries, k_cache, cache_bf16, slot_mapping, query_start_loc[task / KVH],
+                                 query_start_loc[task / KVH + 1], task % KVH, KVH, D, BS);
+        }  // (the loop's barrier: every summary is up to date before any token chooses)
 
         float *q = malloc(sizeof(float) * (size_t)(H * D));
         float *probs = malloc(sizeof(float) * (size_t)(H * max_ctx));
         const char **k_rows = malloc(sizeof(char *) * (size_t)(2 * max_ctx));
         const char **v_rows = k_rows + max_ctx;
+        const int64_t top = quest ? quest->top_blocks : 0;
+        float *bound = top ? malloc(sizeof(float) * (size_t)(max_ctx / BS + 1)) : NULL;
+        int32_t *keep = top ? malloc(sizeof(int32_t) * (size_t)top) : NULL;
         // Dynamic: a prefill's later tokens see more keys than its first ones.
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < T * KVT; task++) {
@@ -147,6 +218,40 @@ void gb_paged_attention(const float *qkv, int64_t T, int64_t ld_qkv, const float
             const int64_t end = context_lens[s] - (query_start_loc[s + 1] - 1 - t);
             const int64_t start = window > 0 && end > window ? end - window : 0, n = end - start;
             const int32_t *table = block_tables + s * max_blocks;
+            const float *x = qkv + t * ld_qkv;
+            for (int64_t g = 0; g < NK * G; g++) rotate(x + (kvh * G + g) * D, cos + t * D, sin + t * D, D, q + g * D);
+            float *o = out + t * H * D + kvh * G * D;
+            const int64_t nblocks = (end + BS - 1) / BS;
+            if (top > 0 && window == 0 && query_start_loc[s + 1] - query_start_loc[s] == 1 && nblocks > top) {
+                // Quest: per kv head, the rows of its chosen blocks only.
+                for (int64_t j = 0; j < NK; j++) {
+                    quest_select(q + j * G * D, G, D, quest->summaries, KVH, kvh + j, table, nblocks, top, bound, keep);
+                    if (quest->selected)
+                        for (int64_t i = 0; i < top; i++) quest->selected[(t * KVH + kvh + j) * top + i] = keep[i];
+                    int64_t m = 0;
+                    for (int64_t i = 0; i < top; i++) {
+                        const int64_t first = keep[i] * BS, last = first + BS < end ? first + BS : end;
+                        const int64_t base = (int64_t)table[keep[i]] * BS * row + (kvh + j) * D * elem;
+                        for (int64_t r = first; r < last; r++, m++) {
+                            k_rows[m] = (const char *)k_cache + base + (r - first) * row;
+                            v_rows[m] = (const char *)v_cache + base + (r - first) * row;
+                        }
+                    }
+#define ATTEND1(HEAD_DIM, BF16) attend(q + j * G * D, 1, G, HEAD_DIM, k_rows, v_rows, m, scale, probs, o + j * G * D, BF16)
+                    if (cache_bf16) {
+                        if (D == 64) ATTEND1(64, 1);
+                        else ATTEND1(D, 1);
+                    } else {
+                        if (D == 64) ATTEND1(64, 0);
+                        else ATTEND1(D, 0);
+                    }
+#undef ATTEND1
+                }
+                continue;
+            }
+            if (quest && quest->selected && top > 0)  // (all of its blocks: none chosen)
+                for (int64_t j = 0; j < NK; j++)
+                    for (int64_t i = 0; i < top; i++) quest->selected[(t * KVH + kvh + j) * top + i] = -1;
             // Key i's row is table[i / BS] * BS + i % BS; walked block by block (a 64-bit division per
             // key cost more than its dot product).
             for (int64_t i = start; i < end;) {
@@ -156,9 +261,7 @@ void gb_paged_attention(const float *qkv, int64_t T, int64_t ld_qkv, const float
                     v_rows[i - start] = (const char *)v_cache + r;
                 }
             }
-            const float *x = qkv + t * ld_qkv;
-            for (int64_t g = 0; g < NK * G; g++) rotate(x + (kvh * G + g) * D, cos + t * D, sin + t * D, D, q + g * D);
-            float *o = out + t * H * D + kvh * G * D;
+
             // Constant head sizes and cache types for the common cases: the loops over D unroll.
 #define ATTEND(HEAD_DIM, BF16) attend(q, NK, G, HEAD_DIM, k_rows, v_rows, n, scale, probs, o, BF16)
             if (cache_bf16) {
@@ -176,6 +279,8 @@ void gb_paged_attention(const float *qkv, int64_t T, int64_t ld_qkv, const float
         free(q);
         free(probs);
         free(k_rows);
+        free(bound);
+        free(keep);
     }
     free(seq_of);
 }
