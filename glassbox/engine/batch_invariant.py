@@ -57,11 +57,10 @@ def _check_cpu(model: nn.Module) -> None:
 def convert_layers(model: nn.Module) -> None:
     """Swap each nn.Linear and RMSNorm for its batch-invariant twin (keeping the parameters) and set the
     batch-invariant attention backend: what the mode does on CUDA. (On the CPU the kernels run in Triton's
-    interpreter only: the tests use that.) Idempotent."""
-    if is_batch_invariant(model):
-        return
+    interpreter only: the tests use that.) Idempotent; the backend is set again each time (an engine sets
+    its own before this runs, so a second engine over the same model needs it)."""
     replacements: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
+    for name, module in model.named_modules() if not is_batch_invariant(model) else ():
         if type(module) is nn.Linear:
             replacements.append((name, BatchInvariantLinear.from_linear(module)))
         elif type(module) is RMSNorm:
