@@ -25,7 +25,7 @@ HEADS, KV_HEADS, LAYERS = 4, 2, 2
 
 
 @pytest.fixture(scope="module")
-def long_tiny(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+def long_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama with 8,192 positions (conftest's have 256): room for 4,096 generated tokens."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -40,7 +40,23 @@ def long_tiny(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     _randomize(model)
     model.save_pretrained(folder)
     _save_tokenizer(folder)
-    return load_model(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def long_tiny(long_tiny_dir: Path) -> LoadedModel:
+    return load_model(long_tiny_dir)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+def on_device(long_tiny: LoadedModel, long_tiny_dir: Path, device: str) -> LoadedModel:
+    """The CPU model, or on CUDA in float32 (Triton attention, CUDA graphs for the other decode steps)."""
+    if device == "cpu":
+        return long_tiny
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return load_model(long_tiny_dir, dtype="float32", device=device)
 
 
 def make_engine(loaded: LoadedModel, **options) -> LLMEngine:
@@ -71,10 +87,11 @@ class MaskOnly(SlidingWindow):
     evicts = False
 
 
-def test_sliding_window_eviction_equals_its_mask_form(long_tiny):
-    engine = make_engine(long_tiny, block_size=4)
+@pytest.mark.parametrize("device", DEVICES)
+def test_sliding_window_eviction_equals_its_mask_form(long_tiny, long_tiny_dir, device):
+    engine = make_engine(on_device(long_tiny, long_tiny_dir, device), block_size=4)
     window, sinks = 8, 2
-    held = []
+    held, reasons = [], set()
 
     def watch(seq: Sequence) -> None:
         next_position = seq.num_computed_tokens
@@ -83,12 +100,15 @@ def test_sliding_window_eviction_equals_its_mask_form(long_tiny):
             assert sorted(row.tolist()) == expected  # every layer and KV head holds the sinks and the window
         if seq.num_output_tokens > 1:  # decode steps attend over the cache as is, on the fast path
             assert engine.last_plan.masked_rows == () and engine.last_plan.kind == "decode"
+            reasons.add(engine.last_plan.reason)
         held.append(len(seq.block_table))
 
     evicting, evicting_logprobs = generate(engine, SlidingWindow(window, sinks), 48, watch)
     masked, masked_logprobs = generate(engine, MaskOnly(window, sinks), 48)
     assert evicting.token_ids == masked.token_ids
     assert evicting_logprobs == pytest.approx(masked_logprobs, abs=1e-4)
+    if device == "cuda":  # the decode graphs take positions for slots: evicted rows run eager, Triton attention
+        assert engine.runner.graphs is not None and reasons == {"evicted KV caches: the decode graphs take positions for slots"}
     assert evicting.sparsity["density"] == pytest.approx(masked.sparsity["density"])
     # sinks + window - 1 keys between steps: 3 blocks of 4, from the first step after the prompt's 10 blocks
     assert held == [3] * len(held) and len(held) == 47
@@ -110,13 +130,14 @@ class Replay(SparsityMethod):
             return self.prompt_method.keep(x)
         position = context_len - 1
         kept = self.kept[position][x.layer_idx]  # [KV, slots]: what this layer's KV heads held
-        mask = torch.zeros(kept.shape[0], context_len, dtype=torch.bool).scatter_(1, kept, True)
+        mask = torch.zeros(kept.shape[0], context_len, dtype=torch.bool, device=kept.device).scatter_(1, kept, True)
         mask[:, position] = True  # and the query's own key
         return mask.repeat_interleave(num_heads // kept.shape[0], 0)[:, None, :]
 
 
-def test_h2o_eviction_equals_dense_attention_masked_to_the_kept_keys(long_tiny):
-    engine = make_engine(long_tiny, block_size=4)
+@pytest.mark.parametrize("device", DEVICES)
+def test_h2o_eviction_equals_dense_attention_masked_to_the_kept_keys(long_tiny, long_tiny_dir, device):
+    engine = make_engine(on_device(long_tiny, long_tiny_dir, device), block_size=4)
     method = H2O(heavy_ratio=0.2, recent_ratio=0.1)
     kept: dict[int, torch.Tensor] = {}
 
