@@ -201,3 +201,30 @@ def test_converted_model_rows_do_not_depend_on_batch_or_chunking(tiny_model_dir,
     assert together == alone
     assert chunked == alone
     assert all(len(tokens) == 5 for tokens, _, _ in alone)
+
+
+def test_conversion_keeps_parameters_and_drops_the_compiled_executor(tiny_model_dir):
+    """The converted model holds the same parameter tensors (a tied head stays tied), and the compiled
+    executor no longer applies to it on CUDA (inductor picks reductions by shape): steps run the eager
+    forward and its CUDA graphs."""
+    from glassbox.engine.batch_invariant import convert_layers
+    from glassbox.engine.executors import REGISTRY
+    from glassbox.layers.batch_invariant import BatchInvariantLinear, BatchInvariantRMSNorm
+    from glassbox.models.loader import load_model
+
+    model = load_model(tiny_model_dir("qwen2")).model  # tied embeddings
+    before = {name: p for name, p in model.named_parameters(remove_duplicate=False)}
+    compiled_applies = REGISTRY["compiled"][0]
+    assert compiled_applies(model, torch.device("cuda"), True)
+    convert_layers(model)
+    convert_layers(model)  # idempotent
+    after = dict(model.named_parameters(remove_duplicate=False))
+    assert after.keys() == before.keys() and all(after[name] is p for name, p in before.items())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert isinstance(model.lm_head, BatchInvariantLinear) and isinstance(model.model.norm, BatchInvariantRMSNorm)
+    assert not compiled_applies(model, torch.device("cuda"), True)
+
+
+def test_batch_invariant_runs_on_one_rank():
+    with pytest.raises(ValueError, match="one rank"):
+        EngineConfig(batch_invariant=True, tensor_parallel_size=2)

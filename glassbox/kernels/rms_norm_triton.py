@@ -11,12 +11,11 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["num_rows"])
+@triton.jit
 def _rms_norm_kernel(
-    x_ptr,  # [T, H, D]: rows are (token, head) pairs; a 2-D input is [T, 1, D]
+    x_ptr,  # [T, H, D]: rows are (token, head) pairs, one program each; a 2-D input is [T, 1, D]
     weight_ptr,  # [D]
     out_ptr,  # [T, H, D] contiguous
-    num_rows,  # T * H
     num_heads,  # H
     stride_x_token,
     stride_x_head,
@@ -50,7 +49,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     num_rows = num_tokens * num_heads
     if num_rows:
         _rms_norm_kernel[(num_rows,)](
-            x3, weight, out, num_rows, num_heads, x3.stride(0), x3.stride(1), eps,
+            x3, weight, out, num_heads, x3.stride(0), x3.stride(1), eps,
             DIM=dim,
             BLOCK_D=triton.next_power_of_2(dim),
             num_warps=4 if dim <= 2048 else 8,
