@@ -160,6 +160,42 @@ def test_attention_rows_do_not_depend_on_batch_or_chunking(dtype, window, heads)
     assert torch.equal(decode_beside_prefill, whole[140:141])
 
 
+# ---- the sampler
+
+
+def test_seeded_draws_do_not_depend_on_the_batch():
+    """The sampler's rows, seeded, filtered (top_p) or by temperature alone: a seeded row draws the same
+    token alone as among 12 rows with other seeds and params of the same kind (on CUDA through the Triton
+    draw; on the CPU through the PyTorch inverse CDF)."""
+    from glassbox.sampling import SampleRequest, SamplingParams, sample_tokens
+
+    logits = random(12, 3000, dtype=torch.float32, seed=11) * 3
+    for kind in ({"temperature": 0.7}, {"temperature": 0.9, "top_p": 0.8}):
+        def request(i: int) -> SampleRequest:
+            generator = torch.Generator(DEVICE).manual_seed(500 + i)
+            return SampleRequest(SamplingParams(seed=500 + i, **kind), [], [], generator)
+
+        default = torch.Generator(DEVICE).manual_seed(0)
+        batched = sample_tokens(logits, [request(i) for i in range(12)], default).tolist()
+        alone = [sample_tokens(logits[i : i + 1], [request(i)], default).item() for i in range(12)]
+        assert batched == alone, kind
+        assert len(set(alone)) > 1  # the draws are draws, not one argmax
+
+
+
+def test_triton_draw_rows_do_not_depend_on_the_batch():
+    """The Triton draw (one program per row): each row's token is the same alone and among 12 rows."""
+    from glassbox.kernels import sampling_triton
+
+    logits = random(12, 3000, dtype=torch.float32, seed=12) * 3
+    generator = torch.Generator().manual_seed(13)
+    u = torch.rand(12, generator=generator).to(DEVICE)
+    scale = (0.5 + torch.rand(12, generator=generator)).to(DEVICE)
+    batched = sampling_triton.draw(logits, scale, u)
+    alone = torch.cat([sampling_triton.draw(logits[i : i + 1], scale[i : i + 1], u[i : i + 1]) for i in range(12)])
+    assert torch.equal(batched, alone) and len(set(alone.tolist())) > 1
+
+
 # ---- the layers on a whole model, through the engine
 
 
