@@ -112,6 +112,9 @@ def test_sliding_window_eviction_equals_its_mask_form(long_tiny, long_tiny_dir, 
     assert evicting.sparsity["density"] == pytest.approx(masked.sparsity["density"])
     # sinks + window - 1 keys between steps: 3 blocks of 4, from the first step after the prompt's 10 blocks
     assert held == [3] * len(held) and len(held) == 47
+    # The response says what it saved: of 40 + 46 tokens before the last step, 9 kept (sinks + window - 1)
+    assert (evicting.sparsity["evicted_tokens"], evicting.sparsity["kv_tokens_kept"]) == (77, 9)
+    assert "evicted_tokens" not in masked.sparsity
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 

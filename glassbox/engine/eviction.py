@@ -70,6 +70,7 @@ class KVEvictor:
         if count:
             self._compact(seq.block_table, state.slots, evicted, count)
             seq.num_evicted_tokens += count
+            state.evicted += count
             self.block_manager.release_unused(seq)
         return count
 

@@ -524,6 +524,7 @@ class SparsityState:
     # Once eviction began (the prompt computed): what the sequence's KV cache holds. None before, and after
     # a preemption (the prompt and output are then recomputed in the mask form).
     slots: KVSlots | None = None
+    evicted: int = 0  # tokens evicted from each (layer, KV head) of the cache, over the request's life
 
     def forget_cache(self) -> None:
         self.slots = None
@@ -573,6 +574,9 @@ class SparsityState:
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {**self.method.spec(), "density": self.density()}
+        if self.evicting:  # what it saved: tokens evicted, and the keys its cache kept after its last eviction
+            out["evicted_tokens"] = self.evicted
+            out["kv_tokens_kept"] = self.slots.num_slots if self.slots is not None else None
         if self.error:
             out["error"] = self.error
         return out
