@@ -4,10 +4,10 @@ EngineConfig(batch_invariant=True), random weights, bfloat16, CUDA graphs.
     PYTHONPATH=$PWD python bench/batch_invariant.py [--shapes qwen3-0.6b,llama-1b] [--batches 1,128] [--no-nano]
 
 Per shape and mode: decode ms/step and output tok/s at each batch size (prompts of 128 random tokens, 128
-new tokens, greedy); then nano-vllm's throughput workload (256 sequences, Qwen3-0.6B shape, temperature 0.6)
-in each mode after one short warm-up generate. Before timing, each batch run checks the mode's promise on
-its own outputs: the first sequence's tokens equal its tokens alone. Prints one table; JSON to
-$OUT/batch_invariant.json.
+new tokens, greedy); after the Qwen3-0.6B shape's rows, nano-vllm's throughput workload (256 sequences,
+temperature 0.6) in each mode after one short warm-up generate. Each batch run also checks the mode's
+promise on its own outputs: the first sequence's tokens equal its tokens alone. Prints the tables row by
+row; JSON to $OUT/batch_invariant.json (rewritten after each row).
 """
 
 from __future__ import annotations
@@ -78,29 +78,28 @@ def main() -> None:
     shapes = [s for s in args.shapes.split(",") if s]
     batches = [int(b) for b in args.batches.split(",")]
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        for shape in sorted(set(shapes) | ({NANO_SHAPE} if not args.no_nano else set())):
+    path = Path(os.environ.get("OUT", ".")) / "batch_invariant.json"
+    print(f"{out['device']}; torch {out['torch']}; bfloat16, CUDA graphs; prompts of 128, 128 new tokens, greedy")
+    print("\n| shape | mode | " + " | ".join(f"batch {b}: step ms / tok/s" for b in batches) + " | first == alone |")
+    print("|---|---|" + "---|" * (len(batches) + 1), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:  # rows printed as they come: a run cut short keeps its rows
+        for shape in shapes + ([NANO_SHAPE] if not args.no_nano and NANO_SHAPE not in shapes else []):
             folder = random_model_folder(shape, Path(tmp) / shape)
             for mode, invariant in MODES.items():
-                if shape in shapes:
-                    out["shapes"].setdefault(shape, {})[mode] = bench_batches(folder, shape, invariant, batches)
-                if shape == NANO_SHAPE and not args.no_nano:
-                    out.setdefault("nano", {})[mode] = bench_nano(folder, invariant)
-    print(f"\n{out['device']}; torch {out['torch']}; bfloat16, CUDA graphs; prompts of 128, 128 new tokens, greedy")
-    print("\n| shape | mode | " + " | ".join(f"batch {b}: step ms / tok/s" for b in batches) + " | first == alone |")
-    print("|---|---|" + "---|" * (len(batches) + 1))
-    for shape, modes in out["shapes"].items():
-        for mode, rows in modes.items():
-            cells = " | ".join(f"{rows[b]['step_ms']:.2f} / {rows[b]['tok_s']:,.0f}" for b in batches)
-            print(f"| {shape} | {mode} | {cells} | {all(r['first_equals_alone'] for r in rows.values())} |")
-    if "nano" in out:
-        print("\n| nano-vllm workload (256 seqs, Qwen3-0.6B shape) | tok/s | s |\n|---|---|---|")
-        for mode, row in out["nano"].items():
-            print(f"| {mode} | {row['tok_s']:,.0f} | {row['seconds']:.1f} |")
-        ratio = out["nano"]["batch_invariant"]["tok_s"] / out["nano"]["default"]["tok_s"]
-        print(f"\nbatch_invariant / default throughput: {ratio:.2f}")
-    path = Path(os.environ.get("OUT", ".")) / "batch_invariant.json"
-    path.write_text(json.dumps(out, indent=1, default=str))
+                if shape not in shapes:
+                    continue
+                rows = out["shapes"].setdefault(shape, {})[mode] = bench_batches(folder, shape, invariant, batches)
+                cells = " | ".join(f"{rows[b]['step_ms']:.2f} / {rows[b]['tok_s']:,.0f}" for b in batches)
+                print(f"| {shape} | {mode} | {cells} | {all(r['first_equals_alone'] for r in rows.values())} |", flush=True)
+                path.write_text(json.dumps(out, indent=1))
+            if shape == NANO_SHAPE and not args.no_nano:
+                print("\n| nano-vllm workload (256 seqs, Qwen3-0.6B shape, temperature 0.6) | tok/s | s |\n|---|---|---|")
+                for mode, invariant in MODES.items():
+                    row = out.setdefault("nano", {})[mode] = bench_nano(folder, invariant)
+                    print(f"| {mode} | {row['tok_s']:,.0f} | {row['seconds']:.1f} |", flush=True)
+                    path.write_text(json.dumps(out, indent=1))
+                ratio = out["nano"]["batch_invariant"]["tok_s"] / out["nano"]["default"]["tok_s"]
+                print(f"\nbatch_invariant / default throughput: {ratio:.2f}\n", flush=True)
 
 
 if __name__ == "__main__":

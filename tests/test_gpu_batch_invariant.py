@@ -9,6 +9,7 @@ same seeded samples. Skipped without CUDA; run on the lent device machine:
 
 from __future__ import annotations
 
+import gc
 import random
 from pathlib import Path
 
@@ -78,6 +79,7 @@ def engines(request, tmp_path_factory):
     assert "compiled" not in whole.runner.executors and whole.runner.graphs is not None
     yield whole, chunked
     del whole, chunked, loaded
+    gc.collect()
     torch.cuda.empty_cache()
 
 
