@@ -21,7 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from gpu import GiB, MAX_BATCHED_TOKENS, NANO_SHAPE, NANO_TEMPERATURE, generate, kv_bytes, nano_workload, random_model_folder
+from gpu import (
+    MAX_BATCHED_TOKENS,
+    NANO_SHAPE,
+    NANO_TEMPERATURE,
+    GiB,
+    generate,
+    kv_bytes,
+    nano_workload,
+    random_model_folder,
+)
 
 MODES = {"default": False, "batch_invariant": True}
 
@@ -90,10 +99,11 @@ def main() -> None:
                     continue
                 rows = out["shapes"].setdefault(shape, {})[mode] = bench_batches(folder, shape, invariant, batches)
                 cells = " | ".join(f"{rows[b]['step_ms']:.2f} / {rows[b]['tok_s']:,.0f}" for b in batches)
-                print(f"| {shape} | {mode} | {cells} | {all(r['first_equals_alone'] for r in rows.values())} |", flush=True)
+                same = all(r["first_equals_alone"] for r in rows.values())
+                print(f"| {shape} | {mode} | {cells} | {same} |", flush=True)
                 path.write_text(json.dumps(out, indent=1))
             if shape == NANO_SHAPE and not args.no_nano:
-                print("\n| nano-vllm workload (256 seqs, Qwen3-0.6B shape, temperature 0.6) | tok/s | s |\n|---|---|---|")
+                print("\n| nano-vllm workload (256 seqs, Qwen3-0.6B, temperature 0.6) | tok/s | s |\n|---|---|---|")
                 for mode, invariant in MODES.items():
                     row = out.setdefault("nano", {})[mode] = bench_nano(folder, invariant)
                     print(f"| {mode} | {row['tok_s']:,.0f} | {row['seconds']:.1f} |", flush=True)
