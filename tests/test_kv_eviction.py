@@ -224,6 +224,22 @@ def test_the_global_mask_evicts_and_a_model_window_keeps_the_mask_form(long_tiny
     assert held[-1] == 0 and out.sparsity["density"] < 1
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8", "bfloat16"])
+def test_eviction_moves_narrow_caches_too(long_tiny, kv_cache_dtype):
+    """An 8-bit float cache is moved as bytes (no fp8 indexing kernel on the CPU); same tokens as its mask form."""
+    engine = make_engine(long_tiny, block_size=4, kv_cache_dtype=kv_cache_dtype)
+    kept: dict[int, torch.Tensor] = {}
+
+    def record(seq: Sequence) -> None:
+        kept[seq.num_computed_tokens] = seq.sparsity.slots.positions.clone()
+
+    evicting, evicting_logprobs = generate(engine, H2O(0.2, 0.1), 24, record)
+    replayed, replayed_logprobs = generate(engine, Replay(H2O(0.2, 0.1), kept), 24)
+    assert len(kept) == 23 and evicting.sparsity["evicted_tokens"] > 20
+    assert evicting.token_ids == replayed.token_ids
+    assert evicting_logprobs == pytest.approx(replayed_logprobs, abs=1e-3)
+
+
 def test_a_preempted_evicting_sequence_recomputes_in_the_mask_form_and_evicts_again(long_tiny):
     """Preemption frees every block and forgets the evictions; the sequence's prompt and output are then
     recomputed in the mask form (the same keys for sliding_window), so the tokens do not change."""

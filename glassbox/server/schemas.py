@@ -64,6 +64,7 @@ class SamplingFields(Body):
 
 # A sparse-attention mask for the request: {"method": "top_k", "k": 32}, or the design's
 # {"mask_pattern": "top_k", "k": 32, "threshold": 0.1}; parsed by layers.sparsity.parse_sparsity.
+# sliding_window and h2o evict what they drop from the request's KV cache after its prompt (engine/eviction.py).
 SparsitySpec = dict[str, Any] | None
 
 
@@ -101,7 +102,8 @@ class GenerateResponse(BaseModel):
     logprobs: list[dict[str, Any]] | None = None
     prompt_logprobs: list[Any] | None = None
     cached_tokens: int = 0
-    sparsity: dict[str, Any] | None = None  # the mask applied and its realised density
+    # The mask applied and its realised density; under eviction also evicted_tokens and kv_tokens_kept.
+    sparsity: dict[str, Any] | None = None
 
 
 class BatchGenerateResponse(BaseModel):
