@@ -263,6 +263,18 @@ def test_a_preempted_evicting_sequence_recomputes_in_the_mask_form_and_evicts_ag
     assert again.token_ids == alone.token_ids
 
 
+def test_only_a_class_that_declares_eviction_evicts(long_tiny):
+    class Wider(SlidingWindow):  # a plugin's variant: its keep differs from the evict it inherits
+        name = "wider"
+
+        def keep(self, x: MaskInputs) -> torch.Tensor:
+            return super().keep(x) | (x.k_positions % 2 == 0)
+
+    engine = make_engine(long_tiny)
+    assert engine.evicts(SlidingWindow(8, 2)) and not engine.evicts(Wider(8, 2)) and not engine.evicts(MaskOnly(8, 2))
+    assert not engine.evicts(H2O(0.5, 0.5))  # keeps every key: nothing to evict
+
+
 def test_release_unused_gives_back_the_blocks_past_the_filled_slots():
     manager = BlockManager(num_blocks=8, block_size=4)
     seq = Sequence("s", list(range(20)), None)

@@ -256,7 +256,7 @@ class LLMEngine:
         engine's context length, on a model without sliding windows of its own (their masks count
         positions as slots), on one rank."""
         return (
-            method.evicts
+            method.declares_eviction()
             and not method.is_dense(self.max_model_len)
             and not any(self.loaded.config.layer_windows)
             and not self.distributed

@@ -199,7 +199,8 @@ class SparsityMethod:
     # What the method saves when served (listed by GET /optimization/sparsity_mask).
     saves: ClassVar[str] = "nothing yet: a mask over the dense scores (quality only)"
     # Whether what it drops for one decode query stays dropped for every later one (a key never comes
-    # back), so that the engine may evict it from the KV cache and free its blocks.
+    # back), so that the engine may evict it from the KV cache and free its blocks. Read through
+    # `declares_eviction`: only the class that sets it evicts, not a subclass that inherits it.
     evicts: ClassVar[bool] = False
     # Evicting decode steps must hand this method the probabilities of the kept keys (h2o's history).
     observes_scores: ClassVar[bool] = False
@@ -208,6 +209,13 @@ class SparsityMethod:
     def parse(cls, params: Params) -> SparsityMethod:
         """Read the parameters (methods without any keep this default)."""
         return cls()
+
+    @classmethod
+    def declares_eviction(cls) -> bool:
+        """`evicts`, as set by this very class: a plugin's subclass of sliding_window that changes `keep`
+        must not evict by the `evict` it inherited (which follows the parent's keep), so it runs the mask
+        form unless it says `evicts = True` (and evicts by its own rule) itself."""
+        return bool(vars(cls).get("evicts", False))
 
     def params(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if v is not None}

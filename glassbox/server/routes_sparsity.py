@@ -56,7 +56,7 @@ async def get_sparsity_mask(client: EngineClient = Depends(engine_client)) -> di
             "description": cls.description,
             "selects_from": cls.selects_from,
             "saves": cls.saves,
-            "evicts": cls.evicts,
+            "evicts": cls.declares_eviction(),
         }
         for name, cls in available_methods().items()
     ]
