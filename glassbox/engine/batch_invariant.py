@@ -48,9 +48,9 @@ def _check_cpu(model: nn.Module) -> None:
     quantized = weight_format(model).startswith(("q4_1", "q8_0"))
     if not (quantized and cpu_native.available() and llama_native.supported(model)):
         raise BatchInvariantUnsupported(
-            "batch_invariant on the CPU runs on the native block-quantized kernels: a Llama-family model with "
-            "quantization 'auto', 'int4' or 'int8' (float32 weights multiply with MKL, whose single-row "
-            f"products differ from batched ones); this model runs {weight_format(model)}"
+            "batch_invariant on the CPU runs on the native block-quantized kernels: a Llama-family model "
+            "without q/k norms, with quantization 'auto', 'int4' or 'int8' (float32 weights multiply with MKL, "
+            f"whose single-row products differ from batched ones); this model runs {weight_format(model)}"
         )
 
 
