@@ -29,6 +29,7 @@ import torch
 
 from glassbox.algorithms import ALGORITHMS, AlgorithmFault
 from glassbox.config import EngineConfig
+from glassbox.engine.batch_invariant import apply_batch_invariant
 from glassbox.engine.block_manager import BlockManager, PrefixCacheStats
 from glassbox.engine.eviction import KVEvictor
 from glassbox.engine.kv_cache import KVCache
@@ -95,6 +96,8 @@ class LLMEngine:
             cpu_native.keep_freed_memory()
         if on_cuda:
             set_attention_backend(loaded.model, TritonAttentionBackend())
+        if cfg.batch_invariant:  # after the layout and the backend, before the runner builds executors and graphs
+            apply_batch_invariant(loaded.model, loaded.device)
         kv_dtype = {"auto": loaded.dtype, "bfloat16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[cfg.kv_cache_dtype]
         if kv_dtype == torch.float8_e4m3fn and on_cuda and torch.cuda.get_device_capability(loaded.device) < (8, 9):
             raise ValueError("kv_cache_dtype fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper)")
