@@ -261,6 +261,7 @@ def test_a_preempted_evicting_sequence_recomputes_in_the_mask_form_and_evicts_ag
     assert preempted[0] == (0, None, 0)
     assert preempted[1] == 40 + 12 - 9  # evicting again right after the recompute
     assert again.token_ids == alone.token_ids
+    assert again.sparsity["evicted_tokens"] == alone.sparsity["evicted_tokens"] == 40 + 28 - 9
 
 
 def test_only_a_class_that_declares_eviction_evicts(long_tiny):

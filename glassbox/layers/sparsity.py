@@ -532,10 +532,10 @@ class SparsityState:
     # Once eviction began (the prompt computed): what the sequence's KV cache holds. None before, and after
     # a preemption (the prompt and output are then recomputed in the mask form).
     slots: KVSlots | None = None
-    evicted: int = 0  # tokens evicted from each (layer, KV head) of the cache, over the request's life
+    evicted: int = 0  # tokens evicted from each (layer, KV head) of the cache since it was (re)computed
 
     def forget_cache(self) -> None:
-        self.slots = None
+        self.slots, self.evicted = None, 0
 
     def select(
         self, layer_idx: int, scores: torch.Tensor, allowed: torch.Tensor, q: torch.Tensor, keys: torch.Tensor
