@@ -9,7 +9,10 @@ stop being in token order (a decode query attends to all of them, so order does 
 keeps the rotary position it was computed at (the choice of positions is explained in layers/sparsity.py).
 
 Measured on a tiny model (tests/test_kv_eviction.py): 4,096 tokens generated under sliding_window (window
-512, 4 sinks, blocks of 16) hold 33 blocks at the end instead of 257.
+512, 4 sinks, blocks of 16) hold 33 blocks at the end, under h2o (0.1 + 0.1) 52, dense 257. At 8k tokens of
+context on the SmolLM2-135M shape (bench/kv_eviction.py, CPU): 504 blocks -> 33, and a decode step on the
+native path 27.9 -> 5.1 ms. A step with evicted rows skips the CUDA decode graphs (they compute slots from
+positions) and h2o's rows take the readable attention, which hands them the probabilities they accumulate.
 """
 
 from __future__ import annotations
