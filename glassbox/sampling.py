@@ -139,8 +139,10 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     logits: [N, vocab] float32 (a greedy row passes through unscaled: its argmax is taken elsewhere)."""
     device = logits.device
     vocab = logits.shape[-1]
-    temperature = host_values([1.0 if p.greedy else p.temperature for p in params], torch.float32, device)
-    logits = logits / temperature[:, None]
+    # x (1 / temperature), as `draw` scales a temperature-only batch: a row's numbers do not depend on
+    # whether a neighbour's top_k / top_p / min_p sent the batch through here.
+    scale = host_values([1.0 if p.greedy else 1.0 / p.temperature for p in params], torch.float32, device)
+    logits = logits * scale[:, None]
     limited = [0 < p.top_k < vocab for p in params]
     if any(limited):
         k_max = max(p.top_k for p, on in zip(params, limited) if on)
@@ -165,7 +167,12 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
                 sorted_probs = None
         if sorted_probs is None:
             sorted_probs = torch.sort(probs, dim=-1, descending=True).values
-            cumulative = sorted_probs.cumsum(-1)
+            if sorted_probs.is_cuda and sorted_probs.shape[0] == 1:
+                # CUDA scans a lone row with another kernel (a 1-D scan) than rows of a batch, and it rounds
+                # differently: scanned beside a copy of itself, a row's sums do not depend on the batch.
+                cumulative = sorted_probs.expand(2, -1).cumsum(-1)[:1]
+            else:
+                cumulative = sorted_probs.cumsum(-1)
         # Keep a token while the tokens before it cover less than top_p (the first always stays), then keep
         # every token as likely as the last one kept: ties stay together, so the kept set does not depend on
         # how a sort orders equal values (nor on whether the prefix or the whole vocabulary was sorted).
