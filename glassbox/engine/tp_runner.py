@@ -156,6 +156,7 @@ class TensorParallelRunner(ModelRunner):
         prompt_logprob_rows: tuple[int, ...],
         timed: bool,
         launched_ahead: bool,
+        evicted: bool = False,
     ) -> StepPlan:
         reason = f"{self.group.world_size} ranks over {self.group.backend}"
         return StepPlan(
