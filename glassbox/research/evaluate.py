@@ -10,6 +10,8 @@ Memory beside quality: the KV blocks a request holds at its last decode step whe
 are the text (at least one token decoded), dense and under the method — fewer where
 this engine evicts what the method drops (engine/eviction.py). The figure is the method's own bound
 (`max_kv_tokens`), which tests/test_kv_eviction.py holds equal to the blocks the engine was measured to hold.
+The quality figures are the mask form's: what an evicting sliding_window computes too, while a served h2o
+may differ (an evicted key never comes back; the mask form ranks every older key at every step).
 """
 
 from __future__ import annotations
