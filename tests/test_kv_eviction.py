@@ -276,6 +276,52 @@ def test_only_a_class_that_declares_eviction_evicts(long_tiny):
     assert not engine.evicts(H2O(0.5, 0.5))  # keeps every key: nothing to evict
 
 
+def test_compaction_keeps_each_rows_kept_keys_with_their_positions():
+    """Model-free: a random eviction, a different set in every (layer, KV head) row, several per row; every
+    kept key and value stays in its row with its position, the evicted ones are gone, blocks come back."""
+    from glassbox.config import ModelConfig
+    from glassbox.engine.eviction import KVEvictor
+    from glassbox.engine.kv_cache import KVCache
+    from glassbox.layers.sparsity import KVSlots, SparsityState
+
+    class Random(SparsityMethod):
+        name, evicts = "random", True
+
+        def evict(self, slots: KVSlots, next_position: int) -> torch.Tensor:
+            generator = torch.Generator().manual_seed(next_position)
+            order = torch.rand(slots.positions.shape, generator=generator).argsort(-1)
+            return order < 9  # 9 random slots of every row
+
+    config = ModelConfig(architecture="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=4, max_position_embeddings=64)
+    cache = KVCache(config, num_blocks=12, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    cache.k.copy_(torch.randn(cache.k.shape))
+    cache.v.copy_(torch.randn(cache.v.shape))
+    manager = BlockManager(12, 4)
+    seq = Sequence("s", list(range(22)), None)
+    seq.sparsity = SparsityState(Random(), evicting=True)
+    assert manager.allocate(seq, 22)
+    seq.num_computed_tokens = 22
+    seq.token_ids.append(0)  # the sampled token: the next step decodes it
+    table = torch.tensor(seq.block_table)
+
+    def rows(cache_tensor: torch.Tensor, slots: int) -> torch.Tensor:  # [L, slots, KV, D] in slot order
+        return cache_tensor[:, table].flatten(1, 2)[:, :slots]
+
+    keys, values = rows(cache.k, 22).clone(), rows(cache.v, 22).clone()
+    evictor = KVEvictor(cache, manager, num_heads=4)
+    assert evictor.after_step([(seq, 22)]) == 9 and seq.num_kv_slots == 13
+    assert len(seq.block_table) == 4 and manager.num_free_blocks == 8  # 13 slots: 4 blocks; 2 came back
+    positions = seq.sparsity.slots.positions  # [L, KV, 13]
+    for layer in range(3):
+        for head in range(2):
+            kept = positions[layer, head]
+            assert len(set(kept.tolist())) == 13
+            assert torch.equal(rows(cache.k, 13)[layer, :, head], keys[layer, kept, head])
+            assert torch.equal(rows(cache.v, 13)[layer, :, head], values[layer, kept, head])
+    assert any(not torch.equal(positions[0, 0].sort().values, positions[l, h].sort().values) for l in range(3) for h in range(2))
+
+
 def test_release_unused_gives_back_the_blocks_past_the_filled_slots():
     manager = BlockManager(num_blocks=8, block_size=4)
     seq = Sequence("s", list(range(20)), None)
