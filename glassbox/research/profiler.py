@@ -7,16 +7,16 @@ or `profiling_max_seconds`, whichever comes first (a step hook, so recording nev
 if nobody calls stop); a session that recorded more than `profiling_max_events` events keeps no trace (its
 summary is still given); a trace over `profiling_max_trace_bytes` is deleted unread; at most
 `profiling_traces_kept` traces are kept, the oldest deleted first, and all of them when the server stops.
-Only stopping the session runs on the engine thread: writing the trace runs in the caller's worker thread,
-and reading the summary from it in a child process (research/trace_summary.py), while serving goes on.
+Only stopping the session runs on the engine thread: writing the trace runs on a worker thread, and
+reading the summary from it in a child process (research/trace_summary.py), while serving goes on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -130,16 +130,19 @@ class Profiler:
         session, self._session = self._session, None
         return session
 
-    def summarize(self, session: _Session, top: int = 25) -> dict[str, Any]:
+    async def summarize(self, session: _Session, top: int = 25) -> dict[str, Any]:
         """The top operators by self time, and the trace's id (None if the session was over a budget).
 
-        Off the engine thread: torch writes the trace (C++), and a child process at the lowest priority
-        reads the summary from it (research/trace_summary.py: torch's own reading is Python over every
-        event, and would take the GIL from serving for seconds)."""
+        Off the engine thread: torch writes the trace (C++, on a worker thread of normal priority: it holds
+        the GIL throughout, so it must not wait for CPU time), and a child process reads the summary from
+        it (research/trace_summary.py: torch's own reading is Python over every event, and would take the
+        GIL from serving for seconds). The child is started from the event loop: a thread at the lowest
+        priority would hold the GIL while its child, of that priority, waits to run up to its exec
+        (serving stalled ~0.2 s at a time)."""
         limits = self.limits
         trace_id = uuid.uuid4().hex
         path = self.trace_dir / f"{trace_id}.json"
-        session.torch_session.export_chrome_trace(str(path))
+        await asyncio.to_thread(session.torch_session.export_chrome_trace, str(path))
         size = path.stat().st_size
         result: dict[str, Any] = {
             "trace_id": None,
@@ -157,9 +160,15 @@ class Profiler:
                 " (the summary is read from the trace: none either)"
             )
             return result
-        command = [sys.executable, "-m", "glassbox.research.trace_summary", str(path), "--top", str(top)]
         try:
-            summary = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "glassbox.research.trace_summary", str(path), "--top", str(top),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await child.communicate()
+            if child.returncode != 0:
+                raise RuntimeError(f"the trace summary failed: {err.decode(errors='replace')[-500:]}")
+            summary = json.loads(out)
         except BaseException:
             path.unlink(missing_ok=True)
             raise

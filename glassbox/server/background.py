@@ -1,10 +1,12 @@
 """Research work that needs no engine state — statistics over logits, a seeded random tensor, sharded
-matmuls, a profiling trace, a PNG — runs here, on background threads at the lowest CPU priority.
+matmuls, a PNG — runs here, on background threads at the lowest CPU priority.
 
 Why not `asyncio.to_thread`: on a small CPU that work competes with serving for the cores (a 40 ms
 `torch.randn` beside a prefill's two OpenMP threads stalls their barriers). At nice 19, as are the OpenMP
 threads it starts (Linux gives a thread's priority to the threads it creates), the engine's threads take
-the cores whenever they have work, and research runs in what is left.
+the cores whenever they have work, and research runs in what is left. (Work that holds the GIL
+throughout, as torch writing a profiling trace does, does not belong here: at this priority it would
+hold it longer, and serving waits for the GIL.)
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ async def profiling_stop(request: Request, client: EngineClient = Depends(engine
         session = await client.call(profiler.stop)
     except ProfilerError as error:
         raise APIError(409, str(error)) from None
-    result = await request.app.state.background.run(profiler.summarize, session)  # seconds for a big session
+    result = await profiler.summarize(session)
     result["trace_url"] = f"/debug/profiling/traces/{result['trace_id']}" if result["trace_id"] else None
     return result
 
