@@ -129,13 +129,7 @@ class BlockManager:
     # ---- release
     def free(self, seq: Sequence) -> None:
         """Drop the sequence's references; last blocks first, so the LRU evicts a prompt's tail first."""
-        for block in reversed(seq.block_table):
-            self.ref_counts[block] -= 1
-            if self.ref_counts[block] == 0:
-                if self.block_keys[block] is not None:
-                    self.evictable[block] = None
-                else:
-                    self.free_blocks.append(block)
+        self._release(seq.block_table)
         seq.block_table = []
         seq.block_hashes = []
 
@@ -144,15 +138,20 @@ class BlockManager:
         engine/eviction.py); last first, as `free` does. Returns how many."""
         keep = -(-seq.num_kv_slots // self.block_size)
         released = seq.block_table[keep:]
-        for block in reversed(released):
+        self._release(released)
+        del seq.block_table[keep:]
+        return len(released)
+
+    def _release(self, blocks: list[int]) -> None:
+        """One reference less on each block, last first; a block nobody holds goes back to the pool (or, if
+        the prefix cache knows it, to the evictable LRU)."""
+        for block in reversed(blocks):
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 if self.block_keys[block] is not None:
                     self.evictable[block] = None
                 else:
                     self.free_blocks.append(block)
-        del seq.block_table[keep:]
-        return len(released)
 
     def reset_prefix_cache(self) -> int:
         """Forget every unreferenced cached block (e.g. after weights change). Returns how many."""
