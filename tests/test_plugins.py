@@ -118,7 +118,9 @@ def test_plugin_sparsity_method_reloads_on_edit(tmp_path, tiny_model_dir):
         assert httpx.get(f"{url}/plugins", timeout=60).json()["sparsity_methods"] == ["last_n"]
         assert kept_per_row(url) == 2
         methods = httpx.get(f"{url}/optimization/sparsity_mask", timeout=60).json()["methods"]
-        assert {"method": "last_n", "description": "each query keeps its last few keys", "selects_from": "positions"} in methods
+        (last_n,) = [m for m in methods if m["method"] == "last_n"]
+        assert last_n["description"] == "each query keeps its last few keys" and last_n["selects_from"] == "positions"
+        assert last_n["evicts"] is False  # a plugin's mask saves nothing it does not declare
         body = {"prompt": [1, 2, 3, 4, 5, 6, 7, 8], "max_tokens": 4, "temperature": 0, "sparsity": {"method": "last_n", "n": 2}}
         assert httpx.post(f"{url}/generate", json=body, timeout=60).json()["sparsity"]["density"] < 1
         assert httpx.post(f"{url}/optimization/sparsity_mask", json={"method": "last_n", "n": 1}, timeout=60).status_code == 200
