@@ -4,9 +4,9 @@ thread, so a serving step (a new request's first token) waits behind one slice, 
 /optimization/batch_schedule runs a set of requests through a private engine between serving steps. One
 of its steps over 16 sequences is ~55 ms on a 2-core CPU (its prefill several times that): every request
 arriving meanwhile waited for all of it. Here the private step runs on a thread of its own that hands
-control back to the engine thread every few layers (TOKEN_LAYERS_PER_SLICE) and waits to be resumed: exactly one of
-the two threads runs at any moment (a handover, not concurrency), so the private step never shares the
-cores, the model or a KV pool binding with serving. Only the CPU's native layer path is cut this way (a
+control back to the engine thread every few layers (TOKEN_LAYERS_PER_SLICE) and waits to be resumed:
+exactly one of the two threads runs at any moment (a handover, not concurrency), so the private step never
+shares the cores, the model or a KV pool binding with serving. Only the CPU's native layer path is cut this way (a
 layer is one native call there); other paths run the private step whole.
 """
 
