@@ -39,6 +39,13 @@ CONCURRENCY = [8, 32]
 SIMD_FLAGS = ("avx2", "avx512", "vnni", "fma", "f16c", "asimd", "asimddp", "sve", "i8mm", "bf16")
 # A generic CPU build tuned to this machine (-march=native), no GPU or BLAS back end: ggml's own CPU kernels.
 LLAMA_CMAKE_ARGS = "-DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF -DLLAMA_CURL=OFF"
+# Where the CPU has AMX, -march=native builds ggml's AMX kernels, and llama-cpp-python 0.3.36 so built crashed
+# (SIGSEGV) in its first multi-token decode on a Sapphire Rapids VM (2026-12-03): AVX-512 flags named instead.
+LLAMA_CMAKE_ARGS_AMX = LLAMA_CMAKE_ARGS.replace(
+    "-DGGML_NATIVE=ON",
+    "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON"
+    " -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON",
+)
 
 
 def quantization(mode: str) -> str | None:
@@ -218,7 +225,9 @@ def main() -> None:
             continue
         try:
             if system == "llama.cpp":
-                build = {"CMAKE_ARGS": LLAMA_CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count())}
+                amx = Path("/proc/cpuinfo").exists() and " amx_tile" in Path("/proc/cpuinfo").read_text()
+                build = {"CMAKE_ARGS": LLAMA_CMAKE_ARGS_AMX if amx else LLAMA_CMAKE_ARGS,
+                         "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count())}
                 python = peer_python("llama-cpp", ["llama-cpp-python", "numpy"], "llama_cpp", build)
                 name = "llama.cpp Q4_1 (llama-cpp-python)"
                 installs.append(install_note("llama-cpp"))
