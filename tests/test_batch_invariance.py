@@ -70,6 +70,8 @@ def test_alone_equals_inside_32_concurrent_streams(url, seeded):
 
 def test_model_info_says_batch_invariant(url):
     assert httpx.get(f"{url}/model_info", timeout=60).json()["batch_invariant"] is True
+    # and every response, a research endpoint's figures included
+    assert httpx.get(f"{url}/debug/memory_usage", timeout=60).headers["x-glassbox-batch-invariant"] == "true"
 
 
 def test_chunked_prefill_of_64_equals_the_whole_prompt():

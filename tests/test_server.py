@@ -45,7 +45,9 @@ def test_health_model_info_and_version(client, server):
     assert info["architecture"] == "llama" and info["num_layers"] == 30 and info["num_kv_heads"] == 3
     assert info["vocab_size"] == 49152 and info["context_length"] == 8192 and info["kv_block_size"] == 16
     assert info["num_parameters"] == 134_515_008 and info["dtype"] == "float32"
-    assert httpx.get(f"{server}/version", timeout=60).json()["version"]
+    version = httpx.get(f"{server}/version", timeout=60)
+    assert version.json()["version"]
+    assert info["batch_invariant"] is False and version.headers["x-glassbox-batch-invariant"] == "false"
 
 
 def test_generate_matches_the_engine_alone(client):

@@ -22,6 +22,7 @@ from glassbox.research.latency import LatencyStats
 from glassbox.research.plugins import PluginEntries, PluginManager, fall_back_to_builtins, follow_new_version
 from glassbox.research.profiler import Profiler
 from glassbox.server.background import Background
+from glassbox.server.mode_header import ModeHeaderMiddleware
 from glassbox.server import routes_generate, routes_openai, routes_ops, routes_research, routes_sparsity
 from glassbox.server.engine_client import EngineClient
 from glassbox.server.errors import add_error_handlers
@@ -85,6 +86,7 @@ def create_app(
         plugins.add_listener(follow)
         plugins.add_unload_listener(fall_back)
         plugins.watch()
+    app.add_middleware(ModeHeaderMiddleware, batch_invariant=client.facts.model_info["batch_invariant"])
     app.add_middleware(GuardMiddleware, settings=settings)
     if settings.cors_origins:  # outside the guard: it answers the browser's preflight for these origins only
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"], allow_headers=["*"])
