@@ -4,7 +4,7 @@ layer of the default model's shape (9 query heads, 3 kv heads, head_dim 64, bloc
 
     .venv/bin/python bench/cpu_attention.py [--contexts 1024,4096,8192] [--batch 1,32] [--fraction 8]
 
-Per context and batch: ms per decode step of one layer (median of 20 after a warm-up; the step includes
+Per context and batch: ms per decode step of one layer (median of 20 after warm-ups; the step includes
 rotary, the k/v store and, for Quest, keeping the block summaries), dense vs Quest with 1/--fraction of
 the blocks, and the speed-up. Every sequence of the batch has the full context.
 """
@@ -12,10 +12,9 @@ the blocks, and the speed-up. Every sequence of the batch has the full context.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from cpu_kernels import timed  # median microseconds of a call, after warm-ups
 
 from glassbox.kernels import cpu_native
 
@@ -39,16 +38,6 @@ def decode_step(context: int, batch: int, g: torch.Generator):
     return args, summaries, blocks
 
 
-def timed(fn, repeats: int = 20) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--contexts", default="1024,4096,8192")
@@ -63,8 +52,8 @@ def main() -> None:
         for batch in map(int, args.batch.split(",")):
             step, summaries, blocks = decode_step(context, batch, g)
             top = max(1, blocks // args.fraction)
-            dense = timed(lambda: cpu_native.paged_attention(*step))
-            quest = timed(lambda: cpu_native.paged_attention(*step, None, summaries, top))
+            dense = timed(lambda: cpu_native.paged_attention(*step), 20) / 1000
+            quest = timed(lambda: cpu_native.paged_attention(*step, None, summaries, top), 20) / 1000
             print(f"| {context} | {batch} | {dense:.3f} | {quest:.3f} | {dense / quest:.2f}x |", flush=True)
 
 

@@ -9,25 +9,17 @@ tests/test_gpu_batch_invariant.py; the CPU default through the server in tests/t
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated: before the first triton import
-
 import pytest
+import torch
+from triton_setup import DEVICE, WITH_BFLOAT16  # first: it sets up the interpreter before triton is imported
 
-pytest.importorskip("triton")
+from conftest import run_all
 
-from conftest import run_all  # noqa: E402
+from glassbox import SamplingParams
+from glassbox.config import EngineConfig
+from glassbox.kernels import attention_torch, attention_triton, matmul_triton, rms_norm_triton
 
-from glassbox import SamplingParams  # noqa: E402
-from glassbox.config import EngineConfig  # noqa: E402
-from glassbox.kernels import attention_torch, attention_triton, matmul_triton, rms_norm_triton  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+DTYPES = [torch.float32, torch.float16, *WITH_BFLOAT16]
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 

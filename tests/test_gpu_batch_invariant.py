@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_all
 
 from glassbox import SamplingParams
 from glassbox.config import EngineConfig
@@ -84,13 +85,7 @@ def engines(request, tmp_path_factory):
 
 
 def run(engine, prompts: list[list[int]], params: list[SamplingParams]) -> list[tuple]:
-    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return [(done[i].token_ids, done[i].logprobs, done[i].prompt_logprobs) for i in ids]
+    return [(o.token_ids, o.logprobs, o.prompt_logprobs) for o in run_all(engine, prompts, params)]
 
 
 def in_batches(engine, size: int, params: list[SamplingParams], filler_params: SamplingParams) -> list[tuple]:

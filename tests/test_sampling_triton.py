@@ -4,22 +4,14 @@ Without CUDA the kernel runs in Triton's interpreter on CPU tensors; with CUDA i
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated: before the first triton import
-
 import pytest
-
-pytest.importorskip("triton")
+import torch
+from triton_setup import DEVICE, WITH_BFLOAT16  # first: it sets up the interpreter before triton is imported
 
 from glassbox.kernels import sampling_triton
 from glassbox.sampling import SampleRequest, SamplingParams, sample_tokens
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+DTYPES = [torch.float32, *WITH_BFLOAT16]
 
 
 def inverse_cdf(logits: torch.Tensor, scale: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,21 +5,13 @@ interpreter gets wrong); with CUDA they run compiled, in bfloat16 too."""
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated: before the first triton import
-
 import pytest
-
-pytest.importorskip("triton")
+import torch
+from triton_setup import DEVICE, WITH_BFLOAT16  # first: it sets up the interpreter before triton is imported
 
 from glassbox.kernels import attention_torch, attention_triton
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+DTYPES = [torch.float32, torch.float16, *WITH_BFLOAT16]
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 # (num_heads, num_kv_heads, head_dim, block_size): GQA 3:1, SmolLM2 (9:3), MHA with the tiny test models'
