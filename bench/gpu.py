@@ -36,6 +36,10 @@ SHAPES: dict[str, dict[str, Any]] = {
     "llama-1b": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
                  "num_attention_heads": 32, "num_key_value_heads": 8, "tie_word_embeddings": True,
                  "max_position_embeddings": 8192},
+    # Llama-3-8B's shape: Quest's whole-step figure (bench/gpu_quest.py), where the paper measured it.
+    "llama-8b": {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                 "num_attention_heads": 32, "num_key_value_heads": 8, "tie_word_embeddings": False,
+                 "max_position_embeddings": 8192, "rope_theta": 500000.0},
     "qwen3-0.6b": {"vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
                    "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": True,
                    "max_position_embeddings": 40960, "rope_theta": 1e6, "rms_norm_eps": 1e-6},

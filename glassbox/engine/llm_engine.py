@@ -401,6 +401,10 @@ class LLMEngine:
                 sample_requests[i] = self._sample_request(state)
             if state.params.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens:
                 prompt_logprobs[i] = state.params.prompt_logprobs
+        if self.runner.quest is None and any(
+            seq.sparsity is not None and self.runner.reads_blocks(seq.sparsity.method) for seq in self._step_seqs
+        ):  # the first request whose decode reads only Quest's chosen blocks: summarize them from now on
+            self.runner.keep_block_summaries(self.scheduler.running)
         plan = self.runner.plan(batch, len(sample_requests), list(prompt_logprobs), timed=bool(self.observers))
         evicting = any(seq.sparsity is not None and seq.sparsity.evicting for seq in self._step_seqs)
         if self.async_scheduling and not evicting and self.runner.can_launch_ahead(plan, sample_requests):

@@ -18,13 +18,15 @@ import torch
 from glassbox.engine.cuda_graphs import DecodeGraphs
 from glassbox.engine.executors import Executor, build_executors
 from glassbox.engine.kv_cache import KVCache
+from glassbox.engine.quest import BlockSummaries
 from glassbox.engine.scheduler import ScheduledBatch
 from glassbox.engine.sequence import Sequence
 from glassbox.engine.step_metadata import SeqChunk, build_step_metadata, filler_prompts
 from glassbox.engine.step_plan import StepPlan
 from glassbox.kernels import cpu_native
-from glassbox.layers.attention import AttentionMetadata, attention_layers
+from glassbox.layers.attention import AttentionMetadata, QuestStep, TritonAttentionBackend, attention_layers
 from glassbox.layers.probe import StepProbe
+from glassbox.layers.sparsity import SparsityMethod
 from glassbox.models.loader import LoadedModel
 from glassbox.sampling import SampleRequest, SampleResult, SamplingParams, device_only, sample, sample_tokens
 
@@ -88,6 +90,8 @@ class ModelRunner:
         # binds one that runs on every rank).
         self.compute_logits: Callable[[torch.Tensor], torch.Tensor] = self.model.compute_logits
         self.graphs: DecodeGraphs | None = None  # CUDA graphs of decode steps, once captured
+        # Quest's block summaries, kept from the first request that reads blocks on (engine/quest.py).
+        self.quest: BlockSummaries | None = None
         self._ahead_plans: dict[int, StepPlan] = {}  # batch size -> plan of a decode step launched ahead
         self._host_tokens = [torch.empty(0, dtype=torch.int64)] * 2  # CUDA: pinned, grown on first use
         self._turn = 0
@@ -110,9 +114,10 @@ class ModelRunner:
     ) -> StepPlan:
         """How this step runs (see engine/step_plan.py for the rule)."""
         evicted = any(seq.num_evicted_tokens for seq, _ in batch.items)
+        masked, quest = self._sparse_rows(batch, timed)
         return self._plan(
-            len(batch.items), batch.num_tokens, num_sampled, tuple(self._masked_rows(batch)),
-            tuple(prompt_logprob_rows), timed, launched_ahead=False, evicted=evicted,
+            len(batch.items), batch.num_tokens, num_sampled, masked, tuple(prompt_logprob_rows), timed,
+            launched_ahead=False, evicted=evicted, quest=quest,
         )  # fmt: skip
 
     def plan_ahead(self, num_seqs: int) -> StepPlan:
@@ -134,9 +139,10 @@ class ModelRunner:
         timed: bool,
         launched_ahead: bool,
         evicted: bool = False,
+        quest: dict[int, list[int]] | None = None,
     ) -> StepPlan:
         """`evicted`: a row's KV cache lost tokens to eviction (its slots are not its positions, which the
-        CUDA graphs' inputs assume)."""
+        CUDA graphs' inputs assume). `quest`: row -> its block budget per layer (reads only chosen blocks)."""
         decode = num_tokens == num_seqs and num_sampled == num_seqs and not prompt_logprob_rows
         if timed:
             executor, reason = "eager", "latency timers on"
@@ -144,6 +150,8 @@ class ModelRunner:
             executor, reason = "compiled", f"masked rows, {num_tokens} tokens >= {COMPILED_MIN_TOKENS}"
         elif masked:
             executor, reason = "eager", "masked rows need the readable attention"
+        elif quest and self.graphs is not None:
+            executor, reason = "eager", "rows read Quest's blocks: the Triton kernels outside the decode graphs"
         elif decode and evicted and self.graphs is not None:
             # Not the compiled layers either: without a graph their guards cost more than they save (the
             # SmolLM2-135M shape at 8k tokens on the H200: 41 ms a step compiled, 21 eager).
@@ -159,23 +167,66 @@ class ModelRunner:
         else:
             executor, reason = "eager", "no fast path applies"
         return StepPlan(
-            executor, reason, num_seqs, num_tokens, num_sampled, masked, prompt_logprob_rows, timed, launched_ahead
-        )
+            executor, reason, num_seqs, num_tokens, num_sampled, masked, prompt_logprob_rows, timed, launched_ahead,
+            quest or {},
+        )  # fmt: skip
 
     def _compiled_fits(self, num_tokens: int) -> bool:
         """Long eager steps run the compiled layers where the decode graphs do (CUDA, compile on)."""
         return "compiled" in self.executors and self.graphs is not None and num_tokens >= COMPILED_MIN_TOKENS
 
-    def _masked_rows(self, batch: ScheduledBatch) -> list[int]:
-        """The batch rows whose mask drops keys at this step's length; a mask that keeps everything lets its
-        sequence take the plain path (and exactly the dense output)."""
+    def _sparse_rows(self, batch: ScheduledBatch, timed: bool) -> tuple[tuple[int, ...], dict[int, list[int]]]:
+        """The batch rows whose mask drops keys at this step's length (a mask that keeps everything lets its
+        sequence take the plain path, and exactly the dense output), and the rows that read only chosen KV
+        blocks (Quest's decode tokens on the kernels: row -> budget per layer). A method that reads blocks
+        leaves the prompt dense; where the kernels cannot run a step (it is masked or timed anyway, or a
+        mixed step on CUDA) its decode tokens take the mask form, which reads the same keys."""
         heads, windows = self.config.num_attention_heads, self.config.layer_windows
-        return [
-            i
-            for i, (seq, num_new) in enumerate(batch.items)
-            if seq.sparsity is not None
-            and seq.sparsity.masks_step(num_new, seq.num_computed_tokens + num_new, heads, windows)
-        ]
+        masked, quest = [], {}
+        for i, (seq, num_new) in enumerate(batch.items):
+            state = seq.sparsity
+            if state is None:
+                continue
+            context_len = seq.num_computed_tokens + num_new
+            if state.method.reads_blocks and not state.evicting:
+                if context_len <= seq.num_prompt_tokens:
+                    state.count_dense(num_new, context_len, heads, windows)
+                    continue
+                if num_new == 1 and self.quest is not None and self.reads_blocks(state.method):
+                    quest[i] = context_len
+                    continue
+            if state.masks_step(num_new, context_len, heads, windows):
+                masked.append(i)
+        mixed_on_cuda = self.device.type == "cuda" and batch.num_tokens != len(batch.items)
+        if quest and (masked or timed or mixed_on_cuda):
+            masked += [i for i in quest if batch.items[i][0].sparsity.masks_step(1, quest[i], heads, windows)]
+            quest = {}
+        num_layers = self.config.num_hidden_layers
+        budgets = {
+            i: batch.items[i][0].sparsity.read_blocks(context_len, num_layers, self.block_size, heads)
+            for i, context_len in quest.items()
+        }
+        return tuple(sorted(masked)), budgets
+
+    def reads_blocks(self, method: SparsityMethod) -> bool:
+        """Whether `method`'s decode tokens read only their chosen blocks here: it reads blocks of the KV
+        cache's block size, and a kernel that reads them runs this model (the native CPU attention over a
+        float32/bfloat16 cache, or Triton), without sliding windows of its own."""
+        kernels = (
+            any(name in self.executors for name in ("native_stack", "native_layers"))
+            and self.kv_cache.dtype in cpu_native.CACHE_DTYPES
+        ) or isinstance(self.attention_layers[0].backend, TritonAttentionBackend)
+        return (
+            method.reads_blocks
+            and getattr(method, "block_size", None) == self.block_size
+            and kernels
+            and not any(self.config.layer_windows)
+        )
+
+    def keep_block_summaries(self, running: list[Sequence]) -> None:
+        """Keep Quest's block summaries from now on (`running`: the sequences whose blocks hold keys)."""
+        if self.quest is None:
+            self.quest = BlockSummaries(self.kv_cache, running)
 
     # ---- running it
     @torch.inference_mode()
@@ -199,6 +250,7 @@ class ModelRunner:
             chunks.append(SeqChunk(seq.block_table, start, num_new, seq.num_kv_slots))
         result = StepResult()
         clock = _Clock(plan.timed, self.device)
+        meta = None
         if plan.executor == "cuda_graph":
             with torch.profiler.record_function("glassbox::forward_graph"), _named(plan):
                 all_logits = self.graphs.run(chunks, input_ids)  # every row samples in a decode step
@@ -206,11 +258,13 @@ class ModelRunner:
             positions, meta = build_step_metadata(chunks, self.block_size, self.device)
             if plan.masked_rows:
                 meta.probe = StepProbe(masks={i: batch.items[i][0].sparsity for i in plan.masked_rows})
+            meta.quest = self._quest_step(plan)
             ends = meta.query_start_loc_list[1:]
             # Names the step and its executor in profiler traces.
             with torch.profiler.record_function("glassbox::forward"), _named(plan):
                 hidden = self.executors[plan.executor].forward(torch.tensor(input_ids, device=self.device), positions, meta)
             all_logits = None
+        self._summarize(plan, chunks, meta)
         clock.lap(result.seconds, "forward")
         if sample_requests:
             indices = list(sample_requests)
@@ -253,17 +307,20 @@ class ModelRunner:
             index = {id(seq): row for row, (seq, _) in enumerate(previous.batch.items)}
             rows = [index[id(seq)] for seq in seqs]
         source = None if previous is None else previous.device_tokens
+        meta = None
         if plan.executor == "cuda_graph":
             with torch.profiler.record_function("glassbox::forward_graph"), _named(plan):
                 logits = self.graphs.run(chunks, input_ids, source, rows)
         else:  # beyond the graphs (or with them off): on CUDA its host-built inputs wait for the device
             positions, meta = build_step_metadata(chunks, self.block_size, self.device)
+            meta.quest = self._quest_step(plan)
             if rows is None:
                 ids = torch.tensor(input_ids, device=self.device)
             else:
                 ids = source[torch.tensor(rows, device=self.device)]
             with torch.profiler.record_function("glassbox::forward"), _named(plan):
                 logits = self.compute_logits(self.executors[plan.executor].forward(ids, positions, meta))
+        self._summarize(plan, chunks, meta)
         with torch.profiler.record_function("glassbox::sample"):
             tokens = sample_tokens(logits, requests, self.generator)
         if tokens.device.type != "cuda":
@@ -274,6 +331,28 @@ class ModelRunner:
         ready.record()
         return PendingDecode(plan, batch, tokens, host, ready)
 
+    def _quest_step(self, plan: StepPlan) -> QuestStep | None:
+        """The step's Quest inputs: the summaries once kept (the native attention keeps them up to date), and
+        the budgets [num_layers, S] of its rows (0: all blocks) where some row reads blocks."""
+        if self.quest is None:
+            return None
+        budgets = None
+        if plan.quest:
+            rows = torch.zeros(plan.num_seqs, self.config.num_hidden_layers, dtype=torch.int32)
+            for i, per_layer in plan.quest.items():
+                rows[i] = torch.tensor(per_layer, dtype=torch.int32)
+            budgets = rows.T.contiguous().to(self.device)
+        return QuestStep(self.quest.table, budgets)
+
+    def _summarize(self, plan: StepPlan, chunks: list[SeqChunk], meta: AttentionMetadata | None) -> None:
+        """Fold the step's new keys into Quest's block summaries where its attention did not (any path but
+        the native CPU one). `meta`: the step's metadata, None for a graph step."""
+        if self.quest is None or (plan.executor in ("native_stack", "native_layers") and self.kv_cache.dtype in cpu_native.CACHE_DTYPES):
+            return
+        if meta is None:
+            meta = build_step_metadata(chunks, self.block_size, self.device)[1]
+        self.quest.update(meta.slot_mapping)
+
     @staticmethod
     def can_launch_ahead(plan: StepPlan, sample_requests: dict[int, SampleRequest]) -> bool:
         """Whether a planned step can run as `launch_decode`: a decode step, nothing masked or timed, whose
@@ -283,6 +362,7 @@ class ModelRunner:
             plan.kind == "decode"
             and not plan.prompt_logprob_rows
             and not plan.masked_rows
+            and not plan.quest
             and not plan.timed
             and all(device_only(r) for r in sample_requests.values())
         )

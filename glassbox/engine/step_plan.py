@@ -7,6 +7,7 @@ The rule, in `ModelRunner.plan`, the first that applies:
   timed (latency timers on)             -> eager: module hooks fire only on the plain forward
   masked rows                           -> compiled on a long step (attention stays outside compiled
                                            code), else eager: masks need the readable attention
+  rows reading Quest's blocks, CUDA     -> eager (the Triton kernels, outside the decode graphs)
   decode step within the CUDA graphs    -> cuda_graph
   native CPU layers (quantized)         -> native_stack over a float32/bfloat16 cache, else native_layers
   compiled layers, long step            -> compiled (model_runner.COMPILED_MIN_TOKENS tokens or more)
@@ -17,7 +18,7 @@ own forward on every rank, sent to the workers first.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 EXECUTORS = ("cuda_graph", "compiled", "native_stack", "native_layers", "eager", "tensor_parallel")
 
@@ -33,6 +34,8 @@ class StepPlan:
     prompt_logprob_rows: tuple[int, ...] = ()  # batch rows that report prompt logprobs
     timed: bool = False  # latency timers on: the plain forward, its module hooks firing
     launched_ahead: bool = False  # a decode step launched before the host read the previous one's tokens
+    # Batch rows whose decode token reads only chosen KV blocks (Quest) -> the budget in each layer (0: all).
+    quest: dict[int, list[int]] = field(default_factory=dict, hash=False)
 
     @property
     def kind(self) -> str:
@@ -49,7 +52,10 @@ class StepPlan:
     def __str__(self) -> str:
         extra = "".join(
             f" {name}={value}"
-            for name, value in (("masked", len(self.masked_rows)), ("timed", self.timed), ("ahead", self.launched_ahead))
+            for name, value in (
+                ("masked", len(self.masked_rows)), ("quest", len(self.quest)), ("timed", self.timed),
+                ("ahead", self.launched_ahead),
+            )  # fmt: skip
             if value
         )
         return (

@@ -203,7 +203,7 @@ def _decode_kernel(
     q_ptr,  # [S, H, D]
     k_cache_ptr,  # [num_blocks, block_size, KV, D]
     v_cache_ptr,
-    block_tables_ptr,  # [S, max_blocks]
+    block_tables_ptr,  # [S, max_blocks], or [S, KV, max_blocks] (a table per KV head: Quest's choices)
     context_lens_ptr,  # [S]
     out_ptr,  # [S, H, D]; written when not SPLIT
     partial_acc_ptr,  # [S, H, num_splits, D] float32: unnormalised output of each split (SPLIT only)
@@ -224,6 +224,7 @@ def _decode_kernel(
     stride_out_seq,
     stride_out_head,
     stride_table_seq,
+    stride_table_head,  # 0: one table for all KV heads
     stride_cache_block,
     stride_cache_token,
     stride_cache_head,
@@ -273,7 +274,7 @@ def _decode_kernel(
     running_max = tl.full([BLOCK_G], NO_MAX, tl.float32)
     running_sum = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    table = block_tables_ptr + seq * stride_table_seq
+    table = block_tables_ptr + seq * stride_table_seq + kv_head * stride_table_head
     # With STORE the query's own key is not in the cache yet: the loop reads the keys before it, and the
     # program whose range holds it adds it from registers after the loop. (Substituting it into each tile
     # instead keeps the tiles from going straight to shared memory and cost a third of the bandwidth.)
@@ -406,8 +407,10 @@ def paged_decode_attention(
     num_stages: int | None = None,
 ) -> torch.Tensor:
     """One query per sequence (the decode step). q: [S, H, D], query i at position context_lens[i] - 1;
-    block_tables: [S, max_blocks] block ids (entries past the context are never read); context_lens: [S] on
-    the device (0 = padding row, output zeros). Returns out [S, H, D] (written in place when given).
+    block_tables: [S, max_blocks] block ids (entries past the context are never read), or [S, KV, max_blocks]
+    for a table per KV head (`quest_tables`' output: positions are then the ones in that table);
+    context_lens: [S] on the device (0 = padding row, output zeros). Returns out [S, H, D] (written in place
+    when given).
     With k_new, v_new [S, KV, D] and slot_mapping [S], the kernel also does `store_kv`'s work: it writes
     them to their slots and attends to them as the keys/values at each query's position.
     `num_splits` overrides the split-K heuristic (tests); block_n, num_warps, num_stages are tuning knobs
@@ -418,8 +421,12 @@ def paged_decode_attention(
     _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
     _check(cache_head_dim == head_dim, f"q head_dim {head_dim} != cache head_dim {cache_head_dim}")
     _check(num_heads % num_kv_heads == 0, f"{num_heads} query heads do not group onto {num_kv_heads} KV heads")
-    _check(block_tables.dim() == 2 and block_tables.shape[0] == num_seqs, f"block_tables must be [{num_seqs}, B]")
-    _check(block_tables.stride(1) == 1, "block_tables needs a contiguous last axis")
+    per_head = block_tables.dim() == 3
+    _check(
+        block_tables.shape[0] == num_seqs and (not per_head or block_tables.shape[1] == num_kv_heads) and block_tables.dim() in (2, 3),
+        f"block_tables must be [{num_seqs}, B] or [{num_seqs}, {num_kv_heads}, B]",
+    )
+    _check(block_tables.stride(-1) == 1, "block_tables needs a contiguous last axis")
     _check(context_lens.shape == (num_seqs,), f"context_lens must be [{num_seqs}], got {tuple(context_lens.shape)}")
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -437,7 +444,7 @@ def paged_decode_attention(
         return out
 
     group = num_heads // num_kv_heads
-    max_tokens = block_tables.shape[1] * block_size
+    max_tokens = block_tables.shape[-1] * block_size
     if num_splits is None:
         num_splits = _decode_splits(num_seqs, num_kv_heads, max_tokens)
     if block_n is None:  # 128-key tiles of head_dim > 128 would crowd shared memory (measured up to 128 only)
@@ -455,7 +462,7 @@ def paged_decode_attention(
         q, k_cache, v_cache, block_tables, context_lens, out, partial_acc, partial_max, partial_sum,
         k_new, v_new, slot_mapping, scale * LOG2_E, num_heads, num_splits,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-        out.stride(0), out.stride(1), block_tables.stride(0),
+        out.stride(0), out.stride(1), block_tables.stride(0), block_tables.stride(1) if per_head else 0,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group,
         HEAD_DIM=head_dim,
@@ -479,6 +486,123 @@ def paged_decode_attention(
             BLOCK_D=block_d,
         )  # fmt: skip
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quest: each decode query's KV heads choose the blocks they read
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _quest_select_kernel(
+    q_ptr,  # [S, H, D], RoPE applied
+    summaries_ptr,  # [num_blocks, KV, 2, D]: each block's key min and max
+    block_tables_ptr,  # [S, max_blocks]
+    context_lens_ptr,  # [S]
+    budgets_ptr,  # [S] int32: blocks to read (0: all)
+    bounds_ptr,  # [S, KV, MAX_BLOCKS] float32 scratch
+    tables_ptr,  # [S, KV, max_blocks] int32 out: the blocks each KV head reads, in block order
+    lens_ptr,  # [S] int32 out: the keys they hold
+    stride_q_seq,
+    stride_q_head,
+    stride_sum_block,
+    stride_sum_head,
+    stride_sum_side,
+    stride_table_seq,
+    stride_out_seq,
+    stride_out_head,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    MAX_BLOCKS: tl.constexpr,  # max_blocks rounded up to a power of 2
+    TILE: tl.constexpr,  # blocks bounded at a time
+    BLOCK_D: tl.constexpr,
+):
+    # One program per (sequence, KV head): the bound of each of its blocks but the last one (the max over the
+    # head group of Σ_d max(q_d·min_d, q_d·max_d)), then the budget - 1 highest (ties to the earlier block)
+    # and the last block, in block order — the native CPU kernel's choice (kernels/cpu/paged_attention.c).
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    context_len = tl.load(context_lens_ptr + seq)
+    budget = tl.load(budgets_ptr + seq)
+    num_blocks = tl.cdiv(context_len, BLOCK_SIZE)
+    table = block_tables_ptr + seq * stride_table_seq
+    out = tables_ptr + seq * stride_out_seq + kv_head * stride_out_head
+    ids = tl.arange(0, MAX_BLOCKS)
+    block_ids = tl.load(table + ids, mask=ids < num_blocks, other=0)
+    if budget == 0 or num_blocks <= budget:  # every block, as the sequence's own table has them
+        tl.store(out + ids, block_ids, mask=ids < num_blocks)
+        if kv_head == 0:
+            tl.store(lens_ptr + seq, context_len)
+    else:
+        dims = tl.arange(0, BLOCK_D)
+        dim_mask = dims < HEAD_DIM
+        row = bounds_ptr + (seq * tl.num_programs(1) + kv_head) * MAX_BLOCKS
+        for start in tl.static_range(0, MAX_BLOCKS, TILE):
+            tile = start + tl.arange(0, TILE)
+            candidate = tile < num_blocks - 1
+            block = tl.load(table + tile, mask=candidate, other=0).to(tl.int64)
+            base = summaries_ptr + block * stride_sum_block + kv_head * stride_sum_head
+            mask = candidate[:, None] & dim_mask[None, :]
+            low = tl.load(base[:, None] + dims[None, :], mask=mask, other=0.0).to(tl.float32)  # [TILE, BLOCK_D]
+            high = tl.load(base[:, None] + stride_sum_side + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+            best = tl.full([TILE], float("-inf"), tl.float32)
+            for g in tl.static_range(GROUP):
+                qg = tl.load(q_ptr + seq * stride_q_seq + (kv_head * GROUP + g) * stride_q_head + dims, mask=dim_mask, other=0.0)
+                qg = qg.to(tl.float32)[None, :]
+                best = tl.maximum(best, tl.sum(tl.maximum(qg * low, qg * high), 1))
+            tl.store(row + tile, tl.where(candidate, best, float("-inf")))
+        tl.debug_barrier()  # the row's bounds, written by all the program's threads, read whole below
+        bound = tl.load(row + ids)  # [MAX_BLOCKS], -inf past the candidates
+        need = budget - 1
+        kth = tl.sum(tl.where(ids == need - 1, tl.sort(bound, descending=True), 0.0))  # the need-th highest
+        above = bound > kth
+        ties = bound == kth
+        keep = above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= need - tl.sum(above.to(tl.int32))))
+        tl.store(out + tl.cumsum(keep.to(tl.int32), 0) - 1, block_ids, mask=keep)
+        last = tl.sum(tl.where(ids == num_blocks - 1, block_ids, 0))
+        tl.store(out + need, last)
+        if kv_head == 0:
+            tl.store(lens_ptr + seq, need * BLOCK_SIZE + context_len - (num_blocks - 1) * BLOCK_SIZE)
+
+
+def quest_tables(
+    q: torch.Tensor,
+    summaries: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    budgets: torch.Tensor,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quest's choice for a decode step: q [S, H, D] (RoPE applied), summaries [num_blocks, KV, 2, D] (the
+    min and max of each block's keys), block_tables [S, max_blocks], context_lens [S], budgets [S] int32
+    (blocks to read, 0: all), the cache's block_size -> (tables [S, KV, max_blocks] int32, lens [S] int32): the blocks each KV head
+    reads and how many keys they hold, for `paged_decode_attention`. A row whose budget covers its blocks
+    keeps its own table."""
+    num_seqs, num_heads, head_dim = q.shape
+    _, num_kv_heads, two, sum_dim = summaries.shape
+    _check(two == 2 and sum_dim == head_dim and summaries.stride(-1) == 1, f"summaries must be [blocks, KV, 2, {head_dim}]")
+    _check(block_tables.dim() == 2 and block_tables.stride(1) == 1, "block_tables must be [S, B], contiguous rows")
+    _check(budgets.shape == (num_seqs,) and budgets.dtype == torch.int32, f"budgets must be [{num_seqs}] int32")
+    max_blocks = block_tables.shape[1]
+    tables = torch.empty(num_seqs, num_kv_heads, max_blocks, dtype=torch.int32, device=q.device)
+    lens = torch.empty(num_seqs, dtype=torch.int32, device=q.device)
+    max_pow2 = triton.next_power_of_2(max_blocks)
+    bounds = torch.empty(num_seqs, num_kv_heads, max_pow2, dtype=torch.float32, device=q.device)
+    if num_seqs == 0:
+        return tables, lens
+    _quest_select_kernel[(num_seqs, num_kv_heads)](
+        q, summaries, block_tables, context_lens, budgets, bounds, tables, lens,
+        q.stride(0), q.stride(1), summaries.stride(0), summaries.stride(1), summaries.stride(2),
+        block_tables.stride(0), tables.stride(0), tables.stride(1),
+        GROUP=num_heads // num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        MAX_BLOCKS=max_pow2,
+        TILE=min(max_pow2, 64),
+        BLOCK_D=_block_d(head_dim),
+    )  # fmt: skip
+    return tables, lens
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -611,8 +735,12 @@ def prefill_attention(
     _check(num_heads % num_kv_heads == 0, f"{num_heads} query heads do not group onto {num_kv_heads} KV heads")
     num_seqs = context_lens.shape[0]
     _check(query_start_loc.shape == (num_seqs + 1,), f"query_start_loc must be [{num_seqs + 1}]")
-    _check(block_tables.dim() == 2 and block_tables.shape[0] == num_seqs, f"block_tables must be [{num_seqs}, B]")
-    _check(block_tables.stride(1) == 1, "block_tables needs a contiguous last axis")
+    per_head = block_tables.dim() == 3
+    _check(
+        block_tables.shape[0] == num_seqs and (not per_head or block_tables.shape[1] == num_kv_heads) and block_tables.dim() in (2, 3),
+        f"block_tables must be [{num_seqs}, B] or [{num_seqs}, {num_kv_heads}, B]",
+    )
+    _check(block_tables.stride(-1) == 1, "block_tables needs a contiguous last axis")
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _check(out.shape == q.shape and out.stride(-1) == 1, f"out must be {tuple(q.shape)} with contiguous D")

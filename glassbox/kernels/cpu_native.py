@@ -63,18 +63,18 @@ class QWeight(ctypes.Structure):
 
 class LlamaLayer(ctypes.Structure):
     """One decoder layer for llama_layers (kernels/cpu/llama_layers.c's gb_llama_layer): its norms' weights,
-    its four projections, its KV caches and its sliding window (0: none)."""
+    its four projections, its KV caches, its sliding window (0: none) and its Quest block summaries (or NULL)."""
 
     _fields_ = [("input_norm", _P), ("post_attention_norm", _P)]
     _fields_ += [(name, QWeight) for name in ("qkv", "o", "gate_up", "down")]
-    _fields_ += [("k_cache", _P), ("v_cache", _P), ("sliding_window", _I)]
+    _fields_ += [("k_cache", _P), ("v_cache", _P), ("sliding_window", _I), ("quest_summaries", _P)]
 
 
 class Quest(ctypes.Structure):
-    """kernels.h's gb_quest: Quest's per-block key summaries, the block budget of a decode token, and where
-    to write the blocks each token's kv head read (or NULL)."""
+    """kernels.h's gb_quest: Quest's per-block key summaries, each sequence's block budget, and where to
+    write the blocks each token's kv head read (or NULL) with that array's width."""
 
-    _fields_ = [("summaries", _P), ("top_blocks", _I), ("selected", _P)]
+    _fields_ = [("summaries", _P), ("top_blocks", _P), ("selected", _P), ("selected_width", _I)]
 
 
 SIGNATURES = {
@@ -84,7 +84,7 @@ SIGNATURES = {
     "gb_quantize_rows": ([_P, _I, _I, _P, _P, _P], None),
     "gb_quantize": ([_P, _I, _I, _I, _P, _P, _P], None),
     "gb_argmax": ([_P, _I, _I, _I, _P], None),
-    "gb_llama_layers": ([_P, _I, _I, _I, _I, _I, _I, _I, _F, _F, _INT, _P, _I, _P, _P, _P, _P, _I, _P, _I, _P], None),
+    "gb_llama_layers": ([_P, _I, _I, _I, _I, _I, _I, _I, _F, _F, _INT, _P, _I, _P, _P, _P, _P, _I, _P, _I, _P, _P], None),
     "gb_paged_attention": (
         [_P, _I, _I, _P, _P, _P, _P, _INT, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _F, _I, ctypes.POINTER(Quest), _P],
         None,
@@ -293,7 +293,7 @@ def paged_attention(
     sliding_window: int | None,
     isa: str | None = None,
     quest_summaries: torch.Tensor | None = None,
-    top_blocks: int = 0,
+    top_blocks: torch.Tensor | int | None = None,
     selected: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A step's attention, prefill chunks and decode tokens alike: rotary on q and k, k/v stored to their
@@ -302,8 +302,9 @@ def paged_attention(
     [num_blocks, block_size, KV, D] float32 or bfloat16 (CACHE_DTYPES); query_start_loc [S + 1] int32
     -> [T, H * D] float32.
     Quest (block-sparse decode, kernels.h): quest_summaries [num_blocks, KV, 2, D] float32, the min and max
-    of each block's keys, kept up to date by the call; a decode token reads only top_blocks blocks (0: all);
-    selected [T, KV, top_blocks] int32 (optional) gets the blocks each token's kv head read (-1: all)."""
+    of each block's keys, kept up to date by the call; sequence s's decode token reads only top_blocks[s]
+    blocks (top_blocks: [S] int32, or one budget for all; 0 or None: all); selected [T, KV, W] int32
+    (optional) gets the blocks each token's kv head read (-1: all)."""
     tokens = qkv.shape[0]
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     assert qkv.stride(1) == 1 and k_cache.dtype == v_cache.dtype and k_cache.dtype in CACHE_DTYPES
@@ -312,8 +313,14 @@ def paged_attention(
     quest = None
     if quest_summaries is not None:
         assert quest_summaries.dtype == torch.float32 and quest_summaries.is_contiguous()
-        assert selected is None or (selected.dtype == torch.int32 and selected.shape == (tokens, num_kv_heads, top_blocks))
-        quest = ctypes.byref(Quest(quest_summaries.data_ptr(), top_blocks, None if selected is None else selected.data_ptr()))
+        if isinstance(top_blocks, int):
+            top_blocks = torch.full((query_start_loc.shape[0] - 1,), top_blocks, dtype=torch.int32)
+        assert top_blocks is None or (top_blocks.dtype == torch.int32 and top_blocks.is_contiguous())
+        assert selected is None or (selected.dtype == torch.int32 and selected.shape[:2] == (tokens, num_kv_heads))
+        quest = ctypes.byref(Quest(
+            quest_summaries.data_ptr(), None if top_blocks is None else top_blocks.data_ptr(),
+            None if selected is None else selected.data_ptr(), 0 if selected is None else selected.shape[2],
+        ))  # fmt: skip
     library(isa).gb_paged_attention(
         qkv.data_ptr(), tokens, qkv.stride(0), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         k_cache.dtype == torch.bfloat16, slot_mapping.data_ptr(), query_start_loc.data_ptr(),
@@ -336,18 +343,22 @@ def llama_layers(
     query_start_loc: torch.Tensor,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
+    quest_top: torch.Tensor | None = None,
     isa: str | None = None,
 ) -> None:
     """Every decoder layer of a Llama-family quantized model over one step, in place on x [T, hidden] float32
     (contiguous). layers: a ctypes array of LlamaLayer; dims: (hidden, intermediate, heads, kv heads,
-    head_dim, block_size); eps: the RMSNorms'; scale: attention's; cache_dtype: one of CACHE_DTYPES. The
-    rest as paged_attention's arguments."""
+    head_dim, block_size); eps: the RMSNorms'; scale: attention's; cache_dtype: one of CACHE_DTYPES;
+    quest_top: [num_layers, S] int32, Quest's block budget of each sequence in each layer (the layers
+    with summaries), or None. The rest as paged_attention's arguments."""
     assert x.dtype == torch.float32 and x.is_contiguous() and cache_dtype in CACHE_DTYPES
+    assert quest_top is None or (quest_top.dtype == torch.int32 and quest_top.is_contiguous())
     assert cos.is_contiguous() and sin.is_contiguous() and block_tables.is_contiguous()
     library(isa).gb_llama_layers(
         ctypes.addressof(layers), len(layers), *dims, eps, scale, cache_dtype == torch.bfloat16, x.data_ptr(),
         x.shape[0], cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), query_start_loc.data_ptr(),
         query_start_loc.shape[0] - 1, block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(),
+        None if quest_top is None else quest_top.data_ptr(),
     )  # fmt: skip
 
 

@@ -23,6 +23,18 @@ from glassbox.layers.probe import StepProbe
 
 
 @dataclass
+class QuestStep:
+    """Quest's inputs to a step (engine/quest.py keeps the summaries): the decode tokens of sequences with a
+    budget read only that many KV blocks, chosen per KV head by their keys' min/max bounds."""
+
+    summaries: torch.Tensor  # [num_layers, num_blocks, KV, 2, D]: each block's key min and max
+    top_blocks: torch.Tensor | None = None  # [num_layers, S] int32 budgets (0: all); None: every row reads all
+
+    def budgets(self, layer_idx: int) -> torch.Tensor | None:
+        return None if self.top_blocks is None else self.top_blocks[layer_idx]
+
+
+@dataclass
 class AttentionMetadata:
     """Everything attention needs to know about one step, passed down explicitly.
 
@@ -39,6 +51,9 @@ class AttentionMetadata:
     # Research inputs and outputs of this step (masks, captured probabilities): a separate object, None
     # when nothing is probed (layers/probe.py).
     probe: StepProbe | None = None
+    # Quest's block summaries (kept up to date by the native CPU attention) and budgets, once an engine keeps
+    # them (engine/quest.py); None otherwise.
+    quest: QuestStep | None = None
     # Built by the first layer that needs it and reused by the others (see DecodeBatch).
     decode_batch: attention_torch.DecodeBatch | None = field(default=None, repr=False)
 
@@ -148,9 +163,16 @@ class TritonAttentionBackend:
         if meta.slot_mapping is None or layer.layer_idx in probe.capture_layers:
             return self.reference.forward(layer, q, k, v, meta)
         kernels, k_cache, v_cache = self.kernels, layer.k_cache, layer.v_cache
+        budgets = meta.quest.budgets(layer.layer_idx) if meta.quest is not None else None
         if meta.max_query_len == 1:  # the decode kernel stores this step's keys/values itself
+            tables, lens = meta.block_tables, meta.context_lens
+            if budgets is not None:  # Quest: each KV head reads its chosen blocks, through a table of its own
+                summaries = meta.quest.summaries[layer.layer_idx]
+                tables, lens = kernels.quest_tables(
+                    q, summaries, meta.block_tables, meta.context_lens, budgets, k_cache.shape[1]
+                )
             out = kernels.paged_decode_attention(
-                q, k_cache, v_cache, meta.block_tables, meta.context_lens, layer.scale, layer.sliding_window,
+                q, k_cache, v_cache, tables, lens, layer.scale, layer.sliding_window,
                 k_new=k, v_new=v, slot_mapping=meta.slot_mapping,
             )  # fmt: skip
         else:

@@ -204,6 +204,9 @@ class SparsityMethod:
     evicts: ClassVar[bool] = False
     # Evicting decode steps must hand this method the probabilities of the kept keys (h2o's history).
     observes_scores: ClassVar[bool] = False
+    # Served, the prompt attends densely and each decode token reads only `block_budget` KV blocks of the
+    # layer, chosen by the kernels from the blocks' key summaries (engine/quest.py): Quest's rule.
+    reads_blocks: ClassVar[bool] = False
 
     @classmethod
     def parse(cls, params: Params) -> SparsityMethod:
@@ -239,6 +242,11 @@ class SparsityMethod:
         """Which slots the query at `next_position` no longer keeps (it attends to the others and to
         itself): [L, KV, n] bool, the same number in every row. Evicting methods only."""
         raise NotImplementedError
+
+    def block_budget(self, layer_idx: int, context_len: int) -> int:
+        """Methods that read blocks: the KV blocks a decode token at this context length reads in this layer
+        (0: all of them)."""
+        return 0
 
     def max_kv_tokens(self, context_len: int) -> int:
         """The most keys an evicted cache holds during a decode step while a sequence grows to
@@ -360,22 +368,37 @@ class BlockSparse(SparsityMethod):
     name = "block_sparse"
     description = (
         "Quest: keys in blocks of `block_size`; each query keeps its own block and the `top_blocks` - 1 others "
-        "with the highest upper bound of q·k from the blocks' per-channel key min/max"
+        "with the highest upper bound of q·k from the blocks' per-channel key min/max (one choice per KV head: "
+        "the max of its query heads' bounds); the first `dense_layers` layers keep everything"
     )
     selects_from = "per-block key bounds"
+    saves = (
+        "decode time: served, the prompt attends densely (Quest's prefill) and each decode token reads only its "
+        "top_blocks KV blocks in the native CPU attention and the Triton decode kernel, when block_size is the "
+        "KV cache's; the mask form (every query masked) elsewhere"
+    )
+    reads_blocks = True
 
-    def __init__(self, block_size: int, top_blocks: int) -> None:
-        self.block_size, self.top_blocks = block_size, top_blocks
+    def __init__(self, block_size: int, top_blocks: int, dense_layers: int = 0) -> None:
+        self.block_size, self.top_blocks, self.dense_layers = block_size, top_blocks, dense_layers
 
     @classmethod
     def parse(cls, params: Params) -> BlockSparse:
         block_size = params.number("block_size", 16, integer=True, minimum=1)
-        return cls(block_size, params.number("top_blocks", integer=True, minimum=1))
+        top_blocks = params.number("top_blocks", integer=True, minimum=1)
+        return cls(block_size, top_blocks, params.number("dense_layers", 0, integer=True, minimum=0))
 
     def is_dense(self, context_len: int) -> bool:
         return -(-context_len // self.block_size) <= self.top_blocks
 
+    def block_budget(self, layer_idx: int, context_len: int) -> int:
+        if layer_idx < self.dense_layers or self.is_dense(context_len):
+            return 0
+        return self.top_blocks
+
     def keep(self, x: MaskInputs) -> torch.Tensor:
+        if x.layer_idx < self.dense_layers:
+            return x.allowed
         lk, num_kv, head_dim = x.keys.shape
         lq, num_heads = x.q.shape[:2]
         num_blocks = -(-lk // self.block_size)
@@ -386,15 +409,15 @@ class BlockSparse(SparsityMethod):
         kmax = blocks.nan_to_num(float("-inf")).amax(1)
         group = num_heads // num_kv
         q = x.q.float().view(lq, num_kv, group, head_dim).permute(1, 2, 0, 3)  # [KV, G, Lq, D]
-        # max over the box of q·k = Σ_d max(q_d·min_d, q_d·max_d)
+        # max over the box of q·k = Σ_d max(q_d·min_d, q_d·max_d), then the max over the KV head's query heads
         bound = q.clamp(min=0) @ kmax.permute(1, 2, 0)[:, None] + q.clamp(max=0) @ kmin.permute(1, 2, 0)[:, None]
-        bound = bound.reshape(num_heads, lq, num_blocks)
+        bound = bound.amax(1)  # [KV, Lq, nb]
         q_block = x.q_positions // self.block_size  # [Lq, 1]
         block_ids = torch.arange(num_blocks, device=bound.device)[None, :]
         bound = bound.masked_fill(block_ids > q_block, float("-inf"))  # blocks wholly in the future
         bound = bound.masked_fill(block_ids == q_block, float("inf"))  # the query's own block always
         counts = torch.full((lq,), self.top_blocks, device=bound.device)
-        chosen = x.rank_keep(bound, counts)  # [H, Lq, nb]
+        chosen = x.rank_keep(bound, counts).repeat_interleave(group, dim=0)  # [H, Lq, nb]
         return chosen.repeat_interleave(self.block_size, dim=-1)[..., :lk]
 
 
@@ -571,11 +594,28 @@ class SparsityState:
             return self.method.observes_scores
         if not self.method.is_dense(context_len):
             return True
+        self.count_dense(q_len, context_len, num_heads, layer_windows)
+        return False
+
+    def count_dense(self, q_len: int, context_len: int, num_heads: int, layer_windows: list[int | None]) -> None:
+        """A step whose queries keep every key they may see (a mask that keeps everything, a served prompt
+        under a method that reads blocks)."""
         positions = range(context_len - q_len, context_len)
         visible = sum(min(p + 1, window or p + 1) for window in layer_windows for p in positions) * num_heads
         self.kept = self.kept + visible
         self.allowed = self.allowed + visible
-        return False
+
+    def read_blocks(self, context_len: int, num_layers: int, block_size: int, num_heads: int) -> list[int]:
+        """A decode token that reads only chosen KV blocks (a method that `reads_blocks`, on the kernels):
+        its budget in each layer (0: all blocks), with the keys it reads counted as kept."""
+        budgets = [self.method.block_budget(layer, context_len) for layer in range(num_layers)]
+        num_blocks = -(-context_len // block_size)
+        last = context_len - (num_blocks - 1) * block_size  # keys in the token's own (last) block
+        for budget in budgets:
+            read = context_len if budget == 0 or num_blocks <= budget else (budget - 1) * block_size + last
+            self.kept = self.kept + read * num_heads
+        self.allowed = self.allowed + context_len * num_heads * num_layers
+        return budgets
 
     def density(self) -> float | None:
         return None if not isinstance(self.allowed, torch.Tensor) and self.allowed == 0 else float(self.kept / self.allowed)

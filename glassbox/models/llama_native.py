@@ -51,11 +51,14 @@ def layer_forward(
     qkv = attn.qkv_proj.forward_fused(x, prologue="rms_norm", norm=layer.input_layernorm)
     cache = attn.attn.k_cache
     if meta.slot_mapping is not None and cache is not None and cache.dtype in cpu_native.CACHE_DTYPES:
-        num_tokens, head_dim = qkv.shape[0], attn.head_dim
+        num_tokens, head_dim, layer_idx = qkv.shape[0], attn.head_dim, attn.attn.layer_idx
+        quest = meta.quest
         out = cpu_native.paged_attention(
             qkv, cos.view(num_tokens, head_dim), sin.view(num_tokens, head_dim), cache, attn.attn.v_cache,
             meta.slot_mapping, meta.query_start_loc, meta.block_tables, meta.context_lens, attn.num_heads,
             attn.attn.scale, attn.attn.sliding_window,
+            quest_summaries=None if quest is None else quest.summaries[layer_idx],
+            top_blocks=None if quest is None else quest.budgets(layer_idx),
         )  # fmt: skip
     else:
         out = attn.attend(qkv, cos, sin, meta)
@@ -70,8 +73,9 @@ class NativeStack:
     a cache of a CACHE_DTYPES dtype; the layer-by-layer forward otherwise.
 
     The kernel reads the layers' weights and caches through pointers, gathered once into a table; the
-    table is rebuilt when another KV pool is bound to the model (engine/kv_cache.bind). Only the caches'
-    addresses are kept to notice that: the model must not keep a dropped pool alive."""
+    table is rebuilt when another KV pool (or Quest's block summaries, engine/quest.py) is bound to the
+    model (engine/kv_cache.bind). Only the caches' addresses are kept to notice that: the model must not
+    keep a dropped pool alive."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -90,18 +94,21 @@ class NativeStack:
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden], as the model's forward."""
         cache = self.attns[0].k_cache
-        caches = tuple(t.data_ptr() for a in self.attns for t in (a.k_cache, a.v_cache))
+        summaries = None if meta.quest is None else meta.quest.summaries
+        caches = (*(t.data_ptr() for a in self.attns for t in (a.k_cache, a.v_cache)), summaries is not None and summaries.data_ptr())
         if caches != self.table_caches:
-            self.table, self.table_caches = self._table(), caches
+            self.table, self.table_caches = self._table(summaries), caches
         x, (cos, sin) = self.model.embed(input_ids, positions)
         dims = (*self.dims, cache.shape[1])
         cpu_native.llama_layers(
             self.table, dims, self.eps, self.scale, cache.dtype, x, cos, sin, meta.slot_mapping,
             meta.query_start_loc, meta.block_tables, meta.context_lens,
+            None if meta.quest is None else meta.quest.top_blocks,
         )  # fmt: skip
         return self.model.final_norm(x)
 
-    def _table(self) -> ctypes.Array:
+    def _table(self, summaries: torch.Tensor | None) -> ctypes.Array:
+        """summaries: Quest's [num_layers, num_blocks, KV, 2, D] block summaries, or None."""
         def ptr(t: torch.Tensor | None) -> int | None:
             return None if t is None else t.data_ptr()
 
@@ -112,6 +119,6 @@ class NativeStack:
             rows.append(cpu_native.LlamaLayer(
                 ptr(layer.input_layernorm.weight), ptr(layer.post_attention_layernorm.weight),
                 *(p.qweight() for p in linears), ptr(attn.attn.k_cache), ptr(attn.attn.v_cache),
-                attn.attn.sliding_window or 0,
+                attn.attn.sliding_window or 0, None if summaries is None else ptr(summaries[layer.self_attn.attn.layer_idx]),
             ))  # fmt: skip
         return (cpu_native.LlamaLayer * len(rows))(*rows)

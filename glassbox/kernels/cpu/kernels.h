@@ -34,13 +34,16 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
 // Quest (Tang et al., 2024): block-sparse decode that reads only the blocks whose keys can score high.
 // Per cache block and kv head the elementwise min and max of its keys bound q·k for any key in it:
 // Σ_d max(q_d·min_d, q_d·max_d). A decode token (its sequence's only new token) attends to its last block
-// and the top_blocks - 1 other blocks of highest bound (the max over the kv head's query heads), in block
-// order; prefill tokens, windowed layers and sequences of <= top_blocks blocks attend to everything.
+// and the top_blocks[s] - 1 other blocks of highest bound (the max over the kv head's query heads: one
+// choice per kv head, so that the head group reads each block once), in block order; prefill tokens,
+// windowed layers, budgets of 0 and sequences of <= top_blocks[s] blocks attend to everything. The call
+// keeps the summaries of the blocks its new tokens fill up to date.
 typedef struct {
-    float *summaries;    // [num_blocks, KVH, 2, D] float32: min then max of each block's stored keys
-    int64_t top_blocks;  // blocks a decode token reads (0: all, the summaries still kept up to date)
-    int32_t *selected;   // [T, KVH, top_blocks] or NULL: the blocks (of the sequence's table) each token's kv
-                         // head read, in order (-1: all its blocks: no choice made)
+    float *summaries;           // [num_blocks, KVH, 2, D] float32: min then max of each block's stored keys
+    const int32_t *top_blocks;  // [S]: blocks each sequence's decode token reads (0 or NULL: all)
+    int32_t *selected;          // [T, KVH, selected_width] or NULL: the blocks (of the sequence's table) each
+                                // token's kv head read, in order (-1: all its blocks: no choice made)
+    int64_t selected_width;
 } gb_quest;
 
 void gb_paged_attention(const float *qkv, int64_t T, int64_t ld_qkv, const float *cos, const float *sin,

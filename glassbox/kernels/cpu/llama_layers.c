@@ -8,7 +8,9 @@
 //   x   = x + o_proj(a)                         gb_qlinear, residual epilogue, in place
 //   x   = x + down(silu_mul(gate_up(rms_norm(x))))   two gb_qlinear calls
 //
-// x [T, hidden] float32 is updated in place; the step's metadata is gb_paged_attention's.
+// x [T, hidden] float32 is updated in place; the step's metadata is gb_paged_attention's, with Quest's block
+// budgets per layer and sequence (quest_top [num_layers, S], or NULL: all dense; layers with summaries keep
+// them up to date either way).
 
 #include <stdlib.h>
 
@@ -20,23 +22,26 @@ typedef struct {
     gb_qweight qkv, o, gate_up, down;
     void *k_cache, *v_cache;
     int64_t sliding_window;  // 0: none
+    float *quest_summaries;  // this layer's Quest block summaries [num_blocks, KVH, 2, D], or NULL (kernels.h)
 } gb_llama_layer;
 
 void gb_llama_layers(const gb_llama_layer *layers, int64_t num_layers, int64_t hidden, int64_t intermediate,
                      int64_t H, int64_t KVH, int64_t D, int64_t BS, float eps, float scale, int cache_bf16, float *x,
                      int64_t T, const float *cos, const float *sin, const int64_t *slot_mapping,
                      const int32_t *query_start_loc, int64_t S, const int32_t *block_tables, int64_t max_blocks,
-                     const int32_t *context_lens) {
+                     const int32_t *context_lens, const int32_t *quest_top) {
     const int64_t qkv_n = (H + 2 * KVH) * D;
     float *qkv = malloc(sizeof(float) * (size_t)(T * qkv_n));
     float *attn = malloc(sizeof(float) * (size_t)(T * H * D));
     float *gate_up = malloc(sizeof(float) * (size_t)(T * 2 * intermediate));
     for (int64_t i = 0; i < num_layers; i++) {
         const gb_llama_layer *l = layers + i;
+        // Quest: quest_top [num_layers, S] holds each sequence's block budget in each layer.
+        const gb_quest quest = {l->quest_summaries, quest_top ? quest_top + i * S : NULL, NULL, 0};
         gb_qlinear(x, T, hidden, hidden, PROLOGUE_RMS_NORM, l->input_norm, eps, &l->qkv, qkv_n, qkv, qkv_n, NULL, 0);
         gb_paged_attention(qkv, T, qkv_n, cos, sin, l->k_cache, l->v_cache, cache_bf16, slot_mapping,
                            query_start_loc, S, block_tables, max_blocks, context_lens, H, KVH, D, BS, scale,
-                           l->sliding_window, NULL, attn);
+                           l->sliding_window, l->quest_summaries ? &quest : NULL, attn);
         gb_qlinear(attn, T, H * D, H * D, PROLOGUE_NONE, NULL, 0.0f, &l->o, hidden, x, hidden, x, hidden);
         gb_qlinear(x, T, hidden, hidden, PROLOGUE_RMS_NORM, l->post_attention_norm, eps, &l->gate_up, 2 * intermediate,
                    gate_up, 2 * intermediate, NULL, 0);

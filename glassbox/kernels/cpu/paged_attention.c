@@ -167,7 +167,7 @@ static void quest_select(const float *q, int64_t G, int64_t D, const float *summ
 }
 
 // window > 0: each query sees only its last `window` keys (the model's sliding window). quest: NULL, or
-// Quest's summaries (kept up to date) and its block budget (kernels.h).
+// Quest's summaries (kept up to date) and the sequences' block budgets (kernels.h).
 void gb_paged_attention(const float *qkv, int64_t T, int64_t ld_qkv, const float *cos, const float *sin,
                         void *k_cache, void *v_cache, int cache_bf16, const int64_t *slot_mapping,
                         const int32_t *query_start_loc, int64_t S, const int32_t *block_tables, int64_t max_blocks,
@@ -207,9 +207,8 @@ void gb_paged_attention(const float *qkv, int64_t T, int64_t ld_qkv, const float
         float *probs = malloc(sizeof(float) * (size_t)(H * max_ctx));
         const char **k_rows = malloc(sizeof(char *) * (size_t)(2 * max_ctx));
         const char **v_rows = k_rows + max_ctx;
-        const int64_t top = quest ? quest->top_blocks : 0;
-        float *bound = top ? malloc(sizeof(float) * (size_t)(max_ctx / BS + 1)) : NULL;
-        int32_t *keep = top ? malloc(sizeof(int32_t) * (size_t)top) : NULL;
+        float *bound = quest ? malloc(sizeof(float) * (size_t)(max_ctx / BS + 1)) : NULL;
+        int32_t *keep = quest ? malloc(sizeof(int32_t) * (size_t)(max_ctx / BS + 1)) : NULL;
         // Dynamic: a prefill's later tokens see more keys than its first ones.
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < T * KVT; task++) {
@@ -221,13 +220,13 @@ void gb_paged_attention(const float *qkv, int64_t T, int64_t ld_qkv, const float
             const float *x = qkv + t * ld_qkv;
             for (int64_t g = 0; g < NK * G; g++) rotate(x + (kvh * G + g) * D, cos + t * D, sin + t * D, D, q + g * D);
             float *o = out + t * H * D + kvh * G * D;
-            const int64_t nblocks = (end + BS - 1) / BS;
+            const int64_t nblocks = (end + BS - 1) / BS, top = quest && quest->top_blocks ? quest->top_blocks[s] : 0;
             if (top > 0 && window == 0 && query_start_loc[s + 1] - query_start_loc[s] == 1 && nblocks > top) {
                 // Quest: per kv head, the rows of its chosen blocks only.
                 for (int64_t j = 0; j < NK; j++) {
                     quest_select(q + j * G * D, G, D, quest->summaries, KVH, kvh + j, table, nblocks, top, bound, keep);
                     if (quest->selected)
-                        for (int64_t i = 0; i < top; i++) quest->selected[(t * KVH + kvh + j) * top + i] = keep[i];
+                        for (int64_t i = 0; i < top; i++) quest->selected[(t * KVH + kvh + j) * quest->selected_width + i] = keep[i];
                     int64_t m = 0;
                     for (int64_t i = 0; i < top; i++) {
                         const int64_t first = keep[i] * BS, last = first + BS < end ? first + BS : end;
@@ -249,9 +248,9 @@ void gb_paged_attention(const float *qkv, int64_t T, int64_t ld_qkv, const float
                 }
                 continue;
             }
-            if (quest && quest->selected && top > 0)  // (all of its blocks: none chosen)
+            if (quest && quest->selected)  // (all of its blocks: none chosen)
                 for (int64_t j = 0; j < NK; j++)
-                    for (int64_t i = 0; i < top; i++) quest->selected[(t * KVH + kvh + j) * top + i] = -1;
+                    for (int64_t i = 0; i < quest->selected_width; i++) quest->selected[(t * KVH + kvh + j) * quest->selected_width + i] = -1;
             // Key i's row is table[i / BS] * BS + i % BS; walked block by block (a 64-bit division per
             // key cost more than its dot product).
             for (int64_t i = start; i < end;) {

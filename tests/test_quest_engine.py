@@ -1,0 +1,98 @@
+"""Quest served (layers/sparsity.BlockSparse on the kernels, engine/quest.py's block summaries): a request's
+prompt attends densely, and each decode token reads only its top_blocks KV blocks — on the native CPU
+attention and the Triton decode kernel — giving the outputs of the mask form over dense attention (the same
+rule choosing the same keys), while the summaries stay the exact min/max of every block's keys."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_kv_eviction import DEVICES, long_tiny, long_tiny_dir, make_engine, on_device  # noqa: F401 (fixtures)
+
+from glassbox.engine.sequence import Sequence
+from glassbox.layers.sparsity import BlockSparse, MaskInputs
+from glassbox.sampling import SamplingParams
+
+PROMPT = [(7 * i + 3) % 300 for i in range(600)]  # 38 blocks of 16
+
+
+class DecodeMask(BlockSparse):
+    """The reference: the same rule in its mask form over dense attention, for decode queries only (the
+    prompt, one chunk here, attends densely as the served path's does)."""
+
+    reads_blocks = False
+
+    def keep(self, x: MaskInputs) -> torch.Tensor:
+        return x.allowed if x.q.shape[0] > 1 else super().keep(x)
+
+
+def generate(engine, method, max_tokens: int, watch=None):
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=0)
+    request_id = engine.add_request(PROMPT, params, sparsity=method)
+    seq = engine.requests[request_id].seq
+    final = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            final = out if out.finished else final
+        if watch is not None and not seq.is_finished:
+            watch(seq)
+    return final.token_ids, [entry["logprob"] for entry in final.logprobs], final
+
+
+def exact_summaries(engine, seq: Sequence) -> None:
+    """The kept summaries of the sequence's blocks are its keys' min and max, in every layer."""
+    k, table, block_size = engine.kv_cache.k, engine.runner.quest.table, engine.kv_cache.block_size
+    for i, block in enumerate(seq.block_table):
+        filled = min(block_size, seq.num_kv_slots - i * block_size)
+        if filled > 0:
+            keys = k[:, block, :filled].float()  # [L, filled, KV, D]
+            assert torch.equal(table[:, block, :, 0].float(), keys.amin(1)), (i, filled)
+            assert torch.equal(table[:, block, :, 1].float(), keys.amax(1)), (i, filled)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quest_decode_equals_its_mask_form_and_reads_fewer_keys(long_tiny, long_tiny_dir, device):
+    options = {"block_size": 16, "max_num_batched_tokens": 1024}
+    if device == "cpu":
+        options["quantization"] = "int8"  # the native CPU layers and attention
+    engine = make_engine(on_device(long_tiny, long_tiny_dir, device), **options)
+    quest = BlockSparse(16, 4, dense_layers=1)
+    plans = []
+
+    def watch(seq: Sequence) -> None:
+        plans.append(engine.last_plan)
+        exact_summaries(engine, seq)
+
+    dense, dense_logprobs, _ = generate(engine, None, 24)
+    tokens, logprobs, final = generate(engine, quest, 24, watch)
+    masked, masked_logprobs, masked_final = generate(engine, DecodeMask(16, 4, dense_layers=1), 24)
+    decode_plans = plans[1:]  # (the first is the prompt's: dense, no row reading blocks)
+    assert plans[0].quest == {} and plans[0].masked_rows == ()
+    assert all(plan.quest == {0: [0, 4]} and plan.masked_rows == () for plan in decode_plans)
+    assert {plan.executor for plan in decode_plans} == ({"native_stack"} if device == "cpu" else {"eager"})
+    assert tokens == masked
+    assert logprobs == pytest.approx(masked_logprobs, abs=1e-4)
+    assert (tokens, logprobs) != (dense, dense_logprobs)  # 4 of 38+ blocks change something
+    # Density, the dense prompt's keys included: layer 1's decode tokens read 3 blocks + their own block.
+    assert final.sparsity["density"] == pytest.approx(masked_final.sparsity["density"], rel=1e-3)
+    assert final.sparsity["density"] < 0.98
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_summaries_made_mid_run_cover_the_running_sequences(long_tiny):
+    """The first request that reads blocks arrives while others run: the summaries start exact for the
+    blocks they filled (partial last blocks included), and stay exact as they grow."""
+    engine = make_engine(long_tiny, block_size=16, quantization="int8")
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    first = engine.requests[engine.add_request(PROMPT[:37], params)].seq
+    for _ in range(5):
+        engine.step()
+    assert engine.runner.quest is None  # nothing read blocks yet
+    second = engine.requests[engine.add_request(PROMPT[:100], params, sparsity=BlockSparse(16, 2))].seq
+    engine.step()
+    assert engine.runner.quest is not None
+    while engine.has_unfinished_requests():
+        for seq in (first, second):
+            if not seq.is_finished:
+                exact_summaries(engine, seq)
+        engine.step()
