@@ -165,3 +165,28 @@ def test_evaluate_dense_perplexity_equals_transformers(server):
                           json={"texts": [TEXT], "sparsity": {"method": "sliding_window", "window": 8, "sink_tokens": 0}},
                           timeout=120).json()
     assert no_sinks["perplexity_sparse"] > window["per_text"][0]["perplexity_sparse"]  # StreamingLLM: sinks matter
+
+
+def test_evaluate_measures_what_the_method_buys_served(server):
+    """The speed part: a long prompt + decode steps on a private engine, dense vs sparse. Timings are only
+    checked to be there (speed is measured in bench/, not asserted); the paths and blocks are checked."""
+    speed = {"context_tokens": 700, "decode_steps": 3}
+    quest = httpx.post(f"{server}/optimization/evaluate", timeout=300, json={
+        "texts": [TEXT], "sparsity": {"method": "block_sparse", "block_size": 16, "top_blocks": 4}, "speed": speed,
+    }).json()["speed"]  # fmt: skip
+    assert quest["context_tokens"] == 700 and quest["decode_steps"] == 3
+    dense, sparse = quest["dense"], quest["sparse"]
+    assert dense["executors"] == sparse["executors"] == {"native_stack": 3}  # Quest's reads on the native path
+    assert dense["kv_blocks_at_end"] == sparse["kv_blocks_at_end"] == 44  # 703 keys  # Quest reads less, frees nothing
+    assert sparse["sparsity"]["density"] < 1 and "sparsity" not in dense
+    for run in (dense, sparse):
+        assert run["decode_ms_per_token"] > 0 and run["attention_ms_per_step"] > 0
+    window = httpx.post(f"{server}/optimization/evaluate", timeout=300, json={
+        "texts": [TEXT], "sparsity": {"method": "sliding_window", "window": 60, "sink_tokens": 4}, "speed": speed,
+    }).json()["speed"]  # fmt: skip
+    assert window["sparse"]["kv_blocks_at_end"] == 4 and window["dense"]["kv_blocks_at_end"] == 44  # 63 keys kept
+    over = httpx.post(f"{server}/optimization/evaluate", timeout=60, json={
+        "texts": [TEXT], "sparsity": {"method": "top_k", "k": 4}, "speed": {"context_tokens": 9000},
+    })  # fmt: skip
+    assert over.status_code == 400 and over.json()["error"]["param"] == "evaluate_max_context"
+    assert httpx.get(f"{server}/health", timeout=60).status_code == 200

@@ -54,6 +54,10 @@ class Limits:
     attention_max_tokens: int = 512  # every layer's [heads, n, n] probabilities are captured at once
     attention_max_values: int = 1 << 21  # attention-matrix values in one response (~40 MB of JSON)
     evaluate_max_tokens: int = 4096  # Σ tokens of the texts (each runs twice, dense and masked)
+    # the speed part (research/decode_speed.py): a prompt and decode steps, twice, on a private KV pool
+    # (schedule_max_pool_bytes bounds it too); serving waits for it
+    evaluate_max_context: int = 8192
+    evaluate_max_decode_steps: int = 64
 
     def describe(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

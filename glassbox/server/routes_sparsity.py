@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request
 
 from glassbox.layers.sparsity import SparsityMethod, available_methods
 from glassbox.errors import FieldError
+from glassbox.research.decode_speed import decode_speed
 from glassbox.research.evaluate import evaluate
 from glassbox.research.limits import check
 from glassbox.server.deps import engine_client, json_body, sparsity_of
@@ -86,7 +87,8 @@ async def evaluate_sparsity(
 ) -> dict[str, Any]:
     """Teacher-forced dense vs sparse on the same texts: perplexity both ways, KL(dense‖sparse), top-1
     agreement, realised density, per-layer attention-output error. At most limits.evaluate_max_tokens
-    tokens over the texts."""
+    tokens over the texts. With `speed`, what the method buys served: decode ms/token, attention ms/step and KV
+    blocks at the end of a long prompt + decode steps, dense vs sparse (research/decode_speed.py)."""
     method = sparsity_of(body.sparsity)
     texts = []
     for i, text in enumerate(body.texts):
@@ -95,6 +97,27 @@ async def evaluate_sparsity(
         except FieldError as error:
             raise error.renamed(f"texts[{i}]") from None
         texts.append(ids)
-    limit = request.app.state.settings.limits.evaluate_max_tokens
-    check("evaluate_max_tokens", sum(len(ids) for ids in texts), limit, "the texts' tokens together")
-    return await client.call(lambda engine: evaluate(engine, texts, method))
+    limits = request.app.state.settings.limits
+    check("evaluate_max_tokens", sum(len(ids) for ids in texts), limits.evaluate_max_tokens, "the texts' tokens together")
+    speed = body.speed
+    if speed is not None:
+        check("evaluate_max_context", speed.context_tokens, limits.evaluate_max_context, "speed.context_tokens", 400)
+        check("evaluate_max_decode_steps", speed.decode_steps, limits.evaluate_max_decode_steps, "speed.decode_steps", 400)
+        facts = client.facts
+        if speed.context_tokens + speed.decode_steps + 2 > facts.max_model_len:
+            raise FieldError(
+                "speed.context_tokens",
+                f"context_tokens + decode_steps + 2 must fit the context length of {facts.max_model_len} tokens",
+            )
+        info = facts.model_info
+        pool = -(-(speed.context_tokens + speed.decode_steps + 2) // info["kv_block_size"]) + 1
+        pool_bytes = pool * info["kv_cache_bytes"] // info["kv_num_blocks"]
+        check("schedule_max_pool_bytes", pool_bytes, limits.schedule_max_pool_bytes, "the speed part's private KV pool (bytes)")
+        stream = [t for ids in texts for t in ids]
+        prompt = (stream * -(-speed.context_tokens // len(stream)))[: speed.context_tokens]
+    return await client.call(
+        lambda engine: {
+            **evaluate(engine, texts, method),
+            **({"speed": decode_speed(engine, prompt, method, speed.decode_steps)} if speed is not None else {}),
+        }
+    )

@@ -306,7 +306,16 @@ class SparsityMaskRequest(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
+class EvaluateSpeed(Body):
+    """/optimization/evaluate's speed-and-memory part: the texts' tokens (cycled) as one prompt of
+    `context_tokens`, then `decode_steps` tokens, dense and under the method (research/decode_speed.py)."""
+
+    context_tokens: int = Field(4096, ge=2)
+    decode_steps: int = Field(16, ge=1)
+
+
 class EvaluateRequest(Body):
     texts: list[str | list[int]] = Field(..., min_length=1, max_length=16)
     sparsity: dict[str, Any]
     add_special_tokens: bool = True
+    speed: EvaluateSpeed | None = None
