@@ -69,7 +69,7 @@ def test_quest_decode_equals_its_mask_form_and_reads_fewer_keys(long_tiny, long_
     decode_plans = plans[1:]  # (the first is the prompt's: dense, no row reading blocks)
     assert plans[0].quest == {} and plans[0].masked_rows == ()
     assert all(plan.quest == {0: [0, 4]} and plan.masked_rows == () for plan in decode_plans)
-    assert {plan.executor for plan in decode_plans} == ({"native_stack"} if device == "cpu" else {"eager"})
+    assert {plan.executor for plan in decode_plans} == ({"native_stack"} if device == "cpu" else {"cuda_graph"})
     assert tokens == masked
     assert logprobs == pytest.approx(masked_logprobs, abs=1e-4)
     assert (tokens, logprobs) != (dense, dense_logprobs)  # 4 of 38+ blocks change something
@@ -96,3 +96,29 @@ def test_summaries_made_mid_run_cover_the_running_sequences(long_tiny):
             if not seq.is_finished:
                 exact_summaries(engine, seq)
         engine.step()
+
+
+def test_update_folds_new_keys_restarts_fresh_blocks_and_skips_padding():
+    """BlockSummaries.update (the path of every step but the native CPU one, and of the CUDA graphs): a block
+    whose first slot is written starts afresh, a continued block widens, padding rows (slot -1) touch no block."""
+    from glassbox.engine.kv_cache import KVCache
+    from glassbox.engine.quest import BlockSummaries
+
+    class Shape:
+        num_hidden_layers, num_key_value_heads, head_dim = 2, 3, 8
+
+    kv = KVCache(Shape, num_blocks=6, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    kv.k.copy_(torch.randn(kv.k.shape, generator=torch.Generator().manual_seed(0)))
+    summaries = BlockSummaries(kv, [])
+    assert torch.equal(summaries.table[:, :6, :, 0], kv.k.amin(2)) and torch.equal(summaries.table[:, :6, :, 1], kv.k.amax(2))
+    before = summaries.table.clone()
+    new = torch.randn(2, 4, 3, 8)
+    slots = torch.tensor([8, 9, -1, 17])  # block 2 afresh (slots 0, 1), padding, block 4 continued (slot 1)
+    flat = kv.k.view(2, 24, 3, 8)
+    flat[:, slots[[0, 1, 3]]] = new[:, [0, 1, 3]]
+    summaries.update(slots)
+    assert torch.equal(summaries.table[:, 2, :, 0], new[:, :2].amin(1))
+    assert torch.equal(summaries.table[:, 2, :, 1], new[:, :2].amax(1))
+    assert torch.equal(summaries.table[:, 4, :, 1], torch.maximum(before[:, 4, :, 1], new[:, 3]))
+    for untouched in (0, 1, 3, 5):
+        assert torch.equal(summaries.table[:, untouched], before[:, untouched])

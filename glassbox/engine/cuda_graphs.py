@@ -7,7 +7,10 @@ inputs from static buffers (ids, positions, slots, block tables, context lengths
 rows beyond the real batch are padding: slot -1 (nothing stored), context length 0 (output zeros).
 
 Captured graphs hold the addresses of the KV pool they were captured with, so they belong to one engine.
-Steps with prefill tokens, masked sequences or attention capture run eagerly.
+Steps with prefill tokens, masked sequences or attention capture run eagerly. A second set, made when the
+first request that reads Quest's blocks decodes (`quest`: the block summaries), takes each row's block budget
+per layer as one more input and keeps the summaries up to date inside the graph; its sizes are captured as
+steps need them.
 
 A step can take its input ids from tokens still on the device (`run(previous_tokens=...)`), so it can be
 launched before the host has read them — the host reads and reports step N's tokens while the device runs
@@ -24,8 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from glassbox.engine.quest import BlockSummaries
 from glassbox.engine.step_metadata import SeqChunk
-from glassbox.layers.attention import AttentionMetadata
+from glassbox.layers.attention import AttentionMetadata, QuestStep
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
@@ -39,9 +43,10 @@ class DecodeGraphs:
         max_blocks_per_seq: int,
         block_size: int,
         device: torch.device,
+        quest: BlockSummaries | None = None,
     ) -> None:
         """`forward`: what each capture records before the LM head (an executor's: the compiled layers where
-        there are)."""
+        there are). `quest`: Quest's summaries, for graphs of steps whose rows read chosen blocks."""
         self.model = model
         self.model_forward = forward
         self.block_size = block_size
@@ -54,17 +59,22 @@ class DecodeGraphs:
         self.ids_positions_slots = torch.zeros(4, n, dtype=torch.int64, device=device)
         self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.quest = quest
+        num_layers = quest.table.shape[0] if quest is not None else 0
+        self.budgets = torch.zeros(num_layers, n, dtype=torch.int32, device=device)  # [L, rows] (Quest only)
         self.host = [[torch.zeros_like(t, device="cpu").pin_memory() for t in self._inputs()] for _ in range(2)]
         self.host_tables = [BlockTableRows(host[2].numpy()) for host in self.host]
         self._turn = 0
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}  # bucket -> its output buffer [bucket, vocab]
+        self.pool = None  # the memory pool the captures share
 
     def _inputs(self) -> list[torch.Tensor]:
-        return [self.ids_positions_slots, self.context_lens, self.block_tables]
+        return [self.ids_positions_slots, self.context_lens, self.block_tables, *([self.budgets] if self.quest else [])]
 
     def _meta(self, size: int) -> AttentionMetadata:
+        quest = None if self.quest is None else QuestStep(self.quest.table, self.budgets[:, :size])
         return AttentionMetadata(
             query_start_loc=self.query_start_loc[: size + 1],
             context_lens=self.context_lens[:size],
@@ -72,25 +82,29 @@ class DecodeGraphs:
             block_tables=self.block_tables[:size],
             query_start_loc_list=list(range(size + 1)),
             context_lens_list=[0] * size,  # the Triton path reads the device tensor only
+            quest=quest,
         )
 
     def _forward(self, size: int) -> torch.Tensor:
         ids, positions = self.ids_positions_slots[0, :size], self.ids_positions_slots[1, :size]
-        return self.model.compute_logits(self.model_forward(ids, positions, self._meta(size)))
+        logits = self.model.compute_logits(self.model_forward(ids, positions, self._meta(size)))
+        if self.quest is not None:
+            self.quest.update(self.ids_positions_slots[2, :size])
+        return logits
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        """Capture every bucket, largest first, sharing one memory pool (as vLLM does). Padding rows
-        (slot -1, context 0) are what every row is at capture time."""
+    def capture(self, sizes: list[int] | None = None) -> None:
+        """Capture these buckets (all by default), largest first, sharing one memory pool (as vLLM does).
+        Padding rows (slot -1, context 0) are what every row is at capture time."""
         self.ids_positions_slots[2].fill_(-1)
-        pool = None
-        for size in reversed(self.buckets):
+        self.context_lens.zero_()
+        for size in sorted(sizes or self.buckets, reverse=True):
             self._forward(size)  # warm-up: compiles the kernels outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=self.pool):
                 self.logits[size] = self._forward(size)
-            pool = graph.pool()
+            self.pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize()
 
@@ -104,13 +118,16 @@ class DecodeGraphs:
         input_ids: list[int] | None = None,
         previous_tokens: torch.Tensor | None = None,
         previous_rows: list[int] | None = None,
+        budgets: dict[int, list[int]] | None = None,
     ) -> torch.Tensor:
         """A decode step (one new token per sequence) -> logits [num_seqs, vocab]. The inputs are
         `input_ids` from the host, or tokens of an earlier step still on the device: row i reads
         previous_tokens[previous_rows[i]]. The host buffers alternate, so the caller waits for step N's
-        output before launching step N + 2."""
+        output before launching step N + 2. `budgets` (Quest graphs): row -> its block budget per layer."""
         n = len(chunks)
         size = self.buckets[bisect.bisect_left(self.buckets, n)]
+        if size not in self.graphs:
+            self.capture([size])
         host, tables = self.host[self._turn], self.host_tables[self._turn]
         self._turn ^= 1
         ids_positions_slots, context_lens = host[0].numpy(), host[1].numpy()
@@ -126,6 +143,11 @@ class DecodeGraphs:
         context_lens[:n] = positions + 1
         context_lens[n:size] = 0  # ...and attend to nothing
         tables.fill([chunk.block_table for chunk in chunks])
+        if self.quest is not None:
+            host_budgets = host[3].numpy()
+            host_budgets[:, :size] = 0
+            for row, per_layer in (budgets or {}).items():
+                host_budgets[:, row] = per_layer
         for device_tensor, source in zip(self._inputs(), host):
             rows = size if device_tensor is self.block_tables else len(source)
             device_tensor[:rows].copy_(source[:rows], non_blocking=True)

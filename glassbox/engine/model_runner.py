@@ -92,6 +92,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None  # CUDA graphs of decode steps, once captured
         # Quest's block summaries, kept from the first request that reads blocks on (engine/quest.py).
         self.quest: BlockSummaries | None = None
+        self.quest_graphs: DecodeGraphs | None = None  # CUDA graphs of decode steps that read Quest's blocks
         self._ahead_plans: dict[int, StepPlan] = {}  # batch size -> plan of a decode step launched ahead
         self._host_tokens = [torch.empty(0, dtype=torch.int64)] * 2  # CUDA: pinned, grown on first use
         self._turn = 0
@@ -107,6 +108,17 @@ class ModelRunner:
         forward = (self.executors.get("compiled") or self.executors["eager"]).forward
         self.graphs = DecodeGraphs(self.model, forward, max_batch_size, max_blocks_per_seq, self.block_size, self.device)
         self.graphs.capture()
+        self._graph_args = (forward, max_batch_size, max_blocks_per_seq)
+
+    def _quest_graphs(self) -> DecodeGraphs:
+        """The decode graphs of steps whose rows read Quest's blocks: made on the first such step, their sizes
+        captured as steps need them (in the pool of the first)."""
+        if self.quest_graphs is None:
+            forward, max_batch_size, max_blocks_per_seq = self._graph_args
+            self.quest_graphs = DecodeGraphs(
+                self.model, forward, max_batch_size, max_blocks_per_seq, self.block_size, self.device, self.quest
+            )
+        return self.quest_graphs
 
     # ---- the plan
     def plan(
@@ -150,8 +162,10 @@ class ModelRunner:
             executor, reason = "compiled", f"masked rows, {num_tokens} tokens >= {COMPILED_MIN_TOKENS}"
         elif masked:
             executor, reason = "eager", "masked rows need the readable attention"
+        elif quest and decode and not evicted and self.graphs is not None and self.graphs.can_run(num_seqs):
+            executor, reason = "cuda_graph", "decode step reading Quest's blocks, on its own graphs"
         elif quest and self.graphs is not None:
-            executor, reason = "eager", "rows read Quest's blocks: the Triton kernels outside the decode graphs"
+            executor, reason = "eager", "rows read Quest's blocks beside evicted rows or beyond the graphs' sizes"
         elif decode and evicted and self.graphs is not None:
             # Not the compiled layers either: without a graph their guards cost more than they save (the
             # SmolLM2-135M shape at 8k tokens on the H200: 41 ms a step compiled, 21 eager).
@@ -252,8 +266,9 @@ class ModelRunner:
         clock = _Clock(plan.timed, self.device)
         meta = None
         if plan.executor == "cuda_graph":
+            graphs = self._quest_graphs() if plan.quest else self.graphs
             with torch.profiler.record_function("glassbox::forward_graph"), _named(plan):
-                all_logits = self.graphs.run(chunks, input_ids)  # every row samples in a decode step
+                all_logits = graphs.run(chunks, input_ids, budgets=plan.quest)  # every row samples in a decode step
         else:
             positions, meta = build_step_metadata(chunks, self.block_size, self.device)
             if plan.masked_rows:
@@ -348,6 +363,8 @@ class ModelRunner:
         """Fold the step's new keys into Quest's block summaries where its attention did not (any path but
         the native CPU one). `meta`: the step's metadata, None for a graph step."""
         if self.quest is None or (plan.executor in ("native_stack", "native_layers") and self.kv_cache.dtype in cpu_native.CACHE_DTYPES):
+            return
+        if plan.executor == "cuda_graph" and plan.quest:  # (the Quest graphs update them themselves)
             return
         if meta is None:
             meta = build_step_metadata(chunks, self.block_size, self.device)[1]

@@ -35,11 +35,14 @@ class BlockSummaries:
         if kv_cache.dtype in (torch.float16, torch.bfloat16) and not cpu:
             dtype = kv_cache.dtype
         self.kv_cache = kv_cache
-        self.table = torch.empty(num_layers, num_blocks, num_kv, 2, head_dim, dtype=dtype, device=kv_cache.k.device)
+        # One spare block past the pool's: what padding rows of a CUDA-graph step fold into (never read).
+        self.table = torch.empty(num_layers, num_blocks + 1, num_kv, 2, head_dim, dtype=dtype, device=kv_cache.k.device)
+        self.table[:, num_blocks] = 0
         for start in range(0, num_blocks, SUMMARIZE_BLOCKS):
-            keys = kv_cache.k[:, start : start + SUMMARIZE_BLOCKS].float()  # [L, n, BS, KV, D]
-            self.table[:, start : start + SUMMARIZE_BLOCKS, :, 0] = keys.amin(2).to(dtype)
-            self.table[:, start : start + SUMMARIZE_BLOCKS, :, 1] = keys.amax(2).to(dtype)
+            end = min(start + SUMMARIZE_BLOCKS, num_blocks)
+            keys = kv_cache.k[:, start:end].float()  # [L, n, BS, KV, D]
+            self.table[:, start:end, :, 0] = keys.amin(2).to(dtype)
+            self.table[:, start:end, :, 1] = keys.amax(2).to(dtype)
         for seq in running:
             filled = seq.num_kv_slots % self.block_size
             if filled and seq.block_table:
@@ -52,20 +55,19 @@ class BlockSummaries:
     def nbytes(self) -> int:
         return self.table.nbytes
 
-    def layer(self, layer_idx: int) -> torch.Tensor:
-        """Layer `layer_idx`'s summaries [num_blocks, KV, 2, D] (contiguous)."""
-        return self.table[layer_idx]
-
     def update(self, slot_mapping: torch.Tensor) -> None:
-        """Fold the keys a step stored (at `slot_mapping` [T], no padding) into their blocks' summaries, in
-        every layer, with tensor ops only (no host sync: usable after a CUDA step)."""
+        """Fold the keys a step stored (at `slot_mapping` [T]; < 0: a padding row) into their blocks'
+        summaries, in every layer, with tensor ops only: no host sync, so it runs after a CUDA step and
+        inside a CUDA graph's capture."""
         if slot_mapping.numel() == 0:
             return
         k = self.kv_cache.k  # [L, NB, BS, KV, D]
         num_blocks = k.shape[1]
-        blocks, offsets = slot_mapping // self.block_size, slot_mapping % self.block_size
-        new = k[:, blocks, offsets].to(self.table.dtype)  # [L, T, KV, D]
-        # A block whose first slot is written now starts afresh (the others' tokens go to a spare entry).
+        valid = slot_mapping >= 0
+        blocks = torch.where(valid, slot_mapping // self.block_size, num_blocks)  # padding -> the spare block
+        offsets = torch.where(valid, slot_mapping % self.block_size, 0)
+        new = k[:, blocks.clamp(max=num_blocks - 1), offsets].to(self.table.dtype)  # [L, T, KV, D]
+        # A block whose first slot is written now starts afresh.
         fresh = torch.zeros(num_blocks + 1, dtype=torch.bool, device=k.device)
         fresh.index_fill_(0, torch.where(offsets == 0, blocks, num_blocks), True)
         fresh = fresh[blocks][None, :, None, None]  # [1, T, 1, 1]: the token's block starts afresh

@@ -7,7 +7,7 @@ The rule, in `ModelRunner.plan`, the first that applies:
   timed (latency timers on)             -> eager: module hooks fire only on the plain forward
   masked rows                           -> compiled on a long step (attention stays outside compiled
                                            code), else eager: masks need the readable attention
-  rows reading Quest's blocks, CUDA     -> eager (the Triton kernels, outside the decode graphs)
+  rows reading Quest's blocks, CUDA     -> cuda_graph (Quest's own graphs) for a decode step, else eager
   decode step within the CUDA graphs    -> cuda_graph
   native CPU layers (quantized)         -> native_stack over a float32/bfloat16 cache, else native_layers
   compiled layers, long step            -> compiled (model_runner.COMPILED_MIN_TOKENS tokens or more)
@@ -53,9 +53,11 @@ class StepPlan:
         extra = "".join(
             f" {name}={value}"
             for name, value in (
-                ("masked", len(self.masked_rows)), ("quest", len(self.quest)), ("timed", self.timed),
+                ("masked", len(self.masked_rows)),
+                ("quest", len(self.quest)),
+                ("timed", self.timed),
                 ("ahead", self.launched_ahead),
-            )  # fmt: skip
+            )
             if value
         )
         return (

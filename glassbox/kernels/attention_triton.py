@@ -494,66 +494,83 @@ def paged_decode_attention(
 
 
 @triton.jit
-def _quest_select_kernel(
+def _quest_bounds_kernel(
     q_ptr,  # [S, H, D], RoPE applied
     summaries_ptr,  # [num_blocks, KV, 2, D]: each block's key min and max
     block_tables_ptr,  # [S, max_blocks]
     context_lens_ptr,  # [S]
     budgets_ptr,  # [S] int32: blocks to read (0: all)
-    bounds_ptr,  # [S, KV, MAX_BLOCKS] float32 scratch
-    tables_ptr,  # [S, KV, max_blocks] int32 out: the blocks each KV head reads, in block order
-    lens_ptr,  # [S] int32 out: the keys they hold
+    bounds_ptr,  # [S, KV, MAX_BLOCKS] float32 out
     stride_q_seq,
     stride_q_head,
     stride_sum_block,
     stride_sum_head,
     stride_sum_side,
     stride_table_seq,
-    stride_out_seq,
-    stride_out_head,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     MAX_BLOCKS: tl.constexpr,  # max_blocks rounded up to a power of 2
-    TILE: tl.constexpr,  # blocks bounded at a time
+    TILE: tl.constexpr,  # blocks per program
     BLOCK_D: tl.constexpr,
 ):
-    # One program per (sequence, KV head): the bound of each of its blocks but the last one (the max over the
-    # head group of Σ_d max(q_d·min_d, q_d·max_d)), then the budget - 1 highest (ties to the earlier block)
+    # One program per (sequence, KV head, TILE blocks): each block's bound but the last one's — the max over
+    # the head group of Σ_d max(q_d·min_d, q_d·max_d) — and -inf past the candidates.
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    tile = tl.program_id(2) * TILE + tl.arange(0, TILE)
+    context_len = tl.load(context_lens_ptr + seq)
+    budget = tl.load(budgets_ptr + seq)
+    num_blocks = tl.cdiv(context_len, BLOCK_SIZE)
+    if budget > 0 and num_blocks > budget:  # (otherwise every block is read: nothing to rank)
+        dims = tl.arange(0, BLOCK_D)
+        dim_mask = dims < HEAD_DIM
+        candidate = tile < num_blocks - 1
+        block = tl.load(block_tables_ptr + seq * stride_table_seq + tile, mask=candidate, other=0).to(tl.int64)
+        base = summaries_ptr + block * stride_sum_block + kv_head * stride_sum_head
+        mask = candidate[:, None] & dim_mask[None, :]
+        low = tl.load(base[:, None] + dims[None, :], mask=mask, other=0.0).to(tl.float32)  # [TILE, BLOCK_D]
+        high = tl.load(base[:, None] + stride_sum_side + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+        best = tl.full([TILE], float("-inf"), tl.float32)
+        for g in tl.static_range(GROUP):
+            qg = tl.load(q_ptr + seq * stride_q_seq + (kv_head * GROUP + g) * stride_q_head + dims, mask=dim_mask, other=0.0)
+            qg = qg.to(tl.float32)[None, :]
+            best = tl.maximum(best, tl.sum(tl.maximum(qg * low, qg * high), 1))
+        row = bounds_ptr + (seq * tl.num_programs(1) + kv_head) * MAX_BLOCKS
+        tl.store(row + tile, tl.where(candidate, best, float("-inf")))
+
+
+@triton.jit
+def _quest_select_kernel(
+    block_tables_ptr,  # [S, max_blocks]
+    context_lens_ptr,  # [S]
+    budgets_ptr,  # [S] int32: blocks to read (0: all)
+    bounds_ptr,  # [S, KV, MAX_BLOCKS] float32: _quest_bounds_kernel's
+    tables_ptr,  # [S, KV, max_blocks] int32 out: the blocks each KV head reads, in block order
+    lens_ptr,  # [S] int32 out: the keys they hold
+    stride_table_seq,
+    stride_out_seq,
+    stride_out_head,
+    BLOCK_SIZE: tl.constexpr,
+    MAX_BLOCKS: tl.constexpr,
+):
+    # One program per (sequence, KV head): the budget - 1 blocks of highest bound (ties to the earlier block)
     # and the last block, in block order — the native CPU kernel's choice (kernels/cpu/paged_attention.c).
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     context_len = tl.load(context_lens_ptr + seq)
     budget = tl.load(budgets_ptr + seq)
     num_blocks = tl.cdiv(context_len, BLOCK_SIZE)
-    table = block_tables_ptr + seq * stride_table_seq
     out = tables_ptr + seq * stride_out_seq + kv_head * stride_out_head
     ids = tl.arange(0, MAX_BLOCKS)
-    block_ids = tl.load(table + ids, mask=ids < num_blocks, other=0)
+    block_ids = tl.load(block_tables_ptr + seq * stride_table_seq + ids, mask=ids < num_blocks, other=0)
     if budget == 0 or num_blocks <= budget:  # every block, as the sequence's own table has them
         tl.store(out + ids, block_ids, mask=ids < num_blocks)
         if kv_head == 0:
             tl.store(lens_ptr + seq, context_len)
     else:
-        dims = tl.arange(0, BLOCK_D)
-        dim_mask = dims < HEAD_DIM
-        row = bounds_ptr + (seq * tl.num_programs(1) + kv_head) * MAX_BLOCKS
-        for start in tl.static_range(0, MAX_BLOCKS, TILE):
-            tile = start + tl.arange(0, TILE)
-            candidate = tile < num_blocks - 1
-            block = tl.load(table + tile, mask=candidate, other=0).to(tl.int64)
-            base = summaries_ptr + block * stride_sum_block + kv_head * stride_sum_head
-            mask = candidate[:, None] & dim_mask[None, :]
-            low = tl.load(base[:, None] + dims[None, :], mask=mask, other=0.0).to(tl.float32)  # [TILE, BLOCK_D]
-            high = tl.load(base[:, None] + stride_sum_side + dims[None, :], mask=mask, other=0.0).to(tl.float32)
-            best = tl.full([TILE], float("-inf"), tl.float32)
-            for g in tl.static_range(GROUP):
-                qg = tl.load(q_ptr + seq * stride_q_seq + (kv_head * GROUP + g) * stride_q_head + dims, mask=dim_mask, other=0.0)
-                qg = qg.to(tl.float32)[None, :]
-                best = tl.maximum(best, tl.sum(tl.maximum(qg * low, qg * high), 1))
-            tl.store(row + tile, tl.where(candidate, best, float("-inf")))
-        tl.debug_barrier()  # the row's bounds, written by all the program's threads, read whole below
-        bound = tl.load(row + ids)  # [MAX_BLOCKS], -inf past the candidates
+        bound = tl.load(bounds_ptr + (seq * tl.num_programs(1) + kv_head) * MAX_BLOCKS + ids)
+        bound = tl.where(ids < num_blocks - 1, bound, float("-inf"))
         need = budget - 1
         kth = tl.sum(tl.where(ids == need - 1, tl.sort(bound, descending=True), 0.0))  # the need-th highest
         above = bound > kth
@@ -591,16 +608,21 @@ def quest_tables(
     bounds = torch.empty(num_seqs, num_kv_heads, max_pow2, dtype=torch.float32, device=q.device)
     if num_seqs == 0:
         return tables, lens
-    _quest_select_kernel[(num_seqs, num_kv_heads)](
-        q, summaries, block_tables, context_lens, budgets, bounds, tables, lens,
-        q.stride(0), q.stride(1), summaries.stride(0), summaries.stride(1), summaries.stride(2),
-        block_tables.stride(0), tables.stride(0), tables.stride(1),
+    tile = min(max_pow2, 64)
+    _quest_bounds_kernel[(num_seqs, num_kv_heads, max_pow2 // tile)](
+        q, summaries, block_tables, context_lens, budgets, bounds,
+        q.stride(0), q.stride(1), summaries.stride(0), summaries.stride(1), summaries.stride(2), block_tables.stride(0),
         GROUP=num_heads // num_kv_heads,
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         MAX_BLOCKS=max_pow2,
-        TILE=min(max_pow2, 64),
+        TILE=tile,
         BLOCK_D=_block_d(head_dim),
+    )  # fmt: skip
+    _quest_select_kernel[(num_seqs, num_kv_heads)](
+        block_tables, context_lens, budgets, bounds, tables, lens, block_tables.stride(0), tables.stride(0), tables.stride(1),
+        BLOCK_SIZE=block_size,
+        MAX_BLOCKS=max_pow2,
     )  # fmt: skip
     return tables, lens
 

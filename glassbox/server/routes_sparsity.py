@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, Request
 
-from glassbox.layers.sparsity import SparsityMethod, available_methods
 from glassbox.errors import FieldError
+from glassbox.layers.sparsity import SparsityMethod, available_methods
 from glassbox.research.decode_speed import decode_speed
 from glassbox.research.evaluate import evaluate
 from glassbox.research.limits import check
