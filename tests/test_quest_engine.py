@@ -26,6 +26,23 @@ class DecodeMask(BlockSparse):
         return x.allowed if x.q.shape[0] > 1 else super().keep(x)
 
 
+class Pyramid(BlockSparse):
+    """A plugin's block selector: its own budget per layer (all of layer 0, 2 blocks in layer 1), read by the
+    kernels as BlockSparse's are."""
+
+    name = "pyramid"
+
+    def block_budget(self, layer_idx: int, context_len: int) -> int:
+        return 0 if layer_idx == 0 or -(-context_len // self.block_size) <= 2 else 2
+
+
+class PyramidMask(Pyramid):
+    reads_blocks = False
+
+    def keep(self, x: MaskInputs) -> torch.Tensor:
+        return x.allowed if x.q.shape[0] > 1 else super().keep(x)
+
+
 def generate(engine, method, max_tokens: int, watch=None):
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=0)
     request_id = engine.add_request(PROMPT, params, sparsity=method)
@@ -51,12 +68,16 @@ def exact_summaries(engine, seq: Sequence) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_quest_decode_equals_its_mask_form_and_reads_fewer_keys(long_tiny, long_tiny_dir, device):
+@pytest.mark.parametrize("method", ["block_sparse", "plugin"])
+def test_quest_decode_equals_its_mask_form_and_reads_fewer_keys(long_tiny, long_tiny_dir, device, method):
     options = {"block_size": 16, "max_num_batched_tokens": 1024}
     if device == "cpu":
         options["quantization"] = "int8"  # the native CPU layers and attention
     engine = make_engine(on_device(long_tiny, long_tiny_dir, device), **options)
-    quest = BlockSparse(16, 4, dense_layers=1)
+    quest, reference, budgets = BlockSparse(16, 4, dense_layers=1), DecodeMask(16, 4, dense_layers=1), [0, 4]
+    if method == "plugin":
+        quest, reference, budgets = Pyramid(16, 4), PyramidMask(16, 4), [0, 2]
+    assert quest.declares_block_reads() and not reference.declares_block_reads()
     plans = []
 
     def watch(seq: Sequence) -> None:
@@ -65,10 +86,10 @@ def test_quest_decode_equals_its_mask_form_and_reads_fewer_keys(long_tiny, long_
 
     dense, dense_logprobs, _ = generate(engine, None, 24)
     tokens, logprobs, final = generate(engine, quest, 24, watch)
-    masked, masked_logprobs, masked_final = generate(engine, DecodeMask(16, 4, dense_layers=1), 24)
+    masked, masked_logprobs, masked_final = generate(engine, reference, 24)
     decode_plans = plans[1:]  # (the first is the prompt's: dense, no row reading blocks)
     assert plans[0].quest == {} and plans[0].masked_rows == ()
-    assert all(plan.quest == {0: [0, 4]} and plan.masked_rows == () for plan in decode_plans)
+    assert all(plan.quest == {0: budgets} and plan.masked_rows == () for plan in decode_plans)
     assert {plan.executor for plan in decode_plans} == ({"native_stack"} if device == "cpu" else {"cuda_graph"})
     assert tokens == masked
     assert logprobs == pytest.approx(masked_logprobs, abs=1e-4)

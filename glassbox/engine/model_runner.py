@@ -202,7 +202,7 @@ class ModelRunner:
             if state is None:
                 continue
             context_len = seq.num_computed_tokens + num_new
-            if state.method.reads_blocks and not state.evicting:
+            if state.method.declares_block_reads() and not state.evicting:
                 if context_len <= seq.num_prompt_tokens:
                     state.count_dense(num_new, context_len, heads, windows)
                     continue
@@ -231,7 +231,7 @@ class ModelRunner:
             and self.kv_cache.dtype in cpu_native.CACHE_DTYPES
         ) or isinstance(self.attention_layers[0].backend, TritonAttentionBackend)
         return (
-            method.reads_blocks
+            method.declares_block_reads()
             and getattr(method, "block_size", None) == self.block_size
             and kernels
             and not any(self.config.layer_windows)

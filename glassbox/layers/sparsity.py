@@ -220,6 +220,16 @@ class SparsityMethod:
         form unless it says `evicts = True` (and evicts by its own rule) itself."""
         return bool(vars(cls).get("evicts", False))
 
+    @classmethod
+    def declares_block_reads(cls) -> bool:
+        """`reads_blocks`, unless a subclass changed `keep` without declaring it reads blocks itself: the
+        kernels read the blocks of Quest's rule, which its own mask would no longer be. (A plugin's block
+        selector subclasses BlockSparse and chooses its budget per layer and context in `block_budget`.)"""
+        for klass in cls.__mro__:
+            if "reads_blocks" in vars(klass):
+                return bool(vars(klass)["reads_blocks"]) and cls.keep is klass.keep
+        return False
+
     def params(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if v is not None}
 
@@ -397,9 +407,10 @@ class BlockSparse(SparsityMethod):
         return self.top_blocks
 
     def keep(self, x: MaskInputs) -> torch.Tensor:
-        if x.layer_idx < self.dense_layers:
-            return x.allowed
         lk, num_kv, head_dim = x.keys.shape
+        budget = self.block_budget(x.layer_idx, lk)  # (a subclass may choose it per layer and context)
+        if budget == 0:
+            return x.allowed
         lq, num_heads = x.q.shape[:2]
         num_blocks = -(-lk // self.block_size)
         padded = torch.full((num_blocks * self.block_size, num_kv, head_dim), float("nan"), device=x.keys.device)
@@ -416,7 +427,7 @@ class BlockSparse(SparsityMethod):
         block_ids = torch.arange(num_blocks, device=bound.device)[None, :]
         bound = bound.masked_fill(block_ids > q_block, float("-inf"))  # blocks wholly in the future
         bound = bound.masked_fill(block_ids == q_block, float("inf"))  # the query's own block always
-        counts = torch.full((lq,), self.top_blocks, device=bound.device)
+        counts = torch.full((lq,), budget, device=bound.device)
         chosen = x.rank_keep(bound, counts).repeat_interleave(group, dim=0)  # [H, Lq, nb]
         return chosen.repeat_interleave(self.block_size, dim=-1)[..., :lk]
 
