@@ -3,6 +3,7 @@ docs/research.md.
 
     .venv/bin/python bench/sparsity.py [--text bench/data/pride_and_prejudice_ch1.txt] [--skip-quality]
                                        [--contexts 1024,4096,8192] [--decode-steps 8] [--speed-methods all|a,b]
+                                       [--long-quality 8192]
 
 Quality: teacher-forced on the default model (float32): perplexity dense and sparse, mean KL(dense ‖ sparse)
 per position, top-1 agreement, realised density, and the mean and largest per-layer attention-output error —
@@ -12,6 +13,8 @@ Speed and memory, per context length: the default served model (its CPU fast pat
 method — decode ms/token, the decode attention's ms/step (its kernel replayed over the final cache; "-" where
 decode takes the readable path) and KV blocks at the end: /optimization/evaluate's speed part
 (research/decode_speed.py). Each method's budget scales with the context (1/8 of the blocks for Quest).
+--long-quality N: the quality of the same settings teacher-forced on N tokens of --speed-text (past the
+served 1,024-token limit of /optimization/evaluate: its [heads, N, N] scores, 2.4 GB a layer at 8k).
 """
 
 from __future__ import annotations
@@ -75,9 +78,10 @@ def main() -> None:
     parser.add_argument("--text", default=str(Path(__file__).parent / "data" / "pride_and_prejudice_ch1.txt"))
     parser.add_argument("--speed-text", default=str(Path(__file__).parent / "data" / "genesis_37_50_kjv.txt"))
     parser.add_argument("--skip-quality", action="store_true")
-    parser.add_argument("--contexts", default="1024,4096,8192")
+    parser.add_argument("--contexts", default="1024,4096,8192", help="served speed table's contexts ('' to skip)")
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--speed-methods", default="all", help="all, or first words of the names: block_sparse,sliding_window")
+    parser.add_argument("--long-quality", type=int, default=0, help="also teacher-forced quality on this many tokens of --speed-text")
     args = parser.parse_args()
 
     from glassbox.config import EngineConfig
@@ -87,11 +91,32 @@ def main() -> None:
     engine = LLMEngine(load_model(None), EngineConfig(kv_cache_memory=64 << 20))
     if not args.skip_quality:
         quality_table(engine, args.text)
+    if args.long_quality:
+        long_quality_table(engine, args.speed_text, args.long_quality, args.speed_methods)
     if args.contexts:
         ids = engine.tokenizer.encode(Path(args.speed_text).read_text())
         print(f"\nServed, {Path(args.speed_text).name}; {platform.processor() or platform.machine()}, "
               f"{engine.config.quantization} weights; {time.strftime('%Y-%m-%d')}")
         speed_table(engine, ids, [int(c) for c in args.contexts.split(",")], args.decode_steps, args.speed_methods)
+
+
+def long_quality_table(engine, text: str, tokens: int, methods: str) -> None:
+    """Teacher-forced quality at a long context (past evaluate's served limit of 1,024 tokens a text), each
+    method at its budget for that context."""
+    from glassbox.layers.sparsity import parse_sparsity
+    from glassbox.research.evaluate import evaluate
+
+    ids = engine.tokenizer.encode(Path(text).read_text())[:tokens]
+    print(f"\nTeacher-forced on the first {len(ids)} tokens of {Path(text).name}\n")
+    print("| method | density | perplexity dense → sparse | KL(dense‖sparse) | top-1 agreement |")
+    print("|---|---:|---:|---:|---:|")
+    settings = {**speed_settings(tokens), "sliding_window 512, no sinks": {"method": "sliding_window", "window": 512, "sink_tokens": 0}}
+    for name, spec in settings.items():
+        if methods != "all" and name.split(" ")[0] not in methods.split(","):
+            continue
+        r = evaluate(engine, [ids], parse_sparsity(spec), max_tokens=tokens)
+        print(f"| {name} | {r['density']:.3f} | {r['perplexity_dense']:.2f} → {r['perplexity_sparse']:.2f} | "
+              f"{r['kl_dense_sparse']:.4f} | {r['top1_agreement']:.3f} |", flush=True)
 
 
 def quality_table(engine, text: str) -> None:

@@ -28,7 +28,7 @@ from glassbox.layers.attention import attention_layers
 from glassbox.layers.sparsity import SparsityMethod, SparsityState
 from glassbox.research.attention import prompt_metadata
 
-MAX_TOKENS = 1024  # per text
+MAX_TOKENS = 1024  # per text, served: each layer's [heads, n, n] scores are held at once
 ROWS = 256  # logits computed this many positions at a time ([ROWS, vocab] float32)
 
 
@@ -67,13 +67,16 @@ def _compare(engine: LLMEngine, dense: torch.Tensor, sparse: torch.Tensor, targe
 
 
 @torch.inference_mode()
-def evaluate(engine: LLMEngine, texts: list[list[int]], method: SparsityMethod) -> dict[str, Any]:
-    """texts: token ids (each at least 2 tokens). The figures averaged over every predicted position."""
+def evaluate(
+    engine: LLMEngine, texts: list[list[int]], method: SparsityMethod, max_tokens: int = MAX_TOKENS
+) -> dict[str, Any]:
+    """texts: token ids (each at least 2, at most max_tokens tokens: a bench may go past the served limit).
+    The figures averaged over every predicted position."""
     if engine.distributed:
         raise FieldError("sparsity", NO_MASKS_UNDER_TENSOR_PARALLELISM)
     for i, ids in enumerate(texts):
-        if not 2 <= len(ids) <= MAX_TOKENS:
-            raise ValueError(f"texts[{i}]: must hold 2 to {MAX_TOKENS} tokens, got {len(ids)}")
+        if not 2 <= len(ids) <= max_tokens:
+            raise ValueError(f"texts[{i}]: must hold 2 to {max_tokens} tokens, got {len(ids)}")
     num_layers = engine.loaded.config.num_hidden_layers
     err_num = [0.0] * num_layers  # Σ ‖O_dense − O_sparse‖² per layer
     err_den = [0.0] * num_layers  # Σ ‖O_dense‖²
