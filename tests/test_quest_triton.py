@@ -98,7 +98,7 @@ def test_the_triton_and_the_native_cpu_kernels_choose_the_same_blocks():
     slots = last_slots(tables, contexts, block_size).cpu()
     starts = torch.arange(len(contexts) + 1, dtype=torch.int32)
     lens = torch.tensor(contexts, dtype=torch.int32)
-    budgets = torch.tensor([4, 2, 6], dtype=torch.int32)
+    budgets = torch.tensor([4, 1, 6], dtype=torch.int32)  # (1: the last block only)
     selected = torch.empty(len(contexts), num_kv, 6, dtype=torch.int32)
     cpu_native.paged_attention(qkv, cos.view(-1, head_dim), sin.view(-1, head_dim), k_cache, v_cache, slots, starts,
                                tables, lens, num_heads, head_dim**-0.5, None, None, summaries, budgets, selected)  # fmt: skip

@@ -575,7 +575,7 @@ def _quest_select_kernel(
         kth = tl.sum(tl.where(ids == need - 1, tl.sort(bound, descending=True), 0.0))  # the need-th highest
         above = bound > kth
         ties = bound == kth
-        keep = above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= need - tl.sum(above.to(tl.int32))))
+        keep = (above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= need - tl.sum(above.to(tl.int32))))) & (ids * 0 + need > 0)
         tl.store(out + tl.cumsum(keep.to(tl.int32), 0) - 1, block_ids, mask=keep)
         last = tl.sum(tl.where(ids == num_blocks - 1, block_ids, 0))
         tl.store(out + need, last)

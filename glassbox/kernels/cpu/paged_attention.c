@@ -128,11 +128,35 @@ static void update_summaries(float *summaries, const void *k_cache, int cache_bf
     }
 }
 
+// The k-th largest of a[0, n) (1 <= k <= n), by quickselect; a is reordered.
+static float kth_largest(float *a, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1;
+    const int64_t target = k - 1;  // its index in descending order
+    while (lo < hi) {
+        const float pivot = a[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {  // Hoare's partition, larger values to the left
+            while (a[i] > pivot) i++;
+            while (a[j] < pivot) j--;
+            if (i <= j) {
+                const float t = a[i];
+                a[i++] = a[j];
+                a[j--] = t;
+            }
+        }
+        if (target <= j) hi = j;
+        else if (target >= i) lo = i;
+        else return a[target];  // between the halves: equal to the pivot
+    }
+    return a[target];
+}
+
 // Quest's choice for one decode token's kv head: its G query heads q [G, D] against the summaries of the
 // sequence's nblocks blocks (table) -> keep [top] block indices (into table) in block order: the last
-// block and the top - 1 others of highest bound, ties to the earlier block. bound: scratch [nblocks].
+// block and the top - 1 others of highest bound, ties to the earlier block. bound, scratch: [nblocks].
 static void quest_select(const float *q, int64_t G, int64_t D, const float *summaries, int64_t KVH, int64_t kvh,
-                         const int32_t *table, int64_t nblocks, int64_t top, float *bound, int32_t *keep) {
+                         const int32_t *table, int64_t nblocks, int64_t top, float *bound, float *scratch,
+                         int32_t *keep) {
     for (int64_t b = 0; b < nblocks - 1; b++) {
         const float *mn = summaries + ((int64_t)table[b] * KVH + kvh) * 2 * D, *mx = mn + D;
         float best = -INFINITY;
@@ -147,22 +171,20 @@ static void quest_select(const float *q, int64_t G, int64_t D, const float *summ
         }
         bound[b] = best;
     }
-    // top - 1 rounds of "the best block not taken yet" (top is a small fraction of nblocks), marking taken
-    // blocks with -inf after noting them; then back to block order.
-    int64_t n = 0;
-    for (; n < top - 1; n++) {
-        int64_t arg = 0;
-        for (int64_t b = 1; b < nblocks - 1; b++)
-            if (bound[b] > bound[arg]) arg = b;
-        keep[n] = (int32_t)arg;
-        bound[arg] = -INFINITY;
+    // The (top - 1)-th highest bound (linear time), then one pass in block order: every block above it and
+    // as many of those equal to it as are still needed, the earlier first.
+    const int64_t need = top - 1, candidates = nblocks - 1;
+    if (need == 0) {  // the last block only
+        keep[0] = (int32_t)(nblocks - 1);
+        return;
     }
-    for (int64_t i = 1; i < n; i++)  // insertion sort: few entries
-        for (int64_t j = i; j > 0 && keep[j - 1] > keep[j]; j--) {
-            const int32_t t = keep[j];
-            keep[j] = keep[j - 1];
-            keep[j - 1] = t;
-        }
+    memcpy(scratch, bound, sizeof(float) * (size_t)candidates);
+    const float kth = kth_largest(scratch, candidates, need);
+    int64_t ties = need;
+    for (int64_t b = 0; b < candidates; b++) ties -= bound[b] > kth;
+    int64_t n = 0;
+    for (int64_t b = 0; b < candidates && n < need; b++)
+        if (bound[b] > kth || (bound[b] == kth && ties-- > 0)) keep[n++] = (int32_t)b;
     keep[n] = (int32_t)(nblocks - 1);
 }
 
@@ -207,7 +229,7 @@ void gb_paged_attention(const float *qkv, int64_t T, int64_t ld_qkv, const float
         float *probs = malloc(sizeof(float) * (size_t)(H * max_ctx));
         const char **k_rows = malloc(sizeof(char *) * (size_t)(2 * max_ctx));
         const char **v_rows = k_rows + max_ctx;
-        float *bound = quest ? malloc(sizeof(float) * (size_t)(max_ctx / BS + 1)) : NULL;
+        float *bound = quest ? malloc(sizeof(float) * (size_t)(2 * (max_ctx / BS + 1))) : NULL;  // + scratch
         int32_t *keep = quest ? malloc(sizeof(int32_t) * (size_t)(max_ctx / BS + 1)) : NULL;
         // Dynamic: a prefill's later tokens see more keys than its first ones.
 #pragma omp for schedule(dynamic, 1)
@@ -224,7 +246,8 @@ void gb_paged_attention(const float *qkv, int64_t T, int64_t ld_qkv, const float
             if (top > 0 && window == 0 && query_start_loc[s + 1] - query_start_loc[s] == 1 && nblocks > top) {
                 // Quest: per kv head, the rows of its chosen blocks only.
                 for (int64_t j = 0; j < NK; j++) {
-                    quest_select(q + j * G * D, G, D, quest->summaries, KVH, kvh + j, table, nblocks, top, bound, keep);
+                    quest_select(q + j * G * D, G, D, quest->summaries, KVH, kvh + j, table, nblocks, top, bound,
+                                 bound + max_ctx / BS + 1, keep);
                     if (quest->selected)
                         for (int64_t i = 0; i < top; i++) quest->selected[(t * KVH + kvh + j) * quest->selected_width + i] = keep[i];
                     int64_t m = 0;
