@@ -119,7 +119,8 @@ def test_summaries_made_mid_run_cover_the_running_sequences(long_tiny):
         engine.step()
 
 
-def test_update_folds_new_keys_restarts_fresh_blocks_and_skips_padding():
+@pytest.mark.parametrize("one_per_block", [False, True])
+def test_update_folds_new_keys_restarts_fresh_blocks_and_skips_padding(one_per_block):
     """BlockSummaries.update (the path of every step but the native CPU one, and of the CUDA graphs): a block
     whose first slot is written starts afresh, a continued block widens, padding rows (slot -1) touch no block."""
     from glassbox.engine.kv_cache import KVCache
@@ -134,12 +135,15 @@ def test_update_folds_new_keys_restarts_fresh_blocks_and_skips_padding():
     assert torch.equal(summaries.table[:, :6, :, 0], kv.k.amin(2)) and torch.equal(summaries.table[:, :6, :, 1], kv.k.amax(2))
     before = summaries.table.clone()
     new = torch.randn(2, 4, 3, 8)
-    slots = torch.tensor([8, 9, -1, 17])  # block 2 afresh (slots 0, 1), padding, block 4 continued (slot 1)
+    # block 2 afresh (slots 0, and 1 unless one token per block), padding, block 4 continued (slot 1)
+    slots = torch.tensor([8, -1 if one_per_block else 9, -1, 17])
+    written = [i for i in range(4) if slots[i] >= 0]
     flat = kv.k.view(2, 24, 3, 8)
-    flat[:, slots[[0, 1, 3]]] = new[:, [0, 1, 3]]
-    summaries.update(slots)
-    assert torch.equal(summaries.table[:, 2, :, 0], new[:, :2].amin(1))
-    assert torch.equal(summaries.table[:, 2, :, 1], new[:, :2].amax(1))
+    flat[:, slots[written]] = new[:, written]
+    summaries.update(slots, one_per_block)
+    block2 = new[:, [0]] if one_per_block else new[:, :2]
+    assert torch.equal(summaries.table[:, 2, :, 0], block2.amin(1))
+    assert torch.equal(summaries.table[:, 2, :, 1], block2.amax(1))
     assert torch.equal(summaries.table[:, 4, :, 1], torch.maximum(before[:, 4, :, 1], new[:, 3]))
     for untouched in (0, 1, 3, 5):
         assert torch.equal(summaries.table[:, untouched], before[:, untouched])

@@ -89,7 +89,7 @@ class DecodeGraphs:
         ids, positions = self.ids_positions_slots[0, :size], self.ids_positions_slots[1, :size]
         logits = self.model.compute_logits(self.model_forward(ids, positions, self._meta(size)))
         if self.quest is not None:
-            self.quest.update(self.ids_positions_slots[2, :size])
+            self.quest.update(self.ids_positions_slots[2, :size], one_per_block=True)
         return logits
 
     @torch.inference_mode()

@@ -368,7 +368,7 @@ class ModelRunner:
             return
         if meta is None:
             meta = build_step_metadata(chunks, self.block_size, self.device)[1]
-        self.quest.update(meta.slot_mapping)
+        self.quest.update(meta.slot_mapping, one_per_block=plan.kind == "decode")
 
     @staticmethod
     def can_launch_ahead(plan: StepPlan, sample_requests: dict[int, SampleRequest]) -> bool:

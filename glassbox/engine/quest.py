@@ -55,10 +55,13 @@ class BlockSummaries:
     def nbytes(self) -> int:
         return self.table.nbytes
 
-    def update(self, slot_mapping: torch.Tensor) -> None:
+    def update(self, slot_mapping: torch.Tensor, one_per_block: bool = False) -> None:
         """Fold the keys a step stored (at `slot_mapping` [T]; < 0: a padding row) into their blocks'
-        summaries, in every layer, with tensor ops only: no host sync, so it runs after a CUDA step and
-        inside a CUDA graph's capture."""
+        summaries, in every layer. `one_per_block`: no two tokens share a block (a decode step: each sequence
+        writes its own last block), so each block's new summary is written in one indexed copy, without a host
+        sync — it runs inside a CUDA graph's capture. Otherwise the blocks' summaries are gathered once,
+        reduced over their tokens and written back (a reduction over the whole table's view cost ~10 ms a
+        step on the H200: it copies the table)."""
         if slot_mapping.numel() == 0:
             return
         k = self.kv_cache.k  # [L, NB, BS, KV, D]
@@ -67,13 +70,16 @@ class BlockSummaries:
         blocks = torch.where(valid, slot_mapping // self.block_size, num_blocks)  # padding -> the spare block
         offsets = torch.where(valid, slot_mapping % self.block_size, 0)
         new = k[:, blocks.clamp(max=num_blocks - 1), offsets].to(self.table.dtype)  # [L, T, KV, D]
-        # A block whose first slot is written now starts afresh.
-        fresh = torch.zeros(num_blocks + 1, dtype=torch.bool, device=k.device)
-        fresh.index_fill_(0, torch.where(offsets == 0, blocks, num_blocks), True)
-        fresh = fresh[blocks][None, :, None, None]  # [1, T, 1, 1]: the token's block starts afresh
+        if one_per_block:
+            fresh = (offsets == 0)[None, :, None, None]  # a token in its block's first slot starts it afresh
+            for side, start in ((0, float("inf")), (1, float("-inf"))):
+                base = self.table[:, blocks, :, side].masked_fill(fresh, start)  # [L, T, KV, D]
+                self.table[:, blocks, :, side] = torch.minimum(base, new) if side == 0 else torch.maximum(base, new)
+            return
+        unique, inverse = torch.unique(blocks, return_inverse=True)  # [U], [T]
+        fresh = torch.zeros(unique.shape[0], dtype=torch.bool, device=k.device)
+        fresh[inverse[offsets == 0]] = True
+        index = inverse[None, :, None, None].expand_as(new)
         for side, reduce, start in ((0, "amin", float("inf")), (1, "amax", float("-inf"))):
-            summary = self.table[:, :, :, side]  # [L, NB, KV, D], a view
-            current = summary[:, blocks]  # [L, T, KV, D]
-            base = current.masked_fill(fresh, start)
-            combined = torch.minimum(base, new) if side == 0 else torch.maximum(base, new)
-            summary.scatter_reduce_(1, blocks[None, :, None, None].expand_as(combined), combined, reduce, include_self=False)
+            base = self.table[:, unique, :, side].masked_fill(fresh[None, :, None, None], start)  # [L, U, KV, D]
+            self.table[:, unique, :, side] = base.scatter_reduce_(1, index, new, reduce)
