@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_kv_eviction import DEVICES, long_tiny, long_tiny_dir, make_engine, on_device  # noqa: F401 (fixtures)
+from test_kv_eviction import generate as generate_greedy
 
 from glassbox.engine.sequence import Sequence
 from glassbox.layers.sparsity import BlockSparse, MaskInputs
@@ -44,16 +45,8 @@ class PyramidMask(Pyramid):
 
 
 def generate(engine, method, max_tokens: int, watch=None):
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=0)
-    request_id = engine.add_request(PROMPT, params, sparsity=method)
-    seq = engine.requests[request_id].seq
-    final = None
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            final = out if out.finished else final
-        if watch is not None and not seq.is_finished:
-            watch(seq)
-    return final.token_ids, [entry["logprob"] for entry in final.logprobs], final
+    final, logprobs = generate_greedy(engine, method, max_tokens, watch, prompt=PROMPT)
+    return final.token_ids, logprobs, final
 
 
 def exact_summaries(engine, seq: Sequence) -> None:
