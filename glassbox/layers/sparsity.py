@@ -5,13 +5,16 @@ path (kernels/attention_torch.attend) sets the dropped scores to -inf before the
 probabilities are renormalised. Only the sequences that ask for a mask take that path; the others run as
 usual. Masks work on prefill and decode alike.
 
-What this costs, honestly: `top_k`, `threshold` and `block_sparse` run over the dense scores and then mask
-them ("simulated sparsity") — they measure the effect on quality and save no compute. `sliding_window`
+What this costs, honestly: `top_k` and `threshold` run over the dense scores and then mask them
+("simulated sparsity") — they measure the effect on quality and save no compute. `sliding_window`
 (StreamingLLM) and `h2o` (heavy hitters) save memory: in the engine, once a sequence's prompt is computed
 (in the mask form, as here), what they drop is evicted from its KV cache for good and its blocks go back
 to the pool (engine/eviction.py); a decode step then attends over exactly the keys it keeps, on the fast
 path for `sliding_window` (h2o's steps take the readable path, which hands it the probabilities it
-accumulates). Each method's `saves` says which.
+accumulates). `block_sparse` (Quest) saves decode time: served, its prompt attends densely and each decode
+token reads only its chosen KV blocks in the kernels (`reads_blocks`; engine/quest.py keeps the blocks' key
+summaries); the mask form here masks every query as such a decode token would be. Each method's `saves`
+says which.
 
 Positions under eviction: original positions. A kept key keeps the rotary position it was computed at,
 and a query sits at its own position in the sequence, so an evicting step computes exactly the mask form
