@@ -157,7 +157,9 @@ class TensorParallelRunner(ModelRunner):
         timed: bool,
         launched_ahead: bool,
         evicted: bool = False,
+        quest: dict[int, list[int]] | None = None,
     ) -> StepPlan:
+        # (no sparsity under tensor parallelism: `masked` and `quest` are empty)
         reason = f"{self.group.world_size} ranks over {self.group.backend}"
         return StepPlan(
             "tensor_parallel", reason, num_seqs, num_tokens, num_sampled, masked, prompt_logprob_rows, timed, launched_ahead

@@ -114,6 +114,8 @@ async def evaluate_sparsity(
         pool_bytes = pool * info["kv_cache_bytes"] // info["kv_num_blocks"]
         check("schedule_max_pool_bytes", pool_bytes, limits.schedule_max_pool_bytes, "the speed part's private KV pool (bytes)")
         stream = [t for ids in texts for t in ids]
+        if not stream:
+            raise FieldError("texts", "the speed part's prompt is made of the texts' tokens: give at least one")
         prompt = (stream * -(-speed.context_tokens // len(stream)))[: speed.context_tokens]
     return await client.call(
         lambda engine: {
