@@ -37,14 +37,19 @@ from conftest import start_server, stop_server
 
 async def ttft(http: httpx.AsyncClient) -> float:
     """ms from sending the request to its first token event (with -v: the server's own split of it)."""
-    start, first = time.perf_counter(), None
-    async with http.stream("POST", "/generate", json={"prompt": "Hello", "max_tokens": 2, "stream": True}) as response:
+    start, first, events = time.perf_counter(), None, []
+
+    async def trace(name: str, info: dict) -> None:
+        events.append(f"{name.removeprefix('http11.')} {(time.perf_counter() - start) * 1000:.0f}")
+
+    body = {"prompt": "Hello", "max_tokens": 2, "stream": True}
+    async with http.stream("POST", "/generate", json=body, extensions={"trace": trace}) as response:
         async for line in response.aiter_lines():
             if line.startswith("data: ") and first is None:
                 first = (time.perf_counter() - start) * 1000
             if VERBOSE and line.startswith("data: {") and '"result"' in line:
                 timings = json.loads(line[6:])["result"]["timings"]
-                print(f"  probe {first:.0f} ms: queue {timings['queue_ms']:.0f}, prefill {timings['prefill_ms']:.0f}")
+                print(f"  probe {first:.0f} ms: queue {timings['queue_ms']:.0f}, prefill {timings['prefill_ms']:.0f}; {', '.join(events)}")
     if first is None:
         raise RuntimeError("no token event")
     return first

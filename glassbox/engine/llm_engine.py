@@ -408,7 +408,7 @@ class LLMEngine:
         plan = self.runner.plan(batch, len(sample_requests), list(prompt_logprobs), timed=bool(self.observers))
         evicting = any(seq.sparsity is not None and seq.sparsity.evicting for seq in self._step_seqs)
         if self.async_scheduling and not evicting and self.runner.can_launch_ahead(plan, sample_requests):
-            plan = self._record(self.runner.plan_ahead(plan.num_seqs))
+            plan = self._record(self.runner.plan_ahead(plan.num_seqs, plan.quest))
             requests = [sample_requests[i] for i in range(len(batch.items))]
             input_ids = [seq.token_ids[-1] for seq, _ in batch.items]
             self._pending = self.runner.launch_decode(plan, batch, requests, input_ids=input_ids)
@@ -447,13 +447,24 @@ class LLMEngine:
         requests = []
         for seq, _ in batch.items:
             request = self._sample_request(self.requests[seq.request_id], 1)
-            if seq.sparsity is not None or not device_only(request):
+            if not device_only(request) or not self._reads_blocks_ahead(seq):
                 return None  # its KV slots stay allocated: the scheduled step uses them
             requests.append(request)
-        plan = self._record(self.runner.plan_ahead(len(requests)))
+        cfg, quest = self.runner.config, {}
+        for row, (seq, _) in enumerate(batch.items):
+            if seq.sparsity is not None:  # (counts the keys it reads)
+                context_len = seq.num_computed_tokens + 1
+                quest[row] = seq.sparsity.read_blocks(context_len, cfg.num_hidden_layers, self.runner.block_size, cfg.num_attention_heads)
+        plan = self._record(self.runner.plan_ahead(len(requests), quest))
         launched = self.runner.launch_decode(plan, batch, requests, previous=pending)
         self.scheduler.mark_launched(batch)
         return launched
+
+    def _reads_blocks_ahead(self, seq: Sequence) -> bool:
+        """Whether a decode step launched ahead can run this sequence: no sparsity, or a method whose decode
+        tokens read Quest's chosen blocks (the Quest graphs take their budgets; nothing is masked)."""
+        state = seq.sparsity
+        return state is None or (not state.evicting and self.runner.quest is not None and self.runner.reads_blocks(state.method))
 
     def _record(self, plan: StepPlan) -> StepPlan:
         """Count a step about to run, and keep its plan (`glassbox serve --log-level debug` logs each one)."""

@@ -132,10 +132,13 @@ class ModelRunner:
             launched_ahead=False, evicted=evicted, quest=quest,
         )  # fmt: skip
 
-    def plan_ahead(self, num_seqs: int) -> StepPlan:
+    def plan_ahead(self, num_seqs: int, quest: dict[int, list[int]] | None = None) -> StepPlan:
         """The plan of a decode step launched ahead of the host (`launch_decode`): every row sampled, none
-        masked or timed (the engine checked). The same at every step of a batch size, so made once per size:
-        a CUDA-graph decode step of a small model feels every microsecond of the host's."""
+        masked or timed (the engine checked); `quest`: rows that read Quest's blocks (row -> budget per
+        layer). Without them the same at every step of a batch size, so made once per size: a CUDA-graph
+        decode step of a small model feels every microsecond of the host's."""
+        if quest:
+            return self._plan(num_seqs, num_seqs, num_seqs, (), (), False, True, quest=quest)
         plan = self._ahead_plans.get(num_seqs)
         if plan is None:
             plan = self._ahead_plans[num_seqs] = self._plan(num_seqs, num_seqs, num_seqs, (), (), False, True)
@@ -324,8 +327,9 @@ class ModelRunner:
         source = None if previous is None else previous.device_tokens
         meta = None
         if plan.executor == "cuda_graph":
+            graphs = self._quest_graphs() if plan.quest else self.graphs
             with torch.profiler.record_function("glassbox::forward_graph"), _named(plan):
-                logits = self.graphs.run(chunks, input_ids, source, rows)
+                logits = graphs.run(chunks, input_ids, source, rows, budgets=plan.quest)
         else:  # beyond the graphs (or with them off): on CUDA its host-built inputs wait for the device
             positions, meta = build_step_metadata(chunks, self.block_size, self.device)
             meta.quest = self._quest_step(plan)
@@ -379,7 +383,7 @@ class ModelRunner:
             plan.kind == "decode"
             and not plan.prompt_logprob_rows
             and not plan.masked_rows
-            and not plan.quest
+            and (not plan.quest or plan.executor == "cuda_graph")  # (Quest's rows: on its graphs)
             and not plan.timed
             and all(device_only(r) for r in sample_requests.values())
         )

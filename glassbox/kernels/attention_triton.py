@@ -44,6 +44,9 @@ PREFILL_BLOCK_N = 64  # keys per step of the prefill loop
 TARGET_DECODE_PROGRAMS = 256
 MIN_SPLIT_TOKENS = 256
 MAX_DECODE_SPLITS = 64  # the merge kernel holds [splits, head_dim] float32 in registers
+# Quest's choice: keys per tile of its search passes, and bits of the key found per pass.
+QUEST_SCAN = 256
+QUEST_RADIX_BITS = 4
 F16_MAX = tl.constexpr(65504.0)  # a bfloat16 query beyond float16's range is clamped, not made infinite
 NO_MAX = tl.constexpr(-1e30)  # running-max start: finite, so fully masked tiles give exp2(-inf - NO_MAX) = 0, never NaN
 
@@ -494,91 +497,110 @@ def paged_decode_attention(
 
 
 @triton.jit
-def _quest_bounds_kernel(
+def _quest_key(bound):
+    # float32 -> int32 in the floats' order (-0.0 as +0.0): the radix search below compares integers
+    bits = tl.where(bound == 0.0, 0.0, bound).to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _quest_choose_kernel(
     q_ptr,  # [S, H, D], RoPE applied
     summaries_ptr,  # [num_blocks, KV, 2, D]: each block's key min and max
     block_tables_ptr,  # [S, max_blocks]
     context_lens_ptr,  # [S]
     budgets_ptr,  # [S] int32: blocks to read (0: all)
-    bounds_ptr,  # [S, KV, MAX_BLOCKS] float32 out
+    keys_ptr,  # [S, KV, max_blocks] int32 scratch: each candidate block's bound, as _quest_key
+    tables_ptr,  # [S, KV, max_blocks] int32 out: the blocks each KV head reads, in block order
+    lens_ptr,  # [S] int32 out: the keys they hold
     stride_q_seq,
     stride_q_head,
     stride_sum_block,
     stride_sum_head,
     stride_sum_side,
     stride_table_seq,
+    stride_out_seq,
+    stride_out_head,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
-    MAX_BLOCKS: tl.constexpr,  # max_blocks rounded up to a power of 2
-    TILE: tl.constexpr,  # blocks per program
+    TILE: tl.constexpr,  # blocks per bounds tile
+    SCAN: tl.constexpr,  # keys per tile of the search's passes
+    RADIX_BITS: tl.constexpr,
     BLOCK_D: tl.constexpr,
-):
-    # One program per (sequence, KV head, TILE blocks): each block's bound but the last one's — the max over
-    # the head group of Σ_d max(q_d·min_d, q_d·max_d) — and -inf past the candidates.
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    tile = tl.program_id(2) * TILE + tl.arange(0, TILE)
-    context_len = tl.load(context_lens_ptr + seq)
-    budget = tl.load(budgets_ptr + seq)
-    num_blocks = tl.cdiv(context_len, BLOCK_SIZE)
-    if budget > 0 and num_blocks > budget:  # (otherwise every block is read: nothing to rank)
-        dims = tl.arange(0, BLOCK_D)
-        dim_mask = dims < HEAD_DIM
-        candidate = tile < num_blocks - 1
-        block = tl.load(block_tables_ptr + seq * stride_table_seq + tile, mask=candidate, other=0).to(tl.int64)
-        base = summaries_ptr + block * stride_sum_block + kv_head * stride_sum_head
-        mask = candidate[:, None] & dim_mask[None, :]
-        low = tl.load(base[:, None] + dims[None, :], mask=mask, other=0.0).to(tl.float32)  # [TILE, BLOCK_D]
-        high = tl.load(base[:, None] + stride_sum_side + dims[None, :], mask=mask, other=0.0).to(tl.float32)
-        best = tl.full([TILE], float("-inf"), tl.float32)
-        for g in tl.static_range(GROUP):
-            qg = tl.load(q_ptr + seq * stride_q_seq + (kv_head * GROUP + g) * stride_q_head + dims, mask=dim_mask, other=0.0)
-            qg = qg.to(tl.float32)[None, :]
-            best = tl.maximum(best, tl.sum(tl.maximum(qg * low, qg * high), 1))
-        row = bounds_ptr + (seq * tl.num_programs(1) + kv_head) * MAX_BLOCKS
-        tl.store(row + tile, tl.where(candidate, best, float("-inf")))
-
-
-@triton.jit
-def _quest_select_kernel(
-    block_tables_ptr,  # [S, max_blocks]
-    context_lens_ptr,  # [S]
-    budgets_ptr,  # [S] int32: blocks to read (0: all)
-    bounds_ptr,  # [S, KV, MAX_BLOCKS] float32: _quest_bounds_kernel's
-    tables_ptr,  # [S, KV, max_blocks] int32 out: the blocks each KV head reads, in block order
-    lens_ptr,  # [S] int32 out: the keys they hold
-    stride_table_seq,
-    stride_out_seq,
-    stride_out_head,
-    BLOCK_SIZE: tl.constexpr,
-    MAX_BLOCKS: tl.constexpr,
 ):
     # One program per (sequence, KV head): the budget - 1 blocks of highest bound (ties to the earlier block)
     # and the last block, in block order — the native CPU kernel's choice (kernels/cpu/paged_attention.c).
+    # A block's bound: the max over the head group of sum_d max(q_d * min_d, q_d * max_d). Every loop runs
+    # to the sequence's own block count, so a wide table (a graph's, sized for the longest context) costs
+    # nothing past it. The need-th highest bound is found by a radix search over the bounds' order-keeping
+    # integer keys (32 / RADIX_BITS passes counting keys at or above 2^RADIX_BITS candidates), not a sort.
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     context_len = tl.load(context_lens_ptr + seq)
     budget = tl.load(budgets_ptr + seq)
     num_blocks = tl.cdiv(context_len, BLOCK_SIZE)
+    table = block_tables_ptr + seq * stride_table_seq
     out = tables_ptr + seq * stride_out_seq + kv_head * stride_out_head
-    ids = tl.arange(0, MAX_BLOCKS)
-    block_ids = tl.load(block_tables_ptr + seq * stride_table_seq + ids, mask=ids < num_blocks, other=0)
     if budget == 0 or num_blocks <= budget:  # every block, as the sequence's own table has them
-        tl.store(out + ids, block_ids, mask=ids < num_blocks)
+        for start in range(0, num_blocks, SCAN):
+            ids = start + tl.arange(0, SCAN)
+            tl.store(out + ids, tl.load(table + ids, mask=ids < num_blocks, other=0), mask=ids < num_blocks)
         if kv_head == 0:
             tl.store(lens_ptr + seq, context_len)
     else:
-        bound = tl.load(bounds_ptr + (seq * tl.num_programs(1) + kv_head) * MAX_BLOCKS + ids)
-        bound = tl.where(ids < num_blocks - 1, bound, float("-inf"))
         need = budget - 1
-        kth = tl.sum(tl.where(ids == need - 1, tl.sort(bound, descending=True), 0.0))  # the need-th highest
-        above = bound > kth
-        ties = bound == kth
-        keep = (above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= need - tl.sum(above.to(tl.int32))))) & (ids * 0 + need > 0)
-        tl.store(out + tl.cumsum(keep.to(tl.int32), 0) - 1, block_ids, mask=keep)
-        last = tl.sum(tl.where(ids == num_blocks - 1, block_ids, 0))
-        tl.store(out + need, last)
+        candidates = num_blocks - 1  # (the last block is always read)
+        keys = keys_ptr + seq * stride_out_seq + kv_head * stride_out_head
+        dims = tl.arange(0, BLOCK_D)
+        dim_mask = dims < HEAD_DIM
+        for start in range(0, candidates, TILE):  # each candidate's bound
+            tile = start + tl.arange(0, TILE)
+            candidate = tile < candidates
+            block = tl.load(table + tile, mask=candidate, other=0).to(tl.int64)
+            base = summaries_ptr + block * stride_sum_block + kv_head * stride_sum_head
+            mask = candidate[:, None] & dim_mask[None, :]
+            low = tl.load(base[:, None] + dims[None, :], mask=mask, other=0.0).to(tl.float32)  # [TILE, BLOCK_D]
+            high = tl.load(base[:, None] + stride_sum_side + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+            best = tl.full([TILE], float("-inf"), tl.float32)
+            for g in tl.static_range(GROUP):
+                qg = tl.load(q_ptr + seq * stride_q_seq + (kv_head * GROUP + g) * stride_q_head + dims, mask=dim_mask, other=0.0)
+                qg = qg.to(tl.float32)[None, :]
+                best = tl.maximum(best, tl.sum(tl.maximum(qg * low, qg * high), 1))
+            tl.store(keys + tile, _quest_key(best), mask=candidate)
+        tl.debug_barrier()  # (the passes below read what other threads of this program wrote)
+
+        # The need-th highest key, as an unsigned value in int64 (past the candidates: 0, below every key).
+        radix: tl.constexpr = 1 << RADIX_BITS
+        digits = tl.arange(0, radix).to(tl.int64)
+        kth = tl.sum(tl.zeros([radix], tl.int64), 0)
+        for level in tl.static_range(32 // RADIX_BITS):
+            shift: tl.constexpr = 32 - (level + 1) * RADIX_BITS
+            thresholds = kth + (digits << shift)  # [radix]
+            counts = tl.zeros([radix], tl.int32)
+            for start in range(0, candidates, SCAN):
+                ids = start + tl.arange(0, SCAN)
+                key = tl.load(keys + ids, mask=ids < candidates, other=-2147483648).to(tl.int64) + 2147483648
+                counts += tl.sum((key[None, :] >= thresholds[:, None]).to(tl.int32), 1)
+            kth += tl.sum(((counts >= need) & (digits > 0)).to(tl.int64), 0) << shift
+        above = 0
+        for start in range(0, candidates, SCAN):
+            ids = start + tl.arange(0, SCAN)
+            key = tl.load(keys + ids, mask=ids < candidates, other=-2147483648).to(tl.int64) + 2147483648
+            above += tl.sum((key > kth).to(tl.int32), 0)
+        ties_kept = need - above  # the ties at the need-th key that are read: the earliest ones
+        written = 0
+        ties_seen = 0
+        for start in range(0, candidates, SCAN):
+            ids = start + tl.arange(0, SCAN)
+            key = tl.load(keys + ids, mask=ids < candidates, other=-2147483648).to(tl.int64) + 2147483648
+            ties = (key == kth) & (ids < candidates)
+            keep = (key > kth) | (ties & (ties_seen + tl.cumsum(ties.to(tl.int32), 0) <= ties_kept))
+            keep = keep & (ids * 0 + need > 0)
+            tl.store(out + written + tl.cumsum(keep.to(tl.int32), 0) - 1, tl.load(table + ids, mask=keep, other=0), mask=keep)
+            written += tl.sum(keep.to(tl.int32), 0)
+            ties_seen += tl.sum(ties.to(tl.int32), 0)
+        tl.store(out + need, tl.load(table + num_blocks - 1))
         if kv_head == 0:
             tl.store(lens_ptr + seq, need * BLOCK_SIZE + context_len - (num_blocks - 1) * BLOCK_SIZE)
 
@@ -603,26 +625,22 @@ def quest_tables(
     _check(budgets.shape == (num_seqs,) and budgets.dtype == torch.int32, f"budgets must be [{num_seqs}] int32")
     max_blocks = block_tables.shape[1]
     tables = torch.empty(num_seqs, num_kv_heads, max_blocks, dtype=torch.int32, device=q.device)
+    keys = torch.empty_like(tables)
     lens = torch.empty(num_seqs, dtype=torch.int32, device=q.device)
-    max_pow2 = triton.next_power_of_2(max_blocks)
-    bounds = torch.empty(num_seqs, num_kv_heads, max_pow2, dtype=torch.float32, device=q.device)
     if num_seqs == 0:
         return tables, lens
-    tile = min(max_pow2, 64)
-    _quest_bounds_kernel[(num_seqs, num_kv_heads, max_pow2 // tile)](
-        q, summaries, block_tables, context_lens, budgets, bounds,
+    block_d = _block_d(head_dim)
+    _quest_choose_kernel[(num_seqs, num_kv_heads)](
+        q, summaries, block_tables, context_lens, budgets, keys, tables, lens,
         q.stride(0), q.stride(1), summaries.stride(0), summaries.stride(1), summaries.stride(2), block_tables.stride(0),
+        tables.stride(0), tables.stride(1),
         GROUP=num_heads // num_kv_heads,
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
-        MAX_BLOCKS=max_pow2,
-        TILE=tile,
-        BLOCK_D=_block_d(head_dim),
-    )  # fmt: skip
-    _quest_select_kernel[(num_seqs, num_kv_heads)](
-        block_tables, context_lens, budgets, bounds, tables, lens, block_tables.stride(0), tables.stride(0), tables.stride(1),
-        BLOCK_SIZE=block_size,
-        MAX_BLOCKS=max_pow2,
+        TILE=max(16, 4096 // block_d),  # [TILE, BLOCK_D] bounds per pass: 64 blocks at D = 64, 32 at D = 128
+        SCAN=QUEST_SCAN,
+        RADIX_BITS=QUEST_RADIX_BITS,
+        BLOCK_D=block_d,
     )  # fmt: skip
     return tables, lens
 

@@ -560,8 +560,13 @@ class SparsityState:
 
     method: SparsityMethod
     layer_state: dict[int, dict[str, Any]] = field(default_factory=dict)
-    kept: torch.Tensor | int = 0  # attention entries kept (summed over layers, heads, queries)
+    kept: torch.Tensor | int = 0  # attention entries kept (summed over layers, heads, queries) by masks
     allowed: torch.Tensor | int = 0  # causal entries they were chosen from
+    # The same, for steps whose counts the host knows (dense steps, evicted caches, blocks read): ints, so
+    # that counting them adds no device work once `kept` is a device tensor (on the GPU, ~1,000 tiny
+    # kernels a Quest decode step at batch 32).
+    host_kept: int = 0
+    host_allowed: int = 0
     error: str | None = None  # a plugin method that raised: the rest of the request runs dense
     # The engine evicts what the method drops (it `evicts`, the model has no sliding window of its own, one
     # rank): set by LLMEngine.make_request.
@@ -603,8 +608,8 @@ class SparsityState:
         if self.slots is not None:
             num_layers = len(layer_windows)
             positions = range(context_len - q_len, context_len)
-            self.kept = self.kept + sum(self.slots.num_slots + i + 1 for i in range(q_len)) * num_heads * num_layers
-            self.allowed = self.allowed + sum(p + 1 for p in positions) * num_heads * num_layers
+            self.host_kept += sum(self.slots.num_slots + i + 1 for i in range(q_len)) * num_heads * num_layers
+            self.host_allowed += sum(p + 1 for p in positions) * num_heads * num_layers
             return self.method.observes_scores
         if not self.method.is_dense(context_len):
             return True
@@ -616,8 +621,8 @@ class SparsityState:
         under a method that reads blocks)."""
         positions = range(context_len - q_len, context_len)
         visible = sum(min(p + 1, window or p + 1) for window in layer_windows for p in positions) * num_heads
-        self.kept = self.kept + visible
-        self.allowed = self.allowed + visible
+        self.host_kept += visible
+        self.host_allowed += visible
 
     def read_blocks(self, context_len: int, num_layers: int, block_size: int, num_heads: int) -> list[int]:
         """A decode token that reads only chosen KV blocks (a method that `reads_blocks`, on the kernels):
@@ -625,14 +630,14 @@ class SparsityState:
         budgets = [self.method.block_budget(layer, context_len) for layer in range(num_layers)]
         num_blocks = -(-context_len // block_size)
         last = context_len - (num_blocks - 1) * block_size  # keys in the token's own (last) block
-        for budget in budgets:
-            read = context_len if budget == 0 or num_blocks <= budget else (budget - 1) * block_size + last
-            self.kept = self.kept + read * num_heads
-        self.allowed = self.allowed + context_len * num_heads * num_layers
+        read = sum(context_len if budget == 0 or num_blocks <= budget else (budget - 1) * block_size + last for budget in budgets)
+        self.host_kept += read * num_heads
+        self.host_allowed += context_len * num_heads * num_layers
         return budgets
 
     def density(self) -> float | None:
-        return None if not isinstance(self.allowed, torch.Tensor) and self.allowed == 0 else float(self.kept / self.allowed)
+        kept, allowed = self.kept + self.host_kept, self.allowed + self.host_allowed
+        return None if not isinstance(allowed, torch.Tensor) and allowed == 0 else float(kept / allowed)
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {**self.method.spec(), "density": self.density()}
