@@ -110,7 +110,7 @@ def bench_steps(shape: str, batch: int, context: int, fraction: int, new_tokens:
     out = {"budget": budget}
     for name, spec in (("dense", None), ("quest", {"method": "block_sparse", "block_size": BLOCK, "top_blocks": budget})):
         prompt = context - new_tokens - 8  # the decode steps run at ~context tokens
-        run(engine, spec, 2, prompt, 4, vocab)  # warm up the path (Triton compiles per table width)
+        run(engine, spec, batch, prompt, 4, vocab)  # warm up: compiles, and captures this size's graphs
         engine.executor_counts.clear()
         out[name] = run(engine, spec, batch, prompt, new_tokens, vocab)
     out["speedup"] = out["dense"]["decode_ms_per_step"] / out["quest"]["decode_ms_per_step"]

@@ -575,7 +575,7 @@ def _quest_choose_kernel(
         digits = tl.arange(0, radix).to(tl.int64)
         kth = tl.sum(tl.zeros([radix], tl.int64), 0)
         for level in tl.static_range(32 // RADIX_BITS):
-            shift: tl.constexpr = 32 - (level + 1) * RADIX_BITS
+            shift = 32 - (level + 1) * RADIX_BITS
             thresholds = kth + (digits << shift)  # [radix]
             counts = tl.zeros([radix], tl.int32)
             for start in range(0, candidates, SCAN):

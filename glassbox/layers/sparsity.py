@@ -261,6 +261,10 @@ class SparsityMethod:
         (0: all of them)."""
         return 0
 
+    def block_budgets(self, context_len: int, num_layers: int) -> list[int]:
+        """`block_budget` of every layer (asked once per decode row and step: on a GPU step the host's time)."""
+        return [self.block_budget(layer, context_len) for layer in range(num_layers)]
+
     def max_kv_tokens(self, context_len: int) -> int:
         """The most keys an evicted cache holds during a decode step while a sequence grows to
         `context_len` tokens (what its blocks must cover)."""
@@ -408,6 +412,14 @@ class BlockSparse(SparsityMethod):
         if layer_idx < self.dense_layers or self.is_dense(context_len):
             return 0
         return self.top_blocks
+
+    def block_budgets(self, context_len: int, num_layers: int) -> list[int]:
+        if type(self).block_budget is not BlockSparse.block_budget:  # a subclass chooses per layer
+            return super().block_budgets(context_len, num_layers)
+        if self.is_dense(context_len):
+            return [0] * num_layers
+        dense = min(self.dense_layers, num_layers)
+        return [0] * dense + [self.top_blocks] * (num_layers - dense)
 
     def keep(self, x: MaskInputs) -> torch.Tensor:
         lk, num_kv, head_dim = x.keys.shape
@@ -627,7 +639,7 @@ class SparsityState:
     def read_blocks(self, context_len: int, num_layers: int, block_size: int, num_heads: int) -> list[int]:
         """A decode token that reads only chosen KV blocks (a method that `reads_blocks`, on the kernels):
         its budget in each layer (0: all blocks), with the keys it reads counted as kept."""
-        budgets = [self.method.block_budget(layer, context_len) for layer in range(num_layers)]
+        budgets = self.method.block_budgets(context_len, num_layers)
         num_blocks = -(-context_len // block_size)
         last = context_len - (num_blocks - 1) * block_size  # keys in the token's own (last) block
         read = sum(context_len if budget == 0 or num_blocks <= budget else (budget - 1) * block_size + last for budget in budgets)
