@@ -450,11 +450,11 @@ class LLMEngine:
             if not device_only(request) or not self._reads_blocks_ahead(seq):
                 return None  # its KV slots stay allocated: the scheduled step uses them
             requests.append(request)
-        cfg, quest = self.runner.config, {}
-        for row, (seq, _) in enumerate(batch.items):
-            if seq.sparsity is not None:  # (counts the keys it reads)
-                context_len = seq.num_computed_tokens + 1
-                quest[row] = seq.sparsity.read_blocks(context_len, cfg.num_hidden_layers, self.runner.block_size, cfg.num_attention_heads)
+        quest = {
+            row: self.runner.row_budgets(seq.sparsity, seq.num_computed_tokens + 1)
+            for row, (seq, _) in enumerate(batch.items)
+            if seq.sparsity is not None
+        }
         plan = self._record(self.runner.plan_ahead(len(requests), quest))
         launched = self.runner.launch_decode(plan, batch, requests, previous=pending)
         self.scheduler.mark_launched(batch)

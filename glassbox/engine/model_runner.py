@@ -26,7 +26,7 @@ from glassbox.engine.step_plan import StepPlan
 from glassbox.kernels import cpu_native
 from glassbox.layers.attention import AttentionMetadata, QuestStep, TritonAttentionBackend, attention_layers
 from glassbox.layers.probe import StepProbe
-from glassbox.layers.sparsity import SparsityMethod
+from glassbox.layers.sparsity import SparsityMethod, SparsityState
 from glassbox.models.loader import LoadedModel
 from glassbox.sampling import SampleRequest, SampleResult, SamplingParams, device_only, sample, sample_tokens
 
@@ -218,12 +218,14 @@ class ModelRunner:
         if quest and (masked or timed or mixed_on_cuda):
             masked += [i for i in quest if batch.items[i][0].sparsity.masks_step(1, quest[i], heads, windows)]
             quest = {}
-        num_layers = self.config.num_hidden_layers
-        budgets = {
-            i: batch.items[i][0].sparsity.read_blocks(context_len, num_layers, self.block_size, heads)
-            for i, context_len in quest.items()
-        }
+        budgets = {i: self.row_budgets(batch.items[i][0].sparsity, context_len) for i, context_len in quest.items()}
         return tuple(sorted(masked)), budgets
+
+    def row_budgets(self, state: SparsityState, context_len: int) -> list[int]:
+        """A decode row that reads Quest's chosen blocks: its block budget per layer (the keys it reads
+        counted in `state`)."""
+        cfg = self.config
+        return state.read_blocks(context_len, cfg.num_hidden_layers, self.block_size, cfg.num_attention_heads)
 
     def reads_blocks(self, method: SparsityMethod) -> bool:
         """Whether `method`'s decode tokens read only their chosen blocks here: it reads blocks of the KV

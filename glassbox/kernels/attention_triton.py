@@ -504,6 +504,12 @@ def _quest_key(bound):
 
 
 @triton.jit
+def _quest_unsigned_keys(keys, ids, candidates):
+    # keys[ids] as unsigned values in int64 (past the candidates: 0, below every key)
+    return tl.load(keys + ids, mask=ids < candidates, other=-2147483648).to(tl.int64) + 2147483648
+
+
+@triton.jit
 def _quest_choose_kernel(
     q_ptr,  # [S, H, D], RoPE applied
     summaries_ptr,  # [num_blocks, KV, 2, D]: each block's key min and max
@@ -570,7 +576,7 @@ def _quest_choose_kernel(
             tl.store(keys + tile, _quest_key(best), mask=candidate)
         tl.debug_barrier()  # (the passes below read what other threads of this program wrote)
 
-        # The need-th highest key, as an unsigned value in int64 (past the candidates: 0, below every key).
+        # The need-th highest key (as _quest_unsigned_keys gives them).
         radix: tl.constexpr = 1 << RADIX_BITS
         digits = tl.arange(0, radix).to(tl.int64)
         kth = tl.sum(tl.zeros([radix], tl.int64), 0)
@@ -580,20 +586,20 @@ def _quest_choose_kernel(
             counts = tl.zeros([radix], tl.int32)
             for start in range(0, candidates, SCAN):
                 ids = start + tl.arange(0, SCAN)
-                key = tl.load(keys + ids, mask=ids < candidates, other=-2147483648).to(tl.int64) + 2147483648
+                key = _quest_unsigned_keys(keys, ids, candidates)
                 counts += tl.sum((key[None, :] >= thresholds[:, None]).to(tl.int32), 1)
             kth += tl.sum(((counts >= need) & (digits > 0)).to(tl.int64), 0) << shift
         above = 0
         for start in range(0, candidates, SCAN):
             ids = start + tl.arange(0, SCAN)
-            key = tl.load(keys + ids, mask=ids < candidates, other=-2147483648).to(tl.int64) + 2147483648
+            key = _quest_unsigned_keys(keys, ids, candidates)
             above += tl.sum((key > kth).to(tl.int32), 0)
         ties_kept = need - above  # the ties at the need-th key that are read: the earliest ones
         written = 0
         ties_seen = 0
         for start in range(0, candidates, SCAN):
             ids = start + tl.arange(0, SCAN)
-            key = tl.load(keys + ids, mask=ids < candidates, other=-2147483648).to(tl.int64) + 2147483648
+            key = _quest_unsigned_keys(keys, ids, candidates)
             ties = (key == kth) & (ids < candidates)
             keep = (key > kth) | (ties & (ties_seen + tl.cumsum(ties.to(tl.int32), 0) <= ties_kept))
             keep = keep & (ids * 0 + need > 0)
