@@ -113,3 +113,45 @@ def test_the_triton_and_the_native_cpu_kernels_choose_the_same_blocks():
         for kv in range(num_kv):
             native = [int(tables[i, b]) for b in selected[i, kv, :budget].tolist()]
             assert quest[i, kv, :budget].tolist() == native
+
+
+def test_quest_choice_over_long_rows_with_ties():
+    """Rows longer than the choice's tiles (the bounds programs loop, the search passes scan several tiles)
+    in a table wider than their blocks, with integer keys whose bounds tie often: the need-th bound's ties
+    go to the earliest blocks, as in the native kernel."""
+    num_heads, num_kv, head_dim, block_size = 4, 2, 16, 4
+    contexts, width = [4 * 4500 - 2, 4 * 700, 4 * 1201], 4600
+    g = torch.Generator().manual_seed(8)
+    num_blocks = sum(-(-n // block_size) for n in contexts) + 1
+    tables = torch.zeros(len(contexts), width, dtype=torch.int32)
+    ids = torch.randperm(num_blocks - 1, generator=g) + 1
+    used = 0
+    for i, n in enumerate(contexts):
+        blocks = -(-n // block_size)
+        tables[i, :blocks] = ids[used : used + blocks].int()
+        used += blocks
+    low = torch.randint(-2, 1, (num_blocks, num_kv, head_dim), generator=g).float()
+    summaries = torch.stack([low, low + torch.randint(0, 2, low.shape, generator=g)], 2)  # [blocks, KV, 2, D]
+    q = torch.randint(-1, 2, (len(contexts), num_heads, head_dim), generator=g).float()
+    budgets = torch.tensor([300, 100, 1201], dtype=torch.int32)  # (the last row: every block)
+    quest, lens = attention_triton.quest_tables(
+        q.to(DEVICE), summaries.to(DEVICE), tables.to(DEVICE), torch.tensor(contexts, dtype=torch.int32, device=DEVICE),
+        budgets.to(DEVICE), block_size,
+    )  # fmt: skip
+    group = num_heads // num_kv
+    for i, n in enumerate(contexts):
+        blocks, budget = -(-n // block_size), int(budgets[i])
+        for kv in range(num_kv):
+            if blocks <= budget:
+                picked = list(range(blocks))
+            else:
+                table = tables[i, : blocks - 1].long()
+                lo, hi = summaries[table, kv, 0], summaries[table, kv, 1]
+                qs = q[i, kv * group : (kv + 1) * group, None]
+                bound = torch.maximum(qs * lo, qs * hi).sum(-1).amax(0).tolist()  # exact: small integers
+                assert len(set(bound)) < len(bound) // 10  # ties everywhere
+                ranked = sorted(range(blocks - 1), key=lambda b: -bound[b])  # stable: ties to the earlier block
+                picked = sorted(ranked[: budget - 1]) + [blocks - 1]
+            assert quest[i, kv, : len(picked)].tolist() == [int(tables[i, b]) for b in picked], (i, kv)
+        kept = n if blocks <= budget else (budget - 1) * block_size + n - (blocks - 1) * block_size
+        assert int(lens[i]) == kept

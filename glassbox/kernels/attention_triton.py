@@ -44,9 +44,15 @@ PREFILL_BLOCK_N = 64  # keys per step of the prefill loop
 TARGET_DECODE_PROGRAMS = 256
 MIN_SPLIT_TOKENS = 256
 MAX_DECODE_SPLITS = 64  # the merge kernel holds [splits, head_dim] float32 in registers
-# Quest's choice: keys per tile of its search passes, and bits of the key found per pass.
-QUEST_SCAN = 256
-QUEST_RADIX_BITS = 4
+# Quest's choice: programs per sequence and KV head that bound its blocks (each a tile of them at a time), and
+# keys per tile of the search's passes.
+QUEST_BOUND_PARTS = 16
+QUEST_SCAN = 512
+# Decode over Quest's tables: below TARGET_DECODE_PROGRAMS programs, split to about this many (at most
+# QUEST_DECODE_SPLITS each): the H200, 1/8 of 8k tokens, SmolLM2's heads at batch 32: 16.5 us a layer in 3
+# splits, 13.9 in 8; Llama-3-8B's at batch 1: 7.4 in 32, 6.6 in 16.
+QUEST_DECODE_PROGRAMS = 768
+QUEST_DECODE_SPLITS = 16
 F16_MAX = tl.constexpr(65504.0)  # a bfloat16 query beyond float16's range is clamped, not made infinite
 NO_MAX = tl.constexpr(-1e30)  # running-max start: finite, so fully masked tiles give exp2(-inf - NO_MAX) = 0, never NaN
 
@@ -448,7 +454,10 @@ def paged_decode_attention(
 
     group = num_heads // num_kv_heads
     max_tokens = block_tables.shape[-1] * block_size
-    if num_splits is None:
+    if num_splits is None and per_head:  # Quest: a fraction of the context, unknown here; split finer while few programs
+        programs = num_seqs * num_kv_heads
+        num_splits = 1 if programs >= TARGET_DECODE_PROGRAMS else min(triton.cdiv(QUEST_DECODE_PROGRAMS, programs), QUEST_DECODE_SPLITS)
+    elif num_splits is None:
         num_splits = _decode_splits(num_seqs, num_kv_heads, max_tokens)
     if block_n is None:  # 128-key tiles of head_dim > 128 would crowd shared memory (measured up to 128 only)
         block_n = DECODE_BLOCK_N_UNSPLIT if num_splits == 1 and head_dim <= 128 else DECODE_BLOCK_N
@@ -498,7 +507,7 @@ def paged_decode_attention(
 
 @triton.jit
 def _quest_key(bound):
-    # float32 -> int32 in the floats' order (-0.0 as +0.0): the radix search below compares integers
+    # float32 -> int32 in the floats' order (-0.0 as +0.0): the choice below compares integers, a byte at a time
     bits = tl.where(bound == 0.0, 0.0, bound).to(tl.int32, bitcast=True)
     return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
@@ -510,37 +519,86 @@ def _quest_unsigned_keys(keys, ids, candidates):
 
 
 @triton.jit
-def _quest_choose_kernel(
+def _quest_bounds_kernel(
     q_ptr,  # [S, H, D], RoPE applied
     summaries_ptr,  # [num_blocks, KV, 2, D]: each block's key min and max
     block_tables_ptr,  # [S, max_blocks]
     context_lens_ptr,  # [S]
     budgets_ptr,  # [S] int32: blocks to read (0: all)
-    keys_ptr,  # [S, KV, max_blocks] int32 scratch: each candidate block's bound, as _quest_key
-    tables_ptr,  # [S, KV, max_blocks] int32 out: the blocks each KV head reads, in block order
-    lens_ptr,  # [S] int32 out: the keys they hold
+    keys_ptr,  # [S, KV, max_blocks] int32 out: each candidate block's bound, as _quest_key
     stride_q_seq,
     stride_q_head,
     stride_sum_block,
     stride_sum_head,
     stride_sum_side,
     stride_table_seq,
-    stride_out_seq,
-    stride_out_head,
+    stride_keys_seq,
+    stride_keys_head,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
-    TILE: tl.constexpr,  # blocks per bounds tile
-    SCAN: tl.constexpr,  # keys per tile of the search's passes
-    RADIX_BITS: tl.constexpr,
+    TILE: tl.constexpr,  # blocks per step of a program's loop (>= 16: a tl.dot operand)
+    IEEE: tl.constexpr,  # products in float32 (float32 operands, or dtypes that differ)
+    BLOCK_G: tl.constexpr,  # GROUP padded to >= 16
     BLOCK_D: tl.constexpr,
+):
+    # Programs (sequence, KV head, part): part p bounds the candidate blocks of tiles p, p + parts, ... — a
+    # sequence's blocks are read by many programs at once (one program per row was latency-bound). A block's
+    # bound for a query head: sum_d max(q_d * min_d, q_d * max_d) = max(q, 0) . max + min(q, 0) . min, two
+    # products on the tensor cores; the KV head's bound is the max over its group. The loop stops at the
+    # sequence's own blocks, so a wide table (a graph's, sized for the longest context) costs nothing past it.
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    part = tl.program_id(2)
+    parts = tl.num_programs(2)
+    context_len = tl.load(context_lens_ptr + seq)
+    budget = tl.load(budgets_ptr + seq)
+    num_blocks = tl.cdiv(context_len, BLOCK_SIZE)
+    if budget > 0 and num_blocks > budget:  # (otherwise every block is read: nothing to rank)
+        candidates = num_blocks - 1  # (the last block is always read)
+        table = block_tables_ptr + seq * stride_table_seq
+        keys = keys_ptr + seq * stride_keys_seq + kv_head * stride_keys_head
+        dims = tl.arange(0, BLOCK_D)
+        groups = tl.arange(0, BLOCK_G)
+        dim_mask = dims < HEAD_DIM
+        q = tl.load(
+            q_ptr + seq * stride_q_seq + (kv_head * GROUP + groups)[None, :] * stride_q_head + dims[:, None],
+            mask=dim_mask[:, None] & (groups < GROUP)[None, :],
+            other=0.0,
+        )  # [BLOCK_D, BLOCK_G]: the group's queries, transposed
+        dot_dtype = tl.float32 if IEEE else summaries_ptr.dtype.element_ty
+        q_pos, q_neg = tl.maximum(q, 0.0).to(dot_dtype), tl.minimum(q, 0.0).to(dot_dtype)
+        for start in range(part * TILE, candidates, parts * TILE):
+            tile = start + tl.arange(0, TILE)
+            candidate = tile < candidates
+            block = tl.load(table + tile, mask=candidate, other=0).to(tl.int64)
+            base = summaries_ptr + block * stride_sum_block + kv_head * stride_sum_head
+            mask = candidate[:, None] & dim_mask[None, :]
+            low = tl.load(base[:, None] + dims[None, :], mask=mask, other=0.0).to(dot_dtype)  # [TILE, BLOCK_D]
+            high = tl.load(base[:, None] + stride_sum_side + dims[None, :], mask=mask, other=0.0).to(dot_dtype)
+            bounds = _dot(high, q_pos, IEEE) + _dot(low, q_neg, IEEE)  # [TILE, BLOCK_G] float32
+            best = tl.max(tl.where((groups < GROUP)[None, :], bounds, float("-inf")), 1)
+            tl.store(keys + tile, _quest_key(best), mask=candidate)
+
+
+@triton.jit
+def _quest_select_kernel(
+    block_tables_ptr,  # [S, max_blocks]
+    context_lens_ptr,  # [S]
+    budgets_ptr,  # [S] int32: blocks to read (0: all)
+    keys_ptr,  # [S, KV, max_blocks] int32: the bounds' keys (_quest_bounds_kernel's output)
+    tables_ptr,  # [S, KV, max_blocks] int32 out: the blocks each KV head reads, in block order
+    lens_ptr,  # [S] int32 out: the keys they hold
+    stride_table_seq,
+    stride_out_seq,
+    stride_out_head,
+    BLOCK_SIZE: tl.constexpr,
+    SCAN: tl.constexpr,  # keys per tile of the search's passes
 ):
     # One program per (sequence, KV head): the budget - 1 blocks of highest bound (ties to the earlier block)
     # and the last block, in block order — the native CPU kernel's choice (kernels/cpu/paged_attention.c).
-    # A block's bound: the max over the head group of sum_d max(q_d * min_d, q_d * max_d). Every loop runs
-    # to the sequence's own block count, so a wide table (a graph's, sized for the longest context) costs
-    # nothing past it. The need-th highest bound is found by a radix search over the bounds' order-keeping
-    # integer keys (32 / RADIX_BITS passes counting keys at or above 2^RADIX_BITS candidates), not a sort.
+    # The need-th highest bound is found a byte at a time over the bounds' order-keeping integer keys: each
+    # of 4 passes takes a histogram of the next byte of the keys that match the bytes found so far.
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     context_len = tl.load(context_lens_ptr + seq)
@@ -558,42 +616,21 @@ def _quest_choose_kernel(
         need = budget - 1
         candidates = num_blocks - 1  # (the last block is always read)
         keys = keys_ptr + seq * stride_out_seq + kv_head * stride_out_head
-        dims = tl.arange(0, BLOCK_D)
-        dim_mask = dims < HEAD_DIM
-        for start in range(0, candidates, TILE):  # each candidate's bound
-            tile = start + tl.arange(0, TILE)
-            candidate = tile < candidates
-            block = tl.load(table + tile, mask=candidate, other=0).to(tl.int64)
-            base = summaries_ptr + block * stride_sum_block + kv_head * stride_sum_head
-            mask = candidate[:, None] & dim_mask[None, :]
-            low = tl.load(base[:, None] + dims[None, :], mask=mask, other=0.0).to(tl.float32)  # [TILE, BLOCK_D]
-            high = tl.load(base[:, None] + stride_sum_side + dims[None, :], mask=mask, other=0.0).to(tl.float32)
-            best = tl.full([TILE], float("-inf"), tl.float32)
-            for g in tl.static_range(GROUP):
-                qg = tl.load(q_ptr + seq * stride_q_seq + (kv_head * GROUP + g) * stride_q_head + dims, mask=dim_mask, other=0.0)
-                qg = qg.to(tl.float32)[None, :]
-                best = tl.maximum(best, tl.sum(tl.maximum(qg * low, qg * high), 1))
-            tl.store(keys + tile, _quest_key(best), mask=candidate)
-        tl.debug_barrier()  # (the passes below read what other threads of this program wrote)
-
-        # The need-th highest key (as _quest_unsigned_keys gives them).
-        radix: tl.constexpr = 1 << RADIX_BITS
-        digits = tl.arange(0, radix).to(tl.int64)
-        kth = tl.sum(tl.zeros([radix], tl.int64), 0)
-        for level in tl.static_range(32 // RADIX_BITS):
-            shift = 32 - (level + 1) * RADIX_BITS
-            thresholds = kth + (digits << shift)  # [radix]
-            counts = tl.zeros([radix], tl.int32)
+        digits = tl.arange(0, 256)
+        kth = tl.sum(tl.zeros([256], tl.int64), 0)  # the need-th highest key (as _quest_unsigned_keys gives them)
+        above = tl.sum(tl.zeros([256], tl.int32), 0)  # keys past the bytes found so far (>= them + 1 in the last)
+        for level in tl.static_range(4):
+            shift = 24 - 8 * level
+            hist = tl.zeros([256], tl.int32)  # keys matching kth's bytes so far, by their next byte
             for start in range(0, candidates, SCAN):
                 ids = start + tl.arange(0, SCAN)
                 key = _quest_unsigned_keys(keys, ids, candidates)
-                counts += tl.sum((key[None, :] >= thresholds[:, None]).to(tl.int32), 1)
-            kth += tl.sum(((counts >= need) & (digits > 0)).to(tl.int64), 0) << shift
-        above = 0
-        for start in range(0, candidates, SCAN):
-            ids = start + tl.arange(0, SCAN)
-            key = _quest_unsigned_keys(keys, ids, candidates)
-            above += tl.sum((key > kth).to(tl.int32), 0)
+                match = ((key >> (shift + 8)) == (kth >> (shift + 8))) & (ids < candidates)
+                hist += tl.histogram(tl.where(match, (key >> shift) & 255, 0).to(tl.int32), 256)  # (others: bin 0)
+            counts = above + tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # [256]: keys >= kth + (d << shift), d > 0
+            byte = tl.sum(((counts >= need) & (digits > 0)).to(tl.int32), 0)
+            above = tl.sum(tl.where(digits == byte + 1, counts, 0), 0) + tl.where(byte == 255, above, 0)
+            kth += byte.to(tl.int64) << shift
         ties_kept = need - above  # the ties at the need-th key that are read: the earliest ones
         written = 0
         ties_seen = 0
@@ -621,9 +658,10 @@ def quest_tables(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quest's choice for a decode step: q [S, H, D] (RoPE applied), summaries [num_blocks, KV, 2, D] (the
     min and max of each block's keys), block_tables [S, max_blocks], context_lens [S], budgets [S] int32
-    (blocks to read, 0: all), the cache's block_size -> (tables [S, KV, max_blocks] int32, lens [S] int32): the blocks each KV head
-    reads and how many keys they hold, for `paged_decode_attention`. A row whose budget covers its blocks
-    keeps its own table."""
+    (blocks to read, 0: all), the cache's block_size -> (tables [S, KV, max_blocks] int32, lens [S] int32): the
+    blocks each KV head reads and how many keys they hold, for `paged_decode_attention`. A row whose budget
+    covers its blocks keeps its own table. Two kernels: the blocks' bounds (many programs per row), then the
+    choice (one per row and KV head)."""
     num_seqs, num_heads, head_dim = q.shape
     _, num_kv_heads, two, sum_dim = summaries.shape
     _check(two == 2 and sum_dim == head_dim and summaries.stride(-1) == 1, f"summaries must be [blocks, KV, 2, {head_dim}]")
@@ -636,17 +674,27 @@ def quest_tables(
     if num_seqs == 0:
         return tables, lens
     block_d = _block_d(head_dim)
-    _quest_choose_kernel[(num_seqs, num_kv_heads)](
-        q, summaries, block_tables, context_lens, budgets, keys, tables, lens,
+    tile = max(16, 4096 // block_d)  # [TILE, BLOCK_D] bounds per step: 64 blocks at D = 64, 32 at D = 128
+    # Parts per row: a program per tile of the table's width, up to QUEST_BOUND_PARTS (wider tables loop).
+    parts = max(1, min(triton.cdiv(max_blocks, tile), QUEST_BOUND_PARTS))
+    _quest_bounds_kernel[(num_seqs, num_kv_heads, parts)](
+        q, summaries, block_tables, context_lens, budgets, keys,
         q.stride(0), q.stride(1), summaries.stride(0), summaries.stride(1), summaries.stride(2), block_tables.stride(0),
-        tables.stride(0), tables.stride(1),
+        keys.stride(0), keys.stride(1),
         GROUP=num_heads // num_kv_heads,
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
-        TILE=max(16, 4096 // block_d),  # [TILE, BLOCK_D] bounds per pass: 64 blocks at D = 64, 32 at D = 128
-        SCAN=QUEST_SCAN,
-        RADIX_BITS=QUEST_RADIX_BITS,
+        TILE=tile,
+        IEEE=torch.float32 in (q.dtype, summaries.dtype) or q.dtype != summaries.dtype,
+        BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)),
         BLOCK_D=block_d,
+        num_warps=2,  # (the H200, batch 32 at 8k: 6.1 / 20.6 us a layer for SmolLM2's / Llama-3-8B's heads, 6.7 / 21.4 with 4)
+    )  # fmt: skip
+    _quest_select_kernel[(num_seqs, num_kv_heads)](
+        block_tables, context_lens, budgets, keys, tables, lens,
+        block_tables.stride(0), tables.stride(0), tables.stride(1),
+        BLOCK_SIZE=block_size,
+        SCAN=QUEST_SCAN,
     )  # fmt: skip
     return tables, lens
 
