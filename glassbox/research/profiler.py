@@ -7,21 +7,26 @@ or `profiling_max_seconds`, whichever comes first (a step hook, so recording nev
 if nobody calls stop); a session that recorded more than `profiling_max_events` events keeps no trace (its
 summary is still given); a trace over `profiling_max_trace_bytes` is deleted unread; at most
 `profiling_traces_kept` traces are kept, the oldest deleted first, and all of them when the server stops.
-Only stopping the session runs on the engine thread: writing the trace runs on a worker thread, and
-reading the summary from it in a child process (research/trace_summary.py), while serving goes on.
+Only stopping the session runs on the engine thread: writing the trace runs in a forked child (Linux, no CUDA;
+a worker thread otherwise), and reading the summary from it in a child process (research/trace_summary.py),
+while serving goes on. A `with_stack` session records the engine's Python calls, not the event loop's
+(`untrace_this_thread`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -35,6 +40,44 @@ from glassbox.research.limits import Limits
 
 ACTIVITIES = ("cpu", "cuda")
 TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+TRACE_EXPORT_TIMEOUT_S = 120.0  # a trace within profiling_max_trace_bytes is written in seconds
+
+
+def untrace_this_thread() -> None:
+    """Stop a `with_stack` session's Python tracer from recording this thread's calls (torch hooks every
+    thread of the process at start). The server's event loop calls it after a start: its calls (HTTP, JSON,
+    other clients' requests) are not the engine's, and each one recorded is a stack that the session's
+    stop turns into strings on the engine thread holding the GIL — 0.5-1.8 s with the event loop busy,
+    every request of the server waiting."""
+    sys.setprofile(None)
+
+
+async def _export_trace(torch_session: profile, path: Path) -> None:
+    """Write the session's Chrome trace. torch writes it in C++ holding the GIL throughout (0.3-1 s for a
+    few steps with_stack, every request of the server waiting), so on Linux a forked child writes it
+    (copy-on-write: the recorded events are already in its memory) while this process only waits for it;
+    the child runs no torch op and touches no lock but the GIL it is forked with. Elsewhere, and once CUDA is
+    initialized (a forked child must not touch it), a worker thread writes it."""
+    if sys.platform != "linux" or torch.cuda.is_initialized():
+        await asyncio.to_thread(torch_session.export_chrome_trace, str(path))
+        return
+    with warnings.catch_warnings():  # (3.12 warns of fork in a threaded process: the child only writes a file)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: write, and leave without running any of the parent's exit code
+        code = 1
+        try:
+            torch_session.export_chrome_trace(str(path))
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        _, status = await asyncio.wait_for(asyncio.to_thread(os.waitpid, pid, 0), TRACE_EXPORT_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        os.kill(pid, signal.SIGKILL)  # (its waitpid, still running on the worker thread, reaps it)
+        raise RuntimeError(f"writing the profiling trace took over {TRACE_EXPORT_TIMEOUT_S} s; stopped") from None
+    if os.waitstatus_to_exitcode(status) != 0 or not path.exists():
+        raise RuntimeError(f"writing the profiling trace failed (child exit status {os.waitstatus_to_exitcode(status)})")
 
 
 class ProfilerError(RuntimeError):
@@ -133,8 +176,7 @@ class Profiler:
     async def summarize(self, session: _Session, top: int = 25) -> dict[str, Any]:
         """The top operators by self time, and the trace's id (None if the session was over a budget).
 
-        Off the engine thread: torch writes the trace (C++, on a worker thread of normal priority: it holds
-        the GIL throughout, so it must not wait for CPU time), and a child process reads the summary from
+        Off the engine thread: torch writes the trace (`_export_trace`), and a child process reads the summary from
         it (research/trace_summary.py: torch's own reading is Python over every event, and would take the
         GIL from serving for seconds). The child is started from the event loop: a thread at the lowest
         priority would hold the GIL while its child, of that priority, waits to run up to its exec
@@ -142,7 +184,7 @@ class Profiler:
         limits = self.limits
         trace_id = uuid.uuid4().hex
         path = self.trace_dir / f"{trace_id}.json"
-        await asyncio.to_thread(session.torch_session.export_chrome_trace, str(path))
+        await _export_trace(session.torch_session, path)
         size = path.stat().st_size
         result: dict[str, Any] = {
             "trace_id": None,

@@ -18,7 +18,7 @@ from glassbox.research.heatmap import attention_png
 from glassbox.research.limits import LimitError, Limits, check
 from glassbox.research.memory import memory_usage
 from glassbox.research.overlap import overlap_schedule
-from glassbox.research.profiler import Profiler, ProfilerError
+from glassbox.research.profiler import Profiler, ProfilerError, untrace_this_thread
 from glassbox.research.schedule import ScheduledRequest, ScheduleRun
 from glassbox.server.deps import engine_client, json_body, sparsity_of
 from glassbox.server.engine_client import EngineClient
@@ -65,11 +65,14 @@ async def profiling_start(
     """Record the engine's steps (at most limits.profiling_max_steps steps / profiling_max_seconds)."""
     profiler: Profiler = request.app.state.profiler
     try:
-        return await client.call(
+        started = await client.call(
             lambda engine: profiler.start(engine, body.activities, body.record_shapes, body.with_stack)
         )
     except ProfilerError as error:
         raise APIError(409, str(error)) from None
+    if body.with_stack:  # the engine's Python calls, not the server's event loop's
+        untrace_this_thread()
+    return started
 
 
 @router.post("/debug/profiling/stop")
