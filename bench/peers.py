@@ -50,8 +50,14 @@ LLAMA_CMAKE_ARGS_AMX = LLAMA_CMAKE_ARGS.replace(
 
 def quantization(mode: str) -> str | None:
     """--modes entry -> glassbox.LLM(quantization=...): glassbox's own names ("auto", the default; "none",
-    float32; "int4", "int8"), and "float32" for "none"."""
+    float32; "int4", "int8"), and "float32" for "none"; ":<activations>" after it is for `activations`."""
+    mode = mode.split(":")[0]
     return "none" if mode == "float32" else mode
+
+
+def activations(mode: str) -> str:
+    """--modes entry -> glassbox.LLM(activations=...): "auto:int16" -> "int16"; float32 without a suffix."""
+    return mode.split(":")[1] if ":" in mode else "float32"
 
 
 def cpu_line() -> str:
@@ -190,7 +196,8 @@ def report(heading: str, rows: list[tuple[str, dict[str, Any]]], installs: list[
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--systems", default="glassbox,llama.cpp,vllm,transformers")
-    parser.add_argument("--modes", default="auto,none,int4,int8", help="glassbox's CPU modes (quantization)")
+    parser.add_argument("--modes", default="auto,none,int4,int8",
+                        help="glassbox's CPU modes: quantization[:activations], e.g. auto:int16")
     parser.add_argument("--quick", action="store_true", help="16 new tokens instead of 128: a smoke run")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="for every system")
     parser.add_argument("--out", help="also write the figures to this JSON file")
@@ -219,7 +226,8 @@ def main() -> None:
     for system in systems:
         if system == "glassbox":
             for mode in args.modes.split(","):
-                glassbox_job = job | {"system": system, "mode": mode, "quantization": quantization(mode)}
+                glassbox_job = job | {"system": system, "mode": mode, "quantization": quantization(mode),
+                                      "activations": activations(mode)}
                 rows.append((f"glassbox {mode}" + (" (the default)" if mode == "auto" else ""),
                              run_worker(project, glassbox_job, args.threads)))
             continue

@@ -2,7 +2,7 @@
 
     PYTHON bench/peers_worker.py JOB.json RESULT.json
 
-JOB.json: {"system": "glassbox" | "llama.cpp" | "vllm" | "transformers", "mode", "quantization", "gguf", "hf_folder",
+JOB.json: {"system": "glassbox" | "llama.cpp" | "vllm" | "transformers", "mode", "quantization", "activations", "gguf", "hf_folder",
 "threads", "prompt" (token ids), "batch" (lists of token ids), "new_tokens", "concurrency", "text_ids"}.
 RESULT.json gets {"ttft_ms", "decode_ms", "tok_s_N", "perplexity", "version", "threads", "load_s", "notes"}; a
 figure the system cannot give is left out. Only the standard library and the system's own packages are
@@ -55,7 +55,7 @@ def run_glassbox(job: dict[str, Any]) -> dict[str, Any]:
 
     start = time.perf_counter()
     # No prefix caching: the repeated TTFT requests must each prefill their prompt.
-    llm = LLM(quantization=job["quantization"], kv_cache_memory=1 << 30, max_num_batched_tokens=4096,
+    llm = LLM(quantization=job["quantization"], activations=job.get("activations", "float32"), kv_cache_memory=1 << 30, max_num_batched_tokens=4096,
               enable_prefix_caching=False)
     load_s = time.perf_counter() - start
 

@@ -65,9 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
         "none = float32",
     )  # fmt: skip
     serve.add_argument(
-        "--activations", choices=["float32", "int8"], default="float32",
-        help="what quantized CPU weights multiply: float32 activations (the model's numerics) or int8 blocks "
-        "(llama.cpp's arithmetic: faster at large batches)",
+        "--activations", choices=["auto", "float32", "int8", "int16"], default="auto",
+        help="what quantized CPU weights multiply: auto (int16 where the native kernels run), float32 "
+        "activations (the model's numerics), int8 blocks (llama.cpp's arithmetic), or int16 blocks as two int8 "
+        "halves (integer products, float32's greedy text)",
     )  # fmt: skip
     serve.add_argument(
         "--kv-cache-memory", type=float, default=None,

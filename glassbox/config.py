@@ -89,9 +89,11 @@ class EngineConfig:
     # Weights on the CPU (engine/optimize.py): "auto" (each linear in the block format its checkpoint stored,
     # Q4_1 or Q8_0; float32 where the native kernels cannot run), "int4", "int8", or "none" (float32).
     quantization: str | None = "auto"
-    # What quantized CPU weights multiply: "float32" activations (the model's own numerics) or "int8" blocks
-    # of 32 (llama.cpp's arithmetic: integer dot products, faster at large batches; layers/quantized_linear.py).
-    activations: str = "float32"
+    # What quantized CPU weights multiply: "float32" activations (the model's own numerics), "int8" blocks of
+    # 32 (llama.cpp's arithmetic: integer dot products, faster at large batches), "int16" blocks as two int8
+    # halves (integer products at float32's greedy text; layers/quantized_linear.py), or "auto": int16 where
+    # the native kernels run the quantized weights, else float32 (engine/optimize.resolve_activations).
+    activations: str = "auto"
     # Ranks that split every layer's weights and the KV cache by heads (engine/tp_runner.py): this process is
     # rank 0 and schedules; tensor_parallel_size - 1 worker processes run their shards (or torchrun's ranks).
     tensor_parallel_size: int = 1
@@ -104,8 +106,8 @@ class EngineConfig:
     batch_invariant: bool = False
 
     def __post_init__(self) -> None:
-        if self.activations not in ("float32", "int8"):
-            raise ValueError(f"activations must be 'float32' or 'int8', got {self.activations!r}")
+        if self.activations not in ("auto", "float32", "int8", "int16"):
+            raise ValueError(f"activations must be 'auto', 'float32', 'int8' or 'int16', got {self.activations!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -45,6 +45,11 @@ def test_health_model_info_and_version(client, server):
     assert info["architecture"] == "llama" and info["num_layers"] == 30 and info["num_kv_heads"] == 3
     assert info["vocab_size"] == 49152 and info["context_length"] == 8192 and info["kv_block_size"] == 16
     assert info["num_parameters"] == 134_515_008 and info["dtype"] == "float32"
+    from glassbox.kernels import cpu_native
+
+    # The CPU default as it runs: the GGUF's blocks times int16 block activations where the C kernels do
+    expected = ("q4_1+q8_0", "int16") if cpu_native.available() else ("column_major", "float32")
+    assert (info["weight_format"], info["activations"]) == expected
     version = httpx.get(f"{server}/version", timeout=60)
     assert version.json()["version"]
     assert info["batch_invariant"] is False and version.headers["x-glassbox-batch-invariant"] == "false"

@@ -23,6 +23,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Protocol
 
 import torch
@@ -34,7 +35,7 @@ from glassbox.engine.block_manager import BlockManager, PrefixCacheStats
 from glassbox.engine.eviction import KVEvictor
 from glassbox.engine.kv_cache import KVCache
 from glassbox.engine.model_runner import COMPILED_MIN_TOKENS, ModelRunner, PendingDecode
-from glassbox.engine.optimize import num_parameters, optimize_model
+from glassbox.engine.optimize import num_parameters, optimize_model, resolve_activations
 from glassbox.engine.output_processor import OutputProcessor, RequestError, RequestOutput, RequestState, TokenLogprobs
 from glassbox.engine.scheduler import ScheduledBatch, Scheduler
 from glassbox.engine.sequence import Sequence
@@ -76,7 +77,9 @@ class StepObserver(Protocol):
 class LLMEngine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
         self.loaded = loaded
-        self.config = config or EngineConfig()
+        config = config or EngineConfig()
+        # ("auto" activations resolved once: /model_info and the tensor-parallel ranks report what runs)
+        self.config = replace(config, activations=resolve_activations(config.activations, config.quantization, loaded.device))
         self.tokenizer = loaded.tokenizer
         self.max_model_len = min(
             self.config.max_model_len or loaded.config.max_position_embeddings, loaded.config.max_position_embeddings

@@ -96,8 +96,9 @@ CACHE_DTYPES = (torch.float32, torch.bfloat16)
 PROLOGUES = {None: 0, "rms_norm": 1, "silu_mul": 2}
 # Weight formats (kernels/cpu/kernels.h): GGUF's blocks of 32 inputs.
 FORMATS = {"q8_0": 0, "q4_1": 1}
-# What the weights multiply (kernels/cpu/kernels.h): the float32 activations, or their int8 blocks.
-ACTIVATIONS = {"float32": 0, "int8": 1}
+# What the weights multiply (kernels/cpu/kernels.h): the float32 activations, their int8 blocks, or their
+# int16 blocks as two int8 halves.
+ACTIVATIONS = {"float32": 0, "int8": 1, "int16": 2}
 BLOCK = 32
 
 

@@ -7,15 +7,19 @@ Weights are stored in GGUF's block formats, each block 32 inputs of one output r
 Quantizing a GGUF model's dequantized weights gives its blocks back, so a Q4_1 GGUF runs on the weights it
 stores (tests/test_quantized_linear.py checks it on the default model).
 
-The activations multiply them in one of two ways:
+The activations multiply them in one of three ways:
 - "float32" (the default): each weight dequantized on the fly and multiplied in float32 — the model's own
   numerics, reading 4 or 8 bits a weight;
 - "int8": activations quantized per block of 32 at run time, d = max|x| / 127 — llama.cpp's arithmetic:
   an exact integer dot product per block, scaled by d_w·d_x (and m_w·d_x·Σq_x for Q4_1). Faster at large
   batches; one scale per block keeps perplexity within 0.3% of float32's on the default model (one scale
   per row, as an earlier mode did, let a single outlier coarsen the whole row: +3.5%), but greedy text
-  drifts from float32's after ~20 tokens.
-Either way a row's result depends on that row alone, so outputs are the same whatever else is in the batch.
+  drifts from float32's after ~20 tokens;
+- "int16": activations quantized per block of 32 to 65,279 levels, d = max|x| / 32639, each split into two
+  int8 halves (256·hi + lo) that go through the int8 arithmetic as two rows, whose results are added:
+  integer products at twice int8's cost, and float32's greedy text on the default model
+  (bench/activation_bits.py).
+Every way a row's result depends on that row alone, so outputs are the same whatever else is in the batch.
 
 Two kernels, same math: the native one (kernels/cpu/qlinear.c, one call per layer, weights packed for it)
 where a compiler allows, else `QLinear.reference` — the readable path below, and the oracle the native
@@ -31,7 +35,7 @@ from glassbox.kernels import cpu_native
 
 BLOCK = 32
 FORMATS = ("q4_1", "q8_0")
-ACTIVATIONS = ("float32", "int8")
+ACTIVATIONS = ("float32", "int8", "int16")
 
 
 def supported(in_features: int) -> bool:
@@ -73,6 +77,19 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     d = blocks.abs().amax(-1).clamp_min(1e-10) / 127
     q = torch.round(blocks / d[..., None])
     return q.reshape(m, k), d, q.sum(-1)
+
+
+def quantize_activations16(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """x [M, K] float32 -> the "int16" halves as two `quantize_activations` results: (hi, d_hi, Σhi, lo, d_lo,
+    Σlo), x ≈ 256·d·hi + d·lo per block with d = max|x| / 32639 (d_hi = 256·d, d_lo = d), hi in [-127, 127],
+    lo in [-128, 127] (float32 tensors holding integers)."""
+    m, k = x.shape
+    blocks = x.float().reshape(m, k // BLOCK, BLOCK)
+    d = blocks.abs().amax(-1).clamp_min(1e-10) / 32639
+    v = torch.round(blocks / d[..., None])
+    hi = torch.floor((v + 128) / 256)
+    lo = v - 256 * hi
+    return hi.reshape(m, k), 256 * d, hi.sum(-1), lo.reshape(m, k), d, lo.sum(-1)
 
 
 def pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,15 +184,18 @@ class QLinear(nn.Module):
         q, d, m = self.q, self.d, self.m
         if self.activations == "float32":
             y = x.float() @ dequantize_weight(q, d, m).t()
-        else:  # block by block: exact integer sums, then scaled
-            qx, dx, sum_x = quantize_activations(x)
+        else:  # block by block: exact integer sums, then scaled ("int16": for each half, then added)
             q, d, m = q.float(), d.float(), None if m is None else m.float()
-            y = torch.zeros(x.shape[0], self.out_features)
-            for b in range(self.in_features // BLOCK):
-                cols = slice(b * BLOCK, (b + 1) * BLOCK)
-                y += (qx[:, cols] @ q[:, cols].t()) * (d[:, b] * dx[:, b, None])
-                if m is not None:
-                    y += m[:, b] * (sum_x[:, b, None] * dx[:, b, None])
+            halves = quantize_activations16(x) if self.activations == "int16" else quantize_activations(x)
+            y = None
+            for qx, dx, sum_x in zip(halves[0::3], halves[1::3], halves[2::3]):
+                part = torch.zeros(x.shape[0], self.out_features)
+                for b in range(self.in_features // BLOCK):
+                    cols = slice(b * BLOCK, (b + 1) * BLOCK)
+                    part += (qx[:, cols] @ q[:, cols].t()) * (d[:, b] * dx[:, b, None])
+                    if m is not None:
+                        part += m[:, b] * (sum_x[:, b, None] * dx[:, b, None])
+                y = part if y is None else y + part
         return y if self.bias is None else y + self.bias
 
     def forward_fused(

@@ -17,7 +17,12 @@
 // activation to 255 levels per block (perplexity +0.3% on the default model, but greedy text drifts from
 // float32's after ~20 tokens: docs/benchmarks.md).
 //
-// Both ways, every ISA does exactly these operations in this order, so every ISA gives the same bits (the
+// INT16: each row quantized per block to 65,279 levels (d = max|x| / 32639, x_q = round(x / d)), split in two
+// int8 halves x_q = 256·hi + lo (hi in [-127, 127], lo in [-128, 127]) that run as two rows of INT8 (scales
+// 256·d and d) and are added: y = y_hi + y_lo. Twice INT8's products, the same inner loops, and float32's
+// greedy text on the default model (bench/activation_bits.py).
+//
+// Every way, every ISA does exactly these operations in this order, so every ISA gives the same bits (the
 // RMSNorm and SiLU prologues aside, whose float sums follow the vector width). The PyTorch oracle is
 // QLinear's reference path (layers/quantized_linear.py). Per ISA, only the inner loops differ:
 //   AVX-512 VNNI  vpdpbusd: 4 unsigned × 4 signed bytes into int32, 16 rows per vector
@@ -93,6 +98,34 @@ static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, int32_t
         }
         d[b] = scale;
         sum[b] = total;
+    }
+}
+
+// One row x [K] -> its int16 blocks as two int8 rows (see INT16 above): hi and lo [K], their scales (256·d
+// and d) and Σ per block.
+static void quantize_row16(const float *x, int64_t K, int8_t *hi, int8_t *lo, float *d_hi, float *d_lo, int32_t *sum_hi,
+                           int32_t *sum_lo) {
+    for (int64_t b = 0; b < K / QBLOCK; b++) {
+        const float *xb = x + b * QBLOCK;
+        vf amax = vf_zero();
+        for (int i = 0; i < QBLOCK; i += VW) amax = vf_max(amax, vf_abs(vf_load(xb + i)));
+        const float scale = fmaxf(vf_hmax(amax), 1e-10f) / 32639.0f;
+        const vf s = vf_set1(scale);
+        float r[QBLOCK];
+        for (int i = 0; i < QBLOCK; i += VW) vf_store(r + i, vf_round(vf_div(vf_load(xb + i), s)));
+        int32_t total_hi = 0, total_lo = 0;
+        for (int i = 0; i < QBLOCK; i++) {
+            const int32_t v = (int32_t)r[i];                       // |v| <= 32639
+            const int32_t h = (v + 128 + 32768) / 256 - 128;     // floor((v + 128) / 256), in [-127, 127]
+            hi[b * QBLOCK + i] = (int8_t)h;
+            lo[b * QBLOCK + i] = (int8_t)(v - 256 * h);          // in [-128, 127]
+            total_hi += h;
+            total_lo += v - 256 * h;
+        }
+        d_hi[b] = 256.0f * scale;
+        d_lo[b] = scale;
+        sum_hi[b] = total_hi;
+        sum_lo[b] = total_lo;
     }
 }
 
@@ -592,14 +625,15 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
                 float eps, const gb_qweight *w, int64_t N, float *y, int64_t ldy, const float *residual,
                 int64_t ldr) {
     const int64_t nb = K / QBLOCK;
-    const int int8 = w->activations == ACTIVATIONS_INT8;
+    const int int8 = w->activations != ACTIVATIONS_FLOAT32;  // integer products: INT8, or INT16 as two INT8 rows
+    const int64_t halves = w->activations == ACTIVATIONS_INT16 ? 2 : 1, MQ = halves * M;  // quantized rows
     // float32 activations: the rows themselves, or their transformed copies; int8: their blocks.
     float *rows = prologue != PROLOGUE_NONE && !int8 ? malloc(sizeof(float) * (size_t)(M * K)) : NULL;
     // float32 activations over Q4_1: each block's Σ x, for its minimum (in input order)
     float *xsum = !int8 && w->format == FORMAT_Q4_1 ? malloc(sizeof(float) * (size_t)(M * nb)) : NULL;
-    int8_t *q = int8 ? aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64)) : NULL;
-    float *d = int8 ? malloc(sizeof(float) * (size_t)(M * nb)) : NULL;
-    int32_t *sum = int8 ? malloc(sizeof(int32_t) * (size_t)(M * nb)) : NULL;
+    int8_t *q = int8 ? aligned_alloc(64, (size_t)((MQ * K + 63) / 64 * 64)) : NULL;
+    float *d = int8 ? malloc(sizeof(float) * (size_t)(MQ * nb)) : NULL;
+    int32_t *sum = int8 ? malloc(sizeof(int32_t) * (size_t)(MQ * nb)) : NULL;
     if (prologue != PROLOGUE_NONE || int8 || xsum) {
 #pragma omp parallel for schedule(static) if (M > 1)
         for (int64_t m = 0; m < M; m++) {
@@ -610,7 +644,11 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
                 prologue_row(prologue, row, K, norm_weight, eps, transformed);
                 row = transformed;
             }
-            if (int8) {
+            if (halves == 2) {  // rows 2m (hi) and 2m + 1 (lo)
+                quantize_row16(row, K, q + 2 * m * K, q + (2 * m + 1) * K, d + 2 * m * nb, d + (2 * m + 1) * nb,
+                               sum + 2 * m * nb, sum + (2 * m + 1) * nb);
+                free(transformed);
+            } else if (int8) {
                 quantize_row(row, K, q + m * K, d + m * nb, sum + m * nb);
                 free(transformed);
             } else if (xsum) {
@@ -625,7 +663,8 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
     const float *xf = rows ? rows : x;
     const int64_t ldf = rows ? K : ldx;
 
-    const int64_t groups = (N + ROWS - 1) / ROWS, m_blocks = (M + M_TILE - 1) / M_TILE;
+    // (M_TILE is even: a tile holds both halves of its INT16 rows)
+    const int64_t groups = (N + ROWS - 1) / ROWS, m_blocks = (MQ + M_TILE - 1) / M_TILE;
     const int64_t group_bytes = w->format == FORMAT_Q4_1 ? nb * QBLOCK * ROWS / 2 : nb * QBLOCK * ROWS;
     const int64_t group_scales = w->format == FORMAT_Q4_1 ? nb * 2 * ROWS : nb * ROWS;
     // Each thread takes whole groups of output rows (their weights stream once per M_TILE rows of x); the
@@ -690,12 +729,12 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
 #pragma omp parallel for schedule(dynamic, chunk) collapse(2)
     for (int64_t u = 0; u < units; u++) {
         for (int64_t mb = 0; mb < m_blocks; mb++) {
-            const int64_t m0 = mb * M_TILE, mt = M - m0 < M_TILE ? M - m0 : M_TILE;
+            const int64_t m0 = mb * M_TILE, mt = MQ - m0 < M_TILE ? MQ - m0 : M_TILE;
             const int64_t g0 = u * GN, gn = groups - g0 < GN ? groups - g0 : GN;
             const qrows xr = {q + m0 * K, d + m0 * nb, sum + m0 * nb, K};
             const uint8_t *wg = (const uint8_t *)w->data + g0 * group_bytes;
             const uint16_t *sg = w->scales + g0 * group_scales;
-            const float *xm = xf + m0 * ldf, *xs = xsum ? xsum + m0 * nb : NULL;
+            const float *xm = xf + m0 / halves * ldf, *xs = xsum ? xsum + m0 * nb : NULL;
             float out[GROUPS * M_TILE * ROWS];
             // (every combination spelled out: MT, GN and the format are constants inside each tile)
 #define TILE(MT)                                                                                                     \
@@ -728,8 +767,12 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
                 }
             }
 #undef TILE
+            if (halves == 2)  // y = y_hi + y_lo: row i of the tile's output from its rows 2i and 2i + 1
+                for (int64_t i = 0; i < mt / 2; i++)
+                    for (int r = 0; r < ROWS; r += VW)
+                        vf_store(out + i * ROWS + r, vf_add(vf_load(out + 2 * i * ROWS + r), vf_load(out + (2 * i + 1) * ROWS + r)));
             for (int64_t gi = 0; gi < gn; gi++)
-                store_tile(out + gi * M_TILE * ROWS, ROWS, mt, m0, (g0 + gi) * ROWS, N, w->bias, residual, ldr, y, ldy);
+                store_tile(out + gi * M_TILE * ROWS, ROWS, mt / halves, m0 / halves, (g0 + gi) * ROWS, N, w->bias, residual, ldr, y, ldy);
         }
     }
     free(xcopies);
