@@ -81,22 +81,27 @@ static void prologue_row(int prologue, const float *x, int64_t K, const float *n
     }
 }
 
+// One block xb [32] on a grid of `levels` steps each side: r [32] = round-half-even(x / d) (as torch.round),
+// returns d = max|x| / levels.
+static float round_block(const float *xb, float levels, float *r) {
+    vf amax = vf_zero();
+    for (int i = 0; i < QBLOCK; i += VW) amax = vf_max(amax, vf_abs(vf_load(xb + i)));
+    const float scale = fmaxf(vf_hmax(amax), 1e-10f) / levels;
+    const vf s = vf_set1(scale);
+    for (int i = 0; i < QBLOCK; i += VW) vf_store(r + i, vf_round(vf_div(vf_load(xb + i), s)));
+    return scale;
+}
+
 // One row x [K] (K a multiple of 32) -> q [K] int8, and per block its scale d and Σ q.
 static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, int32_t *sum) {
     for (int64_t b = 0; b < K / QBLOCK; b++) {
-        const float *xb = x + b * QBLOCK;
-        vf amax = vf_zero();
-        for (int i = 0; i < QBLOCK; i += VW) amax = vf_max(amax, vf_abs(vf_load(xb + i)));
-        const float scale = fmaxf(vf_hmax(amax), 1e-10f) / 127.0f;
-        const vf s = vf_set1(scale);
         float r[QBLOCK];
-        for (int i = 0; i < QBLOCK; i += VW) vf_store(r + i, vf_round(vf_div(vf_load(xb + i), s)));  // as torch.round(x / d)
+        d[b] = round_block(x + b * QBLOCK, 127.0f, r);
         int32_t total = 0;
         for (int i = 0; i < QBLOCK; i++) {
             q[b * QBLOCK + i] = (int8_t)(int32_t)r[i];
             total += (int32_t)r[i];
         }
-        d[b] = scale;
         sum[b] = total;
     }
 }
@@ -106,19 +111,14 @@ static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, int32_t
 static void quantize_row16(const float *x, int64_t K, int8_t *hi, int8_t *lo, float *d_hi, float *d_lo, int32_t *sum_hi,
                            int32_t *sum_lo) {
     for (int64_t b = 0; b < K / QBLOCK; b++) {
-        const float *xb = x + b * QBLOCK;
-        vf amax = vf_zero();
-        for (int i = 0; i < QBLOCK; i += VW) amax = vf_max(amax, vf_abs(vf_load(xb + i)));
-        const float scale = fmaxf(vf_hmax(amax), 1e-10f) / 32639.0f;
-        const vf s = vf_set1(scale);
         float r[QBLOCK];
-        for (int i = 0; i < QBLOCK; i += VW) vf_store(r + i, vf_round(vf_div(vf_load(xb + i), s)));
+        const float scale = round_block(x + b * QBLOCK, 32639.0f, r);
         int32_t total_hi = 0, total_lo = 0;
         for (int i = 0; i < QBLOCK; i++) {
-            const int32_t v = (int32_t)r[i];                       // |v| <= 32639
-            const int32_t h = (v + 128 + 32768) / 256 - 128;     // floor((v + 128) / 256), in [-127, 127]
+            const int32_t v = (int32_t)r[i];                   // |v| <= 32639
+            const int32_t h = (v + 128 + 32768) / 256 - 128;  // floor((v + 128) / 256), in [-127, 127]
             hi[b * QBLOCK + i] = (int8_t)h;
-            lo[b * QBLOCK + i] = (int8_t)(v - 256 * h);          // in [-128, 127]
+            lo[b * QBLOCK + i] = (int8_t)(v - 256 * h);       // in [-128, 127]
             total_hi += h;
             total_lo += v - 256 * h;
         }
