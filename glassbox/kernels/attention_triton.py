@@ -387,12 +387,15 @@ def _decode_reduce_kernel(
     )
 
 
-def _decode_splits(num_seqs: int, num_kv_heads: int, max_tokens: int) -> int:
+def _decode_splits(num_seqs: int, num_kv_heads: int, max_tokens: int, per_head: bool = False) -> int:
     """How many programs share one sequence's keys: enough to fill the GPU when the batch alone doesn't.
-    Depends only on shapes, so a captured CUDA graph stays valid."""
+    Depends only on shapes, so a captured CUDA graph stays valid. `per_head`: Quest's tables, whose keys are
+    a fraction of the context, unknown here: split finer, to about QUEST_DECODE_PROGRAMS programs."""
     programs = num_seqs * num_kv_heads
     if programs >= TARGET_DECODE_PROGRAMS:
         return 1
+    if per_head:
+        return min(triton.cdiv(QUEST_DECODE_PROGRAMS, programs), QUEST_DECODE_SPLITS)
     wanted = min(triton.cdiv(TARGET_DECODE_PROGRAMS, programs), triton.cdiv(max_tokens, MIN_SPLIT_TOKENS))
     return max(1, min(wanted, MAX_DECODE_SPLITS))
 
@@ -454,11 +457,8 @@ def paged_decode_attention(
 
     group = num_heads // num_kv_heads
     max_tokens = block_tables.shape[-1] * block_size
-    if num_splits is None and per_head:  # Quest: a fraction of the context, unknown here; split finer while few programs
-        programs = num_seqs * num_kv_heads
-        num_splits = 1 if programs >= TARGET_DECODE_PROGRAMS else min(triton.cdiv(QUEST_DECODE_PROGRAMS, programs), QUEST_DECODE_SPLITS)
-    elif num_splits is None:
-        num_splits = _decode_splits(num_seqs, num_kv_heads, max_tokens)
+    if num_splits is None:
+        num_splits = _decode_splits(num_seqs, num_kv_heads, max_tokens, per_head)
     if block_n is None:  # 128-key tiles of head_dim > 128 would crowd shared memory (measured up to 128 only)
         block_n = DECODE_BLOCK_N_UNSPLIT if num_splits == 1 and head_dim <= 128 else DECODE_BLOCK_N
     num_splits = min(num_splits, triton.cdiv(max_tokens, block_n))  # no split without a tile of its own

@@ -8,8 +8,8 @@ Quantizing a GGUF model's dequantized weights gives its blocks back, so a Q4_1 G
 stores (tests/test_quantized_linear.py checks it on the default model).
 
 The activations multiply them in one of three ways:
-- "float32" (the default): each weight dequantized on the fly and multiplied in float32 — the model's own
-  numerics, reading 4 or 8 bits a weight;
+- "float32" (QLinear's default; the engine's "auto" takes "int16" where the native kernels run): each weight
+  dequantized on the fly and multiplied in float32 — the model's own numerics, reading 4 or 8 bits a weight;
 - "int8": activations quantized per block of 32 at run time, d = max|x| / 127 — llama.cpp's arithmetic:
   an exact integer dot product per block, scaled by d_w·d_x (and m_w·d_x·Σq_x for Q4_1). Faster at large
   batches; one scale per block keeps perplexity within 0.3% of float32's on the default model (one scale
@@ -72,24 +72,27 @@ def dequantize_weight(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K] float32 -> (q [M, K] float32 holding integers in [-127, 127], d [M, K / 32], Σq [M, K / 32]),
     the blocks the kernels multiply (d = max|x| / 127 per block, q = round-half-even(x / d))."""
-    m, k = x.shape
-    blocks = x.float().reshape(m, k // BLOCK, BLOCK)
-    d = blocks.abs().amax(-1).clamp_min(1e-10) / 127
-    q = torch.round(blocks / d[..., None])
-    return q.reshape(m, k), d, q.sum(-1)
+    q, d = _round_blocks(x, 127)
+    return q.reshape(x.shape), d, q.sum(-1)
 
 
 def quantize_activations16(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """x [M, K] float32 -> the "int16" halves as two `quantize_activations` results: (hi, d_hi, Σhi, lo, d_lo,
     Σlo), x ≈ 256·d·hi + d·lo per block with d = max|x| / 32639 (d_hi = 256·d, d_lo = d), hi in [-127, 127],
     lo in [-128, 127] (float32 tensors holding integers)."""
-    m, k = x.shape
-    blocks = x.float().reshape(m, k // BLOCK, BLOCK)
-    d = blocks.abs().amax(-1).clamp_min(1e-10) / 32639
-    v = torch.round(blocks / d[..., None])
+    v, d = _round_blocks(x, 32639)
     hi = torch.floor((v + 128) / 256)
     lo = v - 256 * hi
-    return hi.reshape(m, k), 256 * d, hi.sum(-1), lo.reshape(m, k), d, lo.sum(-1)
+    return hi.reshape(x.shape), 256 * d, hi.sum(-1), lo.reshape(x.shape), d, lo.sum(-1)
+
+
+def _round_blocks(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (round-half-even(x / d) [M, K / 32, 32], d [M, K / 32]) with d = max|x| / levels per block
+    (the kernels' round_block)."""
+    m, k = x.shape
+    blocks = x.float().reshape(m, k // BLOCK, BLOCK)
+    d = blocks.abs().amax(-1).clamp_min(1e-10) / levels
+    return torch.round(blocks / d[..., None]), d
 
 
 def pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, rows: int) -> tuple[torch.Tensor, torch.Tensor]:

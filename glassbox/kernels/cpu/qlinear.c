@@ -625,16 +625,16 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
                 float eps, const gb_qweight *w, int64_t N, float *y, int64_t ldy, const float *residual,
                 int64_t ldr) {
     const int64_t nb = K / QBLOCK;
-    const int int8 = w->activations != ACTIVATIONS_FLOAT32;  // integer products: INT8, or INT16 as two INT8 rows
+    const int integer = w->activations != ACTIVATIONS_FLOAT32;  // integer products: INT8, or INT16 as two INT8 rows
     const int64_t halves = w->activations == ACTIVATIONS_INT16 ? 2 : 1, MQ = halves * M;  // quantized rows
-    // float32 activations: the rows themselves, or their transformed copies; int8: their blocks.
-    float *rows = prologue != PROLOGUE_NONE && !int8 ? malloc(sizeof(float) * (size_t)(M * K)) : NULL;
+    // float32 activations: the rows themselves, or their transformed copies; integer: their blocks.
+    float *rows = prologue != PROLOGUE_NONE && !integer ? malloc(sizeof(float) * (size_t)(M * K)) : NULL;
     // float32 activations over Q4_1: each block's Σ x, for its minimum (in input order)
-    float *xsum = !int8 && w->format == FORMAT_Q4_1 ? malloc(sizeof(float) * (size_t)(M * nb)) : NULL;
-    int8_t *q = int8 ? aligned_alloc(64, (size_t)((MQ * K + 63) / 64 * 64)) : NULL;
-    float *d = int8 ? malloc(sizeof(float) * (size_t)(MQ * nb)) : NULL;
-    int32_t *sum = int8 ? malloc(sizeof(int32_t) * (size_t)(MQ * nb)) : NULL;
-    if (prologue != PROLOGUE_NONE || int8 || xsum) {
+    float *xsum = !integer && w->format == FORMAT_Q4_1 ? malloc(sizeof(float) * (size_t)(M * nb)) : NULL;
+    int8_t *q = integer ? aligned_alloc(64, (size_t)((MQ * K + 63) / 64 * 64)) : NULL;
+    float *d = integer ? malloc(sizeof(float) * (size_t)(MQ * nb)) : NULL;
+    int32_t *sum = integer ? malloc(sizeof(int32_t) * (size_t)(MQ * nb)) : NULL;
+    if (prologue != PROLOGUE_NONE || integer || xsum) {
 #pragma omp parallel for schedule(static) if (M > 1)
         for (int64_t m = 0; m < M; m++) {
             const float *row = x + m * ldx;
@@ -648,7 +648,7 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
                 quantize_row16(row, K, q + 2 * m * K, q + (2 * m + 1) * K, d + 2 * m * nb, d + (2 * m + 1) * nb,
                                sum + 2 * m * nb, sum + (2 * m + 1) * nb);
                 free(transformed);
-            } else if (int8) {
+            } else if (integer) {
                 quantize_row(row, K, q + m * K, d + m * nb, sum + m * nb);
                 free(transformed);
             } else if (xsum) {
@@ -673,7 +673,7 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
     // holds up one chunk, not half the call (10-20% faster under light background load).
 #if PAIRED
     // Many rows over float32: each thread takes pairs of groups, all the rows of x (ftile_pair).
-    if (!int8 && M >= 8) {
+    if (!integer && M >= 8) {
         const int64_t pairs = (groups + 1) / 2;
 #pragma omp parallel
         {
@@ -714,7 +714,7 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
         goto done;
     }
 #endif
-    const int GN = !int8 && M == 1 ? GROUPS : 1;
+    const int GN = !integer && M == 1 ? GROUPS : 1;
     // ftile_row on x86: the row as 4 copies [4][K], copy t scaled by 2^-8t (Q4_1), or one scaled by 2^-24
     float *xcopies = NULL;
     if (X86_NIBBLES && GN > 1) {
@@ -738,7 +738,7 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
             float out[GROUPS * M_TILE * ROWS];
             // (every combination spelled out: MT, GN and the format are constants inside each tile)
 #define TILE(MT)                                                                                                     \
-    if (int8) {                                                                                                      \
+    if (integer) {                                                                                                   \
         if (w->format == FORMAT_Q4_1) tile(xr, MT, FORMAT_Q4_1, wg, sg, nb, out);                                   \
         else tile(xr, MT, FORMAT_Q8_0, wg, sg, nb, out);                                                            \
     } else {                                                                                                         \
