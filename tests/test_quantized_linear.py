@@ -12,8 +12,9 @@ from glassbox.layers import quantized_linear as ql
 from glassbox.models.gguf_reader import GGUFFile
 from glassbox.models.loader import default_model_path
 
-# Every x86 instruction set is a test here; the ones this CPU lacks skip (AVX-512 on an AVX2 machine).
-X86_ISAS = ["avx512", "avx2", "generic"]
+# Every x86 instruction set is a test here; the ones this CPU lacks skip (AVX-512 on an AVX2 machine, AMX's
+# tiles before Sapphire Rapids).
+X86_ISAS = ["amx", "avx512", "avx2", "generic"]
 
 
 def runnable(isa: str) -> str:
@@ -69,11 +70,11 @@ def test_native_quantization_is_the_reference_bit_for_bit(isa, format):
 @pytest.mark.parametrize("activations", ql.ACTIVATIONS)
 @pytest.mark.parametrize("format", ql.FORMATS)
 @pytest.mark.parametrize("out_features,in_features", [(960, 576), (17, 64), (40, 1536), (8, 32)])
-@pytest.mark.parametrize("rows", [1, 3, 4, 9, 14])
+@pytest.mark.parametrize("rows", [1, 3, 4, 9, 14, 20])
 def test_kernel_is_the_reference(isa, activations, format, out_features, in_features, rows):
     """kernels/cpu/qlinear.c against QLinear.reference: every tile shape (output rows past a group of 8 or
-    16, 1-4 activation rows per register block), with and without bias, strided rows, zero rows, an
-    outlier. Only the float32 order of the sums (and, for int8 activations, of the scaling: the integer
+    16, 1-4 activation rows per register block, AMX's tiles of 16 quantized rows and a partial one), with and
+    without bias, strided rows, zero rows, an outlier. Only the float32 order of the sums (and, for int8 activations, of the scaling: the integer
     sums are exact) differs."""
     runnable(isa)
     g = torch.Generator().manual_seed(out_features + rows)
@@ -96,14 +97,15 @@ def test_kernel_is_the_reference(isa, activations, format, out_features, in_feat
 @pytest.mark.parametrize("format", ql.FORMATS)
 def test_every_instruction_set_gives_the_same_bits(isa, activations, format):
     """The same integer sums and the same fused multiply-adds in the same order on every ISA: AVX-512, AVX2
-    and plain C agree bit for bit (without a prologue, whose float sums follow the vector width)."""
+    and plain C agree bit for bit (without a prologue, whose float sums follow the vector width). 6 rows and
+    37 (AMX's tiles, the last partial)."""
     runnable(isa)
     g = torch.Generator().manual_seed(7)
-    weight, x = torch.randn(200, 1536, generator=g) * 0.05, torch.randn(6, 1536, generator=g)
+    weight, x = torch.randn(200, 1536, generator=g) * 0.05, torch.randn(37, 1536, generator=g)
     results = []
     for each in (isa, "generic"):
         qweight, keep = packed(weight, None, format, each, activations)
-        results.append(cpu_native.qlinear(x, qweight, 200, isa=each))
+        results.append(torch.cat([cpu_native.qlinear(rows, qweight, 200, isa=each) for rows in (x[:6], x)]))
     assert torch.equal(*results)
 
 

@@ -7,8 +7,8 @@ and its paged attention needs the blocks gathered first. These kernels do one jo
 pointers, and each has a PyTorch oracle it is tested against (QLinear's reference path,
 kernels/attention_torch.py).
 
-One source per kernel, compiled once per instruction set (kernels/cpu/simd.h): "avx512" (AVX-512 with
-VNNI), "avx2" (with FMA and F16C), "neon" (ARM64 with the dot-product extension) or "generic" (plain C).
+One source per kernel, compiled once per instruction set (kernels/cpu/simd.h): "amx" (AVX-512 with VNNI and
+AMX's int8 tiles, for integer products over 16 rows or more), "avx512" (AVX-512 with VNNI), "avx2" (with FMA and F16C), "neon" (ARM64 with the dot-product extension) or "generic" (plain C).
 The best one the CPU runs is chosen at run time; GLASSBOX_NATIVE_ISA=avx512|avx2|neon|generic forces one.
 Each is compiled with the machine's C compiler into ~/.cache/glassbox (or $GLASSBOX_CACHE_DIR), keyed by
 a hash of the sources and flags, in about a second; later processes load the cached file. `available()`
@@ -39,13 +39,16 @@ HEADERS = sorted((Path(__file__).parent / "cpu").glob("*.h"))
 FLAGS = ["-O3", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
 # Instruction sets, best first: the compiler flags of each and the CPU features it needs (/proc/cpuinfo's
 # names on Linux; "asimddp" is ARM's dot-product extension).
+_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c"]
 ISA_FLAGS = {
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c"],
+    "amx": [*_AVX512, "-mamx-tile", "-mamx-int8"],
+    "avx512": _AVX512,
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "neon": ["-march=armv8.2-a+dotprod"],
     "generic": [],
 }
 ISA_CPU_FLAGS = {
+    "amx": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c", "amx_tile", "amx_int8"),
     "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c"),
     "avx2": ("avx2", "fma", "f16c"),
     "neon": ("asimddp",),
@@ -113,11 +116,24 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+@functools.cache
+def _amx_permitted() -> bool:
+    """Linux gives a process AMX's 8 KiB of tile state only when it asks (arch_prctl ARCH_REQ_XCOMP_PERM for
+    XFEATURE_XTILEDATA, Linux 5.16+); a tile instruction without it is SIGILL. Asked once, for every thread."""
+    if platform.system() != "Linux" or "amx_tile" not in _cpu_flags():
+        return False
+    sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18
+    try:
+        return ctypes.CDLL(None).syscall(sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def runnable_isas() -> list[str]:
     """The instruction sets this CPU runs, best first."""
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64"):
-        candidates = ["avx512", "avx2", "generic"]
+        candidates = ["amx", "avx512", "avx2", "generic"] if _amx_permitted() else ["avx512", "avx2", "generic"]
     elif machine in ("aarch64", "arm64"):
         candidates = ["neon", "generic"]
     else:

@@ -16,9 +16,9 @@ The activations multiply them in one of three ways:
   per row, as an earlier mode did, let a single outlier coarsen the whole row: +3.5%), but greedy text
   drifts from float32's after ~20 tokens;
 - "int16": activations quantized per block of 32 to 65,279 levels, d = max|x| / 32639, each split into two
-  int8 halves (256·hi + lo) that go through the int8 arithmetic as two rows, whose results are added:
-  integer products at twice int8's cost, and float32's greedy text on the default model
-  (bench/activation_bits.py).
+  int8 halves (256·hi + lo) whose exact integer products with the weights are combined per block,
+  256·Σ q·hi + Σ q·lo, and scaled as int8's: integer products at twice int8's cost, and float32's greedy
+  text on the default model (bench/activation_bits.py).
 Every way a row's result depends on that row alone, so outputs are the same whatever else is in the batch.
 
 Two kernels, same math: the native one (kernels/cpu/qlinear.c, one call per layer, weights packed for it)
@@ -77,13 +77,13 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def quantize_activations16(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """x [M, K] float32 -> the "int16" halves as two `quantize_activations` results: (hi, d_hi, Σhi, lo, d_lo,
-    Σlo), x ≈ 256·d·hi + d·lo per block with d = max|x| / 32639 (d_hi = 256·d, d_lo = d), hi in [-127, 127],
-    lo in [-128, 127] (float32 tensors holding integers)."""
+    """x [M, K] float32 -> the "int16" blocks as int8 halves: (hi [M, K], lo [M, K], d [M, K / 32], Σ(256·hi + lo)
+    [M, K / 32]), x ≈ d·(256·hi + lo) per block with d = max|x| / 32639, hi in [-127, 127], lo in [-128, 127]
+    (float32 tensors holding integers)."""
     v, d = _round_blocks(x, 32639)
     hi = torch.floor((v + 128) / 256)
     lo = v - 256 * hi
-    return hi.reshape(x.shape), 256 * d, hi.sum(-1), lo.reshape(x.shape), d, lo.sum(-1)
+    return hi.reshape(x.shape), lo.reshape(x.shape), d, v.sum(-1)
 
 
 def _round_blocks(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,18 +187,22 @@ class QLinear(nn.Module):
         q, d, m = self.q, self.d, self.m
         if self.activations == "float32":
             y = x.float() @ dequantize_weight(q, d, m).t()
-        else:  # block by block: exact integer sums, then scaled ("int16": for each half, then added)
+        else:  # block by block: exact integer sums, then scaled
             q, d, m = q.float(), d.float(), None if m is None else m.float()
-            halves = quantize_activations16(x) if self.activations == "int16" else quantize_activations(x)
-            y = None
-            for qx, dx, sum_x in zip(halves[0::3], halves[1::3], halves[2::3]):
-                part = torch.zeros(x.shape[0], self.out_features)
-                for b in range(self.in_features // BLOCK):
-                    cols = slice(b * BLOCK, (b + 1) * BLOCK)
-                    part += (qx[:, cols] @ q[:, cols].t()) * (d[:, b] * dx[:, b, None])
-                    if m is not None:
-                        part += m[:, b] * (sum_x[:, b, None] * dx[:, b, None])
-                y = part if y is None else y + part
+            if self.activations == "int16":
+                hi, lo, dx, sum_x = quantize_activations16(x)
+            else:
+                qx, dx, sum_x = quantize_activations(x)
+            y = torch.zeros(x.shape[0], self.out_features)
+            for b in range(self.in_features // BLOCK):
+                cols = slice(b * BLOCK, (b + 1) * BLOCK)
+                if self.activations == "int16":  # each half's sum exact in float32; combined exactly, then rounded
+                    isum = (256 * (hi[:, cols] @ q[:, cols].t()).double() + (lo[:, cols] @ q[:, cols].t())).float()
+                else:
+                    isum = qx[:, cols] @ q[:, cols].t()
+                y += isum * (d[:, b] * dx[:, b, None])
+                if m is not None:
+                    y += m[:, b] * (sum_x[:, b, None] * dx[:, b, None])
         return y if self.bias is None else y + self.bias
 
     def forward_fused(

@@ -18,14 +18,17 @@
 // float32's after ~20 tokens: docs/benchmarks.md).
 //
 // INT16: each row quantized per block to 65,279 levels (d = max|x| / 32639, x_q = round(x / d)), split in two
-// int8 halves x_q = 256·hi + lo (hi in [-127, 127], lo in [-128, 127]) that run as two rows of INT8 (scales
-// 256·d and d) and are added: y = y_hi + y_lo. Twice INT8's products, the same inner loops, and float32's
-// greedy text on the default model (bench/activation_bits.py).
+// int8 halves x_q = 256·hi + lo (hi in [-127, 127], lo in [-128, 127]) that run as two rows through INT8's
+// inner loops; per block their exact sums are combined, Σ q_w·x_q = 256·Σ q_w·hi + Σ q_w·lo (|Σ| < 2^28), and
+// scaled as INT8's, with d and Σ x_q. Twice INT8's products, one epilogue, and float32's greedy text on the
+// default model (bench/activation_bits.py).
 //
 // Every way, every ISA does exactly these operations in this order, so every ISA gives the same bits (the
 // RMSNorm and SiLU prologues aside, whose float sums follow the vector width). The PyTorch oracle is
 // QLinear's reference path (layers/quantized_linear.py). Per ISA, only the inner loops differ:
 //   AVX-512 VNNI  vpdpbusd: 4 unsigned × 4 signed bytes into int32, 16 rows per vector
+//   AMX           (16 or more quantized rows of x) a tile product per block: 16 rows of x × 16 output rows ×
+//                 32 inputs into int32, then tile's epilogue (amx_tile)
 //   AVX2          vpmaddubsw (pairs into int16) + vpmaddwd, 8 rows per vector; Q4 sums stay in int16 over a
 //                 block (at most 16 · 15 · 127 = 30480), Q8 uses the sign trick (|x| · ±w)
 //   NEON          sdot by lane (4 signed × 4 signed bytes into int32), 8 rows as two vectors
@@ -106,30 +109,26 @@ static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, int32_t
     }
 }
 
-// One row x [K] -> its int16 blocks as two int8 rows (see INT16 above): hi and lo [K], their scales (256·d
-// and d) and Σ per block.
-static void quantize_row16(const float *x, int64_t K, int8_t *hi, int8_t *lo, float *d_hi, float *d_lo, int32_t *sum_hi,
-                           int32_t *sum_lo) {
+// One row x [K] -> its int16 blocks as two int8 rows (see INT16 above): hi and lo [K], and per block d and
+// Σ x_q.
+static void quantize_row16(const float *x, int64_t K, int8_t *hi, int8_t *lo, float *d, int32_t *sum) {
     for (int64_t b = 0; b < K / QBLOCK; b++) {
         float r[QBLOCK];
-        const float scale = round_block(x + b * QBLOCK, 32639.0f, r);
-        int32_t total_hi = 0, total_lo = 0;
+        d[b] = round_block(x + b * QBLOCK, 32639.0f, r);
+        int32_t total = 0;
         for (int i = 0; i < QBLOCK; i++) {
             const int32_t v = (int32_t)r[i];                   // |v| <= 32639
             const int32_t h = (v + 128 + 32768) / 256 - 128;  // floor((v + 128) / 256), in [-127, 127]
             hi[b * QBLOCK + i] = (int8_t)h;
             lo[b * QBLOCK + i] = (int8_t)(v - 256 * h);       // in [-128, 127]
-            total_hi += h;
-            total_lo += v - 256 * h;
+            total += v;
         }
-        d_hi[b] = 256.0f * scale;
-        d_lo[b] = scale;
-        sum_hi[b] = total_hi;
-        sum_lo[b] = total_lo;
+        sum[b] = total;
     }
 }
 
-// The quantized rows of x one tile reads: q [MT][ldq] int8, d and sum [MT][ldq / 32].
+// The quantized rows of x one tile reads: q [MT][ldq] int8 (INT16: rows 2i and 2i + 1 are row i's halves),
+// and per row of x (i) and block (b) d and Σ x_q: d and sum [MT / H][ldq / 32].
 typedef struct {
     const int8_t *q;
     const float *d;
@@ -138,8 +137,9 @@ typedef struct {
 } qrows;
 
 #define XQ(i, k) (xr.q + (i) * xr.ldq + (k))
+#define XSUM(i, b) (xr.sum[(i) * (xr.ldq / QBLOCK) + (b)])
 #define XD(i, b) (xr.d[(i) * (xr.ldq / QBLOCK) + (b)])
-#define XS(i, b) ((float)xr.sum[(i) * (xr.ldq / QBLOCK) + (b)] * XD(i, b))  // d_x · Σ q_x
+#define XS(i, b) ((float)XSUM(i, b) * XD(i, b))  // d_x · Σ q_x
 
 static inline int32_t load4(const int8_t *p) {
     int32_t v;
@@ -147,11 +147,12 @@ static inline int32_t load4(const int8_t *p) {
     return v;
 }
 
-// out [MT][ROWS] = the group's ROWS output rows for MT ≤ M_TILE rows of x. w: the group's data, sc: its
-// scales (kernels.h), nb = K / 32 blocks. MT is a constant at every call site (the accumulators stay in
-// registers).
+// out [MT / H][ROWS] = the group's ROWS output rows for MT ≤ M_TILE quantized rows of x (H = 2: INT16's
+// pairs of halves). w: the group's data, sc: its scales (kernels.h), nb = K / 32 blocks. MT and H are
+// constants at every call site (the accumulators stay in registers).
 #if GB_AVX512
-GB_INLINE void tile(const qrows xr, const int MT, const int format, const uint8_t *w, const uint16_t *sc, int64_t nb, float *out) {
+GB_INLINE void tile(const qrows xr, const int MT, const int H, const int format, const uint8_t *w, const uint16_t *sc, int64_t nb,
+                    float *out) {
     __m512 acc[M_TILE];
     for (int i = 0; i < M_TILE; i++) acc[i] = _mm512_setzero_ps();
     const __m512i nib = _mm512_set1_epi8(0x0F), bias128 = _mm512_set1_epi8((char)0x80);
@@ -172,26 +173,28 @@ GB_INLINE void tile(const qrows xr, const int MT, const int format, const uint8_
             dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + b * 2 * ROWS)));
             mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + b * 2 * ROWS + ROWS)));
         } else {
-            // w + 128 is the unsigned operand; 128 · Σ q_x is taken back per block.
+            // w + 128 is the unsigned operand; 128 · Σ q_x is taken back per block (below).
             const uint8_t *wb = w + b * 8 * ROWS * 4;
             for (int j = 0; j < 8; j++) {
                 const __m512i v = _mm512_xor_si512(_mm512_loadu_si512((const void *)(wb + j * ROWS * 4)), bias128);
                 for (int i = 0; i < MT; i++) isum[i] = _mm512_dpbusd_epi32(isum[i], v, _mm512_set1_epi32(load4(XQ(i, b * QBLOCK + 4 * j))));
             }
-            for (int i = 0; i < MT; i++) isum[i] = _mm512_sub_epi32(isum[i], _mm512_set1_epi32(128 * xr.sum[i * (xr.ldq / QBLOCK) + b]));
             dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + b * ROWS)));
         }
-        for (int i = 0; i < MT; i++) {
-            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i]), _mm512_mul_ps(dw, _mm512_set1_ps(XD(i, b))), acc[i]);
-            if (format == FORMAT_Q4_1) acc[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(XS(i, b)), acc[i]);
+        for (int i = 0; i + H <= MT; i += H) {
+            __m512i s = H == 2 ? _mm512_add_epi32(_mm512_slli_epi32(isum[i], 8), isum[i + 1]) : isum[i];
+            if (format == FORMAT_Q8_0) s = _mm512_sub_epi32(s, _mm512_set1_epi32(128 * XSUM(i / H, b)));
+            acc[i / H] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_set1_ps(XD(i / H, b))), acc[i / H]);
+            if (format == FORMAT_Q4_1) acc[i / H] = _mm512_fmadd_ps(mw, _mm512_set1_ps(XS(i / H, b)), acc[i / H]);
         }
     }
-    for (int i = 0; i < MT; i++) _mm512_storeu_ps(out + i * ROWS, acc[i]);
+    for (int i = 0; i < MT / H; i++) _mm512_storeu_ps(out + i * ROWS, acc[i]);
 }
 #elif GB_AVX2
 // The accumulators are named variables, one per row of x (GCC keeps an array of them on the stack).
 #define EACH_ROW(X) X(0) X(1) X(2) X(3)
-GB_INLINE void tile(const qrows xr, const int MT, const int format, const uint8_t *w, const uint16_t *sc, int64_t nb, float *out) {
+GB_INLINE void tile(const qrows xr, const int MT, const int H, const int format, const uint8_t *w, const uint16_t *sc, int64_t nb,
+                    float *out) {
     const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
 #define DECLARE(i) __m256 acc##i = _mm256_setzero_ps(); __m256i s##i;
     EACH_ROW(DECLARE)
@@ -233,21 +236,26 @@ GB_INLINE void tile(const qrows xr, const int MT, const int format, const uint8_
             }
             dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + b * ROWS)));
         }
+        if (H == 2) {  // row i's sums: its halves' (2i, 2i + 1) combined
+            if (MT > 1) s0 = _mm256_add_epi32(_mm256_slli_epi32(s0, 8), s1);
+            if (MT > 3) s1 = _mm256_add_epi32(_mm256_slli_epi32(s2, 8), s3);
+        }
 #define SCALE(i)                                                                                                   \
-    if (MT > i) {                                                                                                  \
+    if (MT / H > i) {                                                                                              \
         acc##i = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s##i), _mm256_mul_ps(dw, _mm256_set1_ps(XD(i, b))), acc##i);   \
         if (format == FORMAT_Q4_1) acc##i = _mm256_fmadd_ps(mw, _mm256_set1_ps(XS(i, b)), acc##i);                 \
     }
         EACH_ROW(SCALE)
     }
-#define STORE(i) if (MT > i) _mm256_storeu_ps(out + i * ROWS, acc##i);
+#define STORE(i) if (MT / H > i) _mm256_storeu_ps(out + i * ROWS, acc##i);
     EACH_ROW(STORE)
 }
 #elif GB_NEON
 // sdot by lane: lane l of x (its bytes 4l..4l+3) against the 4 bytes of each of a vector's 4 rows.
 #define SDOT(acc, w, x, l) acc = vdotq_laneq_s32(acc, w, x, l)
 GB_INLINE float32x4_t half4(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
-GB_INLINE void tile(const qrows xr, const int MT, const int format, const uint8_t *w, const uint16_t *sc, int64_t nb, float *out) {
+GB_INLINE void tile(const qrows xr, const int MT, const int H, const int format, const uint8_t *w, const uint16_t *sc, int64_t nb,
+                    float *out) {
     float32x4_t acc[M_TILE][2];
     for (int i = 0; i < M_TILE; i++) acc[i][0] = acc[i][1] = vdupq_n_f32(0.0f);
     const uint8x16_t nib = vdupq_n_u8(0x0F);
@@ -299,48 +307,141 @@ GB_INLINE void tile(const qrows xr, const int MT, const int format, const uint8_
             }
             for (int h = 0; h < 2; h++) dw[h] = half4(sc + b * ROWS + 4 * h);
         }
-        for (int i = 0; i < MT; i++) {
+        for (int i = 0; i + H <= MT; i += H) {
             for (int h = 0; h < 2; h++) {
-                acc[i][h] = vfmaq_f32(acc[i][h], vcvtq_f32_s32(isum[i][h]), vmulq_f32(dw[h], vdupq_n_f32(XD(i, b))));
-                if (format == FORMAT_Q4_1) acc[i][h] = vfmaq_f32(acc[i][h], mw[h], vdupq_n_f32(XS(i, b)));
+                const int32x4_t s = H == 2 ? vaddq_s32(vshlq_n_s32(isum[i][h], 8), isum[i + 1][h]) : isum[i][h];
+                acc[i / H][h] = vfmaq_f32(acc[i / H][h], vcvtq_f32_s32(s), vmulq_f32(dw[h], vdupq_n_f32(XD(i / H, b))));
+                if (format == FORMAT_Q4_1) acc[i / H][h] = vfmaq_f32(acc[i / H][h], mw[h], vdupq_n_f32(XS(i / H, b)));
             }
         }
     }
-    for (int i = 0; i < MT; i++) {
+    for (int i = 0; i < MT / H; i++) {
         vst1q_f32(out + i * ROWS, acc[i][0]);
         vst1q_f32(out + i * ROWS + 4, acc[i][1]);
     }
 }
 #else
-GB_INLINE void tile(const qrows xr, const int MT, const int format, const uint8_t *w, const uint16_t *sc, int64_t nb, float *out) {
-    for (int i = 0; i < MT * ROWS; i++) out[i] = 0.0f;
+// Σ q_w·q_x over block b of output row r of the group and the quantized row x [32].
+static int32_t block_dot(const int format, const uint8_t *w, int64_t b, int r, const int8_t *x) {
+    int32_t isum = 0;
+    if (format == FORMAT_Q4_1) {
+        const uint8_t *wb = w + b * 4 * ROWS * 4;
+        for (int j = 0; j < 4; j++)
+            for (int t = 0; t < 4; t++) {
+                const uint8_t byte = wb[(j * ROWS + r) * 4 + t];
+                isum += (byte & 0x0F) * x[8 * j + t] + (byte >> 4) * x[8 * j + 4 + t];
+            }
+    } else {
+        const int8_t *wb = (const int8_t *)w + b * 8 * ROWS * 4;
+        for (int j = 0; j < 8; j++)
+            for (int t = 0; t < 4; t++) isum += wb[(j * ROWS + r) * 4 + t] * x[4 * j + t];
+    }
+    return isum;
+}
+
+GB_INLINE void tile(const qrows xr, const int MT, const int H, const int format, const uint8_t *w, const uint16_t *sc, int64_t nb,
+                    float *out) {
+    for (int i = 0; i < MT / H * ROWS; i++) out[i] = 0.0f;
     for (int64_t b = 0; b < nb; b++) {
-        for (int i = 0; i < MT; i++) {
-            const int8_t *x = XQ(i, b * QBLOCK);
+        for (int i = 0; i + H <= MT; i += H) {
             for (int r = 0; r < ROWS; r++) {
-                int32_t isum = 0;
-                float dw, mw = 0.0f;
-                if (format == FORMAT_Q4_1) {
-                    const uint8_t *wb = w + b * 4 * ROWS * 4;
-                    for (int j = 0; j < 4; j++)
-                        for (int t = 0; t < 4; t++) {
-                            const uint8_t byte = wb[(j * ROWS + r) * 4 + t];
-                            isum += (byte & 0x0F) * x[8 * j + t] + (byte >> 4) * x[8 * j + 4 + t];
-                        }
-                    dw = half_to_float(sc[b * 2 * ROWS + r]);
-                    mw = half_to_float(sc[b * 2 * ROWS + ROWS + r]);
-                } else {
-                    const int8_t *wb = (const int8_t *)w + b * 8 * ROWS * 4;
-                    for (int j = 0; j < 8; j++)
-                        for (int t = 0; t < 4; t++) isum += wb[(j * ROWS + r) * 4 + t] * x[4 * j + t];
-                    dw = half_to_float(sc[b * ROWS + r]);
-                }
-                float *o = out + i * ROWS + r;
-                *o = fmaf((float)isum, dw * XD(i, b), *o);
-                if (format == FORMAT_Q4_1) *o = fmaf(mw, XS(i, b), *o);
+                int32_t isum = block_dot(format, w, b, r, XQ(i, b * QBLOCK));
+                if (H == 2) isum = 256 * isum + block_dot(format, w, b, r, XQ(i + 1, b * QBLOCK));
+                const float dw = half_to_float(sc[b * (format == FORMAT_Q4_1 ? 2 : 1) * ROWS + r]);
+                float *o = out + i / H * ROWS + r;
+                *o = fmaf((float)isum, dw * XD(i / H, b), *o);
+                if (format == FORMAT_Q4_1) *o = fmaf(half_to_float(sc[b * 2 * ROWS + ROWS + r]), XS(i / H, b), *o);
             }
         }
     }
+}
+#endif
+
+#if GB_AMX
+// ---- AMX: the integer products of tile() as 16 x 16 tile products ----
+// Per block of 32 inputs, one tile product C [16 rows of x][16 output rows] int32 = A [16][32] int8 (the rows'
+// quantized block, loaded from q as it lies) · B [32][16], then tile()'s fused multiply-adds on C's rows in
+// the same order: the integer sums are exact, so AMX gives every ISA's bits. B is AMX's VNNI layout (row j:
+// inputs 4j..4j+3 of each output row), which is Q8_0's packing as stored (step j); Q4_1's nibbles are
+// unpacked to it once per group (chunk j's low nibbles are B's row 2j, its high ones row 2j + 1), unsigned.
+#define AMX_M 16  // rows of x per tile
+// Tile registers (numbers: GCC's tile intrinsics paste them into the instruction)
+#define TILE_C0 0
+#define TILE_C1 1
+#define TILE_A0 2
+#define TILE_A1 3
+#define TILE_B0 4
+#define TILE_B1 5
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) amx_config;
+
+// Each thread loads the tiles' shapes before its first tile op (the configuration is per thread, and other
+// code on the thread, e.g. oneDNN, loads its own).
+static void amx_configure(void) {
+    amx_config c = {0};
+    c.palette = 1;
+    c.rows[TILE_C0] = c.rows[TILE_C1] = AMX_M, c.colsb[TILE_C0] = c.colsb[TILE_C1] = ROWS * 4;
+    c.rows[TILE_A0] = c.rows[TILE_A1] = AMX_M, c.colsb[TILE_A0] = c.colsb[TILE_A1] = QBLOCK;
+    c.rows[TILE_B0] = c.rows[TILE_B1] = QBLOCK / 4, c.colsb[TILE_B0] = c.colsb[TILE_B1] = ROWS * 4;
+    _tile_loadconfig(&c);
+}
+
+// A group's Q4_1 data [nb][4][ROWS][4] -> B [nb][8][ROWS][4] (nibbles as bytes, 0..15).
+static void amx_unpack_q4(const uint8_t *w, int64_t nb, uint8_t *out) {
+    const __m512i nib = _mm512_set1_epi8(0x0F);
+    for (int64_t j = 0; j < nb * 4; j++) {
+        const __m512i v = _mm512_loadu_si512((const void *)(w + j * ROWS * 4));
+        _mm512_storeu_si512((void *)(out + 2 * j * ROWS * 4), _mm512_and_si512(v, nib));
+        _mm512_storeu_si512((void *)(out + (2 * j + 1) * ROWS * 4), _mm512_and_si512(_mm512_srli_epi16(v, 4), nib));
+    }
+}
+
+// acc [AMX_M / H] += block b's products c [AMX_M][ROWS], combined and scaled as in tile().
+GB_INLINE void amx_epilogue(const qrows xr, const int H, const int format, const uint16_t *sc, int64_t b, const int32_t *c, __m512 *acc) {
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + b * (format == FORMAT_Q4_1 ? 2 : 1) * ROWS)));
+    const __m512 mw = format == FORMAT_Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + b * 2 * ROWS + ROWS))) : dw;
+    for (int i = 0; i < AMX_M; i += H) {
+        __m512i s = _mm512_load_si512(c + i * ROWS);
+        if (H == 2) s = _mm512_add_epi32(_mm512_slli_epi32(s, 8), _mm512_load_si512(c + (i + 1) * ROWS));
+        acc[i / H] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_set1_ps(XD(i / H, b))), acc[i / H]);
+        if (format == FORMAT_Q4_1) acc[i / H] = _mm512_fmadd_ps(mw, _mm512_set1_ps(XS(i / H, b)), acc[i / H]);
+    }
+}
+
+// Block b's tile product into tile C (A from x's rows, B from the group's blocks wb [nb][8][ROWS][4]).
+#define AMX_PRODUCT(C, A, B, b)                                                  \
+    do {                                                                         \
+        _tile_zero(C);                                                           \
+        _tile_loadd(A, xr.q + (b) * QBLOCK, xr.ldq);                             \
+        _tile_loadd(B, wb + (b) * QBLOCK * ROWS, ROWS * 4);                      \
+        if (format == FORMAT_Q4_1) _tile_dpbsud(C, A, B); /* signed x, unsigned nibbles */ \
+        else _tile_dpbssd(C, A, B);                                              \
+    } while (0)
+
+// out [AMX_M / H][ROWS] = the group's output rows for the AMX_M quantized rows at xr (all readable: gb_qlinear
+// pads).
+// Software-pipelined: the products of blocks b + 2 and b + 3 run while blocks b and b + 1 are scaled (a tile
+// product's latency, ~50 cycles, is most of a pair's time otherwise).
+GB_INLINE void amx_tile(const qrows xr, const int H, const int format, const uint8_t *wb, const uint16_t *sc, int64_t nb, float *out) {
+    __m512 acc[AMX_M];
+    for (int i = 0; i < AMX_M; i++) acc[i] = _mm512_setzero_ps();
+    _Alignas(64) int32_t c[2][AMX_M * ROWS];
+    AMX_PRODUCT(TILE_C0, TILE_A0, TILE_B0, 0);
+    if (nb > 1) AMX_PRODUCT(TILE_C1, TILE_A1, TILE_B1, 1);
+    for (int64_t b = 0; b < nb; b += 2) {
+        const int pair = b + 1 < nb;
+        _tile_stored(TILE_C0, c[0], ROWS * 4);
+        if (pair) _tile_stored(TILE_C1, c[1], ROWS * 4);
+        if (b + 2 < nb) AMX_PRODUCT(TILE_C0, TILE_A0, TILE_B0, b + 2);
+        if (b + 3 < nb) AMX_PRODUCT(TILE_C1, TILE_A1, TILE_B1, b + 3);
+        amx_epilogue(xr, H, format, sc, b, c[0], acc);
+        if (pair) amx_epilogue(xr, H, format, sc, b + 1, c[1], acc);
+    }
+    for (int i = 0; i < AMX_M / H; i++) _mm512_storeu_ps(out + i * ROWS, acc[i]);
 }
 #endif
 
@@ -627,13 +728,25 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
     const int64_t nb = K / QBLOCK;
     const int integer = w->activations != ACTIVATIONS_FLOAT32;  // integer products: INT8, or INT16 as two INT8 rows
     const int64_t halves = w->activations == ACTIVATIONS_INT16 ? 2 : 1, MQ = halves * M;  // quantized rows
+#if GB_AMX
+    const int amx = integer && MQ >= AMX_M;  // (fewer rows: the weights' bytes bound the call; VNNI runs it)
+    const int64_t MQP = amx ? (MQ + AMX_M - 1) / AMX_M * AMX_M : MQ;  // rows allocated: AMX reads whole tiles
+#else
+    const int64_t MQP = MQ;
+#endif
     // float32 activations: the rows themselves, or their transformed copies; integer: their blocks.
     float *rows = prologue != PROLOGUE_NONE && !integer ? malloc(sizeof(float) * (size_t)(M * K)) : NULL;
     // float32 activations over Q4_1: each block's Σ x, for its minimum (in input order)
     float *xsum = !integer && w->format == FORMAT_Q4_1 ? malloc(sizeof(float) * (size_t)(M * nb)) : NULL;
-    int8_t *q = integer ? aligned_alloc(64, (size_t)((MQ * K + 63) / 64 * 64)) : NULL;
-    float *d = integer ? malloc(sizeof(float) * (size_t)(MQ * nb)) : NULL;
-    int32_t *sum = integer ? malloc(sizeof(int32_t) * (size_t)(MQ * nb)) : NULL;
+    int8_t *q = integer ? aligned_alloc(64, (size_t)((MQP * K + 63) / 64 * 64)) : NULL;
+    // (d and Σ x_q per row of x and block; INT16's halves share them)
+    float *d = integer ? malloc(sizeof(float) * (size_t)(MQP / halves * nb)) : NULL;
+    int32_t *sum = integer ? malloc(sizeof(int32_t) * (size_t)(MQP / halves * nb)) : NULL;
+    if (MQP > MQ) {  // padding rows: zeros, whose products are 0
+        memset(q + MQ * K, 0, (size_t)((MQP - MQ) * K));
+        memset(d + M * nb, 0, sizeof(float) * (size_t)((MQP - MQ) / halves * nb));
+        memset(sum + M * nb, 0, sizeof(int32_t) * (size_t)((MQP - MQ) / halves * nb));
+    }
     if (prologue != PROLOGUE_NONE || integer || xsum) {
 #pragma omp parallel for schedule(static) if (M > 1)
         for (int64_t m = 0; m < M; m++) {
@@ -645,8 +758,7 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
                 row = transformed;
             }
             if (halves == 2) {  // rows 2m (hi) and 2m + 1 (lo)
-                quantize_row16(row, K, q + 2 * m * K, q + (2 * m + 1) * K, d + 2 * m * nb, d + (2 * m + 1) * nb,
-                               sum + 2 * m * nb, sum + (2 * m + 1) * nb);
+                quantize_row16(row, K, q + 2 * m * K, q + (2 * m + 1) * K, d + m * nb, sum + m * nb);
                 free(transformed);
             } else if (integer) {
                 quantize_row(row, K, q + m * K, d + m * nb, sum + m * nb);
@@ -667,6 +779,37 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
     const int64_t groups = (N + ROWS - 1) / ROWS, m_blocks = (MQ + M_TILE - 1) / M_TILE;
     const int64_t group_bytes = w->format == FORMAT_Q4_1 ? nb * QBLOCK * ROWS / 2 : nb * QBLOCK * ROWS;
     const int64_t group_scales = w->format == FORMAT_Q4_1 ? nb * 2 * ROWS : nb * ROWS;
+#if GB_AMX
+    if (amx) {  // each thread takes whole groups, all the rows of x (amx_tile)
+#pragma omp parallel
+        {
+            amx_configure();
+            uint8_t *wq = w->format == FORMAT_Q4_1 ? aligned_alloc(64, (size_t)(nb * QBLOCK * ROWS)) : NULL;
+            float out[AMX_M * ROWS];
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t g = 0; g < groups; g++) {
+                const uint8_t *wg = (const uint8_t *)w->data + g * group_bytes;
+                const uint16_t *sg = w->scales + g * group_scales;
+                if (wq) amx_unpack_q4(wg, nb, wq);
+                for (int64_t m0 = 0; m0 < MQ; m0 += AMX_M) {
+                    const int64_t mt = MQ - m0 < AMX_M ? MQ - m0 : AMX_M;
+                    const qrows xr = {q + m0 * K, d + m0 / halves * nb, sum + m0 / halves * nb, K};
+                    if (halves == 2) {
+                        if (wq) amx_tile(xr, 2, FORMAT_Q4_1, wq, sg, nb, out);
+                        else amx_tile(xr, 2, FORMAT_Q8_0, wg, sg, nb, out);
+                    } else {
+                        if (wq) amx_tile(xr, 1, FORMAT_Q4_1, wq, sg, nb, out);
+                        else amx_tile(xr, 1, FORMAT_Q8_0, wg, sg, nb, out);
+                    }
+                    store_tile(out, ROWS, mt / halves, m0 / halves, g * ROWS, N, w->bias, residual, ldr, y, ldy);
+                }
+            }
+            _tile_release();
+            free(wq);
+        }
+        goto done;
+    }
+#endif
     // Each thread takes whole groups of output rows (their weights stream once per M_TILE rows of x); the
     // float32 path takes GROUPS groups at a time when x has one row (ftile_row). With more rows, work is
     // handed out in chunks of 4 (dynamic): a thread the OS preempts (another process on a 2-core machine)
@@ -731,16 +874,19 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
         for (int64_t mb = 0; mb < m_blocks; mb++) {
             const int64_t m0 = mb * M_TILE, mt = MQ - m0 < M_TILE ? MQ - m0 : M_TILE;
             const int64_t g0 = u * GN, gn = groups - g0 < GN ? groups - g0 : GN;
-            const qrows xr = {q + m0 * K, d + m0 * nb, sum + m0 * nb, K};
+            const qrows xr = {q + m0 * K, d + m0 / halves * nb, sum + m0 / halves * nb, K};
             const uint8_t *wg = (const uint8_t *)w->data + g0 * group_bytes;
             const uint16_t *sg = w->scales + g0 * group_scales;
             const float *xm = xf + m0 / halves * ldf, *xs = xsum ? xsum + m0 * nb : NULL;
             float out[GROUPS * M_TILE * ROWS];
             // (every combination spelled out: MT, GN and the format are constants inside each tile)
 #define TILE(MT)                                                                                                     \
-    if (integer) {                                                                                                   \
-        if (w->format == FORMAT_Q4_1) tile(xr, MT, FORMAT_Q4_1, wg, sg, nb, out);                                   \
-        else tile(xr, MT, FORMAT_Q8_0, wg, sg, nb, out);                                                            \
+    if (halves == 2) {                                                                                               \
+        if (w->format == FORMAT_Q4_1) tile(xr, MT, 2, FORMAT_Q4_1, wg, sg, nb, out);                                \
+        else tile(xr, MT, 2, FORMAT_Q8_0, wg, sg, nb, out);                                                         \
+    } else if (integer) {                                                                                            \
+        if (w->format == FORMAT_Q4_1) tile(xr, MT, 1, FORMAT_Q4_1, wg, sg, nb, out);                                \
+        else tile(xr, MT, 1, FORMAT_Q8_0, wg, sg, nb, out);                                                         \
     } else {                                                                                                         \
         for (int64_t gi = 0; gi < gn; gi++) {                                                                        \
             const uint8_t *wi = wg + gi * group_bytes;                                                               \
@@ -767,17 +913,13 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
                 }
             }
 #undef TILE
-            if (halves == 2)  // y = y_hi + y_lo: row i of the tile's output from its rows 2i and 2i + 1
-                for (int64_t i = 0; i < mt / 2; i++)
-                    for (int r = 0; r < ROWS; r += VW)
-                        vf_store(out + i * ROWS + r, vf_add(vf_load(out + 2 * i * ROWS + r), vf_load(out + (2 * i + 1) * ROWS + r)));
             for (int64_t gi = 0; gi < gn; gi++)
                 store_tile(out + gi * M_TILE * ROWS, ROWS, mt / halves, m0 / halves, (g0 + gi) * ROWS, N, w->bias, residual, ldr, y, ldy);
         }
     }
     free(xcopies);
-#if PAIRED
-done:  // (the paired path's end)
+#if PAIRED || GB_AMX
+done:  // (the paired and AMX paths' end)
 #endif
     free(rows);
     free(xsum);

@@ -1,9 +1,10 @@
 // The instruction set the library is compiled for, and the float vector the kernels are written in.
 //
 // The library is built once per instruction set (kernels/cpu_native.py picks the flags from the CPU, or
-// GLASSBOX_NATIVE_ISA): AVX-512 (with VNNI), AVX2 (with FMA and F16C), ARM64 NEON (with the dot-product
-// extension) or plain C. The kernels are written once against `vf`, a vector of VW floats, and the few
-// operations below; only the integer dot products of qlinear.c have their own inner loop per ISA.
+// GLASSBOX_NATIVE_ISA): AVX-512 (with VNNI; "amx": with AMX's int8 tiles too), AVX2 (with FMA and F16C),
+// ARM64 NEON (with the dot-product extension) or plain C. The kernels are written once against `vf`, a vector
+// of VW floats, and the few operations below; only the integer dot products of qlinear.c have their own inner
+// loop per ISA.
 //
 // Every ISA computes the same operations in the same order per lane (fused multiply-adds where written,
 // e^x by the same polynomial), so results differ between ISAs only where a reduction's order does (sums
@@ -16,7 +17,12 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define GB_AVX512 1
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define GB_AMX 1  // AVX-512 plus AMX's int8 tiles for qlinear's integer products (qlinear.c)
+#define GB_ISA "amx"
+#else
 #define GB_ISA "avx512"
+#endif
 #define VW 16
 #include <immintrin.h>
 typedef __m512 vf;
