@@ -11,7 +11,8 @@ Three kernels, each with a launcher that checks its arguments:
   prefill_attention       -- varlen causal attention of a flattened batch of query chunks over the cache
 
 Every kernel reads lengths from device tensors, never on the host, and its grid depends only on tensor
-shapes, so a step can be captured in a CUDA graph. Scores and softmax are float32 whatever the input dtype;
+shapes, so a step can be captured in a CUDA graph. On Hopper and later the decode-step kernels launch with
+programmatic dependent launch (`_pdl`). Scores and softmax are float32 whatever the input dtype;
 the softmax uses exp2 on scores pre-multiplied by log2(e). The grouped-query heads that share a KV head are
 computed in one program so that each key/value tile is loaded once. Every tl.dot operand is at least 16 in
 each dimension (a GPU requirement; the interpreter does not check it): groups and head_dim are padded to 16.
@@ -26,11 +27,18 @@ us a layer). Prefill widens to the query's dtype.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from glassbox.kernels.attention_torch import FP8_DTYPES
+
+try:  # programmatic dependent launch (Triton >= 3.3): see _pdl
+    from triton.language.extra.cuda import gdc_wait
+except ImportError:
+    gdc_wait = None
 
 LOG2_E = 1.4426950408889634
 # Keys per step of the decode loop: longer tiles once each program holds a whole sequence (bench/gpu_kernels.py:
@@ -93,6 +101,18 @@ def _to_cache(x, cache_ptr, FP8_MAX: tl.constexpr):
     if FP8_MAX > 0:
         x = tl.minimum(tl.maximum(x.to(tl.float32), -FP8_MAX), FP8_MAX)
     return x.to(cache_ptr.dtype.element_ty)
+
+
+@functools.cache
+def _pdl(device: torch.device) -> bool:
+    """Whether the decode-step kernels launch with programmatic dependent launch (Hopper and later, compiled:
+    not in the interpreter): a kernel's programs are launched while the kernel before it finishes and wait
+    for it (gdc_wait, before anything else), so the launch latency (~1 us a kernel on the H200) overlaps the
+    previous kernel's tail; captured CUDA graphs keep it. The H200, batch 32 at 8k, a layer: Quest 24.5 ->
+    23.4 us (SmolLM2's heads), 66.4 -> 64.5 (Llama-3-8B's); dense unchanged. Letting the next kernel launch
+    from each program's start too (gdc_launch_dependents) slowed dense Llama-3-8B by 14%: its waiting
+    programs take the SMs' slots."""
+    return gdc_wait is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _block_d(head_dim: int) -> int:
@@ -248,7 +268,10 @@ def _decode_kernel(
     BLOCK_G: tl.constexpr,  # GROUP padded to >= 16
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,  # launched dependent on the previous kernel: wait for it first
 ):
+    if PDL:
+        gdc_wait()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -362,8 +385,11 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # Merge the splits' softmaxes: weight each by exp2(its max - overall max).
+    if PDL:
+        gdc_wait()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_SPLITS)
@@ -470,6 +496,7 @@ def paged_decode_attention(
     else:  # unused by the kernel; any float32 tensor will do
         partial_acc = partial_max = partial_sum = out.new_empty(1, dtype=torch.float32)
     block_d = _block_d(head_dim)
+    pdl = _pdl(q.device)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, partial_acc, partial_max, partial_sum,
         k_new, v_new, slot_mapping, scale * LOG2_E, num_heads, num_splits,
@@ -487,7 +514,9 @@ def paged_decode_attention(
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d,
         BLOCK_N=block_n,
+        PDL=pdl,
         num_warps=num_warps,
+        launch_pdl=pdl,
         **({} if num_stages is None else {"num_stages": num_stages}),
     )  # fmt: skip
     if split:
@@ -496,6 +525,8 @@ def paged_decode_attention(
             HEAD_DIM=head_dim,
             BLOCK_SPLITS=triton.next_power_of_2(num_splits),
             BLOCK_D=block_d,
+            PDL=pdl,
+            launch_pdl=pdl,
         )  # fmt: skip
     return out
 
@@ -541,7 +572,10 @@ def _quest_bounds_kernel(
     IEEE: tl.constexpr,  # products in float32 (float32 operands, or dtypes that differ)
     BLOCK_G: tl.constexpr,  # GROUP padded to >= 16
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        gdc_wait()
     # Programs (sequence, KV head, part): part p bounds the candidate blocks of tiles p, p + parts, ... — a
     # sequence's blocks are read by many programs at once (one program per row was latency-bound). A block's
     # bound for a query head: sum_d max(q_d * min_d, q_d * max_d) = max(q, 0) . max + min(q, 0) . min, two
@@ -582,6 +616,41 @@ def _quest_bounds_kernel(
 
 
 @triton.jit
+def _quest_kth_by_sort(keys, candidates, need, SCAN: tl.constexpr):
+    # The need-th highest key of a row of <= SCAN candidates, as _quest_unsigned_keys gives them, and how many
+    # keys are above it: the row's keys sorted in registers (the H200, SmolLM2's / Llama-3-8B's heads at
+    # batch 32 and 8k: 4.7 / 6.0 us a layer, 7.3 / 8.3 by bytes).
+    ids = tl.arange(0, SCAN)
+    valid = ids < candidates
+    key = tl.load(keys + ids, mask=valid, other=-2147483648)  # [SCAN] int32 (signed: _quest_key's order)
+    kth = tl.sum(tl.where(ids == need - 1, tl.sort(key, descending=True), 0), 0)
+    above = tl.sum(((key > kth) & valid).to(tl.int32), 0)
+    return kth.to(tl.int64) + 2147483648, above
+
+
+@triton.jit
+def _quest_kth_by_bytes(keys, candidates, need, SCAN: tl.constexpr):
+    # The same for a row of any length, a byte at a time: each of 4 passes over the keys takes a histogram of
+    # the next byte of the keys that match the bytes found so far.
+    digits = tl.arange(0, 256)
+    kth = tl.sum(tl.zeros([256], tl.int64), 0)  # the need-th highest key (as _quest_unsigned_keys gives them)
+    above = tl.sum(tl.zeros([256], tl.int32), 0)  # keys past the bytes found so far (>= them + 1 in the last)
+    for level in tl.static_range(4):
+        shift = 24 - 8 * level
+        hist = tl.zeros([256], tl.int32)  # keys matching kth's bytes so far, by their next byte
+        for start in range(0, candidates, SCAN):
+            ids = start + tl.arange(0, SCAN)
+            key = _quest_unsigned_keys(keys, ids, candidates)
+            match = ((key >> (shift + 8)) == (kth >> (shift + 8))) & (ids < candidates)
+            hist += tl.histogram(tl.where(match, (key >> shift) & 255, 0).to(tl.int32), 256)  # (others: bin 0)
+        counts = above + tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # [256]: keys >= kth + (d << shift), d > 0
+        byte = tl.sum(((counts >= need) & (digits > 0)).to(tl.int32), 0)
+        above = tl.sum(tl.where(digits == byte + 1, counts, 0), 0) + tl.where(byte == 255, above, 0)
+        kth += byte.to(tl.int64) << shift
+    return kth, above
+
+
+@triton.jit
 def _quest_select_kernel(
     block_tables_ptr,  # [S, max_blocks]
     context_lens_ptr,  # [S]
@@ -594,11 +663,13 @@ def _quest_select_kernel(
     stride_out_head,
     BLOCK_SIZE: tl.constexpr,
     SCAN: tl.constexpr,  # keys per tile of the search's passes
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        gdc_wait()
     # One program per (sequence, KV head): the budget - 1 blocks of highest bound (ties to the earlier block)
     # and the last block, in block order — the native CPU kernel's choice (kernels/cpu/paged_attention.c).
-    # The need-th highest bound is found a byte at a time over the bounds' order-keeping integer keys: each
-    # of 4 passes takes a histogram of the next byte of the keys that match the bytes found so far.
+    # The need-th highest bound: a sort of the keys when they fit one tile, else found a byte at a time.
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     context_len = tl.load(context_lens_ptr + seq)
@@ -616,21 +687,10 @@ def _quest_select_kernel(
         need = budget - 1
         candidates = num_blocks - 1  # (the last block is always read)
         keys = keys_ptr + seq * stride_out_seq + kv_head * stride_out_head
-        digits = tl.arange(0, 256)
-        kth = tl.sum(tl.zeros([256], tl.int64), 0)  # the need-th highest key (as _quest_unsigned_keys gives them)
-        above = tl.sum(tl.zeros([256], tl.int32), 0)  # keys past the bytes found so far (>= them + 1 in the last)
-        for level in tl.static_range(4):
-            shift = 24 - 8 * level
-            hist = tl.zeros([256], tl.int32)  # keys matching kth's bytes so far, by their next byte
-            for start in range(0, candidates, SCAN):
-                ids = start + tl.arange(0, SCAN)
-                key = _quest_unsigned_keys(keys, ids, candidates)
-                match = ((key >> (shift + 8)) == (kth >> (shift + 8))) & (ids < candidates)
-                hist += tl.histogram(tl.where(match, (key >> shift) & 255, 0).to(tl.int32), 256)  # (others: bin 0)
-            counts = above + tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # [256]: keys >= kth + (d << shift), d > 0
-            byte = tl.sum(((counts >= need) & (digits > 0)).to(tl.int32), 0)
-            above = tl.sum(tl.where(digits == byte + 1, counts, 0), 0) + tl.where(byte == 255, above, 0)
-            kth += byte.to(tl.int64) << shift
+        if candidates <= SCAN:
+            kth, above = _quest_kth_by_sort(keys, candidates, need, SCAN)
+        else:
+            kth, above = _quest_kth_by_bytes(keys, candidates, need, SCAN)
         ties_kept = need - above  # the ties at the need-th key that are read: the earliest ones
         written = 0
         ties_seen = 0
@@ -674,7 +734,8 @@ def quest_tables(
     if num_seqs == 0:
         return tables, lens
     block_d = _block_d(head_dim)
-    tile = max(16, 4096 // block_d)  # [TILE, BLOCK_D] bounds per step: 64 blocks at D = 64, 32 at D = 128
+    pdl = _pdl(q.device)
+    tile = 32  # blocks per step (the H200, batch 32 at 8k: 6.2 us a layer for SmolLM2's heads, 6.9 with 64)
     # Parts per row: a program per tile of the table's width, up to QUEST_BOUND_PARTS (wider tables loop).
     parts = max(1, min(triton.cdiv(max_blocks, tile), QUEST_BOUND_PARTS))
     _quest_bounds_kernel[(num_seqs, num_kv_heads, parts)](
@@ -688,13 +749,18 @@ def quest_tables(
         IEEE=torch.float32 in (q.dtype, summaries.dtype) or q.dtype != summaries.dtype,
         BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)),
         BLOCK_D=block_d,
-        num_warps=2,  # (the H200, batch 32 at 8k: 6.1 / 20.6 us a layer for SmolLM2's / Llama-3-8B's heads, 6.7 / 21.4 with 4)
+        PDL=pdl,
+        num_warps=2,  # (the H200, batch 32 at 8k: 6.2 / 20.7 us a layer for SmolLM2's / Llama-3-8B's heads, 6.7 / 21.4 with 4)
+        launch_pdl=pdl,
     )  # fmt: skip
     _quest_select_kernel[(num_seqs, num_kv_heads)](
         block_tables, context_lens, budgets, keys, tables, lens,
         block_tables.stride(0), tables.stride(0), tables.stride(1),
         BLOCK_SIZE=block_size,
         SCAN=QUEST_SCAN,
+        PDL=pdl,
+        num_warps=8,  # (4.7 / 6.0 us as above; 5.0 / 6.3 with 4)
+        launch_pdl=pdl,
     )  # fmt: skip
     return tables, lens
 
