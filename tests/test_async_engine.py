@@ -125,3 +125,19 @@ def test_calls_wait_while_new_requests_wait_for_their_first_step(engine):
 
     asyncio.run(main())
     assert len(saw_waiting) == 36 and not any(saw_waiting)
+
+
+def test_serving_waits_while_an_op_or_a_new_request_is_not_taken_in(tiny_model_dir):
+    """What research slices ask between two layers (research/step_slices.py): True from the moment a
+    serving op is queued until the loop runs it, and while a request waits for its first step."""
+    llm = LLMEngine(load_model(tiny_model_dir("llama")), EngineConfig(num_kv_blocks=50, block_size=4))
+    async_engine = AsyncLLMEngine(llm)  # not started: what is queued stays queued
+    assert not async_engine.serving_waits()
+    async_engine.abort("nobody")  # an op, queued for the loop
+    assert async_engine.serving_waits()
+    async_engine._ops.get()()  # the loop runs it
+    assert not async_engine.serving_waits()
+    llm.add_request([3, 4, 5], SamplingParams(temperature=0, max_tokens=2))
+    assert async_engine.serving_waits()  # taken in, not yet scheduled
+    llm.step()
+    assert not async_engine.serving_waits()  # running: its decode steps are not what a slice waits for

@@ -20,7 +20,7 @@ def test_lm_head_in_slices_equals_lm_head_whole():
     pieces = pipeline.pieces("lm_head", activation)
     size = pipeline.LM_HEAD_TOKENS_PER_CALL
     assert [len(p.token_ids) for p in pieces] == [size] * (150 // size) + [150 % size]
-    parts = [(r[0], o[0]) for r, o in (pipeline.execute(engine, [("lm_head", None)], p, False) for p in pieces)]
+    parts = [pipeline.run_timed(engine, ("lm_head", None), p) for p in pieces]
     report, joined = pipeline.joined(("lm_head", None), parts, False)
     (whole_report,), (whole,) = pipeline.execute(engine, [("lm_head", None)], activation, False)
     assert joined.shape == (150, 49152) and torch.equal(joined, whole)

@@ -3,6 +3,7 @@ not trace the threads that opt out (the server's event loop), and the trace is w
 
 import asyncio
 import json
+import os
 import sys
 import threading
 
@@ -60,3 +61,20 @@ def test_the_trace_written_by_a_forked_child_is_torchs(tmp_path):
     child, here = (json.loads((tmp_path / f"{name}.json").read_text())["traceEvents"] for name in ("child", "here"))
     assert [e.get("name") for e in child] == [e.get("name") for e in here]
     assert any(e.get("name") == "aten::mm" for e in child)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux's SCHED_IDLE")
+def test_the_profilers_child_processes_run_on_idle_cores_only():
+    """The trace writer and the summary reader take no core time that serving wants (yield_cores)."""
+    import subprocess
+
+    from glassbox.research.profiler import yield_cores
+
+    child = subprocess.Popen(["sleep", "5"])
+    try:
+        assert os.sched_getscheduler(child.pid) != os.SCHED_IDLE
+        yield_cores(child.pid)
+        assert os.sched_getscheduler(child.pid) == os.SCHED_IDLE
+    finally:
+        child.kill()
+        child.wait()

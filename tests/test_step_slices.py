@@ -57,3 +57,40 @@ def test_a_run_dropped_mid_step_ends_its_thread(llm):
     assert not run.handover._thread.is_alive()
     out = llm.generate(["Still serving"], SamplingParams(temperature=0, max_tokens=4))[0]
     assert len(out.token_ids) == 4
+
+
+def test_a_slice_ends_at_the_next_layer_while_serving_waits(llm):
+    """With a serving request waiting, each call runs one layer of the private step (and pauses once more
+    before its LM head): that request waits for a layer, not for a slice. Same results as whole steps."""
+    whole = ScheduleRun(llm.engine, REQUESTS, "fcfs", 8, sliced=False)
+    while not whole.step():
+        pass
+    eager = ScheduleRun(llm.engine, REQUESTS, "fcfs", 8, serving_waits=lambda: True)
+    calls = 1
+    while not eager.step():
+        calls += 1
+    layers = len(llm.engine.loaded.model.layers)
+    assert calls == eager.private.num_steps * (layers + 1)
+    assert texts(eager) == texts(whole) and eager.order == whole.order
+    eager.close()
+
+
+def test_a_run_on_a_pool_made_elsewhere(llm):
+    """The server zeroes the private pool off the engine thread (pool_spec(...).make()); the run uses that
+    pool, and refuses one too small for the set."""
+    from glassbox.research.schedule import pool_spec
+
+    spec = pool_spec(llm.engine, REQUESTS)
+    pool = spec.make()
+    run = ScheduleRun(llm.engine, REQUESTS, "fcfs", 8, kv_cache=pool)
+    assert run.private.kv_cache is pool and run.private.num_parameters == llm.engine.num_parameters
+    while not run.step():
+        pass
+    whole = ScheduleRun(llm.engine, REQUESTS, "fcfs", 8, sliced=False)
+    while not whole.step():
+        pass
+    assert texts(run) == texts(whole)
+    run.close()
+    small = type(spec)(spec.config, spec.num_blocks - 1, spec.block_size, spec.dtype, spec.device).make()
+    with pytest.raises(ValueError, match="the set needs"):
+        ScheduleRun(llm.engine, REQUESTS, "fcfs", 8, kv_cache=small)

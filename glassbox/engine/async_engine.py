@@ -154,6 +154,14 @@ class AsyncLLMEngine:
             op()  # the loop has stopped: run here (a dead server still answers /model_info and /metrics)
         return future
 
+    def serving_waits(self) -> bool:
+        """Whether serving has work queued that the loop has not taken in: a new request (or an abort) not yet
+        run, or a request waiting for its first step. Research work that holds the loop thread in slices
+        (research/step_slices.py) asks it between two pieces and hands the thread back early when it is
+        True, so a new request waits for one piece of research work, not a whole slice. For the loop thread
+        and code it hands over to (it reads the scheduler); cheap enough to ask every few milliseconds."""
+        return not self._ops.empty() or (self.engine is not None and self.engine.has_waiting_requests())
+
     def _loop_stopped(self) -> bool:
         return self._dead or (self._thread.ident is not None and not self._thread.is_alive())
 

@@ -33,6 +33,7 @@ from glassbox.config import EngineConfig
 from glassbox.engine.batch_invariant import apply_batch_invariant
 from glassbox.engine.block_manager import BlockManager, PrefixCacheStats
 from glassbox.engine.eviction import KVEvictor
+from glassbox.engine.executors import Executor
 from glassbox.engine.kv_cache import KVCache
 from glassbox.engine.model_runner import COMPILED_MIN_TOKENS, ModelRunner, PendingDecode
 from glassbox.engine.optimize import num_parameters, optimize_model, resolve_activations
@@ -75,7 +76,23 @@ class StepObserver(Protocol):
 
 
 class LLMEngine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig | None = None,
+        beside: LLMEngine | None = None,
+        kv_cache: KVCache | None = None,
+        executors: dict[str, Executor] | None = None,
+    ) -> None:
+        """`beside`: a serving engine over the same model, this one being a research run's private engine:
+        the model is prepared already and its facts are taken from there, not walked again (each walk of
+        the model's modules is ~1-3 ms on the engine thread, and thousands of events in a with_stack
+        profile). `kv_cache`: this pool instead of one sized from the config (a research run allocates it
+        off the engine thread). `executors`: the runner's, instead of those that apply to the model."""
+        if beside is not None and beside.loaded is not loaded:
+            raise ValueError("beside: an engine over another model")
+        if kv_cache is not None and (kv_cache.block_size != (config or EngineConfig()).block_size):
+            raise ValueError(f"kv_cache: blocks of {kv_cache.block_size} tokens, the config's are {(config or EngineConfig()).block_size}")
         self.loaded = loaded
         config = config or EngineConfig()
         # ("auto" activations resolved once: /model_info and the tensor-parallel ranks report what runs)
@@ -89,13 +106,20 @@ class LLMEngine:
         self.tensor_parallel_size = cfg.tensor_parallel_size
         # The whole model's, read before quantizing or sharding (/model_info; quantized weights count as the
         # weights they stand for, a tied head once).
-        self.num_parameters = num_parameters(loaded.model, loaded.config.tie_word_embeddings)
+        self.num_parameters = (
+            beside.num_parameters if beside is not None else num_parameters(loaded.model, loaded.config.tie_word_embeddings)
+        )
         tensor_parallel = cfg.tensor_parallel_size > 1 or cfg.distributed
+        if tensor_parallel and (beside is not None or kv_cache is not None or executors is not None):
+            raise ValueError("beside, kv_cache and executors are for a private engine in the serving process, not tensor parallelism")
         # Rank 0 of a process group: every model call goes through the runner, which sends it to the ranks.
         self.distributed = tensor_parallel
-        if not tensor_parallel:  # tensor-parallel ranks shard the float weights first (engine/tp_runner.py)
+        if beside is not None:
+            if (cfg.quantization, cfg.activations) != (beside.config.quantization, beside.config.activations):
+                raise ValueError("beside: the model is prepared for the serving engine's quantization and activations")
+        elif not tensor_parallel:  # tensor-parallel ranks shard the float weights first (engine/tp_runner.py)
             optimize_model(loaded.model, cfg.quantization, cfg.activations)
-        if loaded.device.type == "cpu":
+        if loaded.device.type == "cpu" and beside is None:
             cpu_native.keep_freed_memory()
         if on_cuda:
             set_attention_backend(loaded.model, TritonAttentionBackend())
@@ -113,6 +137,8 @@ class LLMEngine:
             from glassbox.engine.tp_runner import start_tensor_parallel
 
             self.kv_cache, self.runner = start_tensor_parallel(loaded, cfg, kv_dtype, cfg.seed)
+        elif kv_cache is not None:
+            self.kv_cache = kv_cache
         elif cfg.num_kv_blocks is not None:
             self.kv_cache = KVCache(loaded.config, cfg.num_kv_blocks, cfg.block_size, kv_dtype, loaded.device)
         elif cfg.kv_cache_memory is None and on_cuda:
@@ -131,7 +157,7 @@ class LLMEngine:
         # Frees the blocks of what sliding_window and h2o drop, after each step (engine/eviction.py).
         self.evictor = KVEvictor(self.kv_cache, self.block_manager, loaded.config.num_attention_heads)
         if not tensor_parallel:
-            self.runner = ModelRunner(loaded, self.kv_cache, cfg.seed, compile=on_cuda and cfg.compile)
+            self.runner = ModelRunner(loaded, self.kv_cache, cfg.seed, compile=on_cuda and cfg.compile, executors=executors)
         graphs = on_cuda and not cfg.enforce_eager and not tensor_parallel
         if graphs:
             self.runner.capture_graphs(cfg.max_num_seqs, -(-self.max_model_len // cfg.block_size))

@@ -121,10 +121,10 @@ class StepOnRanks(RankTask):
             return run_step(rank.model, self.step, self.layer_idx, self.activation)
 
 
-# lm_head's tokens per engine call, so serving steps run between the calls of a long input: [16, 49152]
-# logits are ~10 ms of a 2-core CPU (512 tokens at once held a waiting request's first token ~0.7 s; 64
-# tokens a call, ~40 ms, still doubled it under a busy pipeline client).
-LM_HEAD_TOKENS_PER_CALL = 16
+# lm_head's tokens per engine call, so serving steps run between the calls of a long input: [8, 49152]
+# logits are ~3 ms of a 2-core CPU, most of it reading the head's weights once (16 tokens: ~4.5 ms, and
+# 10-17 ms under a busy server; 512 tokens at once held a waiting request's first token ~0.7 s).
+LM_HEAD_TOKENS_PER_CALL = 8
 
 
 def pieces(step: str, activation: Activation) -> list[Activation]:
@@ -137,11 +137,26 @@ def pieces(step: str, activation: Activation) -> list[Activation]:
 
 
 def joined(
-    step: tuple[str, int | None], parts: list[tuple[dict[str, Any], torch.Tensor]], with_values: bool
+    step: tuple[str, int | None], parts: list[tuple[float, torch.Tensor]], with_values: bool
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """The report and output of a step run in pieces (their reports and outputs, in order)."""
+    """The report and output of a step run in pieces (each piece's ms and output, in order, from
+    `run_timed`). Off the engine thread: the statistics of [512, vocab] logits are ~0.1 s."""
     out = parts[0][1] if len(parts) == 1 else torch.cat([o for _, o in parts])
-    return {"step": step[0], "layer_idx": step[1], "ms": sum(r["ms"] for r, _ in parts), **describe(out, with_values)}, out
+    return {"step": step[0], "layer_idx": step[1], "ms": sum(ms for ms, _ in parts), **describe(out, with_values)}, out
+
+
+@torch.inference_mode()
+def run_timed(engine: LLMEngine, step: tuple[str, int | None], activation: Activation) -> tuple[float, torch.Tensor]:
+    """One step (or piece of one) on the engine thread: its ms and output, nothing more (`joined` describes
+    the output off that thread). Under tensor parallelism it runs on every rank (its time includes sending it)."""
+    name, layer_idx = step
+    start = time.perf_counter()
+    if engine.distributed:
+        check_step(engine.loaded.model, name, layer_idx, activation)  # before sending: a bad request fails here alone
+        out = engine.runner.run_task(StepOnRanks(name, layer_idx, activation))
+    else:
+        out = run_step(engine.loaded.model, name, layer_idx, activation)
+    return (time.perf_counter() - start) * 1000, out
 
 
 @torch.inference_mode()
@@ -150,16 +165,9 @@ def execute(
 ) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
     """Run the steps in order from `activation`; per step its time and a description; and the outputs.
     Under tensor parallelism each step runs on every rank (its time includes sending it)."""
-    model = engine.loaded.model
     reports, outputs = [], []
     for step, layer_idx in steps:
-        start = time.perf_counter()
-        if engine.distributed:
-            check_step(model, step, layer_idx, activation)  # before sending: a bad request fails here alone
-            out = engine.runner.run_task(StepOnRanks(step, layer_idx, activation))
-        else:
-            out = run_step(model, step, layer_idx, activation)
-        elapsed = (time.perf_counter() - start) * 1000
+        elapsed, out = run_timed(engine, (step, layer_idx), activation)
         activation = Activation(out, activation.token_ids)
         outputs.append(out)
         reports.append({"step": step, "layer_idx": layer_idx, "ms": elapsed, **describe(out, with_values)})

@@ -16,11 +16,14 @@ the private KV pool sized for them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from glassbox.config import EngineConfig
-from glassbox.engine.kv_cache import bytes_per_block
+import torch
+
+from glassbox.config import EngineConfig, ModelConfig
+from glassbox.engine.kv_cache import KVCache, bytes_per_block
 from glassbox.engine.llm_engine import LLMEngine, RequestState
 from glassbox.engine.policies import SchedulingPolicy, get_policy
 from glassbox.errors import FieldError
@@ -47,6 +50,44 @@ class ScheduledRequest:
     max_tokens: int = 32
 
 
+@dataclass(frozen=True)
+class PoolSpec:
+    """The private KV pool a set needs. `make()` touches no engine state: the server runs it off the engine
+    thread (zeroing a 16 x 64-token set's ~60 MB pool took 15-60 ms there, every request waiting)."""
+
+    config: ModelConfig
+    num_blocks: int
+    block_size: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def make(self) -> KVCache:
+        return KVCache(self.config, self.num_blocks, self.block_size, self.dtype, self.device)
+
+
+def _checked(engine: LLMEngine, requests: list[ScheduledRequest], limits: Limits) -> tuple[list[list[int]], PoolSpec]:
+    """The requests' prompt ids and their pool, within the budgets (LimitError naming the one exceeded)."""
+    check("schedule_max_requests", len(requests), limits.schedule_max_requests, "the number of requests", 413)
+    prompts = []
+    for i, r in enumerate(requests):
+        try:
+            prompts.append(engine.encode_prompt(r.prompt))
+        except FieldError as error:
+            raise error.renamed(f"requests[{i}].prompt") from None
+    tokens = sum(len(p) + r.max_tokens for p, r in zip(prompts, requests))
+    check("schedule_max_tokens", tokens, limits.schedule_max_tokens, "prompt + max_tokens over the set", 413)
+    block_size = engine.config.block_size
+    blocks = sum(-(-(len(p) + r.max_tokens) // block_size) for p, r in zip(prompts, requests)) + 1
+    pool_bytes = blocks * bytes_per_block(engine.loaded.config, block_size, engine.kv_cache.dtype)
+    check("schedule_max_pool_bytes", pool_bytes, limits.schedule_max_pool_bytes, "the private KV pool (bytes)", 413)
+    return prompts, PoolSpec(engine.loaded.config, blocks, block_size, engine.kv_cache.dtype, engine.loaded.device)
+
+
+def pool_spec(engine: LLMEngine, requests: list[ScheduledRequest], limits: Limits | None = None) -> PoolSpec:
+    """The pool a ScheduleRun of these requests needs (checked against the budgets first)."""
+    return _checked(engine, requests, limits or Limits())[1]
+
+
 class ScheduleRun:
     """One set of requests on its private engine; `step()` until it returns True, then `result()`."""
 
@@ -59,47 +100,35 @@ class ScheduleRun:
         strategy: str = "maximize_throughput",
         limits: Limits | None = None,
         sliced: bool = True,
+        serving_waits: Callable[[], bool] = lambda: False,
+        kv_cache: KVCache | None = None,
     ) -> None:
         """`sliced`: cut each private step in slices of layers where the path allows (see step()); off for
-        a run with nothing else to serve."""
+        a run with nothing else to serve. `serving_waits`: whether a serving request waits to be taken in
+        (the server's AsyncLLMEngine.serving_waits); a slice then ends at the next layer. `kv_cache`: the
+        private pool, made from `pool_spec` (off the engine thread); made here if None."""
         limits = limits or Limits()
         self.policy = _policy(algorithm)
         if strategy not in STRATEGIES:
             raise FieldError("strategy", f"unknown {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        check("schedule_max_requests", len(requests), limits.schedule_max_requests, "the number of requests", 413)
-        prompts = []
-        for i, r in enumerate(requests):
-            try:
-                prompts.append(engine.encode_prompt(r.prompt))
-            except FieldError as error:
-                raise error.renamed(f"requests[{i}].prompt") from None
-        tokens = sum(len(p) + r.max_tokens for p, r in zip(prompts, requests))
-        check("schedule_max_tokens", tokens, limits.schedule_max_tokens, "prompt + max_tokens over the set", 413)
-        block_size = engine.config.block_size
-        blocks = sum(-(-(len(p) + r.max_tokens) // block_size) for p, r in zip(prompts, requests)) + 1
-        pool_bytes = blocks * bytes_per_block(engine.loaded.config, block_size, engine.kv_cache.dtype)
-        check("schedule_max_pool_bytes", pool_bytes, limits.schedule_max_pool_bytes, "the private KV pool (bytes)", 413)
+        prompts, spec = _checked(engine, requests, limits)
+        if kv_cache is None:
+            kv_cache = spec.make()
+        elif kv_cache.num_blocks < spec.num_blocks or kv_cache.block_size != spec.block_size:
+            raise ValueError(f"kv_cache: {kv_cache.num_blocks} blocks of {kv_cache.block_size}, the set needs {spec.num_blocks} of {spec.block_size}")
         self.requests, self.strategy, self.max_batch_size = requests, strategy, max_batch_size
-        self.private = LLMEngine(
-            engine.loaded,
-            EngineConfig(
-                block_size=block_size,
-                num_kv_blocks=blocks,
-                max_num_seqs=max_batch_size,
-                max_num_batched_tokens=STRATEGIES[strategy],
-                enable_prefix_caching=False,
-                quantization=engine.config.quantization,
-                kv_cache_dtype=engine.config.kv_cache_dtype,
-                enforce_eager=True,  # CUDA graphs would be captured anew for each short-lived engine
-            ),
-        )
-        self.private.scheduler.policy = self.policy
         self.handover: Handover | None = None
-        runner = self.private.runner
-        if sliced and "native_layers" in runner.executors:
+        executors = None  # the ones that apply to the model
+        if sliced and "native_layers" in engine.runner.executors:
             self.handover = Handover()
-            executor = SlicedLayers(engine.loaded.model, self.handover, lambda: runner.kv_cache.bind(runner.attention_layers))
-            runner.executors = {"eager": runner.executors["eager"], "native_layers": executor}
+            sliced_layers = SlicedLayers(engine.loaded.model, self.handover, self._bind_pool, serving_waits)
+            executors = {"eager": engine.runner.executors["eager"], "native_layers": sliced_layers}
+        try:
+            self.private = self._private_engine(engine, kv_cache, max_batch_size, strategy, executors)
+        except BaseException:
+            self.close()
+            raise
+        self.private.scheduler.policy = self.policy
         self.states: list[RequestState] = []
         for p, r in zip(prompts, requests):
             state = self.private.make_request(p, SamplingParams(temperature=0, max_tokens=r.max_tokens), priority=r.priority)
@@ -113,6 +142,34 @@ class ScheduleRun:
         self.finished: dict[str, Any] = {}
         self.order: list[int] = []
         self.index = {state.seq.request_id: i for i, state in enumerate(self.states)}
+
+    @staticmethod
+    def _private_engine(
+        engine: LLMEngine, kv_cache: KVCache, max_batch_size: int, strategy: str, executors: dict[str, Any] | None
+    ) -> LLMEngine:
+        """The run's engine: the serving model's weights, its own pool, no prefix cache."""
+        return LLMEngine(
+            engine.loaded,
+            EngineConfig(
+                block_size=kv_cache.block_size,
+                num_kv_blocks=kv_cache.num_blocks,
+                max_num_seqs=max_batch_size,
+                max_num_batched_tokens=STRATEGIES[strategy],
+                enable_prefix_caching=False,
+                quantization=engine.config.quantization,
+                activations=engine.config.activations,
+                kv_cache_dtype=engine.config.kv_cache_dtype,
+                enforce_eager=True,  # CUDA graphs would be captured anew for each short-lived engine
+            ),
+            beside=engine,
+            kv_cache=kv_cache,
+            executors=executors,
+        )
+
+    def _bind_pool(self) -> None:
+        """Bind the private pool to the model's layers again (serving steps bound theirs meanwhile)."""
+        runner = self.private.runner
+        runner.kv_cache.bind(runner.attention_layers)
 
     def step(self) -> bool:
         """One private step, or one slice of it (see `sliced`); True once every request has finished."""

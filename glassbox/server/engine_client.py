@@ -183,6 +183,11 @@ class EngineClient:
         """Run an instrument fn(engine) on the loop thread between steps; await its result."""
         return self._engine.call(fn)
 
+    def serving_waits(self) -> bool:
+        """Whether a serving request waits to be taken in (AsyncLLMEngine.serving_waits): research work run in
+        slices on the loop thread asks it to hand the thread back early."""
+        return self._engine.serving_waits()
+
     async def model_info(self) -> dict[str, Any]:
         policy = await self._engine.call(lambda engine: engine.scheduler.policy.name)
         return {**self.facts.model_info, "scheduling_policy": policy, "limits": self.limits.describe()}

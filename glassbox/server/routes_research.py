@@ -19,7 +19,7 @@ from glassbox.research.limits import LimitError, Limits, check
 from glassbox.research.memory import memory_usage
 from glassbox.research.overlap import overlap_schedule
 from glassbox.research.profiler import Profiler, ProfilerError, untrace_this_thread
-from glassbox.research.schedule import ScheduledRequest, ScheduleRun
+from glassbox.research.schedule import ScheduledRequest, ScheduleRun, pool_spec
 from glassbox.server.deps import engine_client, json_body, sparsity_of
 from glassbox.server.engine_client import EngineClient
 from glassbox.server.errors import APIError
@@ -126,8 +126,15 @@ async def batch_schedule(
     state.schedule_runs += 1
     try:
         requests = [ScheduledRequest(r.prompt, r.priority, r.max_tokens) for r in body.requests]
+        # The private pool is zeroed off the engine thread; the run is built on it, its slices hand the
+        # thread back as soon as a serving request waits.
+        spec = await client.call(lambda engine: pool_spec(engine, requests, limits))
+        pool = await state.background.run(spec.make)
         run = await client.call(
-            lambda engine: ScheduleRun(engine, requests, body.algorithm, body.max_batch_size, body.strategy, limits)
+            lambda engine: ScheduleRun(
+                engine, requests, body.algorithm, body.max_batch_size, body.strategy, limits,
+                serving_waits=client.serving_waits, kv_cache=pool,
+            )  # fmt: skip
         )
         try:
             while not await client.call(lambda engine: run.step()):
@@ -296,8 +303,7 @@ async def _run_pipeline(
         for piece in pipeline.pieces(step[0], activation):
             if await request.is_disconnected():
                 return Response(status_code=499)
-            (part,), (out,) = await client.call(lambda engine, piece=piece: pipeline.execute(engine, [step], piece, False))
-            parts.append((part, out))
+            parts.append(await client.call(lambda engine, piece=piece: pipeline.run_timed(engine, step, piece)))
         # (statistics over [T, vocab] logits: ~0.1 s, off the event loop)
         report, out = await request.app.state.background.run(pipeline.joined, step, parts, body.return_intermediate)
         activation = pipeline.Activation(out, activation.token_ids)
