@@ -36,7 +36,7 @@ HERE = Path(__file__).parent
 PEERS = Path.home() / ".cache" / "glassbox" / "peers"
 TEXT = HERE / "data" / "pride_and_prejudice_ch1.txt"
 CONCURRENCY = [8, 32]
-SIMD_FLAGS = ("avx2", "avx512", "vnni", "fma", "f16c", "asimd", "asimddp", "sve", "i8mm", "bf16")
+SIMD_FLAGS = ("avx2", "avx512", "amx", "vnni", "fma", "f16c", "asimd", "asimddp", "sve", "i8mm", "bf16")
 # A generic CPU build tuned to this machine (-march=native), no GPU or BLAS back end: ggml's own CPU kernels.
 LLAMA_CMAKE_ARGS = "-DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF -DLLAMA_CURL=OFF"
 # Where the CPU has AMX, -march=native builds ggml's AMX kernels, and llama-cpp-python 0.3.36 so built crashed
@@ -56,8 +56,9 @@ def quantization(mode: str) -> str | None:
 
 
 def activations(mode: str) -> str:
-    """--modes entry -> glassbox.LLM(activations=...): "auto:int16" -> "int16"; float32 without a suffix."""
-    return mode.split(":")[1] if ":" in mode else "float32"
+    """--modes entry -> glassbox.LLM(activations=...): "auto:float32" -> "float32"; the engine's default, "auto",
+    without a suffix (int16 where the native kernels run)."""
+    return mode.split(":")[1] if ":" in mode else "auto"
 
 
 def cpu_line() -> str:
@@ -197,7 +198,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--systems", default="glassbox,llama.cpp,vllm,transformers")
     parser.add_argument("--modes", default="auto,none,int4,int8",
-                        help="glassbox's CPU modes: quantization[:activations], e.g. auto:int16")
+                        help="glassbox's CPU modes: quantization[:activations], e.g. auto:float32")
     parser.add_argument("--quick", action="store_true", help="16 new tokens instead of 128: a smoke run")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="for every system")
     parser.add_argument("--out", help="also write the figures to this JSON file")

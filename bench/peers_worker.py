@@ -55,7 +55,7 @@ def run_glassbox(job: dict[str, Any]) -> dict[str, Any]:
 
     start = time.perf_counter()
     # No prefix caching: the repeated TTFT requests must each prefill their prompt.
-    llm = LLM(quantization=job["quantization"], activations=job.get("activations", "float32"), kv_cache_memory=1 << 30, max_num_batched_tokens=4096,
+    llm = LLM(quantization=job["quantization"], activations=job.get("activations", "auto"), kv_cache_memory=1 << 30, max_num_batched_tokens=4096,
               enable_prefix_caching=False)
     load_s = time.perf_counter() - start
 

@@ -128,18 +128,19 @@ static void quantize_row16(const float *x, int64_t K, int8_t *hi, int8_t *lo, fl
 }
 
 // The quantized rows of x one tile reads: q [MT][ldq] int8 (INT16: rows 2i and 2i + 1 are row i's halves),
-// and per row of x (i) and block (b) d and Σ x_q: d and sum [MT / H][ldq / 32].
+// and per row of x (i) and block (b) d, Σ x_q and d · Σ x_q: d, sum and ds [MT / H][ldq / 32].
 typedef struct {
     const int8_t *q;
     const float *d;
     const int32_t *sum;
+    const float *ds;
     int64_t ldq;
 } qrows;
 
 #define XQ(i, k) (xr.q + (i) * xr.ldq + (k))
 #define XSUM(i, b) (xr.sum[(i) * (xr.ldq / QBLOCK) + (b)])
 #define XD(i, b) (xr.d[(i) * (xr.ldq / QBLOCK) + (b)])
-#define XS(i, b) ((float)XSUM(i, b) * XD(i, b))  // d_x · Σ q_x
+#define XS(i, b) (xr.ds[(i) * (xr.ldq / QBLOCK) + (b)])  // d_x · Σ q_x
 
 static inline int32_t load4(const int8_t *p) {
     int32_t v;
@@ -742,10 +743,12 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
     // (d and Σ x_q per row of x and block; INT16's halves share them)
     float *d = integer ? malloc(sizeof(float) * (size_t)(MQP / halves * nb)) : NULL;
     int32_t *sum = integer ? malloc(sizeof(int32_t) * (size_t)(MQP / halves * nb)) : NULL;
+    float *ds = integer ? malloc(sizeof(float) * (size_t)(MQP / halves * nb)) : NULL;  // d · Σ x_q, for Q4_1's m
     if (MQP > MQ) {  // padding rows: zeros, whose products are 0
         memset(q + MQ * K, 0, (size_t)((MQP - MQ) * K));
         memset(d + M * nb, 0, sizeof(float) * (size_t)((MQP - MQ) / halves * nb));
         memset(sum + M * nb, 0, sizeof(int32_t) * (size_t)((MQP - MQ) / halves * nb));
+        memset(ds + M * nb, 0, sizeof(float) * (size_t)((MQP - MQ) / halves * nb));
     }
     if (prologue != PROLOGUE_NONE || integer || xsum) {
 #pragma omp parallel for schedule(static) if (M > 1)
@@ -757,11 +760,10 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
                 prologue_row(prologue, row, K, norm_weight, eps, transformed);
                 row = transformed;
             }
-            if (halves == 2) {  // rows 2m (hi) and 2m + 1 (lo)
-                quantize_row16(row, K, q + 2 * m * K, q + (2 * m + 1) * K, d + m * nb, sum + m * nb);
-                free(transformed);
-            } else if (integer) {
-                quantize_row(row, K, q + m * K, d + m * nb, sum + m * nb);
+            if (integer) {
+                if (halves == 2) quantize_row16(row, K, q + 2 * m * K, q + (2 * m + 1) * K, d + m * nb, sum + m * nb);  // rows 2m (hi), 2m + 1 (lo)
+                else quantize_row(row, K, q + m * K, d + m * nb, sum + m * nb);
+                for (int64_t b = 0; b < nb; b++) ds[m * nb + b] = (float)sum[m * nb + b] * d[m * nb + b];
                 free(transformed);
             } else if (xsum) {
                 for (int64_t b = 0; b < nb; b++) {
@@ -793,7 +795,7 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
                 if (wq) amx_unpack_q4(wg, nb, wq);
                 for (int64_t m0 = 0; m0 < MQ; m0 += AMX_M) {
                     const int64_t mt = MQ - m0 < AMX_M ? MQ - m0 : AMX_M;
-                    const qrows xr = {q + m0 * K, d + m0 / halves * nb, sum + m0 / halves * nb, K};
+                    const qrows xr = {q + m0 * K, d + m0 / halves * nb, sum + m0 / halves * nb, ds + m0 / halves * nb, K};
                     if (halves == 2) {
                         if (wq) amx_tile(xr, 2, FORMAT_Q4_1, wq, sg, nb, out);
                         else amx_tile(xr, 2, FORMAT_Q8_0, wg, sg, nb, out);
@@ -874,7 +876,7 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
         for (int64_t mb = 0; mb < m_blocks; mb++) {
             const int64_t m0 = mb * M_TILE, mt = MQ - m0 < M_TILE ? MQ - m0 : M_TILE;
             const int64_t g0 = u * GN, gn = groups - g0 < GN ? groups - g0 : GN;
-            const qrows xr = {q + m0 * K, d + m0 / halves * nb, sum + m0 / halves * nb, K};
+            const qrows xr = {q + m0 * K, d + m0 / halves * nb, sum + m0 / halves * nb, ds + m0 / halves * nb, K};
             const uint8_t *wg = (const uint8_t *)w->data + g0 * group_bytes;
             const uint16_t *sg = w->scales + g0 * group_scales;
             const float *xm = xf + m0 / halves * ldf, *xs = xsum ? xsum + m0 * nb : NULL;
@@ -926,6 +928,7 @@ done:  // (the paired and AMX paths' end)
     free(q);
     free(d);
     free(sum);
+    free(ds);
 }
 
 // For the tests: x [M, K] -> q [M, K] int8, d and sum [M, K / 32], as gb_qlinear quantizes its rows.
