@@ -252,3 +252,21 @@ def test_native_engine_on_every_llama_family_shape(tiny_model_dir, family):
     # Here ≤ 2e-5 (tiny random models spread their activations evenly); the logits of the wrong positions
     # are 0.2-0.4 apart.
     assert mean_kl(*logits) < 1e-3
+
+
+def test_a_compiler_without_amx_falls_back_to_avx512(tmp_path, monkeypatch):
+    """Where the CPU has AMX but the compiler cannot build for it (GCC before 11), the default kernels are the
+    AVX-512 ones, not none; asked for by name, AMX is refused."""
+    runnable("amx")
+    compiler = tmp_path / "cc"
+    compiler.write_text('#!/bin/sh\nfor a in "$@"; do case "$a" in -mamx*) exit 1;; esac; done\nexec gcc "$@"\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setenv("GLASSBOX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("GLASSBOX_NATIVE_ISA", raising=False)
+    cpu_native.library.cache_clear()
+    try:
+        assert cpu_native.isa() == "avx512"
+        assert cpu_native.library("amx") is None
+    finally:
+        cpu_native.library.cache_clear()

@@ -171,7 +171,7 @@ def library(isa: str | None = None) -> ctypes.CDLL | None:
     where they cannot run here."""
     if os.environ.get("GLASSBOX_NATIVE", "1") == "0":
         return None
-    isa = isa or default_isa()
+    chosen, isa = isa is None, isa or default_isa()
     if isa is None or isa not in runnable_isas():
         return None
     cc = _compiler()
@@ -188,6 +188,9 @@ def library(isa: str | None = None) -> ctypes.CDLL | None:
             _build(cc, flags, path)
         except (OSError, subprocess.CalledProcessError) as exc:
             detail = getattr(exc, "stderr", "") or exc
+            if chosen and isa == "amx" and not os.environ.get("GLASSBOX_NATIVE_ISA"):
+                log.warning("AMX kernels not built (%s); using the AVX-512 ones", detail)  # (a compiler before GCC 11)
+                return library("avx512")
             log.warning("native CPU kernels off: building them failed (%s); using the PyTorch path", detail)
             return None
     lib = ctypes.CDLL(str(path))  # after torch: its libgomp is the one OpenMP runtime of the process
