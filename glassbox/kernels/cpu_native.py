@@ -9,11 +9,11 @@ kernels/attention_torch.py).
 
 One source per kernel, compiled once per instruction set (kernels/cpu/simd.h): "amx" (AVX-512 with VNNI and
 AMX's int8 tiles, for integer products over 16 rows or more), "avx512" (AVX-512 with VNNI), "avx2" (with FMA and F16C), "neon" (ARM64 with the dot-product extension) or "generic" (plain C).
-The best one the CPU runs is chosen at run time; GLASSBOX_NATIVE_ISA=avx512|avx2|neon|generic forces one.
-Each is compiled with the machine's C compiler into ~/.cache/glassbox (or $GLASSBOX_CACHE_DIR), keyed by
-a hash of the sources and flags, in about a second; later processes load the cached file. `available()`
-is False — and callers keep the PyTorch path — where no compiler is found, the build fails, or
-GLASSBOX_NATIVE=0.
+The best one the CPU runs is chosen at run time; GLASSBOX_NATIVE_ISA=amx|avx512|avx2|neon|generic forces
+one. Each is compiled with the machine's C compiler into ~/.cache/glassbox (or $GLASSBOX_CACHE_DIR), keyed
+by a hash of the sources and flags, once (~25 s on 2 cores: -O3, every tile shape spelled out); later
+processes load the cached file. `available()` is False — and callers keep the PyTorch path — where no
+compiler is found, the build fails, or GLASSBOX_NATIVE=0.
 """
 
 from __future__ import annotations
