@@ -47,9 +47,10 @@ ISA_FLAGS = {
     "neon": ["-march=armv8.2-a+dotprod"],
     "generic": [],
 }
+_AVX512_CPU = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c")
 ISA_CPU_FLAGS = {
-    "amx": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c", "amx_tile", "amx_int8"),
-    "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c"),
+    "amx": (*_AVX512_CPU, "amx_tile", "amx_int8"),
+    "avx512": _AVX512_CPU,
     "avx2": ("avx2", "fma", "f16c"),
     "neon": ("asimddp",),
     "generic": (),
