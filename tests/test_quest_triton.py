@@ -41,8 +41,14 @@ def chosen_blocks(q: torch.Tensor, summaries: torch.Tensor, table: torch.Tensor,
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(9, 3, 64, 16), (4, 2, 128, 32), (4, 4, 16, 4)])
-def test_quest_decode_reads_the_chosen_blocks(shape, dtype):
+@pytest.mark.parametrize(
+    "shape, splits",
+    [((9, 3, 64, 16), None), ((4, 2, 128, 32), None), ((4, 4, 16, 4), None), ((9, 3, 64, 16), 1)],
+    ids=["9-3-64", "4-2-128", "4-4-16", "9-3-64 one split"],
+)
+def test_quest_decode_reads_the_chosen_blocks(shape, splits, dtype):
+    """However many splits share a KV head's chosen keys (None: the launcher's choice), its output is attention
+    over exactly those keys."""
     num_heads, num_kv, head_dim, block_size = shape
     contexts = [c if c * 4 // block_size > 0 else c for c in CONTEXTS]
     k_cache, v_cache, tables = paged_cache(contexts, num_kv, head_dim, block_size, dtype, seed=3)
@@ -63,7 +69,7 @@ def test_quest_decode_reads_the_chosen_blocks(shape, dtype):
     quest, quest_lens = attention_triton.quest_tables(q, summaries, tables, lens, budgets, block_size)
     scale = head_dim**-0.5
     out = attention_triton.paged_decode_attention(
-        q, k_cache, v_cache, quest, quest_lens, scale, k_new=k_new, v_new=v_new, slot_mapping=slots
+        q, k_cache, v_cache, quest, quest_lens, scale, k_new=k_new, v_new=v_new, slot_mapping=slots, num_splits=splits
     )
     assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
     group = num_heads // num_kv

@@ -616,16 +616,15 @@ def _quest_bounds_kernel(
 
 
 @triton.jit
-def _quest_kth_by_sort(keys, candidates, need, SCAN: tl.constexpr):
-    # The need-th highest key of a row of <= SCAN candidates, as _quest_unsigned_keys gives them, and how many
-    # keys are above it: the row's keys sorted in registers (the H200, SmolLM2's / Llama-3-8B's heads at
-    # batch 32 and 8k: 4.7 / 6.0 us a layer, 7.3 / 8.3 by bytes).
+def _quest_kth_in_tile(key, need, SCAN: tl.constexpr):
+    # The need-th highest of a row's keys held in one tile (key [SCAN] int32, _quest_key's order; past the
+    # candidates the lowest int32) and how many keys are above it: the keys sorted in registers (the H200,
+    # SmolLM2's / Llama-3-8B's heads at batch 32 and 8k: the choice takes 3.9 / 5.4 us a layer, 7.3 / 8.3 by
+    # bytes; sorting the keys as int64 cost 2.2 us more on Llama-3-8B's).
     ids = tl.arange(0, SCAN)
-    valid = ids < candidates
-    key = tl.load(keys + ids, mask=valid, other=-2147483648)  # [SCAN] int32 (signed: _quest_key's order)
     kth = tl.sum(tl.where(ids == need - 1, tl.sort(key, descending=True), 0), 0)
-    above = tl.sum(((key > kth) & valid).to(tl.int32), 0)
-    return kth.to(tl.int64) + 2147483648, above
+    above = tl.sum((key > kth).to(tl.int32), 0)
+    return kth, above
 
 
 @triton.jit
@@ -648,6 +647,16 @@ def _quest_kth_by_bytes(keys, candidates, need, SCAN: tl.constexpr):
         above = tl.sum(tl.where(digits == byte + 1, counts, 0), 0) + tl.where(byte == 255, above, 0)
         kth += byte.to(tl.int64) << shift
     return kth, above
+
+
+@triton.jit
+def _quest_keep(key, kth, candidate, need, ties_seen, ties_kept):
+    # [SCAN] bool: the keys above the need-th highest, and of the ties at it the first ties_kept of the row
+    # (ties_seen: those in earlier tiles); none when need is 0 (the need test as a tensor: a scalar bool in a
+    # mask trips Triton 3.9's interpreter)
+    ties = (key == kth) & candidate
+    keep = ((key > kth) & candidate) | (ties & (ties_seen + tl.cumsum(ties.to(tl.int32), 0) <= ties_kept))
+    return keep & (key * 0 + need > 0)
 
 
 @triton.jit
@@ -677,8 +686,15 @@ def _quest_select_kernel(
     num_blocks = tl.cdiv(context_len, BLOCK_SIZE)
     table = block_tables_ptr + seq * stride_table_seq
     out = tables_ptr + seq * stride_out_seq + kv_head * stride_out_head
+    # The table's first tile and last block, loaded with the lengths rather than after the choice: a row of one
+    # tile then goes from its keys to its stores without another round trip (the H200, batch 32 at 8k: 4.6 ->
+    # 3.9 us a layer for SmolLM2's heads, 6.2 -> 5.4 for Llama-3-8B's).
+    ids = tl.arange(0, SCAN)
+    first_tile = tl.load(table + ids, mask=ids < num_blocks, other=0)  # [SCAN]
+    last_block = tl.load(table + tl.maximum(num_blocks - 1, 0))
     if budget == 0 or num_blocks <= budget:  # every block, as the sequence's own table has them
-        for start in range(0, num_blocks, SCAN):
+        tl.store(out + ids, first_tile, mask=ids < num_blocks)
+        for start in range(SCAN, num_blocks, SCAN):
             ids = start + tl.arange(0, SCAN)
             tl.store(out + ids, tl.load(table + ids, mask=ids < num_blocks, other=0), mask=ids < num_blocks)
         if kv_head == 0:
@@ -687,23 +703,24 @@ def _quest_select_kernel(
         need = budget - 1
         candidates = num_blocks - 1  # (the last block is always read)
         keys = keys_ptr + seq * stride_out_seq + kv_head * stride_out_head
-        if candidates <= SCAN:
-            kth, above = _quest_kth_by_sort(keys, candidates, need, SCAN)
+        if candidates <= SCAN:  # one tile: its keys stay in registers from the choice to the stores
+            tile_key = tl.load(keys + ids, mask=ids < candidates, other=-2147483648)  # [SCAN] int32
+            tile_kth, above = _quest_kth_in_tile(tile_key, need, SCAN)
+            keep = _quest_keep(tile_key, tile_kth, ids < candidates, need, 0, need - above)
+            tl.store(out + tl.cumsum(keep.to(tl.int32), 0) - 1, first_tile, mask=keep)
         else:
             kth, above = _quest_kth_by_bytes(keys, candidates, need, SCAN)
-        ties_kept = need - above  # the ties at the need-th key that are read: the earliest ones
-        written = 0
-        ties_seen = 0
-        for start in range(0, candidates, SCAN):
-            ids = start + tl.arange(0, SCAN)
-            key = _quest_unsigned_keys(keys, ids, candidates)
-            ties = (key == kth) & (ids < candidates)
-            keep = (key > kth) | (ties & (ties_seen + tl.cumsum(ties.to(tl.int32), 0) <= ties_kept))
-            keep = keep & (ids * 0 + need > 0)
-            tl.store(out + written + tl.cumsum(keep.to(tl.int32), 0) - 1, tl.load(table + ids, mask=keep, other=0), mask=keep)
-            written += tl.sum(keep.to(tl.int32), 0)
-            ties_seen += tl.sum(ties.to(tl.int32), 0)
-        tl.store(out + need, tl.load(table + num_blocks - 1))
+            written = 0
+            ties_seen = 0
+            for start in range(0, candidates, SCAN):
+                ids = start + tl.arange(0, SCAN)
+                key = _quest_unsigned_keys(keys, ids, candidates)
+                keep = _quest_keep(key, kth, ids < candidates, need, ties_seen, need - above)
+                places = out + written + tl.cumsum(keep.to(tl.int32), 0) - 1
+                tl.store(places, tl.load(table + ids, mask=keep, other=0), mask=keep)
+                written += tl.sum(keep.to(tl.int32), 0)
+                ties_seen += tl.sum(((key == kth) & (ids < candidates)).to(tl.int32), 0)
+        tl.store(out + need, last_block)
         if kv_head == 0:
             tl.store(lens_ptr + seq, need * BLOCK_SIZE + context_len - (num_blocks - 1) * BLOCK_SIZE)
 
