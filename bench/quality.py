@@ -1,7 +1,7 @@
 """What the fast modes cost in quality on the default model, against float32 weights and cache: narrower KV
 caches (kv_cache_dtype "bfloat16", "fp8"), bfloat16 weights and cache, and the CPU's quantized weights
 (quantization "auto" = the GGUF's own Q4_1 blocks, "int8" = Q8_0 blocks; with float32 activations or
-activations quantized per block of 32 to int16 or int8), alone and combined.
+activations quantized per block of 32 to int12, int16 or int8), alone and combined.
 
     .venv/bin/python bench/quality.py [--text bench/data/pride_and_prejudice_ch1.txt]
 
@@ -24,6 +24,7 @@ NEW_TOKENS = 64
 CONFIGS = [
     ("float32", "auto", "none", "float32"),
     ("float32", "auto", "auto", "float32"),
+    ("float32", "auto", "auto", "int12"),
     ("float32", "auto", "auto", "int16"),
     ("float32", "auto", "auto", "int8"),
     ("float32", "bfloat16", "auto", "float32"),

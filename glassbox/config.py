@@ -91,8 +91,9 @@ class EngineConfig:
     quantization: str | None = "auto"
     # What quantized CPU weights multiply: "float32" activations (the model's own numerics), "int8" blocks of
     # 32 (llama.cpp's arithmetic: integer dot products, faster at large batches), "int16" blocks as two int8
-    # halves (integer products at float32's greedy text; layers/quantized_linear.py), or "auto": int16 where
-    # the native kernels run the quantized weights, else float32 (engine/optimize.resolve_activations).
+    # halves (integer products at float32's greedy text; layers/quantized_linear.py), "int12" (the same at
+    # 4,079 levels: one AMX tile product per Q4_1 block), or "auto": int12 where the native kernels run the
+    # quantized weights, else float32 (engine/optimize.resolve_activations).
     activations: str = "auto"
     # Ranks that split every layer's weights and the KV cache by heads (engine/tp_runner.py): this process is
     # rank 0 and schedules; tensor_parallel_size - 1 worker processes run their shards (or torchrun's ranks).
@@ -106,8 +107,8 @@ class EngineConfig:
     batch_invariant: bool = False
 
     def __post_init__(self) -> None:
-        if self.activations not in ("auto", "float32", "int8", "int16"):
-            raise ValueError(f"activations must be 'auto', 'float32', 'int8' or 'int16', got {self.activations!r}")
+        if self.activations not in ("auto", "float32", "int8", "int16", "int12"):
+            raise ValueError(f"activations must be 'auto', 'float32', 'int8', 'int16' or 'int12', got {self.activations!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -1,4 +1,4 @@
-"""Batch invariance of the CPU default (Q4_1/Q8_0 weights, int16 block activations) through the server, served
+"""Batch invariance of the CPU default (Q4_1/Q8_0 weights, int12 block activations) through the server, served
 with --batch-invariant (which /model_info reports): a request's tokens and logprobs are the same bits alone
 and inside 32 concurrent streams; and through the engine, a prompt chunked by a 64-token step budget gives
 the same prompt logprobs, tokens and logprobs as the whole prompt in one step.

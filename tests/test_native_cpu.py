@@ -108,7 +108,7 @@ def test_argmax_is_torch_argmax(isa):
 
 
 @pytest.mark.parametrize("isa", X86_ISAS)
-@pytest.mark.parametrize("activations", ["float32", "int8", "int16"])
+@pytest.mark.parametrize("activations", ["float32", "int8", "int16", "int12"])
 @pytest.mark.parametrize("format", ["q4_1", "q8_0"])
 def test_gemm_prologues_and_residual_are_the_torch_ops(isa, format, activations):
     """RMSNorm and SiLU·mul done on each row before it is quantized, the residual added after: the same

@@ -210,10 +210,11 @@ def test_attention_scores_equal_transformers(server):
     with torch.no_grad():
         attentions = reference(torch.tensor([one["token_ids"]]), output_attentions=True).attentions
     expected = attentions[3][0]  # [heads, n, n]
-    # (2e-4: the server's default int16 activations — 2^-15 of each block's max — against float32's; 7.5e-5 seen)
-    assert (torch.tensor(one["attention_matrix"]) - expected[5]).abs().max() < 2e-4
+    # (2e-3: the server's default int12 activations — 2^-11 of each block's max — against float32's; 4e-4 seen,
+    # 7.5e-5 with int16's 2^-15)
+    assert (torch.tensor(one["attention_matrix"]) - expected[5]).abs().max() < 2e-3
     assert len(layer["heads"]) == 9
-    assert (torch.tensor([h["attention_matrix"] for h in layer["heads"]]) - expected).abs().max() < 2e-4
+    assert (torch.tensor([h["attention_matrix"] for h in layer["heads"]]) - expected).abs().max() < 2e-3
     n = len(one["tokens"])
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     assert one["sparsity_ratio"] == pytest.approx(((expected[5] < 0.01) & causal).sum().item() / causal.sum().item())
@@ -262,9 +263,9 @@ def test_pipeline_chain_reproduces_the_full_forward(server):
     with torch.no_grad():
         expected = loaded.model.compute_logits(loaded.model(ids, torch.arange(len(ids)), AttentionMetadata.for_prompts([len(ids)])))
     assert logits_stats["shape"] == list(expected.shape)
-    assert logits_stats["stats"]["max"] == pytest.approx(expected.max().item(), abs=1e-3)
-    # (the server's int16 activations against the float32 model: 5e-4 seen)
-    assert logits_stats["stats"]["mean"] == pytest.approx(expected.mean().item(), abs=2e-3)
+    # (the server's int12 activations against the float32 model: 9e-4 of the max seen)
+    assert logits_stats["stats"]["max"] == pytest.approx(expected.max().item(), rel=3e-3)
+    assert logits_stats["stats"]["mean"] == pytest.approx(expected.mean().item(), abs=2e-2)
     # The values themselves, on a short chain: the first layer's output matches the model's own hooks.
     one = httpx.post(f"{server}/pipeline/schedule", json={"input_ids": [1, 2, 3], "return_intermediate": True,
                      "steps": [{"step": "embed"}, {"step": "layer", "layer_idx": 0}]}, timeout=60).json()
@@ -274,7 +275,8 @@ def test_pipeline_chain_reproduces_the_full_forward(server):
     with torch.no_grad():
         loaded.model(torch.tensor([1, 2, 3]), torch.arange(3), AttentionMetadata.for_prompts([3]))
     hook.remove()
-    # (the server's int16 activations: each block rounded to 2^-15 of its max; 3.5e-5 of the largest value seen)
-    assert (torch.tensor(one["steps"][1]["values"]) - captured["out"]).abs().max() < 1e-4 * captured["out"].abs().max()
+    # (the server's int12 activations: each block rounded to 2^-11 of its max; 3.5e-5 of the largest value seen
+    # with int16's 2^-15)
+    assert (torch.tensor(one["steps"][1]["values"]) - captured["out"]).abs().max() < 1e-3 * captured["out"].abs().max()
     bad = httpx.post(f"{server}/pipeline/step_execute", json={"step": "layer", "layer_idx": 30, "prompt": "x"}, timeout=60)
     assert bad.status_code == 400 and "[0, 29]" in bad.json()["error"]["message"]

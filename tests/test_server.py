@@ -47,8 +47,8 @@ def test_health_model_info_and_version(client, server):
     assert info["num_parameters"] == 134_515_008 and info["dtype"] == "float32"
     from glassbox.kernels import cpu_native
 
-    # The CPU default as it runs: the GGUF's blocks times int16 block activations where the C kernels do
-    expected = ("q4_1+q8_0", "int16") if cpu_native.available() else ("column_major", "float32")
+    # The CPU default as it runs: the GGUF's blocks times int12 block activations where the C kernels do
+    expected = ("q4_1+q8_0", "int12") if cpu_native.available() else ("column_major", "float32")
     assert (info["weight_format"], info["activations"]) == expected
     version = httpx.get(f"{server}/version", timeout=60)
     assert version.json()["version"]

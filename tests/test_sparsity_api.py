@@ -145,8 +145,8 @@ def test_evaluate_dense_perplexity_equals_transformers(server):
     reference = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     with torch.no_grad():
         loss = reference(torch.tensor([ids]), labels=torch.tensor([ids])).loss
-    # (rel 1e-3: the server's default int16 activations against transformers' float32; 2e-4 seen)
-    assert same["perplexity_dense"] == pytest.approx(math.exp(loss.item()), rel=1e-3)
+    # (rel 4e-3: the server's default int12 activations against transformers' float32; 1.3e-3 seen)
+    assert same["perplexity_dense"] == pytest.approx(math.exp(loss.item()), rel=4e-3)
     assert same["perplexity_sparse"] == same["perplexity_dense"] and same["kl_dense_sparse"] == 0
     assert same["top1_agreement"] == 1 and same["density"] == 1 and max(same["attention_output_rel_error"]) == 0
     assert same["num_positions"] == len(ids) - 1

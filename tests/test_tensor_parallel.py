@@ -90,9 +90,9 @@ def test_default_model_two_ranks_equal_one_rank():
 def test_default_model_quantized_two_ranks_equal_one_rank():
     """The CPU default (quantization "auto": the GGUF's Q4_1 blocks) on both sides: each rank's slices keep
     their blocks (boundaries at multiples of 32) and run the per-layer native kernel; one rank runs the
-    native stack. Greedy outputs equal token for token; one step's logits within 1e-2 (the default's int16
-    activations: another order of the ranks' partial sums can move a value across a 16-bit rounding step;
-    3.9e-3 seen)."""
+    native stack. Greedy outputs equal token for token; one step's logits within 0.15 (the default's int12
+    activations: another order of the ranks' partial sums can move a value across a rounding step of 2^-11
+    of its block's max; 0.06 seen, 3.9e-3 with int16's 2^-15)."""
     one = LLM(kv_cache_memory=64 << 20)
     assert one.engine.last_plan is None and "native_stack" in one.engine.runner.executors
     expected = [out.token_ids for out in one.generate(PROMPTS, GREEDY)]
@@ -105,7 +105,7 @@ def test_default_model_quantized_two_ranks_equal_one_rank():
         got = [out.token_ids for out in two.generate(PROMPTS, GREEDY)]
         logits_two = _logits(two, prompt_ids)
     assert got == expected
-    assert (logits_two - logits_one).abs().max().item() < 1e-2
+    assert (logits_two - logits_one).abs().max().item() < 0.15
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])

@@ -91,7 +91,7 @@ def test_generate_openai_and_attention_equal_one_rank(server, reference):
     assert len(scores["heads"]) == 9
     for head, want in zip(scores["heads"], local["heads"]):
         difference = torch.tensor(head["attention_matrix"]) - torch.tensor(want["attention_matrix"])
-        assert difference.abs().max().item() < 5e-5  # (int16 activations on both sides: 1.1e-5 seen)
+        assert difference.abs().max().item() < 5e-3  # (int12 activations on both sides: 1.1e-3 seen)
 
     sparse = httpx.post(f"{url}/generate", json={"prompt": "Hi", "sparsity": {"method": "top_k", "k": 2}}, timeout=60)
     assert sparse.status_code == 400 and sparse.json()["error"]["param"] == "sparsity"

@@ -101,8 +101,8 @@ PROLOGUES = {None: 0, "rms_norm": 1, "silu_mul": 2}
 # Weight formats (kernels/cpu/kernels.h): GGUF's blocks of 32 inputs.
 FORMATS = {"q8_0": 0, "q4_1": 1}
 # What the weights multiply (kernels/cpu/kernels.h): the float32 activations, their int8 blocks, or their
-# int16 blocks as two int8 halves.
-ACTIVATIONS = {"float32": 0, "int8": 1, "int16": 2}
+# int16 or int12 blocks as two int8 halves.
+ACTIVATIONS = {"float32": 0, "int8": 1, "int16": 2, "int12": 3}
 BLOCK = 32
 
 

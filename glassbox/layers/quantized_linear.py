@@ -7,8 +7,8 @@ Weights are stored in GGUF's block formats, each block 32 inputs of one output r
 Quantizing a GGUF model's dequantized weights gives its blocks back, so a Q4_1 GGUF runs on the weights it
 stores (tests/test_quantized_linear.py checks it on the default model).
 
-The activations multiply them in one of three ways:
-- "float32" (QLinear's default; the engine's "auto" takes "int16" where the native kernels run): each weight
+The activations multiply them in one of four ways:
+- "float32" (QLinear's default; the engine's "auto" takes "int12" where the native kernels run): each weight
   dequantized on the fly and multiplied in float32 — the model's own numerics, reading 4 or 8 bits a weight;
 - "int8": activations quantized per block of 32 at run time, d = max|x| / 127 — llama.cpp's arithmetic:
   an exact integer dot product per block, scaled by d_w·d_x (and m_w·d_x·Σq_x for Q4_1). Faster at large
@@ -18,7 +18,10 @@ The activations multiply them in one of three ways:
 - "int16": activations quantized per block of 32 to 65,279 levels, d = max|x| / 32639, each split into two
   int8 halves (256·hi + lo) whose exact integer products with the weights are combined per block,
   256·Σ q·hi + Σ q·lo, and scaled as int8's: integer products at twice int8's cost, and float32's greedy
-  text on the default model (bench/activation_bits.py).
+  text on the default model (bench/activation_bits.py);
+- "int12": the same with 4,079 levels, d = max|x| / 2039, and halves 16·hi + lo (lo in [-8, 7]): on AMX a
+  Q4_1 block is one tile product of [hi | lo] with [16·q ; q] (16·q is still a byte), half int16's work
+  there; perplexity as float32's, greedy text float32's for ~58 of 64 tokens (docs/benchmarks.md).
 Every way a row's result depends on that row alone, so outputs are the same whatever else is in the batch.
 
 Two kernels, same math: the native one (kernels/cpu/qlinear.c, one call per layer, weights packed for it)
@@ -35,7 +38,9 @@ from glassbox.kernels import cpu_native
 
 BLOCK = 32
 FORMATS = ("q4_1", "q8_0")
-ACTIVATIONS = ("float32", "int8", "int16")
+ACTIVATIONS = ("float32", "int8", "int16", "int12")
+# The split activations: (levels each side, the hi half's weight) (kernels/cpu/qlinear.c)
+SPLITS = {"int16": (32639, 256), "int12": (2039, 16)}
 
 
 def supported(in_features: int) -> bool:
@@ -76,13 +81,14 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return q.reshape(x.shape), d, q.sum(-1)
 
 
-def quantize_activations16(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """x [M, K] float32 -> the "int16" blocks as int8 halves: (hi [M, K], lo [M, K], d [M, K / 32], Σ(256·hi + lo)
-    [M, K / 32]), x ≈ d·(256·hi + lo) per block with d = max|x| / 32639, hi in [-127, 127], lo in [-128, 127]
-    (float32 tensors holding integers)."""
-    v, d = _round_blocks(x, 32639)
-    hi = torch.floor((v + 128) / 256)
-    lo = v - 256 * hi
+def quantize_activations_split(x: torch.Tensor, activations: str) -> tuple[torch.Tensor, ...]:
+    """x [M, K] float32 -> the "int16" or "int12" blocks as int8 halves: (hi [M, K], lo [M, K], d [M, K / 32],
+    Σ(unit·hi + lo) [M, K / 32]), x ≈ d·(unit·hi + lo) per block with d = max|x| / levels (SPLITS), hi in
+    [-127, 127], lo in [-unit / 2, unit / 2 - 1] (float32 tensors holding integers)."""
+    levels, unit = SPLITS[activations]
+    v, d = _round_blocks(x, levels)
+    hi = torch.floor((v + unit // 2) / unit)
+    lo = v - unit * hi
     return hi.reshape(x.shape), lo.reshape(x.shape), d, v.sum(-1)
 
 
@@ -189,15 +195,16 @@ class QLinear(nn.Module):
             y = x.float() @ dequantize_weight(q, d, m).t()
         else:  # block by block: exact integer sums, then scaled
             q, d, m = q.float(), d.float(), None if m is None else m.float()
-            if self.activations == "int16":
-                hi, lo, dx, sum_x = quantize_activations16(x)
+            if self.activations in SPLITS:
+                hi, lo, dx, sum_x = quantize_activations_split(x, self.activations)
+                unit = SPLITS[self.activations][1]
             else:
                 qx, dx, sum_x = quantize_activations(x)
             y = torch.zeros(x.shape[0], self.out_features)
             for b in range(self.in_features // BLOCK):
                 cols = slice(b * BLOCK, (b + 1) * BLOCK)
-                if self.activations == "int16":  # each half's sum exact in float32; combined exactly, then rounded
-                    isum = (256 * (hi[:, cols] @ q[:, cols].t()).double() + (lo[:, cols] @ q[:, cols].t())).float()
+                if self.activations in SPLITS:  # each half's sum exact in float32; combined exactly, then rounded
+                    isum = (unit * (hi[:, cols] @ q[:, cols].t()).double() + (lo[:, cols] @ q[:, cols].t())).float()
                 else:
                     isum = qx[:, cols] @ q[:, cols].t()
                 y += isum * (d[:, b] * dx[:, b, None])

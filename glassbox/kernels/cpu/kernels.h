@@ -11,8 +11,9 @@ enum { FORMAT_Q8_0 = 0, FORMAT_Q4_1 = 1 };
 #define QBLOCK 32
 // What the weights multiply: the float32 activations (the model's own numerics), or the activations
 // quantized per block of 32 to int8 (llama.cpp's arithmetic: integer dot products, faster at large batches),
-// or to int16 as two int8 halves (x = 256·hi + lo: the int8 products twice, float32's greedy text).
-enum { ACTIVATIONS_FLOAT32 = 0, ACTIVATIONS_INT8 = 1, ACTIVATIONS_INT16 = 2 };
+// or to int16 as two int8 halves (x = 256·hi + lo: the int8 products twice, float32's greedy text), or to
+// int12 as two (x = 16·hi + lo: on AMX one tile product against Q4_1's q and 16·q side by side).
+enum { ACTIVATIONS_FLOAT32 = 0, ACTIVATIONS_INT8 = 1, ACTIVATIONS_INT16 = 2, ACTIVATIONS_INT12 = 3 };
 
 // A quantized weight [N, K] packed for the kernels (layers/quantized_linear.py packs it), in groups of
 // gb_rows() output rows (ROWS), per group and block of 32 inputs:

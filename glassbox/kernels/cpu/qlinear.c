@@ -23,6 +23,10 @@
 // scaled as INT8's, with d and Σ x_q. Twice INT8's products, one epilogue, and float32's greedy text on the
 // default model (bench/activation_bits.py).
 //
+// INT12: INT16 with 4,079 levels (d = max|x| / 2039) and halves x_q = 16·hi + lo (lo in [-8, 7]). The same
+// loops everywhere, but on AMX a Q4_1 block is then one tile product: [hi | lo] · [16·q ; q] (16·q ≤ 240 is
+// still a byte), half the tile operations and epilogues of INT16's two (docs/benchmarks.md).
+//
 // Every way, every ISA does exactly these operations in this order, so every ISA gives the same bits (the
 // RMSNorm and SiLU prologues aside, whose float sums follow the vector width). The PyTorch oracle is
 // QLinear's reference path (layers/quantized_linear.py). Per ISA, only the inner loops differ:
@@ -109,32 +113,39 @@ static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, int32_t
     }
 }
 
-// One row x [K] -> its int16 blocks as two int8 rows (see INT16 above): hi and lo [K], and per block d and
-// Σ x_q.
-static void quantize_row16(const float *x, int64_t K, int8_t *hi, int8_t *lo, float *d, int32_t *sum) {
+// INT16's and INT12's grids: levels each side, and the hi half's weight 2^shift.
+#define SPLIT_LEVELS(shift) ((shift) == 8 ? 32639.0f : 2039.0f)
+
+// One row x [K] -> its blocks as two int8 halves (see INT16 and INT12 above), x_q = 2^shift·hi + lo: block b's
+// halves at hi + b·stride and lo + b·stride [32], and per block d and Σ x_q.
+static void quantize_row_split(const float *x, int64_t K, int shift, int8_t *hi, int8_t *lo, int64_t stride, float *d,
+                               int32_t *sum) {
+    const int32_t unit = 1 << shift;
     for (int64_t b = 0; b < K / QBLOCK; b++) {
         float r[QBLOCK];
-        d[b] = round_block(x + b * QBLOCK, 32639.0f, r);
+        d[b] = round_block(x + b * QBLOCK, SPLIT_LEVELS(shift), r);
         int32_t total = 0;
         for (int i = 0; i < QBLOCK; i++) {
-            const int32_t v = (int32_t)r[i];                   // |v| <= 32639
-            const int32_t h = (v + 128 + 32768) / 256 - 128;  // floor((v + 128) / 256), in [-127, 127]
-            hi[b * QBLOCK + i] = (int8_t)h;
-            lo[b * QBLOCK + i] = (int8_t)(v - 256 * h);       // in [-128, 127]
+            const int32_t v = (int32_t)r[i];                                // |v| <= 127·unit + unit / 2 - 1
+            const int32_t h = ((v + unit / 2 + 128 * unit) >> shift) - 128;  // floor((v + unit / 2) / unit): [-127, 127]
+            hi[b * stride + i] = (int8_t)h;
+            lo[b * stride + i] = (int8_t)(v - unit * h);                    // in [-unit / 2, unit / 2 - 1]
             total += v;
         }
         sum[b] = total;
     }
 }
 
-// The quantized rows of x one tile reads: q [MT][ldq] int8 (INT16: rows 2i and 2i + 1 are row i's halves),
-// and per row of x (i) and block (b) d, Σ x_q and d · Σ x_q: d, sum and ds [MT / H][ldq / 32].
+// The quantized rows of x one tile reads: q [MT][ldq] int8 (INT16/INT12: rows 2i and 2i + 1 are row i's
+// halves, x_q = 2^shift·hi + lo), and per row of x (i) and block (b) d, Σ x_q and d · Σ x_q: d, sum and ds
+// [MT / H][ldq / 32].
 typedef struct {
     const int8_t *q;
     const float *d;
     const int32_t *sum;
     const float *ds;
     int64_t ldq;
+    int shift;
 } qrows;
 
 #define XQ(i, k) (xr.q + (i) * xr.ldq + (k))
@@ -183,7 +194,7 @@ GB_INLINE void tile(const qrows xr, const int MT, const int H, const int format,
             dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + b * ROWS)));
         }
         for (int i = 0; i + H <= MT; i += H) {
-            __m512i s = H == 2 ? _mm512_add_epi32(_mm512_slli_epi32(isum[i], 8), isum[i + 1]) : isum[i];
+            __m512i s = H == 2 ? _mm512_add_epi32(_mm512_sll_epi32(isum[i], _mm_cvtsi32_si128(xr.shift)), isum[i + 1]) : isum[i];
             if (format == FORMAT_Q8_0) s = _mm512_sub_epi32(s, _mm512_set1_epi32(128 * XSUM(i / H, b)));
             acc[i / H] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_set1_ps(XD(i / H, b))), acc[i / H]);
             if (format == FORMAT_Q4_1) acc[i / H] = _mm512_fmadd_ps(mw, _mm512_set1_ps(XS(i / H, b)), acc[i / H]);
@@ -238,8 +249,9 @@ GB_INLINE void tile(const qrows xr, const int MT, const int H, const int format,
             dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + b * ROWS)));
         }
         if (H == 2) {  // row i's sums: its halves' (2i, 2i + 1) combined
-            if (MT > 1) s0 = _mm256_add_epi32(_mm256_slli_epi32(s0, 8), s1);
-            if (MT > 3) s1 = _mm256_add_epi32(_mm256_slli_epi32(s2, 8), s3);
+            const __m128i shift = _mm_cvtsi32_si128(xr.shift);
+            if (MT > 1) s0 = _mm256_add_epi32(_mm256_sll_epi32(s0, shift), s1);
+            if (MT > 3) s1 = _mm256_add_epi32(_mm256_sll_epi32(s2, shift), s3);
         }
 #define SCALE(i)                                                                                                   \
     if (MT / H > i) {                                                                                              \
@@ -310,7 +322,7 @@ GB_INLINE void tile(const qrows xr, const int MT, const int H, const int format,
         }
         for (int i = 0; i + H <= MT; i += H) {
             for (int h = 0; h < 2; h++) {
-                const int32x4_t s = H == 2 ? vaddq_s32(vshlq_n_s32(isum[i][h], 8), isum[i + 1][h]) : isum[i][h];
+                const int32x4_t s = H == 2 ? vaddq_s32(vshlq_s32(isum[i][h], vdupq_n_s32(xr.shift)), isum[i + 1][h]) : isum[i][h];
                 acc[i / H][h] = vfmaq_f32(acc[i / H][h], vcvtq_f32_s32(s), vmulq_f32(dw[h], vdupq_n_f32(XD(i / H, b))));
                 if (format == FORMAT_Q4_1) acc[i / H][h] = vfmaq_f32(acc[i / H][h], mw[h], vdupq_n_f32(XS(i / H, b)));
             }
@@ -347,7 +359,7 @@ GB_INLINE void tile(const qrows xr, const int MT, const int H, const int format,
         for (int i = 0; i + H <= MT; i += H) {
             for (int r = 0; r < ROWS; r++) {
                 int32_t isum = block_dot(format, w, b, r, XQ(i, b * QBLOCK));
-                if (H == 2) isum = 256 * isum + block_dot(format, w, b, r, XQ(i + 1, b * QBLOCK));
+                if (H == 2) isum = (1 << xr.shift) * isum + block_dot(format, w, b, r, XQ(i + 1, b * QBLOCK));
                 const float dw = half_to_float(sc[b * (format == FORMAT_Q4_1 ? 2 : 1) * ROWS + r]);
                 float *o = out + i / H * ROWS + r;
                 *o = fmaf((float)isum, dw * XD(i / H, b), *o);
@@ -358,21 +370,30 @@ GB_INLINE void tile(const qrows xr, const int MT, const int H, const int format,
 }
 #endif
 
+#define AMX_M 16  // rows of x per AMX tile (INT16/INT12 rows are quantized in its layout when AMX runs)
 #if GB_AMX
 // ---- AMX: the integer products of tile() as 16 x 16 tile products ----
-// Per block of 32 inputs, one tile product C [16 rows of x][16 output rows] int32 = A [16][32] int8 (the rows'
-// quantized block, loaded from q as it lies) · B [32][16], then tile()'s fused multiply-adds on C's rows in
-// the same order: the integer sums are exact, so AMX gives every ISA's bits. B is AMX's VNNI layout (row j:
-// inputs 4j..4j+3 of each output row), which is Q8_0's packing as stored (step j); Q4_1's nibbles are
-// unpacked to it once per group (chunk j's low nibbles are B's row 2j, its high ones row 2j + 1), unsigned.
-#define AMX_M 16  // rows of x per tile
-// Tile registers (numbers: GCC's tile intrinsics paste them into the instruction)
+// A tile covers 16 rows of x and a group's 16 output rows. Per block of 32 inputs, tile products into int32
+// C [16 rows of x][16 output rows], then tile()'s fused multiply-adds on C's rows in the same order: the
+// integer sums are exact, so AMX gives every ISA's bits. Three kinds:
+//   AMX_INT8    C = A [16][32] (the rows' quantized block, loaded from q as it lies) · B [32][16]
+//   AMX_HALVES  INT16/INT12: C_hi = A_hi · B and C_lo = A_lo · B, combined per row as 2^shift·C_hi + C_lo
+//   AMX_FUSED   INT12 over Q4_1: C = [A_hi | A_lo] [16][64] · [16·B ; B] [64][16], the combined sums at once
+// B is AMX's VNNI layout (row j: inputs 4j..4j+3 of each output row), which is Q8_0's packing as stored (step
+// j); Q4_1's nibbles are unpacked to it once per group (chunk j's low nibbles are B's row 2j, its high ones
+// row 2j + 1; FUSED: 16·q's 8 rows first), unsigned. INT16/INT12 rows come quantized in tiles' layout: per 16
+// rows of x and block, [16][hi 32 | lo 32] (gb_qlinear).
+enum { AMX_INT8, AMX_HALVES, AMX_FUSED };
+// Tile registers (numbers: GCC's tile intrinsics paste them into the instruction). A block's products go to
+// a slot: slot 0 is C0 (HALVES: C0 hi, C1 lo) from A0 (and A1) and B0; slot 1 is C2 (C3) from A1 (A0) and B1.
 #define TILE_C0 0
 #define TILE_C1 1
-#define TILE_A0 2
-#define TILE_A1 3
-#define TILE_B0 4
-#define TILE_B1 5
+#define TILE_C2 2
+#define TILE_C3 3
+#define TILE_A0 4
+#define TILE_A1 5
+#define TILE_B0 6
+#define TILE_B1 7
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];
@@ -382,67 +403,94 @@ typedef struct {
 
 // Each thread loads the tiles' shapes before its first tile op (the configuration is per thread, and other
 // code on the thread, e.g. oneDNN, loads its own).
-static void amx_configure(void) {
+static void amx_configure(int kind) {
     amx_config c = {0};
     c.palette = 1;
-    c.rows[TILE_C0] = c.rows[TILE_C1] = AMX_M, c.colsb[TILE_C0] = c.colsb[TILE_C1] = ROWS * 4;
-    c.rows[TILE_A0] = c.rows[TILE_A1] = AMX_M, c.colsb[TILE_A0] = c.colsb[TILE_A1] = QBLOCK;
-    c.rows[TILE_B0] = c.rows[TILE_B1] = QBLOCK / 4, c.colsb[TILE_B0] = c.colsb[TILE_B1] = ROWS * 4;
+    const int k = kind == AMX_FUSED ? 2 * QBLOCK : QBLOCK;  // inputs (bytes of A's rows) per product
+    for (int t = TILE_C0; t <= TILE_C3; t++) c.rows[t] = AMX_M, c.colsb[t] = ROWS * 4;
+    c.rows[TILE_A0] = c.rows[TILE_A1] = AMX_M, c.colsb[TILE_A0] = c.colsb[TILE_A1] = k;
+    c.rows[TILE_B0] = c.rows[TILE_B1] = k / 4, c.colsb[TILE_B0] = c.colsb[TILE_B1] = ROWS * 4;
     _tile_loadconfig(&c);
 }
 
-// A group's Q4_1 data [nb][4][ROWS][4] -> B [nb][8][ROWS][4] (nibbles as bytes, 0..15).
-static void amx_unpack_q4(const uint8_t *w, int64_t nb, uint8_t *out) {
-    const __m512i nib = _mm512_set1_epi8(0x0F);
-    for (int64_t j = 0; j < nb * 4; j++) {
-        const __m512i v = _mm512_loadu_si512((const void *)(w + j * ROWS * 4));
-        _mm512_storeu_si512((void *)(out + 2 * j * ROWS * 4), _mm512_and_si512(v, nib));
-        _mm512_storeu_si512((void *)(out + (2 * j + 1) * ROWS * 4), _mm512_and_si512(_mm512_srli_epi16(v, 4), nib));
+// A group's Q4_1 data [nb][4][ROWS][4] -> B [nb][8][ROWS][4] (nibbles as bytes, 0..15), or for FUSED
+// [nb][16][ROWS][4] (rows 0-7: 16·q, rows 8-15: q).
+static void amx_unpack_q4(const uint8_t *w, int64_t nb, int fused, uint8_t *out) {
+    const __m512i low = _mm512_set1_epi8(0x0F), high = _mm512_set1_epi8((char)0xF0);
+    const int64_t step = ROWS * 4;  // bytes of a row of B
+    for (int64_t b = 0; b < nb; b++) {
+        uint8_t *o = out + b * (fused ? 16 : 8) * step, *oq = fused ? o + 8 * step : o;
+        for (int j = 0; j < 4; j++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(w + (b * 4 + j) * step));
+            if (fused) {  // 16·q: each nibble moved to its byte's high half
+                _mm512_storeu_si512((void *)(o + 2 * j * step), _mm512_and_si512(_mm512_slli_epi16(v, 4), high));
+                _mm512_storeu_si512((void *)(o + (2 * j + 1) * step), _mm512_and_si512(v, high));
+            }
+            _mm512_storeu_si512((void *)(oq + 2 * j * step), _mm512_and_si512(v, low));
+            _mm512_storeu_si512((void *)(oq + (2 * j + 1) * step), _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+        }
     }
 }
 
-// acc [AMX_M / H] += block b's products c [AMX_M][ROWS], combined and scaled as in tile().
-GB_INLINE void amx_epilogue(const qrows xr, const int H, const int format, const uint16_t *sc, int64_t b, const int32_t *c, __m512 *acc) {
+// acc [16] += block b's sums c [16][ROWS] (HALVES: 2^shift·c + c_lo), scaled as in tile().
+GB_INLINE void amx_epilogue(const qrows xr, const int kind, const int format, const uint16_t *sc, int64_t b,
+                            const int32_t *c, const int32_t *c_lo, __m512 *acc) {
     const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + b * (format == FORMAT_Q4_1 ? 2 : 1) * ROWS)));
     const __m512 mw = format == FORMAT_Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + b * 2 * ROWS + ROWS))) : dw;
-    for (int i = 0; i < AMX_M; i += H) {
+    const __m128i shift = _mm_cvtsi32_si128(xr.shift);
+    for (int i = 0; i < AMX_M; i++) {
         __m512i s = _mm512_load_si512(c + i * ROWS);
-        if (H == 2) s = _mm512_add_epi32(_mm512_slli_epi32(s, 8), _mm512_load_si512(c + (i + 1) * ROWS));
-        acc[i / H] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_set1_ps(XD(i / H, b))), acc[i / H]);
-        if (format == FORMAT_Q4_1) acc[i / H] = _mm512_fmadd_ps(mw, _mm512_set1_ps(XS(i / H, b)), acc[i / H]);
+        if (kind == AMX_HALVES) s = _mm512_add_epi32(_mm512_sll_epi32(s, shift), _mm512_load_si512(c_lo + i * ROWS));
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_set1_ps(XD(i, b))), acc[i]);
+        if (format == FORMAT_Q4_1) acc[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(XS(i, b)), acc[i]);
     }
 }
 
-// Block b's tile product into tile C (A from x's rows, B from the group's blocks wb [nb][8][ROWS][4]).
-#define AMX_PRODUCT(C, A, B, b)                                                  \
-    do {                                                                         \
-        _tile_zero(C);                                                           \
-        _tile_loadd(A, xr.q + (b) * QBLOCK, xr.ldq);                             \
-        _tile_loadd(B, wb + (b) * QBLOCK * ROWS, ROWS * 4);                      \
-        if (format == FORMAT_Q4_1) _tile_dpbsud(C, A, B); /* signed x, unsigned nibbles */ \
-        else _tile_dpbssd(C, A, B);                                              \
+#define AMX_DP(C, A, B)                                                                           \
+    do {                                                                                          \
+        if (format == FORMAT_Q4_1) _tile_dpbsud(C, A, B); /* signed x, unsigned nibbles */        \
+        else _tile_dpbssd(C, A, B);                                                               \
+    } while (0)
+// Block b's products into a slot: C (and CL, HALVES' lo half) from A (AL) and B.
+#define AMX_PRODUCTS(C, CL, A, AL, B, b)                                                                    \
+    do {                                                                                                    \
+        _tile_zero(C);                                                                                      \
+        _tile_loadd(B, wb + (b) * (kind == AMX_FUSED ? 2 : 1) * QBLOCK * ROWS, ROWS * 4);                  \
+        if (kind == AMX_INT8) _tile_loadd(A, xr.q + (b) * QBLOCK, xr.ldq);                                  \
+        else _tile_loadd(A, xr.q + (b) * AMX_M * 2 * QBLOCK, 2 * QBLOCK); /* FUSED: [hi | lo]; HALVES: hi */ \
+        AMX_DP(C, A, B);                                                                                    \
+        if (kind == AMX_HALVES) {                                                                           \
+            _tile_zero(CL);                                                                                 \
+            _tile_loadd(AL, xr.q + (b) * AMX_M * 2 * QBLOCK + QBLOCK, 2 * QBLOCK);                          \
+            AMX_DP(CL, AL, B);                                                                              \
+        }                                                                                                   \
     } while (0)
 
-// out [AMX_M / H][ROWS] = the group's output rows for the AMX_M quantized rows at xr (all readable: gb_qlinear
-// pads).
+// out [16][ROWS] = the group's output rows for the 16 rows of x at xr (all readable: gb_qlinear pads). wb:
+// the group's blocks as B (Q8_0's data, or unpacked Q4_1).
 // Software-pipelined: the products of blocks b + 2 and b + 3 run while blocks b and b + 1 are scaled (a tile
 // product's latency, ~50 cycles, is most of a pair's time otherwise).
-GB_INLINE void amx_tile(const qrows xr, const int H, const int format, const uint8_t *wb, const uint16_t *sc, int64_t nb, float *out) {
+GB_INLINE void amx_tile(const qrows xr, const int kind, const int format, const uint8_t *wb, const uint16_t *sc, int64_t nb,
+                        float *out) {
     __m512 acc[AMX_M];
     for (int i = 0; i < AMX_M; i++) acc[i] = _mm512_setzero_ps();
-    _Alignas(64) int32_t c[2][AMX_M * ROWS];
-    AMX_PRODUCT(TILE_C0, TILE_A0, TILE_B0, 0);
-    if (nb > 1) AMX_PRODUCT(TILE_C1, TILE_A1, TILE_B1, 1);
+    _Alignas(64) int32_t c[4][AMX_M * ROWS];  // the slots' tiles, stored: C0, C1, C2, C3
+    AMX_PRODUCTS(TILE_C0, TILE_C1, TILE_A0, TILE_A1, TILE_B0, 0);
+    if (nb > 1) AMX_PRODUCTS(TILE_C2, TILE_C3, TILE_A1, TILE_A0, TILE_B1, 1);
     for (int64_t b = 0; b < nb; b += 2) {
         const int pair = b + 1 < nb;
         _tile_stored(TILE_C0, c[0], ROWS * 4);
-        if (pair) _tile_stored(TILE_C1, c[1], ROWS * 4);
-        if (b + 2 < nb) AMX_PRODUCT(TILE_C0, TILE_A0, TILE_B0, b + 2);
-        if (b + 3 < nb) AMX_PRODUCT(TILE_C1, TILE_A1, TILE_B1, b + 3);
-        amx_epilogue(xr, H, format, sc, b, c[0], acc);
-        if (pair) amx_epilogue(xr, H, format, sc, b + 1, c[1], acc);
+        if (kind == AMX_HALVES) _tile_stored(TILE_C1, c[1], ROWS * 4);
+        if (pair) {
+            _tile_stored(TILE_C2, c[2], ROWS * 4);
+            if (kind == AMX_HALVES) _tile_stored(TILE_C3, c[3], ROWS * 4);
+        }
+        if (b + 2 < nb) AMX_PRODUCTS(TILE_C0, TILE_C1, TILE_A0, TILE_A1, TILE_B0, b + 2);
+        if (b + 3 < nb) AMX_PRODUCTS(TILE_C2, TILE_C3, TILE_A1, TILE_A0, TILE_B1, b + 3);
+        amx_epilogue(xr, kind, format, sc, b, c[0], c[1], acc);
+        if (pair) amx_epilogue(xr, kind, format, sc, b + 1, c[2], c[3], acc);
     }
-    for (int i = 0; i < AMX_M / H; i++) _mm512_storeu_ps(out + i * ROWS, acc[i]);
+    for (int i = 0; i < AMX_M; i++) _mm512_storeu_ps(out + i * ROWS, acc[i]);
 }
 #endif
 
@@ -727,28 +775,33 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
                 float eps, const gb_qweight *w, int64_t N, float *y, int64_t ldy, const float *residual,
                 int64_t ldr) {
     const int64_t nb = K / QBLOCK;
-    const int integer = w->activations != ACTIVATIONS_FLOAT32;  // integer products: INT8, or INT16 as two INT8 rows
-    const int64_t halves = w->activations == ACTIVATIONS_INT16 ? 2 : 1, MQ = halves * M;  // quantized rows
+    const int integer = w->activations != ACTIVATIONS_FLOAT32;  // integer products: INT8, or INT16/INT12 as two INT8 rows
+    const int64_t halves = w->activations == ACTIVATIONS_INT16 || w->activations == ACTIVATIONS_INT12 ? 2 : 1;
+    const int64_t MQ = halves * M;                                  // quantized rows
+    const int shift = w->activations == ACTIVATIONS_INT12 ? 4 : 8;  // INT16/INT12: the hi half's weight, 2^shift
 #if GB_AMX
     const int amx = integer && MQ >= AMX_M;  // (fewer rows: the weights' bytes bound the call; VNNI runs it)
-    const int64_t MQP = amx ? (MQ + AMX_M - 1) / AMX_M * AMX_M : MQ;  // rows allocated: AMX reads whole tiles
+    const int tiled = amx && halves == 2;    // rows quantized in tiles' layout (amx_tile)
+    const int64_t MP = amx ? (M + AMX_M - 1) / AMX_M * AMX_M : M;  // rows of x allocated: AMX reads whole tiles
 #else
-    const int64_t MQP = MQ;
+    const int tiled = 0;
+    const int64_t MP = M;
 #endif
     // float32 activations: the rows themselves, or their transformed copies; integer: their blocks.
     float *rows = prologue != PROLOGUE_NONE && !integer ? malloc(sizeof(float) * (size_t)(M * K)) : NULL;
     // float32 activations over Q4_1: each block's Σ x, for its minimum (in input order)
     float *xsum = !integer && w->format == FORMAT_Q4_1 ? malloc(sizeof(float) * (size_t)(M * nb)) : NULL;
-    int8_t *q = integer ? aligned_alloc(64, (size_t)((MQP * K + 63) / 64 * 64)) : NULL;
-    // (d and Σ x_q per row of x and block; INT16's halves share them)
-    float *d = integer ? malloc(sizeof(float) * (size_t)(MQP / halves * nb)) : NULL;
-    int32_t *sum = integer ? malloc(sizeof(int32_t) * (size_t)(MQP / halves * nb)) : NULL;
-    float *ds = integer ? malloc(sizeof(float) * (size_t)(MQP / halves * nb)) : NULL;  // d · Σ x_q, for Q4_1's m
-    if (MQP > MQ) {  // padding rows: zeros, whose products are 0
-        memset(q + MQ * K, 0, (size_t)((MQP - MQ) * K));
-        memset(d + M * nb, 0, sizeof(float) * (size_t)((MQP - MQ) / halves * nb));
-        memset(sum + M * nb, 0, sizeof(int32_t) * (size_t)((MQP - MQ) / halves * nb));
-        memset(ds + M * nb, 0, sizeof(float) * (size_t)((MQP - MQ) / halves * nb));
+    int8_t *q = integer ? aligned_alloc(64, (size_t)((halves * MP * K + 63) / 64 * 64)) : NULL;
+    // (d and Σ x_q per row of x and block; INT16's and INT12's halves share them)
+    float *d = integer ? malloc(sizeof(float) * (size_t)(MP * nb)) : NULL;
+    int32_t *sum = integer ? malloc(sizeof(int32_t) * (size_t)(MP * nb)) : NULL;
+    float *ds = integer ? malloc(sizeof(float) * (size_t)(MP * nb)) : NULL;  // d · Σ x_q, for Q4_1's m
+    if (MP > M) {  // padding rows: zeros, whose products are 0 (tiled: the last tile's, whose rows interleave)
+        const int64_t first = tiled ? M / AMX_M * AMX_M : M;
+        memset(q + halves * first * K, 0, (size_t)(halves * (MP - first) * K));
+        memset(d + M * nb, 0, sizeof(float) * (size_t)((MP - M) * nb));
+        memset(sum + M * nb, 0, sizeof(int32_t) * (size_t)((MP - M) * nb));
+        memset(ds + M * nb, 0, sizeof(float) * (size_t)((MP - M) * nb));
     }
     if (prologue != PROLOGUE_NONE || integer || xsum) {
 #pragma omp parallel for schedule(static) if (M > 1)
@@ -761,7 +814,11 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
                 row = transformed;
             }
             if (integer) {
-                if (halves == 2) quantize_row16(row, K, q + 2 * m * K, q + (2 * m + 1) * K, d + m * nb, sum + m * nb);  // rows 2m (hi), 2m + 1 (lo)
+                if (tiled) {  // row m's blocks in its tile: hi, lo at [m / 16][block][m % 16][0 | 32]
+                    int8_t *hi = q + m / AMX_M * AMX_M * 2 * K + m % AMX_M * 2 * QBLOCK;
+                    quantize_row_split(row, K, shift, hi, hi + QBLOCK, AMX_M * 2 * QBLOCK, d + m * nb, sum + m * nb);
+                } else if (halves == 2)  // rows 2m (hi), 2m + 1 (lo)
+                    quantize_row_split(row, K, shift, q + 2 * m * K, q + (2 * m + 1) * K, QBLOCK, d + m * nb, sum + m * nb);
                 else quantize_row(row, K, q + m * K, d + m * nb, sum + m * nb);
                 for (int64_t b = 0; b < nb; b++) ds[m * nb + b] = (float)sum[m * nb + b] * d[m * nb + b];
                 free(transformed);
@@ -783,27 +840,29 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
     const int64_t group_scales = w->format == FORMAT_Q4_1 ? nb * 2 * ROWS : nb * ROWS;
 #if GB_AMX
     if (amx) {  // each thread takes whole groups, all the rows of x (amx_tile)
+        const int kind = halves == 1 ? AMX_INT8 : w->format == FORMAT_Q4_1 && shift == 4 ? AMX_FUSED : AMX_HALVES;
 #pragma omp parallel
         {
-            amx_configure();
-            uint8_t *wq = w->format == FORMAT_Q4_1 ? aligned_alloc(64, (size_t)(nb * QBLOCK * ROWS)) : NULL;
+            amx_configure(kind);
+            uint8_t *wq = w->format == FORMAT_Q4_1 ? aligned_alloc(64, (size_t)((kind == AMX_FUSED ? 2 : 1) * nb * QBLOCK * ROWS)) : NULL;
             float out[AMX_M * ROWS];
 #pragma omp for schedule(dynamic, 1)
             for (int64_t g = 0; g < groups; g++) {
                 const uint8_t *wg = (const uint8_t *)w->data + g * group_bytes;
                 const uint16_t *sg = w->scales + g * group_scales;
-                if (wq) amx_unpack_q4(wg, nb, wq);
-                for (int64_t m0 = 0; m0 < MQ; m0 += AMX_M) {
-                    const int64_t mt = MQ - m0 < AMX_M ? MQ - m0 : AMX_M;
-                    const qrows xr = {q + m0 * K, d + m0 / halves * nb, sum + m0 / halves * nb, ds + m0 / halves * nb, K};
-                    if (halves == 2) {
-                        if (wq) amx_tile(xr, 2, FORMAT_Q4_1, wq, sg, nb, out);
-                        else amx_tile(xr, 2, FORMAT_Q8_0, wg, sg, nb, out);
+                if (wq) amx_unpack_q4(wg, nb, kind == AMX_FUSED, wq);
+                for (int64_t m0 = 0; m0 < M; m0 += AMX_M) {
+                    const int64_t mt = M - m0 < AMX_M ? M - m0 : AMX_M;
+                    const qrows xr = {q + halves * m0 * K, d + m0 * nb, sum + m0 * nb, ds + m0 * nb, K, shift};
+                    if (kind == AMX_FUSED) amx_tile(xr, AMX_FUSED, FORMAT_Q4_1, wq, sg, nb, out);
+                    else if (kind == AMX_HALVES) {
+                        if (wq) amx_tile(xr, AMX_HALVES, FORMAT_Q4_1, wq, sg, nb, out);
+                        else amx_tile(xr, AMX_HALVES, FORMAT_Q8_0, wg, sg, nb, out);
                     } else {
-                        if (wq) amx_tile(xr, 1, FORMAT_Q4_1, wq, sg, nb, out);
-                        else amx_tile(xr, 1, FORMAT_Q8_0, wg, sg, nb, out);
+                        if (wq) amx_tile(xr, AMX_INT8, FORMAT_Q4_1, wq, sg, nb, out);
+                        else amx_tile(xr, AMX_INT8, FORMAT_Q8_0, wg, sg, nb, out);
                     }
-                    store_tile(out, ROWS, mt / halves, m0 / halves, g * ROWS, N, w->bias, residual, ldr, y, ldy);
+                    store_tile(out, ROWS, mt, m0, g * ROWS, N, w->bias, residual, ldr, y, ldy);
                 }
             }
             _tile_release();
@@ -876,7 +935,7 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
         for (int64_t mb = 0; mb < m_blocks; mb++) {
             const int64_t m0 = mb * M_TILE, mt = MQ - m0 < M_TILE ? MQ - m0 : M_TILE;
             const int64_t g0 = u * GN, gn = groups - g0 < GN ? groups - g0 : GN;
-            const qrows xr = {q + m0 * K, d + m0 / halves * nb, sum + m0 / halves * nb, ds + m0 / halves * nb, K};
+            const qrows xr = {q + m0 * K, d + m0 / halves * nb, sum + m0 / halves * nb, ds + m0 / halves * nb, K, shift};
             const uint8_t *wg = (const uint8_t *)w->data + g0 * group_bytes;
             const uint16_t *sg = w->scales + g0 * group_scales;
             const float *xm = xf + m0 / halves * ldf, *xs = xsum ? xsum + m0 * nb : NULL;
