@@ -78,16 +78,22 @@ static inline void softmax(float *s, int64_t n) {
 GB_INLINE void attend(const float *q, int64_t NK, int64_t G, int64_t D, const char *const *k_rows,
                       const char *const *v_rows, int64_t n, float scale, float *probs, float *out, const int bf16) {
     const int64_t elem = bf16 ? 2 : 4;
+    // Scores VW keys at a time: each key's products summed across lanes together (vf_sum_each).
     for (int64_t j = 0; j < NK; j++) {
-        for (int64_t t = 0; t < n; t++) {
-            const char *k = k_rows[t] + j * D * elem;
-            if (t + 4 < n)  // (the hardware prefetcher does not follow rows scattered over blocks)
-                for (int64_t b = 0; b < D * elem; b += 64) PREFETCH(k_rows[t + 4] + j * D * elem + b);
+        for (int64_t t0 = 0; t0 < n; t0 += VW) {
+            const int64_t nt = n - t0 < VW ? n - t0 : VW;
+            for (int64_t t = t0 + VW; t < t0 + 2 * VW && t < n; t++)  // (the hardware prefetcher does not follow
+                for (int64_t b = 0; b < D * elem; b += 64) PREFETCH(k_rows[t] + j * D * elem + b);  // scattered rows)
             for (int64_t g = 0; g < G; g++) {
                 const float *qg = q + (j * G + g) * D;
-                vf dot = vf_zero();
-                for (int64_t d = 0; d < D; d += VW) dot = vf_fma(vf_load_n(qg + d, D - d), load_row(k, d, D - d, bf16), dot);
-                probs[(j * G + g) * n + t] = vf_sum(dot) * scale;
+                vf dots[VW];
+                for (int64_t i = 0; i < VW; i++) {
+                    dots[i] = vf_zero();
+                    if (i < nt)
+                        for (int64_t d = 0; d < D; d += VW)
+                            dots[i] = vf_fma(vf_load_n(qg + d, D - d), load_row(k_rows[t0 + i] + j * D * elem, d, D - d, bf16), dots[i]);
+                }
+                vf_store_n(probs + (j * G + g) * n + t0, vf_mul(vf_sum_each(dots), vf_set1(scale)), nt);
             }
         }
     }

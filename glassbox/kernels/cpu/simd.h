@@ -67,6 +67,21 @@ GB_INLINE vf vf_fnma(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }
 GB_INLINE vf vf_abs(vf a) { return _mm512_abs_ps(a); }
 GB_INLINE vf vf_round(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 GB_INLINE float vf_sum(vf a) { return _mm512_reduce_add_ps(a); }
+// VW sums at once: lane i of the result = the sum of v[i]'s lanes (a transpose by halves: 45 operations for
+// 16 sums, against ~8 each one at a time).
+GB_INLINE vf vf_sum_each(const vf *v) {
+    __m512 w[8], e[4], f[2];
+    for (int i = 0; i < 8; i++)  // per 128-bit lane: v[2i]'s and v[2i + 1]'s sums of pairs, interleaved
+        w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++)  // per 128-bit lane: v[4i .. 4i + 3]'s sums of that lane
+        e[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int i = 0; i < 2; i++)  // lanes (0 + 1, 2 + 3) of e[2i], then of e[2i + 1]
+        f[i] = _mm512_add_ps(_mm512_shuffle_f32x4(e[2 * i], e[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(e[2 * i], e[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(f[0], f[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(f[0], f[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
 GB_INLINE float vf_hmax(vf a) { return _mm512_reduce_max_ps(a); }
 GB_INLINE int vf_any_eq(vf a, float x) { return _mm512_cmp_ps_mask(a, _mm512_set1_ps(x), _CMP_EQ_OQ) != 0; }
 // 2^n for integral n in [-126, 127]
@@ -101,6 +116,15 @@ GB_INLINE float vf_sum(vf a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+GB_INLINE vf vf_sum_each(const vf *v) {  // lane i: the sum of v[i] (as AVX-512's, by halves)
+    __m256 w[4], e[2];
+    for (int i = 0; i < 4; i++)
+        w[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 2; i++)
+        e[i] = _mm256_add_ps(_mm256_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm256_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm256_add_ps(_mm256_permute2f128_ps(e[0], e[1], 0x20), _mm256_permute2f128_ps(e[0], e[1], 0x31));
 }
 GB_INLINE float vf_hmax(vf a) {
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -151,6 +175,7 @@ GB_INLINE vf vf_fnma(vf a, vf b, vf c) { return vfmsq_f32(c, a, b); }
 GB_INLINE vf vf_abs(vf a) { return vabsq_f32(a); }
 GB_INLINE vf vf_round(vf a) { return vrndnq_f32(a); }
 GB_INLINE float vf_sum(vf a) { return vaddvq_f32(a); }
+GB_INLINE vf vf_sum_each(const vf *v) { return vpaddq_f32(vpaddq_f32(v[0], v[1]), vpaddq_f32(v[2], v[3])); }
 GB_INLINE float vf_hmax(vf a) { return vmaxvq_f32(a); }
 GB_INLINE int vf_any_eq(vf a, float x) { return vmaxvq_u32(vceqq_f32(a, vdupq_n_f32(x))) != 0; }
 GB_INLINE vf vf_pow2i(vf n) { return vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(n), vdupq_n_s32(127)), 23)); }
@@ -179,6 +204,7 @@ GB_INLINE vf vf_fnma(vf a, vf b, vf c) { return fmaf(-a, b, c); }
 GB_INLINE vf vf_abs(vf a) { return fabsf(a); }
 GB_INLINE vf vf_round(vf a) { return nearbyintf(a); }
 GB_INLINE float vf_sum(vf a) { return a; }
+GB_INLINE vf vf_sum_each(const vf *v) { return v[0]; }
 GB_INLINE float vf_hmax(vf a) { return a; }
 GB_INLINE int vf_any_eq(vf a, float x) { return a == x; }
 GB_INLINE vf vf_pow2i(vf n) {
