@@ -4,8 +4,8 @@ model's shapes: which one should a layer call on this machine?
     .venv/bin/python bench/cpu_kernels.py [--threads 2] [--rows 1,8,32]
 
 Per shape and batch (rows of x): microseconds per call, median of 50 after a warm-up, for
-- glassbox qlinear, Q4_1 and Q8_0 weights, float32 activations, int8 block activations and int16 ones (two
-  int8 halves: the default);
+- glassbox qlinear, Q4_1 and Q8_0 weights, float32 activations, int8 block activations, int16 ones (two
+  int8 halves) and int12 ones (the default);
 - torch `_weight_int4pack_mm_for_cpu` (4-bit groups of 32 with bfloat16 scale and zero, bfloat16
   activations: Q4_1's layout, rounded), torch `_weight_int8pack_mm` (int8 weights, one scale per row,
   float32 activations), and float32 `F.linear` (MKL).
@@ -67,16 +67,17 @@ def main() -> None:
     rows = [int(r) for r in args.rows.split(",")]
     print(f"{platform.processor() or platform.machine()}, ISA {cpu_native.isa()}, {args.threads} threads, "
           f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; µs per call (median of 50)\n")
-    print("| shape | rows | Q4_1 · f32 | Q4_1 · int8 | Q4_1 · int16 | Q8_0 · f32 | Q8_0 · int8 | Q8_0 · int16 | "
+    ways = ("f32", "int8", "int16", "int12")
+    print("| shape | rows | " + " | ".join(f"{f} · {a}" for f in ("Q4_1", "Q8_0") for a in ways) + " | "
           "torch int4pack (bf16) | torch int8pack | float32 F.linear |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|" + "---:|" * (2 * len(ways) + 3))
     g = torch.Generator().manual_seed(0)
     for name, k, n in SHAPES:
         weight = torch.randn(n, k, generator=g) * 0.05
         ours = {}
         for format in ("q4_1", "q8_0"):
             data, scales, _ = cpu_native.quantize(weight, format)
-            for activations in ("float32", "int8", "int16"):
+            for activations in ("float32", "int8", "int16", "int12"):
                 ours[format, activations] = (cpu_native.qweight(data, scales, None, format, activations), data, scales)
         int4, int8 = torch_int4(weight), torch_int8(weight)
         column_major = weight.t().contiguous().t()

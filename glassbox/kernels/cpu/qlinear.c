@@ -31,8 +31,8 @@
 // RMSNorm and SiLU prologues aside, whose float sums follow the vector width). The PyTorch oracle is
 // QLinear's reference path (layers/quantized_linear.py). Per ISA, only the inner loops differ:
 //   AVX-512 VNNI  vpdpbusd: 4 unsigned × 4 signed bytes into int32, 16 rows per vector
-//   AMX           (16 or more quantized rows of x) a tile product per block: 16 rows of x × 16 output rows ×
-//                 32 inputs into int32, then tile's epilogue (amx_tile)
+//   AMX           (16 or more quantized rows of x) tile products per block: 16 rows of x × 16 output rows ×
+//                 32 inputs (INT12 over Q4_1: 64, both halves) into int32, then tile's epilogue (amx_tile)
 //   AVX2          vpmaddubsw (pairs into int16) + vpmaddwd, 8 rows per vector; Q4 sums stay in int16 over a
 //                 block (at most 16 · 15 · 127 = 30480), Q8 uses the sign trick (|x| · ±w)
 //   NEON          sdot by lane (4 signed × 4 signed bytes into int32), 8 rows as two vectors
@@ -834,7 +834,7 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
     const float *xf = rows ? rows : x;
     const int64_t ldf = rows ? K : ldx;
 
-    // (M_TILE is even: a tile holds both halves of its INT16 rows)
+    // (M_TILE is even: a tile holds both halves of its INT16/INT12 rows)
     const int64_t groups = (N + ROWS - 1) / ROWS, m_blocks = (MQ + M_TILE - 1) / M_TILE;
     const int64_t group_bytes = w->format == FORMAT_Q4_1 ? nb * QBLOCK * ROWS / 2 : nb * QBLOCK * ROWS;
     const int64_t group_scales = w->format == FORMAT_Q4_1 ? nb * 2 * ROWS : nb * ROWS;
