@@ -145,7 +145,9 @@ def test_ratios_round_up_exactly():
 
 @pytest.fixture(scope="module")
 def engine() -> LLMEngine:
-    return LLMEngine(load_model(None), EngineConfig(kv_cache_memory=256 << 20))
+    # (int16 activations: these tests compare attention paths; the default int12's coarser steps would amplify
+    # their float rounding 16x)
+    return LLMEngine(load_model(None), EngineConfig(kv_cache_memory=256 << 20, activations="int16"))
 
 
 def generate(engine: LLMEngine, requests: list[tuple[str, dict | None]], max_tokens: int = 12) -> list:
