@@ -2,16 +2,29 @@
 matmuls, a PNG — runs here, on background threads at the lowest CPU priority.
 
 Why not `asyncio.to_thread`: on a small CPU that work competes with serving for the cores (a 40 ms
-`torch.randn` beside a prefill's two OpenMP threads stalls their barriers). At nice 19, as are the OpenMP
-threads it starts (Linux gives a thread's priority to the threads it creates), the engine's threads take
-the cores whenever they have work, and research runs in what is left. (Work that holds the GIL
-throughout, as torch writing a profiling trace does, does not belong here: at this priority it would
-hold it longer, and serving waits for the GIL.)
+`torch.randn` beside a prefill's two OpenMP threads stalls their barriers). On Linux the threads run under
+SCHED_IDLE (as do the threads they start: Linux gives a thread's policy to the threads it creates): a thread
+of the engine that wakes takes the core at once. At nice 19, as they ran before, the scheduler lets the
+running thread finish its slice first, and the engine's OpenMP worker waited at each wake: a few-token
+prefill beside a research thread running tensor_split's work back to back took 15.1 ms (median; p75 89)
+at nice 19, 12.0 (p75 14.8) under SCHED_IDLE, 11.4 with nothing beside it (interleaved on one engine,
+2 cores; with a nice-19 client process and a thread making bursts of Python beside it too: 17.6 at nice
+19, 15.5 under SCHED_IDLE, 17.1 with no research thread). Elsewhere they run at normal priority. (Work that
+holds the GIL throughout, as torch writing a profiling trace does, does not belong here: at this priority
+it would hold it longer, and serving waits for the GIL.)
+
+And on one core each, without an OpenMP team of their own. GNU OpenMP counts the threads of every team in
+the process, and once they outnumber the cores it cuts the spinning of all of them, the engine's included:
+its worker then sleeps between two parallel regions and is woken for the next, and a prefill of a few tokens
+went from 12.0 to 15.2 ms (medians, interleaved; an idle second team alive, nothing running on it). A
+research thread's team lives as long as the thread, so one call made every later prefill slower, busy or
+idle.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
 import os
 import sys
@@ -20,20 +33,46 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import torch
+
 T = TypeVar("T")
 
 
 def _lowest_priority() -> None:
-    if sys.platform == "linux":  # per thread there (elsewhere PRIO_PROCESS would lower the whole server)
+    """This thread under SCHED_IDLE (nice 19 where that is refused). Per thread: Linux only (elsewhere
+    PRIO_PROCESS would lower the whole server)."""
+    if sys.platform != "linux":
+        return
+    thread = threading.get_native_id()
+    try:
+        os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
+    except OSError:
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            os.setpriority(os.PRIO_PROCESS, thread, 19)
         except OSError:
             pass
 
 
+def _one_openmp_thread() -> None:
+    """Run this thread's torch ops (and MKL's) on one thread: no OpenMP team of its own (see the module's doc).
+    The count is the calling thread's own (OpenMP's per-thread setting; torch.set_num_threads would change
+    the default of threads made later, the engine's workers among them). Nothing happens without OpenMP."""
+    torch.get_num_threads()  # torch's per-thread set-up first: it would otherwise reset the count at the first op
+    try:
+        set_num_threads = ctypes.CDLL(None).omp_set_num_threads  # (torch's libgomp, loaded with its symbols global)
+    except (AttributeError, OSError):
+        return
+    set_num_threads(1)
+
+
+def _research_thread() -> None:
+    _lowest_priority()
+    _one_openmp_thread()
+
+
 class Background:
     def __init__(self, workers: int = 2) -> None:
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="glassbox-research", initializer=_lowest_priority)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="glassbox-research", initializer=_research_thread)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args) on a background thread; await its result."""
