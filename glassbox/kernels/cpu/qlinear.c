@@ -113,9 +113,6 @@ static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, int32_t
     }
 }
 
-// INT16's and INT12's grids: levels each side, and the hi half's weight 2^shift.
-#define SPLIT_LEVELS(shift) ((shift) == 8 ? 32639.0f : 2039.0f)
-
 // One row x [K] -> its blocks as two int8 halves (see INT16 and INT12 above), x_q = 2^shift·hi + lo: block b's
 // halves at hi + b·stride and lo + b·stride [32], and per block d and Σ x_q.
 static void quantize_row_split(const float *x, int64_t K, int shift, int8_t *hi, int8_t *lo, int64_t stride, float *d,
@@ -123,7 +120,7 @@ static void quantize_row_split(const float *x, int64_t K, int shift, int8_t *hi,
     const int32_t unit = 1 << shift;
     for (int64_t b = 0; b < K / QBLOCK; b++) {
         float r[QBLOCK];
-        d[b] = round_block(x + b * QBLOCK, SPLIT_LEVELS(shift), r);
+        d[b] = round_block(x + b * QBLOCK, (float)(127 * unit + unit / 2 - 1), r);  // (INT16 32639, INT12 2039)
         int32_t total = 0;
         for (int i = 0; i < QBLOCK; i++) {
             const int32_t v = (int32_t)r[i];                                // |v| <= 127·unit + unit / 2 - 1
