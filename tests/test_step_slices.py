@@ -3,6 +3,8 @@ results as whole steps, serving steps run between the slices untouched, and a dr
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from glassbox import LLM, SamplingParams
@@ -47,6 +49,19 @@ def test_sliced_run_gives_the_whole_steps_results_with_serving_between(llm):
     sliced.close()
     sliced.handover._thread.join(5)
     assert not sliced.handover._thread.is_alive()
+
+
+def test_the_private_step_starts_no_openmp_team(llm):
+    """The private step's kernels run on the engine thread (Handover.on_caller) and its own thread keeps one
+    OpenMP thread: a team of its own would live as long as the run and slow every serving step beside it
+    (kernels/openmp.py)."""
+    llm.generate(["The engine's own team is up"], SamplingParams(temperature=0, max_tokens=2))
+    before = len(os.listdir("/proc/self/task"))
+    run = ScheduleRun(llm.engine, REQUESTS, "fcfs", 8)
+    while not run.step():
+        pass
+    assert len(os.listdir("/proc/self/task")) == before + 1  # the run's thread, no OpenMP worker beside it
+    run.close()
 
 
 def test_a_run_dropped_mid_step_ends_its_thread(llm):

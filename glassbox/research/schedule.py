@@ -129,6 +129,9 @@ class ScheduleRun:
             self.close()
             raise
         self.private.scheduler.policy = self.policy
+        if self.handover is not None:  # the LM head on the engine thread too, as the layers (step_slices.py)
+            runner, compute_logits = self.private.runner, self.private.runner.compute_logits
+            runner.compute_logits = lambda hidden: self.handover.on_caller(lambda: compute_logits(hidden))
         self.states: list[RequestState] = []
         for p, r in zip(prompts, requests):
             state = self.private.make_request(p, SamplingParams(temperature=0, max_tokens=r.max_tokens), priority=r.priority)

@@ -8,6 +8,11 @@ control back to the engine thread every few layers (TOKEN_LAYERS_PER_SLICE) and 
 exactly one of the two threads runs at any moment (a handover, not concurrency), so the private step never
 shares the cores, the model or a KV pool binding with serving. Only the CPU's native layer path is cut this way (a
 layer is one native call there); other paths run the private step whole.
+
+The private step's kernels run on the engine thread all the same (Handover.on_caller): a parallel op on the
+step's own thread would give it an OpenMP team of its own, alive as long as the thread, and two teams on
+two cores slow every serving step (kernels/openmp.py). Its thread keeps the Python between them, on one
+OpenMP thread.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 from torch import nn
 
 from glassbox.engine.executors import NativeLayersExecutor
+from glassbox.kernels.openmp import one_openmp_thread
 from glassbox.layers.attention import AttentionMetadata
 from glassbox.models import llama_native
 
@@ -35,19 +41,23 @@ class SliceCancelled(BaseException):
 
 class Handover:
     """Runs fn() on its own thread, in turns with the caller: `resume()` (the engine thread) runs it to its
-    next `pause()` (called by fn, on its thread) or to its end, and returns True at the end."""
+    next `pause()` (called by fn, on its thread) or to its end, and returns True at the end. Meanwhile fn
+    may run work on the caller's thread (`on_caller`)."""
 
     def __init__(self) -> None:
         self._go, self._back = threading.Semaphore(0), threading.Semaphore(0)
         self._fn: Callable[[], Any] | None = None
         self.result: Any = None
         self._error: BaseException | None = None
+        self._call: Callable[[], Any] | None = None  # asked of the caller's thread by on_caller
+        self._answer: tuple[Any, BaseException | None] = (None, None)
         self._closed = False
         self.busy = False  # fn started and not ended
         self._thread = threading.Thread(target=self._main, name="glassbox-step-slices", daemon=True)
         self._thread.start()
 
     def _main(self) -> None:
+        one_openmp_thread()
         while True:
             self._go.acquire()
             if self._closed:
@@ -66,6 +76,14 @@ class Handover:
         """Run fn until its next pause or its end (then True; fn's error is raised here)."""
         self._go.release()
         self._back.acquire()
+        while self._call is not None:  # fn asks for work on this thread, then waits for its answer
+            call, self._call = self._call, None
+            try:
+                self._answer = (call(), None)
+            except BaseException as error:  # raised on fn's thread
+                self._answer = (None, error)
+            self._go.release()
+            self._back.acquire()
         if self._error is not None:
             error, self._error = self._error, None
             raise error
@@ -77,6 +95,19 @@ class Handover:
         self._go.acquire()
         if self._closed:
             raise SliceCancelled
+
+    def on_caller(self, call: Callable[[], Any]) -> Any:
+        """On fn's thread: call() run on the thread in resume() (the engine's, whose OpenMP team runs the
+        kernels), its result returned or its error raised here. Elsewhere (fn not running) call() runs at once."""
+        if threading.current_thread() is not self._thread:
+            return call()
+        self._call = call
+        self._back.release()
+        self._go.acquire()
+        (result, error), self._answer = self._answer, (None, None)
+        if error is not None:
+            raise error
+        return result
 
     def close(self) -> None:
         """Drop fn where it is paused (its thread unwinds) and end the thread."""
@@ -107,7 +138,8 @@ class SlicedLayers(NativeLayersExecutor):
         self.handover, self.rebind, self.serving_waits = handover, rebind, serving_waits
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x, (cos, sin) = self.model.embed(input_ids, positions)
+        on_caller = self.handover.on_caller
+        x, (cos, sin) = on_caller(lambda: self.model.embed(input_ids, positions))
         per_slice = max(1, TOKEN_LAYERS_PER_SLICE // input_ids.numel())
         since_pause = 0
         for layer in self.model.layers:
@@ -116,7 +148,7 @@ class SlicedLayers(NativeLayersExecutor):
                 self.rebind()
                 since_pause = 0
             since_pause += 1
-            x = llama_native.layer_forward(layer, x, cos, sin, meta)
+            x = on_caller(lambda: llama_native.layer_forward(layer, x, cos, sin, meta))  # noqa: B023 (called at once)
         if self.serving_waits():  # (the LM head and sampling of a 16-sequence step are ~5 ms more)
             self.handover.pause()
-        return self.model.final_norm(x)
+        return on_caller(lambda: self.model.final_norm(x))

@@ -13,18 +13,12 @@ at nice 19, 12.0 (p75 14.8) under SCHED_IDLE, 11.4 with nothing beside it (inter
 holds the GIL throughout, as torch writing a profiling trace does, does not belong here: at this priority
 it would hold it longer, and serving waits for the GIL.)
 
-And on one core each, without an OpenMP team of their own. GNU OpenMP counts the threads of every team in
-the process, and once they outnumber the cores it cuts the spinning of all of them, the engine's included:
-its worker then sleeps between two parallel regions and is woken for the next, and a prefill of a few tokens
-went from 12.0 to 15.2 ms (medians, interleaved; an idle second team alive, nothing running on it). A
-research thread's team lives as long as the thread, so one call made every later prefill slower, busy or
-idle.
+And on one core each, without an OpenMP team of their own (kernels/openmp.py says why).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import functools
 import os
 import sys
@@ -33,7 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-import torch
+from glassbox.kernels.openmp import one_openmp_thread
 
 T = TypeVar("T")
 
@@ -53,21 +47,9 @@ def _lowest_priority() -> None:
             pass
 
 
-def _one_openmp_thread() -> None:
-    """Run this thread's torch ops (and MKL's) on one thread: no OpenMP team of its own (see the module's doc).
-    The count is the calling thread's own (OpenMP's per-thread setting; torch.set_num_threads would change
-    the default of threads made later, the engine's workers among them). Nothing happens without OpenMP."""
-    torch.get_num_threads()  # torch's per-thread set-up first: it would otherwise reset the count at the first op
-    try:
-        set_num_threads = ctypes.CDLL(None).omp_set_num_threads  # (torch's libgomp, loaded with its symbols global)
-    except (AttributeError, OSError):
-        return
-    set_num_threads(1)
-
-
 def _research_thread() -> None:
     _lowest_priority()
-    _one_openmp_thread()
+    one_openmp_thread()
 
 
 class Background:
