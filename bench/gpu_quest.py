@@ -7,9 +7,10 @@ the KV blocks, at long contexts.
 
 Attention: a stack of 8 layers' bfloat16 paged caches (blocks of 16, shuffled; 8 distinct layers so that what
 Quest reads does not stay in L2 between calls, as it does not in a real step) with random keys; per layer,
-dense `paged_decode_attention` (storing the step's keys) vs `quest_tables` + the same kernel over the chosen
-blocks (budget: ceil(blocks / fraction)), ms per layer: the 8 layers captured in a CUDA graph (as a decode step
-runs them), CUDA events over 20 replays.
+dense `paged_decode_attention` (storing the step's keys) vs the same with Quest's summaries and budgets (budget:
+ceil(blocks / fraction); split launches run `quest_tables` first, unsplit ones choose in the decode kernel), ms
+per layer: the 8 layers captured in a CUDA graph (as a decode step runs them), CUDA events over 20 replays;
+"select" is `quest_tables` alone.
 Steps: the engine on random weights with the shape's config (bench/gpu.py), bfloat16: `--step-batch` prompts
 of `--step-context` random tokens, then `--new-tokens` greedy tokens, dense (CUDA graphs) vs block_sparse with
 the same budget (bench/kv_eviction.py's run: decode ms/step from the step after the last prompt's).
@@ -72,8 +73,8 @@ def bench_attention(shape: str, batch: int, context: int, fraction: int) -> dict
 
     def quest() -> None:
         for k, v, summaries in caches:
-            chosen, chosen_lens = quest_tables(q, summaries, tables, lens, budgets, BLOCK)
-            paged_decode_attention(q, k, v, chosen, chosen_lens, scale, k_new=k_new, v_new=v_new, slot_mapping=slots)
+            paged_decode_attention(q, k, v, tables, lens, scale, k_new=k_new, v_new=v_new, slot_mapping=slots,
+                                   quest_summaries=summaries, quest_budgets=budgets)  # fmt: skip
 
     def select() -> None:
         for _, _, summaries in caches:

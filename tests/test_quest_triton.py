@@ -1,7 +1,8 @@
 """Quest in the Triton decode path (kernels/attention_triton.quest_tables + paged_decode_attention over a
-table per KV head): each KV head reads its last block and the budget - 1 blocks of highest bound, the same
-blocks the native CPU kernel chooses, and its output is attention over exactly those keys (the mask form over
-dense attention for the same selected keys). In Triton's interpreter without CUDA, compiled with it."""
+table per KV head, or paged_decode_attention given the summaries and budgets, which chooses in the decode kernel
+when unsplit): each KV head reads its last block and the budget - 1 blocks of highest bound, the same blocks the
+native CPU kernel chooses, and its output is attention over exactly those keys (the mask form over dense
+attention for the same selected keys). In Triton's interpreter without CUDA, compiled with it."""
 
 from __future__ import annotations
 
@@ -41,14 +42,16 @@ def chosen_blocks(q: torch.Tensor, summaries: torch.Tensor, table: torch.Tensor,
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("given", ["tables", "summaries"])
 @pytest.mark.parametrize(
     "shape, splits",
-    [((9, 3, 64, 16), None), ((4, 2, 128, 32), None), ((4, 4, 16, 4), None), ((9, 3, 64, 16), 1)],
-    ids=["9-3-64", "4-2-128", "4-4-16", "9-3-64 one split"],
+    [((9, 3, 64, 16), None), ((4, 2, 128, 32), None), ((4, 4, 16, 4), None), ((9, 3, 64, 16), 1), ((4, 2, 128, 32), 1)],
+    ids=["9-3-64", "4-2-128", "4-4-16", "9-3-64 one split", "4-2-128 one split"],
 )
-def test_quest_decode_reads_the_chosen_blocks(shape, splits, dtype):
+def test_quest_decode_reads_the_chosen_blocks(shape, splits, given, dtype):
     """However many splits share a KV head's chosen keys (None: the launcher's choice), its output is attention
-    over exactly those keys."""
+    over exactly those keys, given quest_tables' tables or the summaries and budgets (unsplit: the decode
+    kernel chooses)."""
     num_heads, num_kv, head_dim, block_size = shape
     contexts = [c if c * 4 // block_size > 0 else c for c in CONTEXTS]
     k_cache, v_cache, tables = paged_cache(contexts, num_kv, head_dim, block_size, dtype, seed=3)
@@ -68,9 +71,16 @@ def test_quest_decode_reads_the_chosen_blocks(shape, splits, dtype):
 
     quest, quest_lens = attention_triton.quest_tables(q, summaries, tables, lens, budgets, block_size)
     scale = head_dim**-0.5
-    out = attention_triton.paged_decode_attention(
-        q, k_cache, v_cache, quest, quest_lens, scale, k_new=k_new, v_new=v_new, slot_mapping=slots, num_splits=splits
-    )
+    if given == "tables":
+        out = attention_triton.paged_decode_attention(
+            q, k_cache, v_cache, quest, quest_lens, scale, k_new=k_new, v_new=v_new, slot_mapping=slots,
+            num_splits=splits,
+        )  # fmt: skip
+    else:
+        out = attention_triton.paged_decode_attention(
+            q, k_cache, v_cache, tables, lens, scale, k_new=k_new, v_new=v_new, slot_mapping=slots, num_splits=splits,
+            quest_summaries=summaries, quest_budgets=budgets,
+        )  # fmt: skip
     assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
     group = num_heads // num_kv
     for i, n in enumerate(contexts):
@@ -151,10 +161,18 @@ def test_quest_choice_over_long_rows_with_ties(contexts, width, budgets):
     summaries = torch.stack([low, low + torch.randint(0, 2, low.shape, generator=g)], 2)  # [blocks, KV, 2, D]
     q = torch.randint(-1, 2, (len(contexts), num_heads, head_dim), generator=g).float()
     budgets = torch.tensor(budgets, dtype=torch.int32)
-    quest, lens = attention_triton.quest_tables(
-        q.to(DEVICE), summaries.to(DEVICE), tables.to(DEVICE), torch.tensor(contexts, dtype=torch.int32, device=DEVICE),
-        budgets.to(DEVICE), block_size,
-    )  # fmt: skip
+    q, summaries, tables, budgets = q.to(DEVICE), summaries.to(DEVICE), tables.to(DEVICE), budgets.to(DEVICE)
+    context_lens = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
+    quest, lens = attention_triton.quest_tables(q, summaries, tables, context_lens, budgets, block_size)
+    # The decode kernel's own choice (unsplit) reads the same blocks: the same output as over quest's tables.
+    k_cache = torch.randn(num_blocks, block_size, num_kv, head_dim, generator=g).to(DEVICE)
+    v_cache = torch.randn(num_blocks, block_size, num_kv, head_dim, generator=g).to(DEVICE)
+    over_tables = attention_triton.paged_decode_attention(q, k_cache, v_cache, quest, lens, 0.25, num_splits=1)
+    chosen_here = attention_triton.paged_decode_attention(
+        q, k_cache, v_cache, tables, context_lens, 0.25, num_splits=1, quest_summaries=summaries, quest_budgets=budgets
+    )
+    assert torch.equal(chosen_here, over_tables)
+    q, summaries, tables, budgets = q.cpu(), summaries.cpu(), tables.cpu(), budgets.cpu()
     group = num_heads // num_kv
     for i, n in enumerate(contexts):
         blocks, budget = -(-n // block_size), int(budgets[i])

@@ -7,7 +7,8 @@ block_tables[i, p // block_size] at offset p % block_size.
 Three kernels, each with a launcher that checks its arguments:
   store_kv                -- write the step's keys/values into their slots (slot < 0: padding row, skipped)
   paged_decode_attention  -- one query per sequence; split-K ("flash decoding") when the batch is small;
-                             optionally stores the step's keys/values itself (one launch fewer per layer)
+                             optionally stores the step's keys/values itself (one launch fewer per layer),
+                             and, unsplit, makes Quest's choice of blocks itself (`quest_tables` otherwise)
   prefill_attention       -- varlen causal attention of a flattened batch of query chunks over the cache
 
 Every kernel reads lengths from device tensors, never on the host, and its grid depends only on tensor
@@ -41,26 +42,39 @@ except ImportError:
     gdc_wait = None
 
 LOG2_E = 1.4426950408889634
-# Keys per step of the decode loop: longer tiles once each program holds a whole sequence (bench/gpu_kernels.py:
-# ~4% more bandwidth on Qwen3 heads at 128-256 sequences), shorter ones to split a few sequences finely.
+# Keys per step of the decode loop: longer tiles once each program holds a whole sequence, shorter ones to split a
+# few sequences finely, and again from LONG_TILE_MAX_PROGRAMS programs on. The H200, bfloat16, unsplit, us a
+# layer at 1k / 4k tokens, 64- vs 128-key tiles: SmolLM2's heads at 96 sequences (288 programs) 33.6 / 117.8 vs
+# 27.1 / 90.7, at 256 (768 programs) 52.8 / 194.6 vs 67.6 / 252.4; Llama-3-8B's at 32 (256 programs) 41.9 / 148.6
+# vs 37.3 / 127.3, at 64 (512) 65.9 / 241.6 vs 78.3 / 294.9, at 128 (1024) 128.4 / 482.1 vs 132.5 / 501.3.
 DECODE_BLOCK_N = 64
 DECODE_BLOCK_N_UNSPLIT = 128
+LONG_TILE_MAX_PROGRAMS = 512
 PREFILL_BLOCK_M = 64  # (query, head) rows per prefill program
 PREFILL_BLOCK_N = 64  # keys per step of the prefill loop
 # Split-K for decode: split the keys of a sequence over programs only while the batch alone launches fewer
-# than this many programs, and give every split at least MIN_SPLIT_TOKENS keys.
+# than TARGET_DECODE_PROGRAMS programs, then into about SPLIT_DECODE_PROGRAMS programs at head_dim 64, half as
+# many at 128 (a tile holds twice the bytes), at most a split per DECODE_BLOCK_N keys of the table. Splits
+# past a sequence's context exit at once and the merge skips them, so a graph's splits, sized for its longest
+# context, cost little at short ones. The H200, bfloat16, 8 layers in a CUDA graph, batches 1-64 at 1k-8k
+# tokens, against a grid of 1-64 splits of 64 or 128 keys (2026-12-03), us a layer: SmolLM2's heads at batch
+# 32 and 8k 78.8 -> 53.6 (3 splits -> 8; the grid's best 54.5), Llama-3-8B's at batch 8 79.2 -> 70.1 (4 -> 6;
+# best 68.8); at 1k-2k tokens and batches 1-4, up to 0.8 slower (Llama-3-8B's at batch 2 and 2k: 10.9 -> 11.7;
+# the splits past the context and their merge). From 256 programs on, splitting loses (Llama-3-8B's heads at
+# batch 32 and 1k: 37.8 unsplit, 39.0-44.2 in 2).
 TARGET_DECODE_PROGRAMS = 256
-MIN_SPLIT_TOKENS = 256
+SPLIT_DECODE_PROGRAMS = 768
 MAX_DECODE_SPLITS = 64  # the merge kernel holds [splits, head_dim] float32 in registers
 # Quest's choice: programs per sequence and KV head that bound its blocks (each a tile of them at a time), and
 # keys per tile of the search's passes.
 QUEST_BOUND_PARTS = 16
 QUEST_SCAN = 512
-# Decode over Quest's tables: below TARGET_DECODE_PROGRAMS programs, split to about this many (at most
-# QUEST_DECODE_SPLITS each): the H200, 1/8 of 8k tokens, SmolLM2's heads at batch 32: 16.5 us a layer in 3
-# splits, 13.9 in 8; Llama-3-8B's at batch 1: 7.4 in 32, 6.6 in 16.
-QUEST_DECODE_PROGRAMS = 768
+# Decode over Quest's tables: split as dense, but into at most QUEST_DECODE_SPLITS per row (their keys are a
+# fraction of the context): the H200, 1/8 of 8k tokens, Llama-3-8B's heads at batch 1: 7.4 us a layer in 32
+# splits, 6.6 in 16. Unsplit, the decode kernel makes Quest's choice itself, bounding QUEST_FUSED_TILE blocks a
+# step (Llama-3-8B's heads at batch 32 and 8k: 59.1 us a layer with 64, 64.7 with 32, 79.6 with 16).
 QUEST_DECODE_SPLITS = 16
+QUEST_FUSED_TILE = 64
 F16_MAX = tl.constexpr(65504.0)  # a bfloat16 query beyond float16's range is clamped, not made infinite
 NO_MAX = tl.constexpr(-1e30)  # running-max start: finite, so fully masked tiles give exp2(-inf - NO_MAX) = 0, never NaN
 
@@ -241,9 +255,18 @@ def _decode_kernel(
     k_new_ptr,  # [S, KV, D]: this step's keys and values (STORE only)
     v_new_ptr,
     slot_mapping_ptr,  # [S] int64: where they go, < 0 = padding row (STORE only)
+    summaries_ptr,  # [num_blocks, KV, 2, D]: each block's key min and max (QUEST only)
+    budgets_ptr,  # [S] int32: blocks to read, 0: all (QUEST only)
+    quest_keys_ptr,  # [S, KV, max_blocks] int32 scratch: the candidate blocks' bounds (QUEST only)
+    chosen_ptr,  # [S, KV, max_blocks] int32 scratch: the blocks each KV head reads (QUEST only)
     qk_scale,  # softmax scale * log2(e)
     num_heads,
     num_splits,
+    stride_sum_block,
+    stride_sum_head,
+    stride_sum_side,
+    stride_scratch_seq,
+    stride_scratch_head,
     stride_q_seq,
     stride_q_head,
     stride_k_new_seq,
@@ -269,6 +292,10 @@ def _decode_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PDL: tl.constexpr,  # launched dependent on the previous kernel: wait for it first
+    QUEST: tl.constexpr,  # choose Quest's blocks here (unsplit launches: one program per row and KV head)
+    QUEST_IEEE: tl.constexpr,  # the bounds' products in float32
+    QUEST_TILE: tl.constexpr,  # blocks per step of the bounds' loop
+    SCAN: tl.constexpr,  # keys per tile of the choice's passes
 ):
     if PDL:
         gdc_wait()
@@ -276,14 +303,42 @@ def _decode_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
+    table = block_tables_ptr + seq * stride_table_seq + kv_head * stride_table_head
+    if QUEST:
+        # quest_tables' two kernels in this program: the candidate blocks' bounds, then the choice, through
+        # scratch rows of its own (written, then read back after a barrier). Then the loop below reads the chosen
+        # blocks, whose positions are the ones in that table. (The H200, Llama-3-8B's heads at batch 32 and 8k:
+        # 63.1 -> 58.7 us a layer, 3.91x -> 4.20x dense's; with the bounds left in their kernel 62.0. Split
+        # launches would repeat the choice in each split: SmolLM2's heads at batch 32 in 8 splits, 22.3 -> 33.4.)
+        budget = tl.load(budgets_ptr + seq)
+        num_blocks = tl.cdiv(context_len, BLOCK_SIZE)
+        if budget > 0 and num_blocks > budget:
+            keys = quest_keys_ptr + seq * stride_scratch_seq + kv_head * stride_scratch_head
+            chosen = chosen_ptr + seq * stride_scratch_seq + kv_head * stride_scratch_head
+            _quest_bounds(
+                q_ptr, summaries_ptr, table, keys, seq, kv_head, num_blocks - 1, 0, QUEST_TILE,
+                stride_q_seq, stride_q_head, stride_sum_block, stride_sum_head, stride_sum_side,
+                GROUP, HEAD_DIM, QUEST_TILE, QUEST_IEEE, BLOCK_G, BLOCK_D,
+            )  # fmt: skip
+            tl.debug_barrier()
+            ids = tl.arange(0, SCAN)
+            first_tile = tl.load(table + ids, mask=ids < num_blocks, other=0)  # [SCAN]
+            _quest_choose(table, first_tile, tl.load(table + num_blocks - 1), keys, chosen, num_blocks, budget, SCAN)
+            tl.debug_barrier()
+            table = chosen
+            context_len = (budget - 1) * BLOCK_SIZE + context_len - (num_blocks - 1) * BLOCK_SIZE
     query_pos = context_len - 1
 
-    # This program's keys: [lo, hi) of the sequence, cut to the sliding window. Padding rows (context 0) and
-    # splits past the context get an empty range and write zeros.
+    # This program's keys: [lo, hi) of the sequence, cut to the sliding window. Padding rows (context 0) get an
+    # empty range and write zeros.
     # The context is shared evenly by the splits (whole BLOCK_N tiles each), read here from the device: a short
-    # context in a graph captured for long ones still spreads over every split instead of loading one.
+    # context in a graph captured for long ones still spreads over every split instead of loading one. Splits
+    # past the context exit (the merge skips them; none holds the query's own key).
     split_tokens = tl.cdiv(tl.cdiv(context_len, num_splits), BLOCK_N) * BLOCK_N
     lo = split * split_tokens
+    if SPLIT:
+        if lo >= context_len:
+            return
     hi = tl.minimum(lo + split_tokens, context_len)
     if SLIDING_WINDOW > 0:
         lo = tl.maximum(lo, query_pos - SLIDING_WINDOW + 1)
@@ -306,7 +361,6 @@ def _decode_kernel(
     running_max = tl.full([BLOCK_G], NO_MAX, tl.float32)
     running_sum = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    table = block_tables_ptr + seq * stride_table_seq + kv_head * stride_table_head
     # With STORE the query's own key is not in the cache yet: the loop reads the keys before it, and the
     # program whose range holds it adds it from registers after the loop. (Substituting it into each tile
     # instead keeps the tiles from going straight to shared memory and cost a third of the bandwidth.)
@@ -378,6 +432,7 @@ def _decode_reduce_kernel(
     partial_acc_ptr,  # [S, H, num_splits, D] float32
     partial_max_ptr,  # [S, H, num_splits] float32
     partial_sum_ptr,  # [S, H, num_splits] float32
+    context_lens_ptr,  # [S]: the decode kernel's
     out_ptr,  # [S, H, D]
     num_splits,
     stride_out_seq,
@@ -385,16 +440,20 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # the decode kernel's
     PDL: tl.constexpr,
 ):
-    # Merge the splits' softmaxes: weight each by exp2(its max - overall max).
+    # Merge the splits' softmaxes: weight each by exp2(its max - overall max). Splits past the context wrote
+    # nothing (the decode kernel's split_tokens).
     if PDL:
         gdc_wait()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_SPLITS)
     dims = tl.arange(0, BLOCK_D)
-    split_mask = splits < num_splits
+    context_len = tl.load(context_lens_ptr + seq)
+    split_tokens = tl.cdiv(tl.cdiv(context_len, num_splits), BLOCK_N) * BLOCK_N
+    split_mask = (splits < num_splits) & (splits * split_tokens < context_len)
     row = (seq * tl.num_programs(1) + head) * num_splits + splits  # [BLOCK_SPLITS]
     split_max = tl.load(partial_max_ptr + row, mask=split_mask, other=NO_MAX)
     split_sum = tl.load(partial_sum_ptr + row, mask=split_mask, other=0.0)
@@ -413,17 +472,16 @@ def _decode_reduce_kernel(
     )
 
 
-def _decode_splits(num_seqs: int, num_kv_heads: int, max_tokens: int, per_head: bool = False) -> int:
+def _decode_splits(num_seqs: int, num_kv_heads: int, head_dim: int, quest: bool = False) -> int:
     """How many programs share one sequence's keys: enough to fill the GPU when the batch alone doesn't.
-    Depends only on shapes, so a captured CUDA graph stays valid. `per_head`: Quest's tables, whose keys are
-    a fraction of the context, unknown here: split finer, to about QUEST_DECODE_PROGRAMS programs."""
+    Depends only on shapes, so a captured CUDA graph stays valid (the launcher caps it at a tile per split of
+    the table's width). `quest`: Quest's choices, whose keys are a fraction of the context, unknown here: at
+    most QUEST_DECODE_SPLITS."""
     programs = num_seqs * num_kv_heads
     if programs >= TARGET_DECODE_PROGRAMS:
         return 1
-    if per_head:
-        return min(triton.cdiv(QUEST_DECODE_PROGRAMS, programs), QUEST_DECODE_SPLITS)
-    wanted = min(triton.cdiv(TARGET_DECODE_PROGRAMS, programs), triton.cdiv(max_tokens, MIN_SPLIT_TOKENS))
-    return max(1, min(wanted, MAX_DECODE_SPLITS))
+    wanted = triton.cdiv(SPLIT_DECODE_PROGRAMS * 64, programs * max(head_dim, 64))
+    return min(wanted, QUEST_DECODE_SPLITS if quest else MAX_DECODE_SPLITS)
 
 
 def paged_decode_attention(
@@ -443,6 +501,8 @@ def paged_decode_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
+    quest_summaries: torch.Tensor | None = None,
+    quest_budgets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query per sequence (the decode step). q: [S, H, D], query i at position context_lens[i] - 1;
     block_tables: [S, max_blocks] block ids (entries past the context are never read), or [S, KV, max_blocks]
@@ -451,6 +511,9 @@ def paged_decode_attention(
     when given).
     With k_new, v_new [S, KV, D] and slot_mapping [S], the kernel also does `store_kv`'s work: it writes
     them to their slots and attends to them as the keys/values at each query's position.
+    With quest_summaries [num_blocks, KV, 2, D] and quest_budgets [S] int32 (`quest_tables`' arguments), each
+    KV head reads the blocks Quest chooses for it: unsplit, chosen by the decode kernel itself, else by
+    `quest_tables` first (the choice would be repeated in every split).
     `num_splits` overrides the split-K heuristic (tests); block_n, num_warps, num_stages are tuning knobs
     (bench/gpu_kernels.py)."""
     _check_cache(k_cache, v_cache)
@@ -466,6 +529,9 @@ def paged_decode_attention(
     )
     _check(block_tables.stride(-1) == 1, "block_tables needs a contiguous last axis")
     _check(context_lens.shape == (num_seqs,), f"context_lens must be [{num_seqs}], got {tuple(context_lens.shape)}")
+    quest = quest_summaries is not None
+    _check(quest == (quest_budgets is not None) and not (quest and per_head),
+           "Quest needs quest_summaries and quest_budgets together, with one table per sequence")  # fmt: skip
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _check(out.shape == q.shape and out.stride(-1) == 1, f"out must be {tuple(q.shape)} with contiguous D")
@@ -484,11 +550,26 @@ def paged_decode_attention(
     group = num_heads // num_kv_heads
     max_tokens = block_tables.shape[-1] * block_size
     if num_splits is None:
-        num_splits = _decode_splits(num_seqs, num_kv_heads, max_tokens, per_head)
+        num_splits = _decode_splits(num_seqs, num_kv_heads, head_dim, per_head or quest)
     if block_n is None:  # 128-key tiles of head_dim > 128 would crowd shared memory (measured up to 128 only)
-        block_n = DECODE_BLOCK_N_UNSPLIT if num_splits == 1 and head_dim <= 128 else DECODE_BLOCK_N
+        long_tiles = num_splits == 1 and head_dim <= 128 and num_seqs * num_kv_heads < LONG_TILE_MAX_PROGRAMS
+        block_n = DECODE_BLOCK_N_UNSPLIT if long_tiles else DECODE_BLOCK_N
     num_splits = min(num_splits, triton.cdiv(max_tokens, block_n))  # no split without a tile of its own
     split = num_splits > 1
+    if quest and split:
+        block_tables, context_lens = quest_tables(
+            q, quest_summaries, block_tables, context_lens, quest_budgets, block_size
+        )
+        per_head, quest = True, False
+    if quest:  # the choice's scratch rows
+        _check(quest_summaries.shape[1:] == (num_kv_heads, 2, head_dim) and quest_summaries.stride(-1) == 1,
+               f"quest_summaries must be [blocks, {num_kv_heads}, 2, {head_dim}]")  # fmt: skip
+        _check(quest_budgets.shape == (num_seqs,) and quest_budgets.dtype == torch.int32,
+               f"quest_budgets must be [{num_seqs}] int32")  # fmt: skip
+        quest_keys = torch.empty(num_seqs, num_kv_heads, block_tables.shape[1], dtype=torch.int32, device=q.device)
+        chosen = torch.empty_like(quest_keys)
+    else:  # unused by the kernel
+        quest_summaries, quest_budgets, quest_keys, chosen = q, context_lens, context_lens, context_lens
     if split:
         partial_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         partial_max = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
@@ -499,7 +580,9 @@ def paged_decode_attention(
     pdl = _pdl(q.device)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, partial_acc, partial_max, partial_sum,
-        k_new, v_new, slot_mapping, scale * LOG2_E, num_heads, num_splits,
+        k_new, v_new, slot_mapping, quest_summaries, quest_budgets, quest_keys, chosen,
+        scale * LOG2_E, num_heads, num_splits,
+        *(quest_summaries.stride()[:3] if quest else (0, 0, 0)), *(chosen.stride()[:2] if quest else (0, 0)),
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         out.stride(0), out.stride(1), block_tables.stride(0), block_tables.stride(1) if per_head else 0,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -515,16 +598,21 @@ def paged_decode_attention(
         BLOCK_D=block_d,
         BLOCK_N=block_n,
         PDL=pdl,
+        QUEST=quest,
+        QUEST_IEEE=quest and _quest_ieee(q, quest_summaries),
+        QUEST_TILE=QUEST_FUSED_TILE,
+        SCAN=_quest_scan(block_tables.shape[-1]),
         num_warps=num_warps,
         launch_pdl=pdl,
         **({} if num_stages is None else {"num_stages": num_stages}),
     )  # fmt: skip
     if split:
         _decode_reduce_kernel[(num_seqs, num_heads)](
-            partial_acc, partial_max, partial_sum, out, num_splits, out.stride(0), out.stride(1),
+            partial_acc, partial_max, partial_sum, context_lens, out, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim,
             BLOCK_SPLITS=triton.next_power_of_2(num_splits),
             BLOCK_D=block_d,
+            BLOCK_N=block_n,
             PDL=pdl,
             launch_pdl=pdl,
         )  # fmt: skip
@@ -589,30 +677,44 @@ def _quest_bounds_kernel(
     budget = tl.load(budgets_ptr + seq)
     num_blocks = tl.cdiv(context_len, BLOCK_SIZE)
     if budget > 0 and num_blocks > budget:  # (otherwise every block is read: nothing to rank)
-        candidates = num_blocks - 1  # (the last block is always read)
-        table = block_tables_ptr + seq * stride_table_seq
-        keys = keys_ptr + seq * stride_keys_seq + kv_head * stride_keys_head
-        dims = tl.arange(0, BLOCK_D)
-        groups = tl.arange(0, BLOCK_G)
-        dim_mask = dims < HEAD_DIM
-        q = tl.load(
-            q_ptr + seq * stride_q_seq + (kv_head * GROUP + groups)[None, :] * stride_q_head + dims[:, None],
-            mask=dim_mask[:, None] & (groups < GROUP)[None, :],
-            other=0.0,
-        )  # [BLOCK_D, BLOCK_G]: the group's queries, transposed
-        dot_dtype = tl.float32 if IEEE else summaries_ptr.dtype.element_ty
-        q_pos, q_neg = tl.maximum(q, 0.0).to(dot_dtype), tl.minimum(q, 0.0).to(dot_dtype)
-        for start in range(part * TILE, candidates, parts * TILE):
-            tile = start + tl.arange(0, TILE)
-            candidate = tile < candidates
-            block = tl.load(table + tile, mask=candidate, other=0).to(tl.int64)
-            base = summaries_ptr + block * stride_sum_block + kv_head * stride_sum_head
-            mask = candidate[:, None] & dim_mask[None, :]
-            low = tl.load(base[:, None] + dims[None, :], mask=mask, other=0.0).to(dot_dtype)  # [TILE, BLOCK_D]
-            high = tl.load(base[:, None] + stride_sum_side + dims[None, :], mask=mask, other=0.0).to(dot_dtype)
-            bounds = _dot(high, q_pos, IEEE) + _dot(low, q_neg, IEEE)  # [TILE, BLOCK_G] float32
-            best = tl.max(tl.where((groups < GROUP)[None, :], bounds, float("-inf")), 1)
-            tl.store(keys + tile, _quest_key(best), mask=candidate)
+        _quest_bounds(
+            q_ptr, summaries_ptr, block_tables_ptr + seq * stride_table_seq,
+            keys_ptr + seq * stride_keys_seq + kv_head * stride_keys_head, seq, kv_head, num_blocks - 1,
+            part * TILE, parts * TILE, stride_q_seq, stride_q_head, stride_sum_block, stride_sum_head, stride_sum_side,
+            GROUP, HEAD_DIM, TILE, IEEE, BLOCK_G, BLOCK_D,
+        )  # fmt: skip
+
+
+@triton.jit
+def _quest_bounds(
+    q_ptr, summaries_ptr, table, keys, seq, kv_head, candidates, first, step,
+    stride_q_seq, stride_q_head, stride_sum_block, stride_sum_head, stride_sum_side,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # keys[b] for the candidate blocks b = first + i * step + [0, TILE) of the sequence's table (the last block,
+    # always read, is no candidate): the KV head's bound of block table[b], as _quest_key.
+    dims = tl.arange(0, BLOCK_D)
+    groups = tl.arange(0, BLOCK_G)
+    dim_mask = dims < HEAD_DIM
+    q = tl.load(
+        q_ptr + seq * stride_q_seq + (kv_head * GROUP + groups)[None, :] * stride_q_head + dims[:, None],
+        mask=dim_mask[:, None] & (groups < GROUP)[None, :],
+        other=0.0,
+    )  # [BLOCK_D, BLOCK_G]: the group's queries, transposed
+    dot_dtype = tl.float32 if IEEE else summaries_ptr.dtype.element_ty
+    q_pos, q_neg = tl.maximum(q, 0.0).to(dot_dtype), tl.minimum(q, 0.0).to(dot_dtype)
+    for start in range(first, candidates, step):
+        tile = start + tl.arange(0, TILE)
+        candidate = tile < candidates
+        block = tl.load(table + tile, mask=candidate, other=0).to(tl.int64)
+        base = summaries_ptr + block * stride_sum_block + kv_head * stride_sum_head
+        mask = candidate[:, None] & dim_mask[None, :]
+        low = tl.load(base[:, None] + dims[None, :], mask=mask, other=0.0).to(dot_dtype)  # [TILE, BLOCK_D]
+        high = tl.load(base[:, None] + stride_sum_side + dims[None, :], mask=mask, other=0.0).to(dot_dtype)
+        bounds = _dot(high, q_pos, IEEE) + _dot(low, q_neg, IEEE)  # [TILE, BLOCK_G] float32
+        best = tl.max(tl.where((groups < GROUP)[None, :], bounds, float("-inf")), 1)
+        tl.store(keys + tile, _quest_key(best), mask=candidate)
 
 
 @triton.jit
@@ -678,7 +780,6 @@ def _quest_select_kernel(
         gdc_wait()
     # One program per (sequence, KV head): the budget - 1 blocks of highest bound (ties to the earlier block)
     # and the last block, in block order — the native CPU kernel's choice (kernels/cpu/paged_attention.c).
-    # The need-th highest bound: a sort of the keys when they fit one tile, else found a byte at a time.
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     context_len = tl.load(context_lens_ptr + seq)
@@ -700,29 +801,49 @@ def _quest_select_kernel(
         if kv_head == 0:
             tl.store(lens_ptr + seq, context_len)
     else:
-        need = budget - 1
-        candidates = num_blocks - 1  # (the last block is always read)
         keys = keys_ptr + seq * stride_out_seq + kv_head * stride_out_head
-        if candidates <= SCAN:  # one tile: its keys stay in registers from the choice to the stores
-            tile_key = tl.load(keys + ids, mask=ids < candidates, other=-2147483648)  # [SCAN] int32
-            tile_kth, above = _quest_kth_in_tile(tile_key, need, SCAN)
-            keep = _quest_keep(tile_key, tile_kth, ids < candidates, need, 0, need - above)
-            tl.store(out + tl.cumsum(keep.to(tl.int32), 0) - 1, first_tile, mask=keep)
-        else:
-            kth, above = _quest_kth_by_bytes(keys, candidates, need, SCAN)
-            written = 0
-            ties_seen = 0
-            for start in range(0, candidates, SCAN):
-                ids = start + tl.arange(0, SCAN)
-                key = _quest_unsigned_keys(keys, ids, candidates)
-                keep = _quest_keep(key, kth, ids < candidates, need, ties_seen, need - above)
-                places = out + written + tl.cumsum(keep.to(tl.int32), 0) - 1
-                tl.store(places, tl.load(table + ids, mask=keep, other=0), mask=keep)
-                written += tl.sum(keep.to(tl.int32), 0)
-                ties_seen += tl.sum(((key == kth) & (ids < candidates)).to(tl.int32), 0)
-        tl.store(out + need, last_block)
+        _quest_choose(table, first_tile, last_block, keys, out, num_blocks, budget, SCAN)
         if kv_head == 0:
-            tl.store(lens_ptr + seq, need * BLOCK_SIZE + context_len - (num_blocks - 1) * BLOCK_SIZE)
+            tl.store(lens_ptr + seq, (budget - 1) * BLOCK_SIZE + context_len - (num_blocks - 1) * BLOCK_SIZE)
+
+
+@triton.jit
+def _quest_choose(table, first_tile, last_block, keys, out, num_blocks, budget, SCAN: tl.constexpr):
+    # out[0, budget): the budget - 1 candidate blocks of highest key (ties to the earlier block), in block order,
+    # then the last block. table: the sequence's; first_tile, last_block: its entries [0, SCAN) and
+    # num_blocks - 1; keys: the candidates' (_quest_bounds'). The need-th highest key: a sort of the keys when
+    # they fit one tile, else found a byte at a time.
+    need = budget - 1
+    candidates = num_blocks - 1  # (the last block is always read)
+    if candidates <= SCAN:  # one tile: its keys stay in registers from the choice to the stores
+        ids = tl.arange(0, SCAN)
+        tile_key = tl.load(keys + ids, mask=ids < candidates, other=-2147483648)  # [SCAN] int32
+        tile_kth, above = _quest_kth_in_tile(tile_key, need, SCAN)
+        keep = _quest_keep(tile_key, tile_kth, ids < candidates, need, 0, need - above)
+        tl.store(out + tl.cumsum(keep.to(tl.int32), 0) - 1, first_tile, mask=keep)
+    else:
+        kth, above = _quest_kth_by_bytes(keys, candidates, need, SCAN)
+        written = 0
+        ties_seen = 0
+        for start in range(0, candidates, SCAN):
+            ids = start + tl.arange(0, SCAN)
+            key = _quest_unsigned_keys(keys, ids, candidates)
+            keep = _quest_keep(key, kth, ids < candidates, need, ties_seen, need - above)
+            places = out + written + tl.cumsum(keep.to(tl.int32), 0) - 1
+            tl.store(places, tl.load(table + ids, mask=keep, other=0), mask=keep)
+            written += tl.sum(keep.to(tl.int32), 0)
+            ties_seen += tl.sum(((key == kth) & (ids < candidates)).to(tl.int32), 0)
+    tl.store(out + need, last_block)
+
+
+def _quest_ieee(q: torch.Tensor, summaries: torch.Tensor) -> bool:
+    """Whether the bounds' products are float32: float32 operands, or dtypes that differ."""
+    return torch.float32 in (q.dtype, summaries.dtype) or q.dtype != summaries.dtype
+
+
+def _quest_scan(max_blocks: int) -> int:
+    """Keys per tile of the choice's passes: QUEST_SCAN, less for narrow tables (a smaller sort)."""
+    return min(QUEST_SCAN, max(16, triton.next_power_of_2(max_blocks)))
 
 
 def quest_tables(
@@ -763,7 +884,7 @@ def quest_tables(
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         TILE=tile,
-        IEEE=torch.float32 in (q.dtype, summaries.dtype) or q.dtype != summaries.dtype,
+        IEEE=_quest_ieee(q, summaries),
         BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)),
         BLOCK_D=block_d,
         PDL=pdl,
@@ -774,7 +895,7 @@ def quest_tables(
         block_tables, context_lens, budgets, keys, tables, lens,
         block_tables.stride(0), tables.stride(0), tables.stride(1),
         BLOCK_SIZE=block_size,
-        SCAN=min(QUEST_SCAN, max(16, triton.next_power_of_2(max_blocks))),  # (narrow tables: a smaller sort)
+        SCAN=_quest_scan(max_blocks),
         PDL=pdl,
         num_warps=8,  # (4.7 / 6.0 us as above; 5.0 / 6.3 with 4)
         launch_pdl=pdl,

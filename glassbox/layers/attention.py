@@ -165,15 +165,11 @@ class TritonAttentionBackend:
         kernels, k_cache, v_cache = self.kernels, layer.k_cache, layer.v_cache
         budgets = meta.quest.budgets(layer.layer_idx) if meta.quest is not None else None
         if meta.max_query_len == 1:  # the decode kernel stores this step's keys/values itself
-            tables, lens = meta.block_tables, meta.context_lens
-            if budgets is not None:  # Quest: each KV head reads its chosen blocks, through a table of its own
-                summaries = meta.quest.summaries[layer.layer_idx]
-                tables, lens = kernels.quest_tables(
-                    q, summaries, meta.block_tables, meta.context_lens, budgets, k_cache.shape[1]
-                )
+            # Quest (budgets): each KV head reads the blocks chosen for it
+            summaries = meta.quest.summaries[layer.layer_idx] if budgets is not None else None
             out = kernels.paged_decode_attention(
-                q, k_cache, v_cache, tables, lens, layer.scale, layer.sliding_window,
-                k_new=k, v_new=v, slot_mapping=meta.slot_mapping,
+                q, k_cache, v_cache, meta.block_tables, meta.context_lens, layer.scale, layer.sliding_window,
+                k_new=k, v_new=v, slot_mapping=meta.slot_mapping, quest_summaries=summaries, quest_budgets=budgets,
             )  # fmt: skip
         else:
             kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)

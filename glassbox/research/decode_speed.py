@@ -128,13 +128,11 @@ def _attention_ms(private: LLMEngine, seq, budgets: list[int] | None) -> float |
 
         def replay() -> None:
             for layer in layers:
-                tables, context_lens = table, lens
-                if top is not None:
-                    summary = summaries[layer.layer_idx]
-                    tables, context_lens = attention_triton.quest_tables(q, summary, table, lens, top[layer.layer_idx], kv.block_size)
                 attention_triton.paged_decode_attention(
-                    q, layer.k_cache, layer.v_cache, tables, context_lens, layer.scale, layer.sliding_window,
+                    q, layer.k_cache, layer.v_cache, table, lens, layer.scale, layer.sliding_window,
                     k_new=k_new, v_new=k_new, slot_mapping=slot,
+                    quest_summaries=None if top is None else summaries[layer.layer_idx],
+                    quest_budgets=None if top is None else top[layer.layer_idx],
                 )  # fmt: skip
 
     elif cpu_native.available() and kv.dtype in cpu_native.CACHE_DTYPES and "native_layers" in runner.executors:
