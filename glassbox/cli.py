@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from glassbox.algorithms import ALGORITHMS, UnknownNameError
-from glassbox.config import KV_CACHE_DTYPES
+from glassbox.config import ACTIVATIONS, KV_CACHE_DTYPES
 from glassbox.engine.policies import get_policy  # also registers the built-in policies, for --help
 from glassbox.errors import GlassboxError
 
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         "none = float32",
     )  # fmt: skip
     serve.add_argument(
-        "--activations", choices=["auto", "float32", "int8", "int16", "int12"], default="auto",
+        "--activations", choices=ACTIVATIONS, default="auto",
         help="what quantized CPU weights multiply: auto (int12 where the native kernels run), float32 "
         "activations (the model's numerics), int8 blocks (llama.cpp's arithmetic), int16 blocks as two int8 "
         "halves (integer products, float32's greedy text), or int12 (the same at 4,079 levels, faster on AMX)",

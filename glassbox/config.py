@@ -10,6 +10,7 @@ from glassbox.errors import UnsupportedModelError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8")
+ACTIVATIONS = ("auto", "float32", "int8", "int16", "int12")  # (EngineConfig.activations)
 
 
 @dataclass
@@ -107,8 +108,8 @@ class EngineConfig:
     batch_invariant: bool = False
 
     def __post_init__(self) -> None:
-        if self.activations not in ("auto", "float32", "int8", "int16", "int12"):
-            raise ValueError(f"activations must be 'auto', 'float32', 'int8', 'int16' or 'int12', got {self.activations!r}")
+        if self.activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

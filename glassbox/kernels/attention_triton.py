@@ -326,7 +326,7 @@ def _decode_kernel(
             _quest_choose(table, first_tile, tl.load(table + num_blocks - 1), keys, chosen, num_blocks, budget, SCAN)
             tl.debug_barrier()
             table = chosen
-            context_len = (budget - 1) * BLOCK_SIZE + context_len - (num_blocks - 1) * BLOCK_SIZE
+            context_len = _quest_len(context_len, num_blocks, budget, BLOCK_SIZE)
     query_pos = context_len - 1
 
     # This program's keys: [lo, hi) of the sequence, cut to the sliding window. Padding rows (context 0) get an
@@ -804,7 +804,7 @@ def _quest_select_kernel(
         keys = keys_ptr + seq * stride_out_seq + kv_head * stride_out_head
         _quest_choose(table, first_tile, last_block, keys, out, num_blocks, budget, SCAN)
         if kv_head == 0:
-            tl.store(lens_ptr + seq, (budget - 1) * BLOCK_SIZE + context_len - (num_blocks - 1) * BLOCK_SIZE)
+            tl.store(lens_ptr + seq, _quest_len(context_len, num_blocks, budget, BLOCK_SIZE))
 
 
 @triton.jit
@@ -834,6 +834,12 @@ def _quest_choose(table, first_tile, last_block, keys, out, num_blocks, budget, 
             written += tl.sum(keep.to(tl.int32), 0)
             ties_seen += tl.sum(((key == kth) & (ids < candidates)).to(tl.int32), 0)
     tl.store(out + need, last_block)
+
+
+@triton.jit
+def _quest_len(context_len, num_blocks, budget, BLOCK_SIZE: tl.constexpr):
+    # Tokens in the chosen blocks: budget - 1 whole ones, then the last block's.
+    return (budget - 1) * BLOCK_SIZE + context_len - (num_blocks - 1) * BLOCK_SIZE
 
 
 def _quest_ieee(q: torch.Tensor, summaries: torch.Tensor) -> bool:
