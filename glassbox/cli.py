@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
-        help="auto: the model's dtype; bfloat16: half a float32 model's bytes per cached token; fp8: float8_e4m3fn",
+        help="auto: bfloat16 beside the CPU's int12/int8 activations (the default), else the model's dtype; "
+        "float32; bfloat16: half a float32 model's bytes per cached token; fp8: float8_e4m3fn",
     )
     serve.add_argument("--max-num-seqs", type=int, default=256)
     serve.add_argument(

@@ -9,7 +9,7 @@ from typing import Any
 from glassbox.errors import UnsupportedModelError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "fp8")
 ACTIVATIONS = ("auto", "float32", "int8", "int16", "int12")  # (EngineConfig.activations)
 
 
@@ -71,8 +71,9 @@ class EngineConfig:
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None  # overrides kv_cache_memory when set
-    # "auto": the model's dtype; "bfloat16": half the bytes of a float32 model's cache (the CPU's int8
-    # mode reads half as much per decode step); "fp8": float8_e4m3fn (vLLM's name and format, scale 1):
+    # "auto": bfloat16 beside int12 or int8 activations (the CPU default), else the model's dtype
+    # (engine/optimize.resolve_kv_cache_dtype); "float32"; "bfloat16": half the bytes of a float32 model's
+    # cache, so half the reads a decode step; "fp8": float8_e4m3fn (vLLM's name and format, scale 1):
     # half the bytes of bfloat16 per token, so twice the tokens in the pool and half the reads.
     kv_cache_dtype: str = "auto"
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps

@@ -281,6 +281,20 @@ def test_small_kv_cache_holds_more_tokens_and_keeps_the_numbers(tiny, cache_dtyp
         EngineConfig(kv_cache_dtype="int8")
 
 
+@pytest.mark.parametrize(
+    ("options", "activations", "cache"),
+    [
+        ({}, "int12", torch.bfloat16),  # the CPU default: a bfloat16 cache beside int12 activations
+        ({"activations": "int16"}, "int16", torch.float32),  # float32's text token for token
+        ({"quantization": "none"}, "float32", torch.float32),
+        ({"kv_cache_dtype": "float32"}, "int12", torch.float32),  # one flag away
+    ],
+)
+def test_auto_kv_cache_dtype_follows_the_activations(tiny_model_dir, options, activations, cache):
+    engine = LLMEngine(load_model(tiny_model_dir("llama")), EngineConfig(num_kv_blocks=8, **options))
+    assert (engine.config.activations, engine.kv_cache.dtype) == (activations, cache)
+
+
 def test_compiled_executors_leave_a_shared_model_unwrapped(tiny_model_dir):
     """Engines sharing a model (research/schedule.py) must not stack wrappers on its layers: each compiled
     executor compiles callables of its own and leaves the layers' forward as their class defines it."""

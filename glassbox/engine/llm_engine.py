@@ -36,7 +36,7 @@ from glassbox.engine.eviction import KVEvictor
 from glassbox.engine.executors import Executor
 from glassbox.engine.kv_cache import KVCache
 from glassbox.engine.model_runner import COMPILED_MIN_TOKENS, ModelRunner, PendingDecode
-from glassbox.engine.optimize import num_parameters, optimize_model, resolve_activations
+from glassbox.engine.optimize import num_parameters, optimize_model, resolve_activations, resolve_kv_cache_dtype
 from glassbox.engine.output_processor import OutputProcessor, RequestError, RequestOutput, RequestState, TokenLogprobs
 from glassbox.engine.scheduler import ScheduledBatch, Scheduler
 from glassbox.engine.sequence import Sequence
@@ -125,12 +125,13 @@ class LLMEngine:
             set_attention_backend(loaded.model, TritonAttentionBackend())
         if cfg.batch_invariant:  # after the layout and the backend, before the runner builds executors and graphs
             apply_batch_invariant(loaded.model, loaded.device)
-        kv_dtype = {"auto": loaded.dtype, "bfloat16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[cfg.kv_cache_dtype]
+        kv_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, cfg.activations, loaded.dtype)
         if kv_dtype == torch.float8_e4m3fn and on_cuda and torch.cuda.get_device_capability(loaded.device) < (8, 9):
             raise ValueError("kv_cache_dtype fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper)")
-        if kv_dtype == torch.bfloat16 and on_cuda and loaded.dtype != torch.bfloat16:
+        if kv_dtype != torch.float8_e4m3fn and on_cuda and loaded.dtype != kv_dtype:
             raise ValueError(
-                "kv_cache_dtype bfloat16 on CUDA needs a bfloat16 model (the kernels read the cache in the model's dtype)"
+                f"kv_cache_dtype {cfg.kv_cache_dtype} on CUDA needs a {cfg.kv_cache_dtype} model "
+                "(the kernels read the cache in the model's dtype)"
             )
         self.runner: ModelRunner
         if tensor_parallel:
