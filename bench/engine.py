@@ -4,7 +4,7 @@
                                      [--temperature 0.7 --top-p 0.9]
 
 A mode is the weights' quantization (float32: none), then optionally `:` and the KV cache's dtype
-(kv_cache_dtype; default auto, the model's float32).
+(kv_cache_dtype; default auto: bfloat16 beside the CPU default's int12 activations, else the model's float32).
 
 Columns: TTFT of the 14-token prompt (median of 5), decode ms/token at batch 1 (128 new tokens), and
 aggregate output tokens/s with N concurrent requests of 128 new tokens (ignore EOS): greedy, or sampled

@@ -10,7 +10,8 @@ Quest reads does not stay in L2 between calls, as it does not in a real step) wi
 dense `paged_decode_attention` (storing the step's keys) vs the same with Quest's summaries and budgets (budget:
 ceil(blocks / fraction); split launches run `quest_tables` first, unsplit ones choose in the decode kernel), ms
 per layer: the 8 layers captured in a CUDA graph (as a decode step runs them), CUDA events over 20 replays;
-"select" is `quest_tables` alone.
+its two parts apart: "choice" is `quest_tables` alone, "decode" the decode kernel (and its merge of splits) over
+the tables `quest_tables` made (what split launches run after it; unsplit ones choose in the decode kernel).
 Steps: the engine on random weights with the shape's config (bench/gpu.py), bfloat16: `--step-batch` prompts
 of `--step-context` random tokens, then `--new-tokens` greedy tokens, dense (CUDA graphs) vs block_sparse with
 the same budget (bench/kv_eviction.py's run: decode ms/step from the step after the last prompt's).
@@ -80,8 +81,15 @@ def bench_attention(shape: str, batch: int, context: int, fraction: int) -> dict
         for _, _, summaries in caches:
             quest_tables(q, summaries, tables, lens, budgets, BLOCK)
 
+    chosen = [quest_tables(q, summaries, tables, lens, budgets, BLOCK) for _, _, summaries in caches]
+
+    def decode() -> None:
+        for (k, v, _), (quest_table, quest_lens) in zip(caches, chosen):
+            paged_decode_attention(q, k, v, quest_table, quest_lens, scale, k_new=k_new, v_new=v_new,
+                                   slot_mapping=slots)  # fmt: skip
+
     result = {"budget": budget}
-    for name, fn in (("dense", dense), ("quest", quest), ("select", select)):
+    for name, fn in (("dense", dense), ("quest", quest), ("select", select), ("decode", decode)):
         fn()  # compile outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()  # replayed: GPU time, without the launches' host time
@@ -135,7 +143,8 @@ def main() -> None:
     args = parser.parse_args()
     results: dict = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "attention": {}, "steps": {}}
     print(f"{results['device']}, torch {torch.__version__}, {results['date']}; Quest reads 1/{args.fraction} of the blocks\n")
-    print("| shape (H/KV/D) | batch | context | budget (blocks) | dense ms/layer | Quest ms/layer (select) | speedup |")
+    print("| shape (H/KV/D) | batch | context | budget (blocks) | dense ms/layer | Quest ms/layer (choice, decode) "
+          "| speedup |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for shape in filter(None, args.shapes.split(",")):
         c = SHAPES[shape]
@@ -145,7 +154,8 @@ def main() -> None:
                 r = bench_attention(shape, batch, context, args.fraction)
                 results["attention"][f"{shape} x{batch} {context}"] = r
                 print(f"| {shape} ({dims}) | {batch} | {context} | {r['budget']} | {r['dense_ms']:.4f} | "
-                      f"{r['quest_ms']:.4f} ({r['select_ms']:.4f}) | {r['speedup']:.2f}x |", flush=True)
+                      f"{r['quest_ms']:.4f} ({r['select_ms']:.4f}, {r['decode_ms']:.4f}) | {r['speedup']:.2f}x |",
+                      flush=True)
     print(f"\nWhole decode steps: {args.step_batch} sequences of {args.step_context} tokens, {args.new_tokens} new\n")
     print("| shape | dense ms/step (executors) | Quest ms/step (executors) | speedup |")
     print("|---|---:|---:|---:|")

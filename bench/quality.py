@@ -24,7 +24,8 @@ NEW_TOKENS = 64
 CONFIGS = [
     ("float32", "auto", "none", "float32"),
     ("float32", "auto", "auto", "float32"),
-    ("float32", "auto", "auto", "int12"),
+    ("float32", "auto", "auto", "auto"),  # the CPU default: int12 activations beside a bfloat16 cache
+    ("float32", "float32", "auto", "int12"),
     ("float32", "auto", "auto", "int16"),
     ("float32", "auto", "auto", "int8"),
     ("float32", "bfloat16", "auto", "float32"),
