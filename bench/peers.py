@@ -57,7 +57,7 @@ def quantization(mode: str) -> str | None:
 
 def activations(mode: str) -> str:
     """--modes entry -> glassbox.LLM(activations=...): "auto:float32" -> "float32"; the engine's default, "auto",
-    without a suffix (int16 where the native kernels run)."""
+    without a suffix (int12 where the native kernels run)."""
     return mode.split(":")[1] if ":" in mode else "auto"
 
 

@@ -19,7 +19,7 @@
 // A task is a new token with all its heads, so that it reads whole cache rows (one kv head of it where a
 // step has under 4 tokens). Per kv head: the scores of its query heads, softmax, then Σ p·v with up to
 // PV_HEADS of its query heads' outputs in registers, so that each cache row is read (a bfloat16 one widened)
-// once for all of them (1.2-1.5x at 32 tokens of 512 keys against a row per query head, docs/benchmarks.md).
+// once for all of them (1.02-1.13x against a row per query head at 32 tokens of 32-512 keys, docs/benchmarks.md).
 
 #include <math.h>
 #include <stdint.h>
@@ -78,35 +78,24 @@ static inline void softmax(float *s, int64_t n) {
 
 // The query heads q [NK · G, D] of NK kv heads (kv head j's G heads are q[j·G ..]) over the n keys/values
 // whose cache rows (from the first of the NK kv heads) are k_rows[t], v_rows[t]: out [NK · G, D].
-// probs: scratch [NK · G, n]; kbuf: scratch [VW, D].
+// probs: scratch [NK · G, n].
 GB_INLINE void attend(const float *q, int64_t NK, int64_t G, int64_t D, const char *const *k_rows,
-                      const char *const *v_rows, int64_t n, float scale, float *probs, float *kbuf, float *out,
-                      const int bf16) {
+                      const char *const *v_rows, int64_t n, float scale, float *probs, float *out, const int bf16) {
     const int64_t elem = bf16 ? 2 : 4;
-    // Scores VW keys at a time: each key's products summed across lanes together (vf_sum_each). A bfloat16
-    // cache's key rows are widened once into kbuf for all G heads.
+    // Scores VW keys at a time: each key's products summed across lanes together (vf_sum_each).
     for (int64_t j = 0; j < NK; j++) {
         for (int64_t t0 = 0; t0 < n; t0 += VW) {
             const int64_t nt = n - t0 < VW ? n - t0 : VW;
             for (int64_t t = t0 + VW; t < t0 + 2 * VW && t < n; t++)  // (the hardware prefetcher does not follow
                 for (int64_t b = 0; b < D * elem; b += 64) PREFETCH(k_rows[t] + j * D * elem + b);  // scattered rows)
-            const float *keys[VW];
-            for (int64_t i = 0; i < nt; i++) {
-                const char *row = k_rows[t0 + i] + j * D * elem;
-                if (!bf16) {
-                    keys[i] = (const float *)row;
-                    continue;
-                }
-                for (int64_t d = 0; d < D; d += VW) vf_store_n(kbuf + i * D + d, load_row(row, d, D - d, 1), D - d);
-                keys[i] = kbuf + i * D;
-            }
             for (int64_t g = 0; g < G; g++) {
                 const float *qg = q + (j * G + g) * D;
                 vf dots[VW];
                 for (int64_t i = 0; i < VW; i++) {
                     dots[i] = vf_zero();
                     if (i < nt)
-                        for (int64_t d = 0; d < D; d += VW) dots[i] = vf_fma(vf_load_n(qg + d, D - d), vf_load_n(keys[i] + d, D - d), dots[i]);
+                        for (int64_t d = 0; d < D; d += VW)
+                            dots[i] = vf_fma(vf_load_n(qg + d, D - d), load_row(k_rows[t0 + i] + j * D * elem, d, D - d, bf16), dots[i]);
                 }
                 vf_store_n(probs + (j * G + g) * n + t0, vf_mul(vf_sum_each(dots), vf_set1(scale)), nt);
             }
@@ -258,7 +247,6 @@ void gb_paged_attention(const float *qkv, int64_t T, int64_t ld_qkv, const float
 
         float *q = malloc(sizeof(float) * (size_t)(H * D));
         float *probs = malloc(sizeof(float) * (size_t)(H * max_ctx));
-        float *kbuf = malloc(sizeof(float) * (size_t)(VW * D));
         const char **k_rows = malloc(sizeof(char *) * (size_t)(2 * max_ctx));
         const char **v_rows = k_rows + max_ctx;
         float *bound = quest ? malloc(sizeof(float) * (size_t)(2 * (max_ctx / BS + 1))) : NULL;  // + scratch
@@ -291,7 +279,7 @@ void gb_paged_attention(const float *qkv, int64_t T, int64_t ld_qkv, const float
                             v_rows[m] = (const char *)v_cache + base + (r - first) * row;
                         }
                     }
-#define ATTEND1(HEAD_DIM, BF16) attend(q + j * G * D, 1, G, HEAD_DIM, k_rows, v_rows, m, scale, probs, kbuf, o + j * G * D, BF16)
+#define ATTEND1(HEAD_DIM, BF16) attend(q + j * G * D, 1, G, HEAD_DIM, k_rows, v_rows, m, scale, probs, o + j * G * D, BF16)
                     if (cache_bf16) {
                         if (D == 64) ATTEND1(64, 1);
                         else ATTEND1(D, 1);
@@ -317,7 +305,7 @@ void gb_paged_attention(const float *qkv, int64_t T, int64_t ld_qkv, const float
             }
 
             // Constant head sizes and cache types for the common cases: the loops over D unroll.
-#define ATTEND(HEAD_DIM, BF16) attend(q, NK, G, HEAD_DIM, k_rows, v_rows, n, scale, probs, kbuf, o, BF16)
+#define ATTEND(HEAD_DIM, BF16) attend(q, NK, G, HEAD_DIM, k_rows, v_rows, n, scale, probs, o, BF16)
             if (cache_bf16) {
                 if (D == 64) ATTEND(64, 1);
                 else if (D == 128) ATTEND(128, 1);
@@ -332,7 +320,6 @@ void gb_paged_attention(const float *qkv, int64_t T, int64_t ld_qkv, const float
         free(rotated);
         free(q);
         free(probs);
-        free(kbuf);
         free(k_rows);
         free(bound);
         free(keep);
