@@ -32,6 +32,9 @@
 // registers: each row is loaded (a bfloat16 one widened) once for all the heads of its kv head.
 #define PV_HEADS 4
 #define PV_VECS 4
+// Value rows prefetched this many ahead (the first pass over a row's heads): a step's layers read more cache than
+// the L3 holds, from scattered blocks (1.03-1.09x over 30 layers' caches; 16 ahead the same).
+#define PV_AHEAD 8
 
 // x [D] rotated by position (rotate-half layout): x·cos + (-x2, x1)·sin, as apply_rotary computes it.
 static void rotate(const float *x, const float *cos, const float *sin, int64_t D, float *out) {
@@ -112,6 +115,8 @@ GB_INLINE void attend(const float *q, int64_t NK, int64_t G, int64_t D, const ch
                     for (int c = 0; c < PV_VECS; c++) acc[a][c] = vf_zero();
                 for (int64_t t = 0; t < n; t++) {
                     const char *v = v_rows[t] + j * D * elem;
+                    if (g0 == 0 && d0 == 0 && t + PV_AHEAD < n)
+                        for (int64_t b = 0; b < D * elem; b += 64) PREFETCH(v_rows[t + PV_AHEAD] + j * D * elem + b);
                     vf row[PV_VECS];
 #pragma GCC unroll 4
                     for (int c = 0; c < PV_VECS; c++) row[c] = load_row(v, d0 + c * VW, D - d0 - c * VW, bf16);
