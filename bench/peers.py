@@ -160,9 +160,13 @@ def run_worker(python: Path, job: dict[str, Any], threads: int) -> dict[str, Any
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "job.json").write_text(json.dumps(job))
         start = time.perf_counter()
-        with open(log, "w") as out:
-            rc = subprocess.run([python, HERE / "peers_worker.py", Path(tmp) / "job.json", Path(tmp) / "result.json"],
-                                stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+        for attempt in range(2):  # (vLLM's worker has died on a signal in some sittings: once more, then give up)
+            with open(log, "w") as out:
+                rc = subprocess.run([python, HERE / "peers_worker.py", Path(tmp) / "job.json", Path(tmp) / "result.json"],
+                                    stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+            if rc >= 0 or attempt == 1:
+                break
+            print(f"  {name} died on signal {-rc}; once more", file=sys.stderr)
         if rc != 0:
             tail = log.read_text().strip().splitlines()[-1:] or [""]
             print(f"  {name} failed (exit code {rc}): {tail[0]}", file=sys.stderr)

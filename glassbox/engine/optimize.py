@@ -86,7 +86,7 @@ def resolve_activations(activations: str, quantization: str | None, device: torc
 def resolve_kv_cache_dtype(kv_cache_dtype: str, activations: str, model_dtype: torch.dtype) -> torch.dtype:
     """The KV cache's dtype for `kv_cache_dtype` beside the resolved `activations`: "auto" is bfloat16 beside
     int8 or int12 activations (the CPU default: half the bytes attention reads a step, the same perplexity,
-    +7-18% tokens/s at 32 sequences, docs/benchmarks.md; llama.cpp's default cache is 16-bit too), the model's
+    +3-18% tokens/s at 32 sequences, docs/benchmarks.md; llama.cpp's default cache is 16-bit too), the model's
     dtype otherwise (float32 and int16 activations keep float32's greedy text token for token)."""
     if kv_cache_dtype == "auto":
         return torch.bfloat16 if activations in ("int8", "int12") else model_dtype
