@@ -22,6 +22,7 @@ from torch import nn
 from glassbox.kernels import cpu_native
 from glassbox.layers.quantized_linear import QLinear, supported
 from glassbox.models.gpt2 import Conv1D
+from glassbox.models.loader import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str, activations: str, model_dtype: t
     dtype otherwise (float32 and int16 activations keep float32's greedy text token for token)."""
     if kv_cache_dtype == "auto":
         return torch.bfloat16 if activations in ("int8", "int12") else model_dtype
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[kv_cache_dtype]
+    return torch.float8_e4m3fn if kv_cache_dtype == "fp8" else DTYPES[kv_cache_dtype]
 
 
 def optimize_model(model: nn.Module, quantization: str | None = "auto", activations: str = "float32") -> str:

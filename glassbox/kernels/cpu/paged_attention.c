@@ -17,9 +17,9 @@
 //   out [T, H · D] float32
 //
 // A task is a new token with all its heads, so that it reads whole cache rows (one kv head of it where a
-// step has under 4 tokens). Per kv head: the scores of its query heads, softmax, then Σ p·v with up to
-// PV_HEADS of its query heads' outputs in registers, so that each cache row is read (a bfloat16 one widened)
-// once for all of them (1.02-1.13x against a row per query head at 32 tokens of 32-512 keys, docs/benchmarks.md).
+// step has under 4 tokens). Per kv head: the scores of its query heads, softmax, then Σ p·v for up to
+// PV_HEADS of its query heads at once (1.02-1.13x against a value row per query head at 32 tokens of 32-512
+// keys, docs/benchmarks.md).
 
 #include <math.h>
 #include <stdint.h>
