@@ -70,7 +70,7 @@ def test_native_quantization_is_the_reference_bit_for_bit(isa, format):
 @pytest.mark.parametrize("activations", ql.ACTIVATIONS)
 @pytest.mark.parametrize("format", ql.FORMATS)
 @pytest.mark.parametrize("out_features,in_features", [(960, 576), (17, 64), (40, 1536), (8, 32)])
-@pytest.mark.parametrize("rows", [1, 3, 4, 9, 14, 20])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 9, 14, 15, 20])
 def test_kernel_is_the_reference(isa, activations, format, out_features, in_features, rows):
     """kernels/cpu/qlinear.c against QLinear.reference: every tile shape (output rows past a group of 8 or
     16, 1-4 activation rows per register block, AMX's tiles of 16 quantized rows and a partial one), with and

@@ -30,7 +30,8 @@
 // Every way, every ISA does exactly these operations in this order, so every ISA gives the same bits (the
 // RMSNorm and SiLU prologues aside, whose float sums follow the vector width). The PyTorch oracle is
 // QLinear's reference path (layers/quantized_linear.py). Per ISA, only the inner loops differ:
-//   AVX-512 VNNI  vpdpbusd: 4 unsigned × 4 signed bytes into int32, 16 rows per vector
+//   AVX-512 VNNI  vpdpbusd: 4 unsigned × 4 signed bytes into int32, 16 rows per vector (INT12 over Q4_1:
+//                 both halves into one sum, against q and 16·q, tile_fused)
 //   AMX           (16 or more quantized rows of x) tile products per block: 16 rows of x × 16 output rows ×
 //                 32 inputs (INT12 over Q4_1: 64, both halves) into int32, then tile's epilogue (amx_tile)
 //   AVX2          vpmaddubsw (pairs into int16) + vpmaddwd, 8 rows per vector; Q4 sums stay in int16 over a
@@ -88,48 +89,51 @@ static void prologue_row(int prologue, const float *x, int64_t K, const float *n
     }
 }
 
-// One block xb [32] on a grid of `levels` steps each side: r [32] = round-half-even(x / d) (as torch.round),
-// returns d = max|x| / levels.
-static float round_block(const float *xb, float levels, float *r) {
+// One block xb [32] on a grid of `levels` steps each side: r [32 / VW] = round-half-even(x / d) (as
+// torch.round), returns d = max|x| / levels.
+GB_INLINE float round_block(const float *xb, float levels, vf *r) {
     vf amax = vf_zero();
     for (int i = 0; i < QBLOCK; i += VW) amax = vf_max(amax, vf_abs(vf_load(xb + i)));
-    const float scale = fmaxf(vf_hmax(amax), 1e-10f) / levels;
+    const float top = vf_hmax(amax), scale = (top > 1e-10f ? top : 1e-10f) / levels;  // (fmaxf: a libm call)
     const vf s = vf_set1(scale);
-    for (int i = 0; i < QBLOCK; i += VW) vf_store(r + i, vf_round(vf_div(vf_load(xb + i), s)));
+    for (int i = 0; i < QBLOCK; i += VW) r[i / VW] = vf_round(vf_div(vf_load(xb + i), s));
     return scale;
+}
+
+// The sum of a block's rounded values (integers: exact in any order, |Σ| < 2^24).
+GB_INLINE int32_t block_sum(const vf *r) {
+    vf total = vf_zero();
+    for (int i = 0; i < QBLOCK / VW; i++) total = vf_add(total, r[i]);
+    return (int32_t)vf_sum(total);
 }
 
 // One row x [K] (K a multiple of 32) -> q [K] int8, and per block its scale d and Σ q.
 static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, int32_t *sum) {
     for (int64_t b = 0; b < K / QBLOCK; b++) {
-        float r[QBLOCK];
+        vf r[QBLOCK / VW];
         d[b] = round_block(x + b * QBLOCK, 127.0f, r);
-        int32_t total = 0;
-        for (int i = 0; i < QBLOCK; i++) {
-            q[b * QBLOCK + i] = (int8_t)(int32_t)r[i];
-            total += (int32_t)r[i];
-        }
-        sum[b] = total;
+        for (int i = 0; i < QBLOCK / VW; i++) vf_store_i8(q + b * QBLOCK + i * VW, r[i]);
+        sum[b] = block_sum(r);
     }
 }
 
 // One row x [K] -> its blocks as two int8 halves (see INT16 and INT12 above), x_q = 2^shift·hi + lo: block b's
-// halves at hi + b·stride and lo + b·stride [32], and per block d and Σ x_q.
+// halves at hi + b·stride and lo + b·stride [32], and per block d and Σ x_q. In float lanes, exactly:
+// hi = floor((x_q + unit / 2) / unit) in [-127, 127] (a division by a power of 2), lo = x_q - unit·hi in
+// [-unit / 2, unit / 2 - 1].
 static void quantize_row_split(const float *x, int64_t K, int shift, int8_t *hi, int8_t *lo, int64_t stride, float *d,
                                int32_t *sum) {
-    const int32_t unit = 1 << shift;
+    const float unit = (float)(1 << shift);
+    const vf half_unit = vf_set1(unit / 2), inverse = vf_set1(1.0f / unit), units = vf_set1(unit);
     for (int64_t b = 0; b < K / QBLOCK; b++) {
-        float r[QBLOCK];
-        d[b] = round_block(x + b * QBLOCK, (float)(127 * unit + unit / 2 - 1), r);  // (INT16 32639, INT12 2039)
-        int32_t total = 0;
-        for (int i = 0; i < QBLOCK; i++) {
-            const int32_t v = (int32_t)r[i];                                // |v| <= 127·unit + unit / 2 - 1
-            const int32_t h = ((v + unit / 2 + 128 * unit) >> shift) - 128;  // floor((v + unit / 2) / unit): [-127, 127]
-            hi[b * stride + i] = (int8_t)h;
-            lo[b * stride + i] = (int8_t)(v - unit * h);                    // in [-unit / 2, unit / 2 - 1]
-            total += v;
+        vf r[QBLOCK / VW];
+        d[b] = round_block(x + b * QBLOCK, 127 * unit + unit / 2 - 1, r);  // (INT16 32639, INT12 2039)
+        for (int i = 0; i < QBLOCK / VW; i++) {
+            const vf h = vf_floor(vf_mul(vf_add(r[i], half_unit), inverse));
+            vf_store_i8(hi + b * stride + i * VW, h);
+            vf_store_i8(lo + b * stride + i * VW, vf_fnma(units, h, r[i]));
         }
-        sum[b] = total;
+        sum[b] = block_sum(r);
     }
 }
 
@@ -198,6 +202,41 @@ GB_INLINE void tile(const qrows xr, const int MT, const int H, const int format,
         }
     }
     for (int i = 0; i < MT / H; i++) _mm512_storeu_ps(out + i * ROWS, acc[i]);
+}
+
+// INT12 over Q4_1 with one sum per row of x: Σ q·x_q = Σ (16·q)·hi + Σ q·lo, and 16·q ≤ 240 is still an
+// unsigned byte (AMX_FUSED's idea), so both halves' products go into one accumulator and need no combining,
+// and a tile holds FUSED_MT rows of x (tile(): M_TILE / 2). The same integers, so the same bits.
+#define FUSED 1
+#define FUSED_MT 8
+GB_INLINE void tile_fused(const qrows xr, const int MT, const uint8_t *w, const uint16_t *sc, int64_t nb, float *out) {
+    __m512 acc[FUSED_MT];
+    for (int i = 0; i < FUSED_MT; i++) acc[i] = _mm512_setzero_ps();
+    const __m512i nib = _mm512_set1_epi8(0x0F), high = _mm512_set1_epi8((char)0xF0);
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i isum[FUSED_MT];
+        for (int i = 0; i < FUSED_MT; i++) isum[i] = _mm512_setzero_si512();
+        const uint8_t *wb = w + b * 4 * ROWS * 4;
+        for (int j = 0; j < 4; j++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(wb + j * ROWS * 4));
+            const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+            const __m512i lo16 = _mm512_and_si512(_mm512_slli_epi16(v, 4), high), hi16 = _mm512_and_si512(v, high);
+            for (int i = 0; i < MT; i++) {  // row i's halves: quantized rows 2i (hi) and 2i + 1 (lo)
+                const int8_t *xh = XQ(2 * i, b * QBLOCK + 8 * j), *xl = XQ(2 * i + 1, b * QBLOCK + 8 * j);
+                isum[i] = _mm512_dpbusd_epi32(isum[i], lo16, _mm512_set1_epi32(load4(xh)));
+                isum[i] = _mm512_dpbusd_epi32(isum[i], hi16, _mm512_set1_epi32(load4(xh + 4)));
+                isum[i] = _mm512_dpbusd_epi32(isum[i], lo, _mm512_set1_epi32(load4(xl)));
+                isum[i] = _mm512_dpbusd_epi32(isum[i], hi, _mm512_set1_epi32(load4(xl + 4)));
+            }
+        }
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + b * 2 * ROWS)));
+        const __m512 mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + b * 2 * ROWS + ROWS)));
+        for (int i = 0; i < MT; i++) {
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i]), _mm512_mul_ps(dw, _mm512_set1_ps(XD(i, b))), acc[i]);
+            acc[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(XS(i, b)), acc[i]);
+        }
+    }
+    for (int i = 0; i < MT; i++) _mm512_storeu_ps(out + i * ROWS, acc[i]);
 }
 #elif GB_AVX2
 // The accumulators are named variables, one per row of x (GCC keeps an array of them on the stack).
@@ -365,6 +404,11 @@ GB_INLINE void tile(const qrows xr, const int MT, const int H, const int format,
         }
     }
 }
+#endif
+
+#ifndef FUSED
+#define FUSED 0
+#define FUSED_MT 1
 #endif
 
 #define AMX_M 16  // rows of x per AMX tile (INT16/INT12 rows are quantized in its layout when AMX runs)
@@ -832,7 +876,10 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
     const int64_t ldf = rows ? K : ldx;
 
     // (M_TILE is even: a tile holds both halves of its INT16/INT12 rows)
-    const int64_t groups = (N + ROWS - 1) / ROWS, m_blocks = (MQ + M_TILE - 1) / M_TILE;
+    // (INT12 over Q4_1 on AVX-512: tile_fused's FUSED_MT rows of x, both halves, a tile)
+    const int fused = FUSED && w->activations == ACTIVATIONS_INT12 && w->format == FORMAT_Q4_1;
+    const int64_t m_tile = fused ? 2 * FUSED_MT : M_TILE;  // quantized rows a tile
+    const int64_t groups = (N + ROWS - 1) / ROWS, m_blocks = (MQ + m_tile - 1) / m_tile;
     const int64_t group_bytes = w->format == FORMAT_Q4_1 ? nb * QBLOCK * ROWS / 2 : nb * QBLOCK * ROWS;
     const int64_t group_scales = w->format == FORMAT_Q4_1 ? nb * 2 * ROWS : nb * ROWS;
 #if GB_AMX
@@ -870,8 +917,9 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
 #endif
     // Each thread takes whole groups of output rows (their weights stream once per M_TILE rows of x); the
     // float32 path takes GROUPS groups at a time when x has one row (ftile_row). With more rows, work is
-    // handed out in chunks of 4 (dynamic): a thread the OS preempts (another process on a 2-core machine)
-    // holds up one chunk, not half the call (10-20% faster under light background load).
+    // handed out in chunks (dynamic): a thread the OS preempts (another process on a 2-core machine) holds
+    // up one chunk, not half the call (10-20% faster under light background load). Integer chunks are a
+    // group's tiles for all the rows of x: the group's weights come from memory once, to one thread.
 #if PAIRED
     // Many rows over float32: each thread takes pairs of groups, all the rows of x (ftile_pair).
     if (!integer && M >= 8) {
@@ -926,17 +974,17 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
     }
     const int64_t units = (groups + GN - 1) / GN;
     // (one row of x: even shares, as a static schedule: a decode step's many short calls feel the hand-out)
-    const int64_t chunk = M == 1 ? (units + max_threads() - 1) / max_threads() : 4;
+    const int64_t chunk = M == 1 ? (units + max_threads() - 1) / max_threads() : integer ? m_blocks : 4;
 #pragma omp parallel for schedule(dynamic, chunk) collapse(2)
     for (int64_t u = 0; u < units; u++) {
         for (int64_t mb = 0; mb < m_blocks; mb++) {
-            const int64_t m0 = mb * M_TILE, mt = MQ - m0 < M_TILE ? MQ - m0 : M_TILE;
+            const int64_t m0 = mb * m_tile, mt = MQ - m0 < m_tile ? MQ - m0 : m_tile;
             const int64_t g0 = u * GN, gn = groups - g0 < GN ? groups - g0 : GN;
             const qrows xr = {q + m0 * K, d + m0 / halves * nb, sum + m0 / halves * nb, ds + m0 / halves * nb, K, shift};
             const uint8_t *wg = (const uint8_t *)w->data + g0 * group_bytes;
             const uint16_t *sg = w->scales + g0 * group_scales;
             const float *xm = xf + m0 / halves * ldf, *xs = xsum ? xsum + m0 * nb : NULL;
-            float out[GROUPS * M_TILE * ROWS];
+            float out[(GROUPS * M_TILE > FUSED_MT ? GROUPS * M_TILE : FUSED_MT) * ROWS];
             // (every combination spelled out: MT, GN and the format are constants inside each tile)
 #define TILE(MT)                                                                                                     \
     if (halves == 2) {                                                                                               \
@@ -953,7 +1001,20 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
             else ftile(xm, ldf, xs, MT, FORMAT_Q8_0, wi, si, nb, out + gi * M_TILE * ROWS);                          \
         }                                                                                                            \
     }
-            if (gn == GROUPS && M == 1) {  // (only the float32 path takes GROUPS at once)
+            if (fused) {
+#if FUSED
+                switch (mt / 2) {
+                    case 1: tile_fused(xr, 1, wg, sg, nb, out); break;
+                    case 2: tile_fused(xr, 2, wg, sg, nb, out); break;
+                    case 3: tile_fused(xr, 3, wg, sg, nb, out); break;
+                    case 4: tile_fused(xr, 4, wg, sg, nb, out); break;
+                    case 5: tile_fused(xr, 5, wg, sg, nb, out); break;
+                    case 6: tile_fused(xr, 6, wg, sg, nb, out); break;
+                    case 7: tile_fused(xr, 7, wg, sg, nb, out); break;
+                    default: tile_fused(xr, FUSED_MT, wg, sg, nb, out); break;
+                }
+#endif
+            } else if (gn == GROUPS && M == 1) {  // (only the float32 path takes GROUPS at once)
                 if (w->format == FORMAT_Q4_1) ftile_row(xm, xcopies, K, xs, FORMAT_Q4_1, wg, group_bytes, sg, group_scales, nb, out);
                 else ftile_row(xm, xcopies, K, xs, FORMAT_Q8_0, wg, group_bytes, sg, group_scales, nb, out);
             } else {

@@ -66,6 +66,9 @@ GB_INLINE vf vf_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 GB_INLINE vf vf_fnma(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }
 GB_INLINE vf vf_abs(vf a) { return _mm512_abs_ps(a); }
 GB_INLINE vf vf_round(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+GB_INLINE vf vf_floor(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+// The lanes (integers in [-128, 127]) as VW int8 at p.
+GB_INLINE void vf_store_i8(int8_t *p, vf v) { _mm_storeu_si128((__m128i *)p, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v))); }
 GB_INLINE float vf_sum(vf a) { return _mm512_reduce_add_ps(a); }
 // VW sums at once: lane i of the result = the sum of v[i]'s lanes (a transpose by halves: 45 operations for
 // 16 sums, against ~8 each one at a time).
@@ -112,6 +115,12 @@ GB_INLINE vf vf_fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 GB_INLINE vf vf_fnma(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
 GB_INLINE vf vf_abs(vf a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
 GB_INLINE vf vf_round(vf a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+GB_INLINE vf vf_floor(vf a) { return _mm256_floor_ps(a); }
+GB_INLINE void vf_store_i8(int8_t *p, vf v) {
+    const __m256i i = _mm256_cvtps_epi32(v);
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+    _mm_storel_epi64((__m128i *)p, _mm_packs_epi16(w, w));
+}
 GB_INLINE float vf_sum(vf a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -174,6 +183,12 @@ GB_INLINE vf vf_fma(vf a, vf b, vf c) { return vfmaq_f32(c, a, b); }
 GB_INLINE vf vf_fnma(vf a, vf b, vf c) { return vfmsq_f32(c, a, b); }
 GB_INLINE vf vf_abs(vf a) { return vabsq_f32(a); }
 GB_INLINE vf vf_round(vf a) { return vrndnq_f32(a); }
+GB_INLINE vf vf_floor(vf a) { return vrndmq_f32(a); }
+GB_INLINE void vf_store_i8(int8_t *p, vf v) {
+    const int16x4_t w = vmovn_s32(vcvtnq_s32_f32(v));
+    const int8x8_t b = vmovn_s16(vcombine_s16(w, w));
+    vst1_lane_s32((int32_t *)(void *)p, vreinterpret_s32_s8(b), 0);
+}
 GB_INLINE float vf_sum(vf a) { return vaddvq_f32(a); }
 GB_INLINE vf vf_sum_each(const vf *v) { return vpaddq_f32(vpaddq_f32(v[0], v[1]), vpaddq_f32(v[2], v[3])); }
 GB_INLINE float vf_hmax(vf a) { return vmaxvq_f32(a); }
@@ -203,6 +218,8 @@ GB_INLINE vf vf_fma(vf a, vf b, vf c) { return fmaf(a, b, c); }
 GB_INLINE vf vf_fnma(vf a, vf b, vf c) { return fmaf(-a, b, c); }
 GB_INLINE vf vf_abs(vf a) { return fabsf(a); }
 GB_INLINE vf vf_round(vf a) { return nearbyintf(a); }
+GB_INLINE vf vf_floor(vf a) { return floorf(a); }
+GB_INLINE void vf_store_i8(int8_t *p, vf v) { *p = (int8_t)(int32_t)v; }
 GB_INLINE float vf_sum(vf a) { return a; }
 GB_INLINE vf vf_sum_each(const vf *v) { return v[0]; }
 GB_INLINE float vf_hmax(vf a) { return a; }
