@@ -1,7 +1,7 @@
 """glassbox beside its peers on this CPU: same GGUF, same prompts, same token ids, one sitting, one table.
 
     .venv/bin/python bench/peers.py [--systems glassbox,llama.cpp,vllm,transformers] [--modes auto,none,int4,int8]
-                                    [--quick] [--out peers.json]
+                                    [--rounds N] [--quick] [--out peers.json]
 
 Systems: glassbox in each --modes (its `quantization`: see `quantization`), llama.cpp (llama-cpp-python on the
 GGUF's own Q4_1 blocks), vLLM's CPU build (float32) and transformers (float32); the last two read a Hugging
@@ -13,7 +13,9 @@ under its own venv's Python (bench/peers_worker.py), with one thread per core.
 Columns: TTFT of the 13-token prompt (median of 5), batch-1 decode ms/token (128 new tokens, greedy, EOS
 ignored), aggregate output tok/s of 8 and 32 concurrent requests of 128 new tokens, and perplexity on
 bench/data's text (its 938 token ids, teacher-forced). All times are wall clock around each system's own
-generate call (bench/peers_worker.py says how). --quick: 16 new tokens, for a smoke run.
+generate call (bench/peers_worker.py says how). --rounds N: every system N times, in turn, every other round in
+reverse order, each figure the median (a VM's speed drifts within a sitting). --quick: 16 new tokens, for a
+smoke run.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -198,6 +201,17 @@ def report(heading: str, rows: list[tuple[str, dict[str, Any]]], installs: list[
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
+def median_run(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One system's rounds -> its facts (from the first round that gave figures) with each figure the median
+    of the rounds that gave it."""
+    merged = dict(next((r for r in results if "error" not in r), results[0]))
+    for key in {k for r in results for k in r if k.startswith(("ttft", "decode", "tok_s", "perp", "load"))}:
+        values = [r[key] for r in results if isinstance(r.get(key), (int, float))]
+        if values:
+            merged[key] = statistics.median(values)
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--systems", default="glassbox,llama.cpp,vllm,transformers")
@@ -205,6 +219,8 @@ def main() -> None:
                         help="glassbox's CPU modes: quantization[:activations], e.g. auto:float32")
     parser.add_argument("--quick", action="store_true", help="16 new tokens instead of 128: a smoke run")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="for every system")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every system this many times, alternating the order; report medians")
     parser.add_argument("--out", help="also write the figures to this JSON file")
     args = parser.parse_args()
     systems = args.systems.split(",")
@@ -226,15 +242,16 @@ def main() -> None:
            "concurrency": CONCURRENCY, "text_ids": tokenizer.encode(TEXT.read_text())}
     project = Path(sys.executable)
 
-    rows: list[tuple[str, dict[str, Any]]] = []
+    # (name, python, job) of every system and mode, installing the peers first
+    entries: list[tuple[str, Path, dict[str, Any]]] = []
+    failed: list[tuple[str, dict[str, Any]]] = []
     installs: list[str] = []
     for system in systems:
         if system == "glassbox":
             for mode in args.modes.split(","):
                 glassbox_job = job | {"system": system, "mode": mode, "quantization": quantization(mode),
                                       "activations": activations(mode)}
-                rows.append((f"glassbox {mode}" + (" (the default)" if mode == "auto" else ""),
-                             run_worker(project, glassbox_job, args.threads)))
+                entries.append((f"glassbox {mode}" + (" (the default)" if mode == "auto" else ""), project, glassbox_job))
             continue
         try:
             if system == "llama.cpp":
@@ -253,17 +270,28 @@ def main() -> None:
             else:
                 python, name = project, "transformers float32 generate"
         except subprocess.CalledProcessError as error:
-            rows.append((system, {"error": f"install failed: {error}"}))
+            failed.append((system, {"error": f"install failed: {error}"}))
             continue
-        peer_job = job | {"system": system, "hf_folder": str(hf_folder(converted))}
-        rows.append((name, run_worker(python, peer_job, args.threads)))
+        entries.append((name, python, job | {"system": system, "hf_folder": str(hf_folder(converted))}))
+
+    # Round r runs the systems in turn, every other round in reverse order (A B, B A, ...): a VM whose speed
+    # drifts during the sitting moves every system's medians alike.
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in entries}
+    for r in range(args.rounds):
+        for name, python, system_job in entries if r % 2 == 0 else entries[::-1]:
+            if args.rounds > 1:
+                print(f"round {r + 1} of {args.rounds}: {name}", file=sys.stderr)
+            runs[name].append(run_worker(python, system_job, args.threads))
+    rows = [(name, median_run(runs[name])) for name, _, _ in entries] + failed
 
     heading = (f"SmolLM2-135M-Instruct ({gguf.name}); prompt {len(job['prompt'])} tokens, {new_tokens} new tokens, "
-               f"greedy, EOS ignored; {args.threads} threads per system")
+               f"greedy, EOS ignored; {args.threads} threads per system"
+               + (f"; each figure the median of {args.rounds} rounds, alternated" if args.rounds > 1 else ""))
     report(heading, rows, installs, len(job["text_ids"]))
     if args.out:
         Path(args.out).write_text(json.dumps({"cpu": cpu_line(), "date": time.strftime("%Y-%m-%d %H:%M"),
                                               "heading": heading, "rows": [{"system": n, **r} for n, r in rows],
+                                              "rounds": runs,
                                               "installs": installs}, indent=2))
 
 if __name__ == "__main__":
