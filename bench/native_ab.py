@@ -2,11 +2,12 @@
 drifts by ±15-30% between runs, two builds compared in separate processes tell nothing; alternated in one,
 they see the same machine.
 
-    .venv/bin/python bench/native_ab.py --against REV [--gemms 16] [--runs 6]
+    .venv/bin/python bench/native_ab.py --against REV [--gemms 16] [--rows 32] [--runs 6]
 
 REV's kernel sources (git archive) are built as the engine builds its own (kernels/cpu_native.py), and
-  --gemms N  times each linear layer of the default model at 32 rows (int12 activations; the LM head in Q8_0)
-             N times per build, alternated ABBA, and checks the two give the same bits;
+  --gemms N  times each linear layer of the default model at --rows rows of x (int12 activations; the LM head
+             in Q8_0; a list gives a table each) N times per build, alternated ABBA, and checks the two give
+             the same bits;
   --runs N   runs the default engine on 32 requests x 128 new tokens (greedy) N times per build, the builds
              swapped under the same engine, ABBA, and checks the tokens are the same.
 Medians per build, and B/A per pair (A: REV, B: this tree).
@@ -60,12 +61,12 @@ def pairs(a: list[float], b: list[float]) -> str:
     return " ".join(f"{y / x:.3f}" for x, y in zip(a, b))
 
 
-def gemms(libs: dict[str, ctypes.CDLL], rounds: int) -> None:
+def gemms(libs: dict[str, ctypes.CDLL], rounds: int, rows: int) -> None:
     g = torch.Generator().manual_seed(0)
     cases = []
     for name, k, n, prologue, format in SHAPES:
         layer = QLinear(torch.randn(n, k, generator=g) * 0.05, None, format, "int12")
-        x = torch.randn(32, 2 * k if prologue == "silu_mul" else k, generator=g)
+        x = torch.randn(rows, 2 * k if prologue == "silu_mul" else k, generator=g)
         cases.append((name, layer, x, n, prologue, torch.rand(k, generator=g) + 0.5 if prologue == "rms_norm" else None))
     times: dict[tuple[str, str], list[float]] = {}
     outs: dict[tuple[str, str], torch.Tensor] = {}
@@ -79,10 +80,12 @@ def gemms(libs: dict[str, ctypes.CDLL], rounds: int) -> None:
                     y = cpu_native.qlinear(x, layer.qweight(), n, prologue=prologue, norm_weight=norm, eps=1e-5)
                 times.setdefault((name, which), []).append((time.perf_counter() - start) / calls * 1e6)
                 outs[(name, which)] = y
-    print("| layer (32 rows, int12) | A µs | B µs | A / B | same bits |\n|---|---:|---:|---:|---|")
+    print(f"\n| layer ({rows} rows, int12) | A µs | B µs | A / B | same bits |\n|---|---:|---:|---:|---|")
     for name, *_ in cases:
         a, b = (statistics.median(times[(name, w)]) for w in "AB")
         print(f"| {name} | {a:,.1f} | {b:,.1f} | {a / b:.3f}x | {torch.equal(outs[(name, 'A')], outs[(name, 'B')])} |")
+    a, b = (sum(statistics.median(times[(name, w)]) * (1 if name == "lm_head" else 30) for name, *_ in cases) for w in "AB")
+    print(f"| a step's GEMMs (30 layers and the head), ms | {a / 1e3:.2f} | {b / 1e3:.2f} | {a / b:.3f}x | |")
 
 
 def runs(libs: dict[str, ctypes.CDLL], rounds: int) -> None:
@@ -107,14 +110,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--against", required=True, help="the commit to compare with (A)")
     parser.add_argument("--gemms", type=int, default=16, help="rounds of the layer timings (0: none)")
+    parser.add_argument("--rows", default="32", help="rows of x for the layer timings, e.g. 1,8,32")
     parser.add_argument("--runs", type=int, default=6, help="rounds of whole runs (0: none)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         libs = {"A": build(args.against, Path(tmp)), "B": cpu_native.library()}
         print(f"A: {args.against}, B: this tree; ISA {cpu_native.isa()}, {torch.get_num_threads()} threads, "
               f"{time.strftime('%Y-%m-%d %H:%M')}")
-        if args.gemms:
-            gemms(libs, args.gemms)
+        for rows in map(int, args.rows.split(",")) if args.gemms else ():
+            gemms(libs, args.gemms, rows)
         if args.runs:
             runs(libs, args.runs)
 
