@@ -28,15 +28,15 @@ from pathlib import Path
 
 import torch
 
+from cpu_kernels import SHAPES  # the default model's linear layers: (name, in_features, out_features)
 from engine import prompts  # the prompts bench/engine.py times glassbox with
 from glassbox import LLM, SamplingParams
 from glassbox.kernels import cpu_native
 from glassbox.layers.quantized_linear import QLinear
 
 ROOT = Path(__file__).resolve().parent.parent
-# (name, in_features, out_features, prologue, format) of the default model: fused q/k/v, o, gate/up, down, head
-SHAPES = [("qkv", 576, 960, "rms_norm", "q4_1"), ("o", 576, 576, None, "q4_1"), ("gate_up", 576, 3072, "rms_norm", "q4_1"),
-          ("down", 1536, 576, "silu_mul", "q4_1"), ("lm_head", 576, 49152, "rms_norm", "q8_0")]
+# What the engine folds into each layer's call (models/llama_native.py); the LM head is the GGUF's Q8_0
+PROLOGUES = {"qkv": "rms_norm", "gate_up": "rms_norm", "down": "silu_mul", "lm_head": "rms_norm"}
 
 
 def build(rev: str, into: Path) -> ctypes.CDLL:
@@ -64,7 +64,8 @@ def pairs(a: list[float], b: list[float]) -> str:
 def gemms(libs: dict[str, ctypes.CDLL], rounds: int, rows: int) -> None:
     g = torch.Generator().manual_seed(0)
     cases = []
-    for name, k, n, prologue, format in SHAPES:
+    for name, k, n in SHAPES:
+        prologue, format = PROLOGUES.get(name), "q8_0" if name == "lm_head" else "q4_1"
         layer = QLinear(torch.randn(n, k, generator=g) * 0.05, None, format, "int12")
         x = torch.randn(rows, 2 * k if prologue == "silu_mul" else k, generator=g)
         cases.append((name, layer, x, n, prologue, torch.rand(k, generator=g) + 0.5 if prologue == "rms_norm" else None))

@@ -209,6 +209,7 @@ GB_INLINE void tile(const qrows xr, const int MT, const int H, const int format,
 // and a tile holds FUSED_MT rows of x (tile(): M_TILE / 2). The same integers, so the same bits.
 #define FUSED 1
 #define FUSED_MT 8
+_Static_assert(FUSED_MT <= M_TILE, "a fused tile's rows fit gb_qlinear's tile buffer");
 GB_INLINE void tile_fused(const qrows xr, const int MT, const uint8_t *w, const uint16_t *sc, int64_t nb, float *out) {
     __m512 acc[FUSED_MT];
     for (int i = 0; i < FUSED_MT; i++) acc[i] = _mm512_setzero_ps();
@@ -986,7 +987,7 @@ void gb_qlinear(const float *x, int64_t M, int64_t K, int64_t ldx, int prologue,
             const uint8_t *wg = (const uint8_t *)w->data + g0 * group_bytes;
             const uint16_t *sg = w->scales + g0 * group_scales;
             const float *xm = xf + m0 / halves * ldf, *xs = xsum ? xsum + m0 * nb : NULL;
-            float out[(GROUPS * M_TILE > FUSED_MT ? GROUPS * M_TILE : FUSED_MT) * ROWS];
+            float out[GROUPS * M_TILE * ROWS];
             // (every combination spelled out: MT, GN and the format are constants inside each tile)
 #define TILE(MT)                                                                                                     \
     if (halves == 2) {                                                                                               \
