@@ -1,7 +1,7 @@
 """What KV eviction buys on the GPU: blocks held and decode ms/token, dense vs sliding_window and h2o.
 
     python bench/kv_eviction.py [--shape smollm2-135m] [--prompt-len 8000] [--new-tokens 128] [--batches 1,8]
-                                [--device cuda|cpu]
+                                [--device cuda|cpu] [--methods dense,sliding_window,h2o]
 
 Random weights with the shape's real config (bench/gpu.py; built on the GPU), bfloat16 on CUDA; on the CPU
 float32 in Q4_1 blocks (the default model's format, on the native path). Per method and batch size: prompts of
@@ -9,11 +9,11 @@ float32 in Q4_1 blocks (the default model's format, on the native path). Per met
 holds at its last step, and the decode steps' ms (wall time from the step after the last prompt was
 computed to the end, per step). Prints one table; writes $OUT/kv_eviction_<device>.json when $OUT is set.
 
-Measured 2026-12-02 on the lent H200 machine (smollm2-135m shape, blocks of 16):
-  CUDA, 8,000-token prompts, 128 new: dense 508 blocks/seq, 1.13 ms/step (x1) 1.60 (x8) on the CUDA graphs;
-    sliding_window 512+4: 33 blocks, 20.7 / 19.9 ms/step; h2o 0.1+0.1: 102 blocks, 35.0 / 108.8 ms/step.
-    Evicted rows run eager: the decode graphs compute KV slots from positions (engine/cuda_graphs.py
-    would need each row's slot, SeqChunk.cache_start), and h2o takes the readable path for its scores.
+Measured on the lent H200 machine (smollm2-135m shape, blocks of 16):
+  CUDA, 8,000-token prompts, 64 new (2026-12-04): dense 504 blocks/seq, 1.10 ms/step (x1) 2.36 (x32) on
+    the CUDA graphs; sliding_window 512+4: 33 blocks, 2.18 / 5.64 ms/step, on the graphs too (23.8 / 38.2
+    eager before they took each row's slot count); h2o 0.1+0.1: 101 blocks, 65.8 ms/step (x1), the readable
+    path for its scores. llama-8b shape, x8: dense 6.71 ms/step, sliding_window 6.97 over 33 blocks.
   CPU (its 16 cores), Q4_1, 8,000-token prompt, 64 new, batch 1: dense 504 blocks, 27.9 ms/step;
     sliding_window 33 blocks, 5.07 ms/step (native path over 516 keys: 5.5x faster); h2o 101 blocks,
     32.8 ms/step (readable path). At 4,000 tokens: dense 254 blocks 14.3 ms; sliding 33, 5.9 ms; h2o 51, 30.6 ms.
@@ -81,7 +81,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--methods", default="dense,sliding_window,h2o", help="which of the methods, by name")
     args = parser.parse_args()
+    methods = {name: spec for name, spec in METHODS.items() if name.split()[0] in args.methods.split(",")}
     vocab = SHAPES[args.shape]["vocab_size"]
 
     from glassbox.config import EngineConfig
@@ -104,7 +106,7 @@ def main() -> None:
     print("| method | batch | KV blocks per sequence at the end | decode ms/step | steps by executor |")
     print("|---|---:|---:|---:|---|")
     engine = LLMEngine(loaded, config)
-    for name, spec in METHODS.items():
+    for name, spec in methods.items():
         run(engine, spec, 1, 600, 8, vocab)  # warm up the method's paths (evicting after 516 tokens)
         for batch in batches:
             engine.executor_counts.clear()

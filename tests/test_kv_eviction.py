@@ -96,7 +96,7 @@ def test_sliding_window_eviction_equals_its_mask_form(long_tiny, long_tiny_dir, 
     def watch(seq: Sequence) -> None:
         next_position = seq.num_computed_tokens
         expected = sorted({*range(sinks), *range(next_position - window + 1, next_position)})
-        for row in seq.sparsity.slots.positions.view(-1, seq.num_kv_slots):
+        for row in seq.sparsity.slots.positions.reshape(-1, seq.num_kv_slots):
             assert sorted(row.tolist()) == expected  # every layer and KV head holds the sinks and the window
         if seq.num_output_tokens > 1:  # decode steps attend over the cache as is, on the fast path
             assert engine.last_plan.masked_rows == () and engine.last_plan.kind == "decode"
@@ -107,8 +107,8 @@ def test_sliding_window_eviction_equals_its_mask_form(long_tiny, long_tiny_dir, 
     masked, masked_logprobs = generate(engine, MaskOnly(window, sinks), 48)
     assert evicting.token_ids == masked.token_ids
     assert evicting_logprobs == pytest.approx(masked_logprobs, abs=1e-4)
-    if device == "cuda":  # the decode graphs take positions for slots: evicted rows run eager, Triton attention
-        assert engine.runner.graphs is not None and reasons == {"evicted KV caches: the decode graphs take positions for slots"}
+    if device == "cuda":  # evicted rows run on the decode graphs, which take each row's slot count
+        assert engine.runner.graphs is not None and reasons == {"decode step within the captured sizes"}
     assert evicting.sparsity["density"] == pytest.approx(masked.sparsity["density"])
     # sinks + window - 1 keys between steps: 3 blocks of 4, from the first step after the prompt's 10 blocks
     assert held == [3] * len(held) and len(held) == 47
@@ -132,7 +132,7 @@ class Replay(SparsityMethod):
         if q_len > 1:
             return self.prompt_method.keep(x)
         position = context_len - 1
-        kept = self.kept[position][x.layer_idx]  # [KV, slots]: what this layer's KV heads held
+        kept = self.kept[position][x.layer_idx].to(x.scores.device)  # [KV, slots]: what this layer's KV heads held
         mask = torch.zeros(kept.shape[0], context_len, dtype=torch.bool, device=kept.device).scatter_(1, kept, True)
         mask[:, position] = True  # and the query's own key
         return mask.repeat_interleave(num_heads // kept.shape[0], 0)[:, None, :]
@@ -277,8 +277,9 @@ def test_only_a_class_that_declares_eviction_evicts(long_tiny):
 
 
 def test_compaction_keeps_each_rows_kept_keys_with_their_positions():
-    """Model-free: a random eviction, a different set in every (layer, KV head) row, several per row; every
-    kept key and value stays in its row with its position, the evicted ones are gone, blocks come back."""
+    """Model-free: a random eviction, a different set in every (layer, KV head) row, several per row, for two
+    sequences in one step (their moves go in one copy); every kept key and value stays in its row with its
+    position, the evicted ones are gone, blocks come back."""
     from glassbox.config import ModelConfig
     from glassbox.engine.eviction import KVEvictor
     from glassbox.engine.kv_cache import KVCache
@@ -298,28 +299,33 @@ def test_compaction_keeps_each_rows_kept_keys_with_their_positions():
     cache.k.copy_(torch.randn(cache.k.shape))
     cache.v.copy_(torch.randn(cache.v.shape))
     manager = BlockManager(12, 4)
-    seq = Sequence("s", list(range(22)), None)
-    seq.sparsity = SparsityState(Random(), evicting=True)
-    assert manager.allocate(seq, 22)
-    seq.num_computed_tokens = 22
-    seq.token_ids.append(0)  # the sampled token: the next step decodes it
-    table = torch.tensor(seq.block_table)
+    seqs = []
+    for length in (22, 23):
+        seq = Sequence(f"s{length}", list(range(length)), None)
+        seq.sparsity = SparsityState(Random(), evicting=True)
+        assert manager.allocate(seq, length)
+        seq.num_computed_tokens = length
+        seq.token_ids.append(0)  # the sampled token: the next step decodes it
+        seqs.append(seq)
 
-    def rows(cache_tensor: torch.Tensor, slots: int) -> torch.Tensor:  # [L, slots, KV, D] in slot order
-        return cache_tensor[:, table].flatten(1, 2)[:, :slots]
+    def rows(seq: Sequence, cache_tensor: torch.Tensor, slots: int) -> torch.Tensor:  # [L, slots, KV, D] in slot order
+        return cache_tensor[:, torch.tensor(seq.block_table)].flatten(1, 2)[:, :slots]
 
-    keys, values = rows(cache.k, 22).clone(), rows(cache.v, 22).clone()
+    before = [(rows(seq, cache.k, seq.num_computed_tokens).clone(), rows(seq, cache.v, seq.num_computed_tokens).clone()) for seq in seqs]
     evictor = KVEvictor(cache, manager, num_heads=4)
-    assert evictor.after_step([(seq, 22)]) == 9 and seq.num_kv_slots == 13
-    assert len(seq.block_table) == 4 and manager.num_free_blocks == 8  # 13 slots: 4 blocks; 2 came back
-    positions = seq.sparsity.slots.positions  # [L, KV, 13]
-    for layer in range(3):
-        for head in range(2):
-            kept = positions[layer, head]
-            assert len(set(kept.tolist())) == 13
-            assert torch.equal(rows(cache.k, 13)[layer, :, head], keys[layer, kept, head])
-            assert torch.equal(rows(cache.v, 13)[layer, :, head], values[layer, kept, head])
-    assert any(not torch.equal(positions[0, 0].sort().values, positions[l, h].sort().values) for l in range(3) for h in range(2))
+    assert evictor.after_step([(seq, seq.num_computed_tokens) for seq in seqs]) == 18
+    assert [seq.num_kv_slots for seq in seqs] == [13, 14]
+    assert [len(seq.block_table) for seq in seqs] == [4, 4] and manager.num_free_blocks == 4  # 2 + 2 came back
+    for seq, (keys, values) in zip(seqs, before):
+        n = seq.num_kv_slots
+        positions = seq.sparsity.slots.positions  # [L, KV, n]
+        for layer in range(3):
+            for head in range(2):
+                kept = positions[layer, head]
+                assert len(set(kept.tolist())) == n
+                assert torch.equal(rows(seq, cache.k, n)[layer, :, head], keys[layer, kept, head])
+                assert torch.equal(rows(seq, cache.v, n)[layer, :, head], values[layer, kept, head])
+        assert any(not torch.equal(positions[0, 0].sort().values, positions[l, h].sort().values) for l in range(3) for h in range(2))
 
 
 def test_release_unused_gives_back_the_blocks_past_the_filled_slots():

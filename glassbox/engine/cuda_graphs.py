@@ -7,7 +7,8 @@ inputs from static buffers (ids, positions, slots, block tables, context lengths
 rows beyond the real batch are padding: slot -1 (nothing stored), context length 0 (output zeros).
 
 Captured graphs hold the addresses of the KV pool they were captured with, so they belong to one engine.
-Steps with prefill tokens, masked sequences or attention capture run eagerly. A second set, made when the
+Steps with prefill tokens, masked sequences or attention capture run eagerly. A row whose cache lost tokens
+to eviction (engine/eviction.py) stores and attends by its slot count, its rotary position stays its own. A second set, made when the
 first request that reads Quest's blocks decodes (`quest`: the block summaries), takes each row's block budget
 per layer as one more input and keeps the summaries up to date inside the graph; its sizes are captured as
 steps need them.
@@ -132,15 +133,17 @@ class DecodeGraphs:
         self._turn ^= 1
         ids_positions_slots, context_lens = host[0].numpy(), host[1].numpy()
         positions = np.fromiter((c.start for c in chunks), np.int64, n)
-        blocks = np.fromiter((c.block_table[c.start // self.block_size] for c in chunks), np.int64, n)
+        # A row's KV slot is its position unless an evicting method dropped tokens from its cache.
+        slots = np.fromiter((c.start if c.cache_start is None else c.cache_start for c in chunks), np.int64, n)
+        blocks = np.fromiter((c.block_table[slot // self.block_size] for c, slot in zip(chunks, slots)), np.int64, n)
         if previous_rows is None:
             ids_positions_slots[0, :n] = input_ids
         else:
             ids_positions_slots[3, :n] = previous_rows
         ids_positions_slots[1, :n] = positions
-        ids_positions_slots[2, :n] = blocks * self.block_size + positions % self.block_size
+        ids_positions_slots[2, :n] = blocks * self.block_size + slots % self.block_size
         ids_positions_slots[2, n:size] = -1  # padding rows store nothing...
-        context_lens[:n] = positions + 1
+        context_lens[:n] = slots + 1
         context_lens[n:size] = 0  # ...and attend to nothing
         tables.fill([chunk.block_table for chunk in chunks])
         if self.quest is not None:

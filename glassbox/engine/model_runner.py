@@ -125,11 +125,10 @@ class ModelRunner:
         self, batch: ScheduledBatch, num_sampled: int, prompt_logprob_rows: list[int], timed: bool = False
     ) -> StepPlan:
         """How this step runs (see engine/step_plan.py for the rule)."""
-        evicted = any(seq.num_evicted_tokens for seq, _ in batch.items)
         masked, quest = self._sparse_rows(batch, timed)
         return self._plan(
             len(batch.items), batch.num_tokens, num_sampled, masked, tuple(prompt_logprob_rows), timed,
-            launched_ahead=False, evicted=evicted, quest=quest,
+            launched_ahead=False, quest=quest,
         )  # fmt: skip
 
     def plan_ahead(self, num_seqs: int, quest: dict[int, list[int]] | None = None) -> StepPlan:
@@ -153,11 +152,10 @@ class ModelRunner:
         prompt_logprob_rows: tuple[int, ...],
         timed: bool,
         launched_ahead: bool,
-        evicted: bool = False,
         quest: dict[int, list[int]] | None = None,
     ) -> StepPlan:
-        """`evicted`: a row's KV cache lost tokens to eviction (its slots are not its positions, which the
-        CUDA graphs' inputs assume). `quest`: row -> its block budget per layer (reads only chosen blocks)."""
+        """`quest`: row -> its block budget per layer (reads only chosen blocks). Rows whose caches lost
+        tokens to eviction run on the graphs too: they give each row's slot count (SeqChunk.cache_start)."""
         decode = num_tokens == num_seqs and num_sampled == num_seqs and not prompt_logprob_rows
         if timed:
             executor, reason = "eager", "latency timers on"
@@ -165,14 +163,10 @@ class ModelRunner:
             executor, reason = "compiled", f"masked rows, {num_tokens} tokens >= {COMPILED_MIN_TOKENS}"
         elif masked:
             executor, reason = "eager", "masked rows need the readable attention"
-        elif quest and decode and not evicted and self.graphs is not None and self.graphs.can_run(num_seqs):
+        elif quest and decode and self.graphs is not None and self.graphs.can_run(num_seqs):
             executor, reason = "cuda_graph", "decode step reading Quest's blocks, on its own graphs"
         elif quest and self.graphs is not None:
-            executor, reason = "eager", "rows read Quest's blocks beside evicted rows or beyond the graphs' sizes"
-        elif decode and evicted and self.graphs is not None:
-            # Not the compiled layers either: without a graph their guards cost more than they save (the
-            # SmolLM2-135M shape at 8k tokens on the H200: 41 ms a step compiled, 21 eager).
-            executor, reason = "eager", "evicted KV caches: the decode graphs take positions for slots"
+            executor, reason = "eager", "rows read Quest's blocks beyond the graphs' sizes"
         elif decode and self.graphs is not None and self.graphs.can_run(num_seqs):
             executor, reason = "cuda_graph", "decode step within the captured sizes"
         elif "native_stack" in self.executors and self.kv_cache.dtype in cpu_native.CACHE_DTYPES:
@@ -320,7 +314,7 @@ class ModelRunner:
         each sequence then computes the token that step samples for it)."""
         self.kv_cache.bind(self.attention_layers)
         seqs = [seq for seq, _ in batch.items]
-        # (A sequence with evicted tokens is never launched ahead: its slots are not its positions.)
+        # (A sequence that evicts is never launched ahead: its eviction runs on the host between steps.)
         chunks = [SeqChunk(seq.block_table, seq.num_computed_tokens, 1) for seq in seqs]
         rows = None
         if previous is not None:

@@ -34,6 +34,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from glassbox.algorithms import ALGORITHMS
@@ -134,33 +135,61 @@ class MaskInputs:
         return keep.scatter_(-1, order, within.expand_as(order)) & (ranking > float("-inf"))
 
 
-@dataclass
+def broadcast_rows(table: torch.Tensor) -> bool:
+    """Whether a [L, KV, n] table is one row seen by every (layer, KV head) through a broadcast view."""
+    return all(table.stride(d) == 0 or table.shape[d] == 1 for d in (0, 1))
+
+
 class KVSlots:
     """What one sequence's KV cache still holds once eviction began, per layer and KV head, slot by slot.
 
     Slot j of row (layer l, KV head h) holds the key/value of token `positions[l, h, j]` (rotated at that
     position). Every row holds the same number of slots, so the sequence's block table covers `num_slots`
     tokens; rows may hold different tokens (h2o chooses per KV head), and their order is not the tokens'
-    (eviction fills holes from the end: a decode query attends to every slot, in any order)."""
+    (eviction fills holes from the end: a decode query attends to every slot, in any order).
 
-    positions: torch.Tensor  # [L, KV, n] int64 original positions
-    scores: torch.Tensor | None = None  # [L, KV, n] float32 attention each slot received so far (h2o)
+    The positions live on the host, so a method that chooses by position (sliding_window) decides there,
+    with no device work and no wait on the device; the engine moves every sequence's evicted slots in one
+    copy a step. While every row holds the same tokens in the same slots (sliding_window's caches) they are
+    one row (`row`, numpy: a decode step's bookkeeping is a few microseconds a sequence, which a GPU step of
+    a small model feels). The scores a method observes (h2o) live where the attention ran."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, row: np.ndarray, device: torch.device) -> None:
+        self.rows = (num_layers, num_kv_heads)
+        self.row: np.ndarray | None = row  # [n] int64 positions of every row, while they are the same
+        self.table: torch.Tensor | None = None  # [L, KV, n] int64 positions, once rows differ
+        self.device = device  # the KV cache's: where `scores` live
+        self.scores: torch.Tensor | None = None  # [L, KV, n] float32 attention each slot received so far (h2o)
 
     @classmethod
     def full(cls, num_layers: int, num_kv_heads: int, num_tokens: int, device: torch.device) -> KVSlots:
         """A cache that holds tokens 0 .. num_tokens - 1 in order, in every row."""
-        positions = torch.arange(num_tokens, device=device).expand(num_layers, num_kv_heads, num_tokens).clone()
-        return cls(positions)
+        return cls(num_layers, num_kv_heads, np.arange(num_tokens, dtype=np.int64), device)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """[L, KV, n] int64 original positions, on the CPU (a broadcast view of `row` while uniform)."""
+        if self.row is not None:
+            return torch.from_numpy(self.row).expand(*self.rows, len(self.row))
+        return self.table
+
+    @property
+    def uniform(self) -> bool:
+        """Every row holds the same tokens in the same slots."""
+        return self.row is not None
 
     @property
     def num_slots(self) -> int:
-        return self.positions.shape[-1]
+        return len(self.row) if self.row is not None else self.table.shape[-1]
 
     def append(self, start: int, num_new: int) -> None:
         """The tokens at positions start .. start + num_new - 1 took the next slots of every row (scores of 0
         until observed)."""
-        new = torch.arange(start, start + num_new, device=self.positions.device)
-        self.positions = torch.cat([self.positions, new.expand(*self.positions.shape[:2], num_new)], -1)
+        if self.row is not None:
+            self.row = np.concatenate([self.row, np.arange(start, start + num_new, dtype=np.int64)])
+        else:
+            new = torch.arange(start, start + num_new)
+            self.table = torch.cat([self.table, new.expand(*self.rows, num_new)], -1)
         if self.scores is not None:
             self.scores = self._padded(self.scores, self.num_slots)
 
@@ -168,22 +197,38 @@ class KVSlots:
         """Add one layer's attention probabilities [H, Lq, Lk] (Lk = slots incl. this step's tokens) to the
         scores of the slots, summed over the query heads that share each KV head."""
         num_heads, _, lk = probs.shape
-        num_kv = self.positions.shape[1]
+        num_kv = self.rows[1]
         if self.scores is None:
-            self.scores = torch.zeros(self.positions.shape, device=probs.device)
+            self.scores = torch.zeros(*self.rows, self.num_slots, device=self.device)
         if self.scores.shape[-1] < lk:
             self.scores = self._padded(self.scores, lk)
         received = probs.sum(1).view(num_kv, num_heads // num_kv, lk).sum(1)  # [KV, Lk]
         self.scores[layer_idx, :, :lk] += received
 
-    def move(self, rows: tuple[torch.Tensor, torch.Tensor], holes: torch.Tensor, sources: torch.Tensor, keep: int) -> None:
-        """Slot `sources[i]` of row (rows[0][i], rows[1][i]) moved to slot `holes[i]`; keep the first `keep`."""
-        layers, heads = rows
-        for name in ("positions", "scores"):
-            table = getattr(self, name)
-            if table is not None:
-                table[layers, heads, holes] = table[layers, heads, sources]
-                setattr(self, name, table[..., :keep].contiguous())
+    def compact(self, evicted: torch.Tensor, count: int) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray, np.ndarray]:
+        """Drop the slots `evicted` ([L, KV, n] bool on the host, `count` in every row): each row's evicted
+        slots below n - count take its kept slots at or above them, in order. Returns the moves the cache
+        must make: layer, KV head, slot to, slot from ([P] each); layer and KV head are None where every row
+        moves the same slots (a uniform cache and one row of `evicted` broadcast: sliding_window's)."""
+        keep = self.num_slots - count
+        if self.row is not None and self.scores is None and broadcast_rows(evicted):
+            mask = evicted[0, 0].numpy()
+            holes, sources = np.flatnonzero(mask[:keep]), np.flatnonzero(~mask[keep:]) + keep
+            row = self.row.copy()
+            row[holes] = row[sources]
+            self.row = row[:keep]
+            return None, None, holes, sources
+        holes = evicted[..., :keep].nonzero()  # [P, 3]: layer, KV head, slot; row-major, so ...
+        sources = (~evicted[..., keep:]).nonzero()  # ... the i-th source is in the i-th hole's row
+        layers, heads, destination, source = holes[:, 0], holes[:, 1], holes[:, 2], sources[:, 2] + keep
+        table = self.positions.contiguous()  # rows of their own from now on
+        table[layers, heads, destination] = table[layers, heads, source]
+        self.row, self.table = None, table[..., :keep].contiguous()
+        if self.scores is not None:
+            index = [t.to(self.device, non_blocking=True) for t in (layers, heads, destination, source)]
+            self.scores[index[0], index[1], index[2]] = self.scores[index[0], index[1], index[3]]
+            self.scores = self.scores[..., :keep].contiguous()
+        return layers.numpy(), heads.numpy(), destination.numpy(), source.numpy()
 
     @staticmethod
     def _padded(table: torch.Tensor, length: int) -> torch.Tensor:
@@ -375,6 +420,10 @@ class SlidingWindow(SparsityMethod):
 
     def evict(self, slots: KVSlots, next_position: int) -> torch.Tensor:
         # keep's rule for the query at next_position; a key past the window stays past it for later queries.
+        if slots.uniform:  # every row holds the same positions: decided on one, broadcast
+            row = slots.row
+            mask = (row <= next_position - self.window) & (row >= self.sink_tokens)
+            return torch.from_numpy(mask).expand(*slots.rows, len(row))
         return (slots.positions <= next_position - self.window) & (slots.positions >= self.sink_tokens)
 
     def max_kv_tokens(self, context_len: int) -> int:
@@ -501,8 +550,8 @@ class H2O(SparsityMethod):
     # row, since both shares grow by at most one key per token.
 
     def start_eviction(self, slots: KVSlots, layer_state: dict[int, dict[str, Any]], num_heads: int) -> None:
-        num_layers, num_kv, n = slots.positions.shape
-        slots.scores = torch.zeros(slots.positions.shape, device=slots.positions.device)
+        (num_layers, num_kv), n = slots.rows, slots.num_slots
+        slots.scores = torch.zeros(num_layers, num_kv, n, device=slots.device)
         for layer_idx in range(num_layers):
             history = layer_state.get(layer_idx, {}).get("h2o")  # [H, n] from the prompt's mask form
             if history is not None and history.shape[-1] == n:
@@ -512,7 +561,7 @@ class H2O(SparsityMethod):
         n = torch.tensor([next_position + 1])
         recent = int(share(n, self.recent_ratio).clamp(min=1))
         heavy = int(share(n, self.heavy_ratio))
-        older = slots.positions <= next_position - recent  # [L, KV, slots]
+        older = (slots.positions <= next_position - recent).to(slots.scores.device)  # [L, KV, slots]
         ranking = slots.scores.masked_fill(~older, float("-inf"))
         kept = torch.zeros_like(older)
         top = min(heavy, slots.num_slots)
