@@ -311,7 +311,7 @@ def test_compaction_keeps_each_rows_kept_keys_with_their_positions():
     def rows(seq: Sequence, cache_tensor: torch.Tensor, slots: int) -> torch.Tensor:  # [L, slots, KV, D] in slot order
         return cache_tensor[:, torch.tensor(seq.block_table)].flatten(1, 2)[:, :slots]
 
-    before = [(rows(seq, cache.k, seq.num_computed_tokens).clone(), rows(seq, cache.v, seq.num_computed_tokens).clone()) for seq in seqs]
+    before = [tuple(rows(seq, side, seq.num_computed_tokens).clone() for side in (cache.k, cache.v)) for seq in seqs]
     evictor = KVEvictor(cache, manager, num_heads=4)
     assert evictor.after_step([(seq, seq.num_computed_tokens) for seq in seqs]) == 18
     assert [seq.num_kv_slots for seq in seqs] == [13, 14]

@@ -8,10 +8,10 @@ rows beyond the real batch are padding: slot -1 (nothing stored), context length
 
 Captured graphs hold the addresses of the KV pool they were captured with, so they belong to one engine.
 Steps with prefill tokens, masked sequences or attention capture run eagerly. A row whose cache lost tokens
-to eviction (engine/eviction.py) stores and attends by its slot count, its rotary position stays its own. A second set, made when the
-first request that reads Quest's blocks decodes (`quest`: the block summaries), takes each row's block budget
-per layer as one more input and keeps the summaries up to date inside the graph; its sizes are captured as
-steps need them.
+to eviction (engine/eviction.py) stores and attends by its slot count; its rotary position stays its own.
+A second set, made when the first request that reads Quest's blocks decodes (`quest`: the block summaries),
+takes each row's block budget per layer as one more input and keeps the summaries up to date inside the
+graph; its sizes are captured as steps need them.
 
 A step can take its input ids from tokens still on the device (`run(previous_tokens=...)`), so it can be
 launched before the host has read them — the host reads and reports step N's tokens while the device runs

@@ -205,7 +205,9 @@ class KVSlots:
         received = probs.sum(1).view(num_kv, num_heads // num_kv, lk).sum(1)  # [KV, Lk]
         self.scores[layer_idx, :, :lk] += received
 
-    def compact(self, evicted: torch.Tensor, count: int) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray, np.ndarray]:
+    def compact(
+        self, evicted: torch.Tensor, count: int
+    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray, np.ndarray]:
         """Drop the slots `evicted` ([L, KV, n] bool on the host, `count` in every row): each row's evicted
         slots below n - count take its kept slots at or above them, in order. Returns the moves the cache
         must make: layer, KV head, slot to, slot from ([P] each); layer and KV head are None where every row
