@@ -85,6 +85,7 @@ def test_global_mask_set_shown_and_cleared(server):
     assert "simulated" in shown["compute"] and shown["evicts"] is None
     methods = {m["method"]: m for m in shown["methods"]}  # what each saves: KV memory by eviction, or nothing yet
     assert methods["sliding_window"]["evicts"] and methods["h2o"]["evicts"] and "KV memory" in methods["h2o"]["saves"]
+    assert "decode time" in methods["sliding_window"]["saves"] and "decode time" in methods["block_sparse"]["saves"]
     assert not methods["top_k"]["evicts"] and methods["top_k"]["saves"].startswith("nothing")
     set_ = httpx.post(f"{server}/optimization/sparsity_mask", json={"mask_pattern": "top_k", "k": 2}, timeout=60)
     assert set_.status_code == 200 and set_.json()["active"] == {"method": "top_k", "k": 2}

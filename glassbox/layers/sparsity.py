@@ -401,7 +401,10 @@ class SlidingWindow(SparsityMethod):
     name = "sliding_window"
     description = "StreamingLLM: the first `sink_tokens` keys and the last `window` (the query's own included)"
     selects_from = "positions"
-    saves = "KV memory: evicts the keys between the sinks and the window; a sequence holds sink_tokens + window"
+    saves = (
+        "KV memory and decode time: evicts the keys between the sinks and the window, so a sequence holds "
+        "sink_tokens + window keys and each decode step reads only those (native CPU attention, CUDA graphs)"
+    )
     evicts = True
 
     def __init__(self, window: int, sink_tokens: int) -> None:
@@ -507,7 +510,8 @@ class H2O(SparsityMethod):
     selects_from = "history of scores"
     saves = (
         "KV memory: evicts, per KV head, the older keys that received the least attention; a sequence holds "
-        "(heavy_ratio + recent_ratio) of its tokens"
+        "(heavy_ratio + recent_ratio) of its tokens. Not decode time: its decode steps run the readable "
+        "attention, which hands it the probabilities it accumulates"
     )
     evicts = True
     observes_scores = True
