@@ -356,3 +356,29 @@ def test_evaluate_reports_the_blocks_the_engine_holds(long_tiny):
         assert blocks["sparse"] == held[-1] == report["per_text"][0]["kv_blocks_sparse"] == expected
         assert blocks["dense"] == report["per_text"][0]["kv_blocks_dense"] == math.ceil(299 / 16) == 19
         assert blocks["evicts"] == (method is not None)
+
+
+def test_h2o_on_the_native_stack_observes_what_the_readable_path_observes(long_tiny_dir):
+    """h2o's evicted decode steps run the native stack, whose attention writes what each kept key received
+    (kernels/cpu/paged_attention.c): the same scores, evictions and tokens as the readable attention's."""
+    quantized = load_model(long_tiny_dir)  # (the module's model is prepared for float32)
+    runs = {}
+    for name in ("native", "readable"):
+        engine = make_engine(quantized, quantization="auto", block_size=4)
+        if name == "readable":
+            engine.runner.executors.pop("native_stack")  # the plan then masks h2o's rows: the readable path
+        kept, executors = [], set()
+
+        def watch(seq: Sequence) -> None:
+            kept.append(seq.sparsity.slots.positions.clone())
+            if seq.num_output_tokens > 1:
+                executors.add(engine.last_plan.executor)
+                assert engine.last_plan.observed_rows == ((0,) if name == "native" else ())
+
+        final, logprobs = generate(engine, H2O(0.2, 0.1), 40, watch)
+        runs[name] = (final.token_ids, logprobs, kept, executors)
+    native, readable = runs["native"], runs["readable"]
+    assert native[3] == {"native_stack"} and readable[3] == {"eager"}
+    assert native[0] == readable[0]
+    assert native[1] == pytest.approx(readable[1], abs=5e-3)  # two int12 paths, a bfloat16 cache: rounding apart
+    assert len(native[2]) == len(readable[2]) and all(torch.equal(a, b) for a, b in zip(native[2], readable[2]))

@@ -8,6 +8,7 @@ them later."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -126,10 +127,18 @@ class ModelRunner:
     ) -> StepPlan:
         """How this step runs (see engine/step_plan.py for the rule)."""
         masked, quest = self._sparse_rows(batch, timed)
-        return self._plan(
-            len(batch.items), batch.num_tokens, num_sampled, masked, tuple(prompt_logprob_rows), timed,
-            launched_ahead=False, quest=quest,
-        )  # fmt: skip
+        sizes, logprob_rows = (len(batch.items), batch.num_tokens, num_sampled), tuple(prompt_logprob_rows)
+        observed = tuple(i for i in masked if self._observes(batch.items[i][0].sparsity))
+        if observed and len(observed) == len(masked):  # masked only to observe: the native stack writes that
+            plan = self._plan(*sizes, (), logprob_rows, timed, launched_ahead=False, quest=quest)
+            if plan.executor == "native_stack":
+                return dataclasses.replace(plan, observed_rows=observed)
+        return self._plan(*sizes, masked, logprob_rows, timed, launched_ahead=False, quest=quest)
+
+    @staticmethod
+    def _observes(state: SparsityState) -> bool:
+        """A row over an evicted cache whose method observes the attention its keys receive (h2o)."""
+        return state.slots is not None and state.method.observes_scores
 
     def plan_ahead(self, num_seqs: int, quest: dict[int, list[int]] | None = None) -> StepPlan:
         """The plan of a decode step launched ahead of the host (`launch_decode`): every row sampled, none
@@ -273,11 +282,16 @@ class ModelRunner:
             if plan.masked_rows:
                 meta.probe = StepProbe(masks={i: batch.items[i][0].sparsity for i in plan.masked_rows})
             meta.quest = self._quest_step(plan)
+            if plan.observed_rows:
+                meta.observe = self._observe_buffers(plan.observed_rows, meta)
             ends = meta.query_start_loc_list[1:]
             # Names the step and its executor in profiler traces.
             with torch.profiler.record_function("glassbox::forward"), _named(plan):
                 hidden = self.executors[plan.executor].forward(torch.tensor(input_ids, device=self.device), positions, meta)
             all_logits = None
+            for row, i in enumerate(plan.observed_rows):  # [L, KV, context]: what each slot received
+                received = meta.observe[1][:, row, :, : meta.context_lens_list[i]]
+                batch.items[i][0].sparsity.slots.receive(received)
         self._summarize(plan, chunks, meta)
         clock.lap(result.seconds, "forward")
         if sample_requests:
@@ -345,6 +359,16 @@ class ModelRunner:
         ready = torch.cuda.Event()
         ready.record()
         return PendingDecode(plan, batch, tokens, host, ready)
+
+    def _observe_buffers(self, rows: tuple[int, ...], meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """The native stack's inputs for observed rows (their one token each): each token's row of the output
+        or -1, and the output [num_layers, rows, KV, widest context] of zeros."""
+        token_rows = torch.full((len(meta.slot_mapping),), -1, dtype=torch.int32)
+        for row, i in enumerate(rows):
+            token_rows[meta.query_start_loc_list[i]] = row
+        width = max(meta.context_lens_list[i] for i in rows)
+        num_layers, _, _, num_kv, _ = self.kv_cache.k.shape
+        return token_rows, torch.zeros(num_layers, len(rows), num_kv, width)
 
     def _quest_step(self, plan: StepPlan) -> QuestStep | None:
         """The step's Quest inputs: the summaries once kept (the native attention keeps them up to date), and

@@ -6,7 +6,10 @@ a test can see; `/debug/latency_stats` counts the executors the timed steps used
 The rule, in `ModelRunner.plan`, the first that applies:
   timed (latency timers on)             -> eager: module hooks fire only on the plain forward
   masked rows                           -> compiled on a long step (attention stays outside compiled
-                                           code), else eager: masks need the readable attention
+                                           code), else eager: masks need the readable attention; rows
+                                           masked only to observe the attention (h2o over its evicted
+                                           cache) run the native stack where it would run the step, and
+                                           it writes what their keys received (`observed_rows`)
   rows reading Quest's blocks, CUDA     -> cuda_graph (Quest's own graphs) for a decode step, else eager
   decode step within the CUDA graphs    -> cuda_graph
   native CPU layers (quantized)         -> native_stack over a float32/bfloat16 cache, else native_layers
@@ -36,6 +39,9 @@ class StepPlan:
     launched_ahead: bool = False  # a decode step launched before the host read the previous one's tokens
     # Batch rows whose decode token reads only chosen KV blocks (Quest) -> the budget in each layer (0: all).
     quest: dict[int, list[int]] = field(default_factory=dict, hash=False)
+    # Batch rows over evicted caches whose method observes the attention (h2o), on the native stack, which
+    # writes what their keys received.
+    observed_rows: tuple[int, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -55,6 +61,7 @@ class StepPlan:
             for name, value in (
                 ("masked", len(self.masked_rows)),
                 ("quest", len(self.quest)),
+                ("observed", len(self.observed_rows)),
                 ("timed", self.timed),
                 ("ahead", self.launched_ahead),
             )

@@ -81,6 +81,12 @@ class Quest(ctypes.Structure):
     _fields_ = [("summaries", _P), ("top_blocks", _P), ("selected", _P), ("selected_width", _I)]
 
 
+class Observe(ctypes.Structure):
+    """kernels.h's gb_observe: where tokens add the attention their keys received (H2O's history)."""
+
+    _fields_ = [("rows", _P), ("num_rows", _I), ("width", _I), ("out", _P)]
+
+
 SIGNATURES = {
     "gb_rows": ([], _I),
     "gb_isa": ([], ctypes.c_char_p),
@@ -88,9 +94,14 @@ SIGNATURES = {
     "gb_quantize_rows": ([_P, _I, _I, _P, _P, _P], None),
     "gb_quantize": ([_P, _I, _I, _I, _P, _P, _P], None),
     "gb_argmax": ([_P, _I, _I, _I, _P], None),
-    "gb_llama_layers": ([_P, _I, _I, _I, _I, _I, _I, _I, _F, _F, _INT, _P, _I, _P, _P, _P, _P, _I, _P, _I, _P, _P], None),
+    "gb_llama_layers": (
+        [_P, _I, _I, _I, _I, _I, _I, _I, _F, _F, _INT, _P, _I, _P, _P, _P, _P, _I, _P, _I, _P, _P,
+         ctypes.POINTER(Observe)],
+        None,
+    ),
     "gb_paged_attention": (
-        [_P, _I, _I, _P, _P, _P, _P, _INT, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _F, _I, ctypes.POINTER(Quest), _P],
+        [_P, _I, _I, _P, _P, _P, _P, _INT, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _F, _I, ctypes.POINTER(Quest),
+         ctypes.POINTER(Observe), _P],
         None,
     ),
 }
@@ -316,6 +327,7 @@ def paged_attention(
     quest_summaries: torch.Tensor | None = None,
     top_blocks: torch.Tensor | int | None = None,
     selected: torch.Tensor | None = None,
+    observe: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """A step's attention, prefill chunks and decode tokens alike: rotary on q and k, k/v stored to their
     slots, causal attention of every new token through its sequence's block table.
@@ -325,7 +337,10 @@ def paged_attention(
     Quest (block-sparse decode, kernels.h): quest_summaries [num_blocks, KV, 2, D] float32, the min and max
     of each block's keys, kept up to date by the call; sequence s's decode token reads only top_blocks[s]
     blocks (top_blocks: [S] int32, or one budget for all; 0 or None: all); selected [T, KV, W] int32
-    (optional) gets the blocks each token's kv head read (-1: all)."""
+    (optional) gets the blocks each token's kv head read (-1: all).
+    observe (H2O's history): (rows [T] int32, out [R, KV, W] float32): token t with rows[t] >= 0 adds the
+    attention probabilities its query heads gave each key, summed over each kv head's heads, to
+    out[rows[t], :, key] (tokens that read Quest's chosen blocks add nothing)."""
     tokens = qkv.shape[0]
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     assert qkv.stride(1) == 1 and k_cache.dtype == v_cache.dtype and k_cache.dtype in CACHE_DTYPES
@@ -346,9 +361,20 @@ def paged_attention(
         qkv.data_ptr(), tokens, qkv.stride(0), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         k_cache.dtype == torch.bfloat16, slot_mapping.data_ptr(), query_start_loc.data_ptr(),
         query_start_loc.shape[0] - 1, block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(),
-        num_heads, num_kv_heads, head_dim, block_size, scale, sliding_window or 0, quest, out.data_ptr(),
+        num_heads, num_kv_heads, head_dim, block_size, scale, sliding_window or 0, quest, _observe(observe, tokens),
+        out.data_ptr(),
     )  # fmt: skip
     return out
+
+
+def _observe(observe: tuple[torch.Tensor, torch.Tensor] | None, tokens: int):
+    """(rows [T] int32, out [..., R, KV, W] float32) -> a pointer to kernels.h's gb_observe, or None."""
+    if observe is None:
+        return None
+    rows, out = observe
+    assert rows.dtype == torch.int32 and rows.shape == (tokens,) and rows.is_contiguous()
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    return ctypes.byref(Observe(rows.data_ptr(), out.shape[-3], out.shape[-1], out.data_ptr()))
 
 
 def llama_layers(
@@ -365,13 +391,15 @@ def llama_layers(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     quest_top: torch.Tensor | None = None,
+    observe: tuple[torch.Tensor, torch.Tensor] | None = None,
     isa: str | None = None,
 ) -> None:
     """Every decoder layer of a Llama-family quantized model over one step, in place on x [T, hidden] float32
     (contiguous). layers: a ctypes array of LlamaLayer; dims: (hidden, intermediate, heads, kv heads,
     head_dim, block_size); eps: the RMSNorms'; scale: attention's; cache_dtype: one of CACHE_DTYPES;
     quest_top: [num_layers, S] int32, Quest's block budget of each sequence in each layer (the layers
-    with summaries), or None. The rest as paged_attention's arguments."""
+    with summaries), or None; observe: paged_attention's, with out [num_layers, R, KV, W]. The rest as
+    paged_attention's arguments."""
     assert x.dtype == torch.float32 and x.is_contiguous() and cache_dtype in CACHE_DTYPES
     assert quest_top is None or (quest_top.dtype == torch.int32 and quest_top.is_contiguous())
     assert cos.is_contiguous() and sin.is_contiguous() and block_tables.is_contiguous()
@@ -379,7 +407,7 @@ def llama_layers(
         ctypes.addressof(layers), len(layers), *dims, eps, scale, cache_dtype == torch.bfloat16, x.data_ptr(),
         x.shape[0], cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), query_start_loc.data_ptr(),
         query_start_loc.shape[0] - 1, block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(),
-        None if quest_top is None else quest_top.data_ptr(),
+        None if quest_top is None else quest_top.data_ptr(), _observe(observe, x.shape[0]),
     )  # fmt: skip
 
 

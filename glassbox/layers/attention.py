@@ -54,6 +54,9 @@ class AttentionMetadata:
     # Quest's block summaries (kept up to date by the native CPU attention) and budgets, once an engine keeps
     # them (engine/quest.py); None otherwise.
     quest: QuestStep | None = None
+    # The attention evicted caches' keys receive (H2O's history), written by the native stack: (rows [T]
+    # int32: each token's row of out or -1, out [num_layers, R, KV, W] float32 zeros); None otherwise.
+    observe: tuple[torch.Tensor, torch.Tensor] | None = None
     # Built by the first layer that needs it and reused by the others (see DecodeBatch).
     decode_batch: attention_torch.DecodeBatch | None = field(default=None, repr=False)
 

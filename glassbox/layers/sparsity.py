@@ -198,12 +198,22 @@ class KVSlots:
         scores of the slots, summed over the query heads that share each KV head."""
         num_heads, _, lk = probs.shape
         num_kv = self.rows[1]
+        received = probs.sum(1).view(num_kv, num_heads // num_kv, lk).sum(1)  # [KV, Lk]
+        self._scores(lk)[layer_idx, :, :lk] += received
+
+    def receive(self, received: torch.Tensor) -> None:
+        """Add what the slots received in every layer, [L, KV, Lk] summed over each KV head's query heads
+        (the native stack writes it: kernels/cpu/paged_attention.c)."""
+        lk = received.shape[-1]
+        self._scores(lk)[:, :, :lk] += received.to(self.device)
+
+    def _scores(self, length: int) -> torch.Tensor:
+        """The scores, made (zeros) or padded to cover `length` slots."""
         if self.scores is None:
             self.scores = torch.zeros(*self.rows, self.num_slots, device=self.device)
-        if self.scores.shape[-1] < lk:
-            self.scores = self._padded(self.scores, lk)
-        received = probs.sum(1).view(num_kv, num_heads // num_kv, lk).sum(1)  # [KV, Lk]
-        self.scores[layer_idx, :, :lk] += received
+        if self.scores.shape[-1] < length:
+            self.scores = self._padded(self.scores, length)
+        return self.scores
 
     def compact(
         self, evicted: torch.Tensor, count: int

@@ -103,7 +103,7 @@ class NativeStack:
         cpu_native.llama_layers(
             self.table, dims, self.eps, self.scale, cache.dtype, x, cos, sin, meta.slot_mapping,
             meta.query_start_loc, meta.block_tables, meta.context_lens,
-            None if meta.quest is None else meta.quest.top_blocks,
+            None if meta.quest is None else meta.quest.top_blocks, meta.observe,
         )  # fmt: skip
         return self.model.final_norm(x)
 

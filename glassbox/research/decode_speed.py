@@ -7,7 +7,8 @@ KV eviction, Quest's block reads, or the mask form) — dense, then under the me
   kv_blocks_at_end     blocks the sequence holds at its last decode step
   attention_ms_per_step  the decode attention alone, replayed over the sequence's final cache in every layer
                        on the kernel the served step ran (native CPU or Triton; Quest's choice included),
-                       median of ATTENTION_REPEATS; None where decode takes the readable path (masks, h2o)
+                       median of ATTENTION_REPEATS; None where decode takes the readable path (masks; h2o off
+                       the native stack)
 The replay's query is random (the cost of a decode step's attention does not depend on its values) and it
 stores its key where the sequence's last one is: the run is over, its blocks are freed right after.
 The whole measurement runs on the engine thread: serving waits for it (bounded by Limits).

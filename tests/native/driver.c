@@ -66,7 +66,7 @@ int main(void) {
         const int64_t T = p[0], H = p[5], D = p[7];
         float *out = malloc(sizeof(float) * (size_t)(T * H * D));
         gb_paged_attention(qkv, T, p[1], cos, sin, k, v, (int)p[2], slots, starts, p[3], tables, p[4], contexts, H,
-                           p[6], D, p[8], *scale, p[9], NULL, out);
+                           p[6], D, p[8], *scale, p[9], NULL, NULL, out);
         write_array(out, (int64_t)sizeof(float) * T * H * D);
         write_array(k, k_bytes);
         write_array(v, v_bytes);

@@ -48,8 +48,18 @@ typedef struct {
     int64_t selected_width;
 } gb_quest;
 
+// The attention each key received (H2O's history): a token t with rows[t] >= 0 adds, for each kv head,
+// the softmax probabilities of its query heads over its keys, summed over the heads, to
+// out [num_rows, KVH, width] at row rows[t] (key i of its context at column i). Tokens that read Quest's
+// chosen blocks add nothing.
+typedef struct {
+    const int32_t *rows;  // [T]: each token's row in out, or -1
+    int64_t num_rows, width;
+    float *out;
+} gb_observe;
+
 void gb_paged_attention(const float *qkv, int64_t T, int64_t ld_qkv, const float *cos, const float *sin,
                         void *k_cache, void *v_cache, int cache_bf16, const int64_t *slot_mapping,
                         const int32_t *query_start_loc, int64_t S, const int32_t *block_tables, int64_t max_blocks,
                         const int32_t *context_lens, int64_t H, int64_t KVH, int64_t D, int64_t BS, float scale,
-                        int64_t window, const gb_quest *quest, float *out);
+                        int64_t window, const gb_quest *quest, const gb_observe *observe, float *out);

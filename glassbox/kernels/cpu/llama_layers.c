@@ -10,7 +10,8 @@
 //
 // x [T, hidden] float32 is updated in place; the step's metadata is gb_paged_attention's, with Quest's block
 // budgets per layer and sequence (quest_top [num_layers, S], or NULL: all dense; layers with summaries keep
-// them up to date either way).
+// them up to date either way) and the attention keys received (observe, or NULL: out [num_layers, num_rows,
+// KVH, width]).
 
 #include <stdlib.h>
 
@@ -29,7 +30,7 @@ void gb_llama_layers(const gb_llama_layer *layers, int64_t num_layers, int64_t h
                      int64_t H, int64_t KVH, int64_t D, int64_t BS, float eps, float scale, int cache_bf16, float *x,
                      int64_t T, const float *cos, const float *sin, const int64_t *slot_mapping,
                      const int32_t *query_start_loc, int64_t S, const int32_t *block_tables, int64_t max_blocks,
-                     const int32_t *context_lens, const int32_t *quest_top) {
+                     const int32_t *context_lens, const int32_t *quest_top, const gb_observe *observe) {
     const int64_t qkv_n = (H + 2 * KVH) * D;
     float *qkv = malloc(sizeof(float) * (size_t)(T * qkv_n));
     float *attn = malloc(sizeof(float) * (size_t)(T * H * D));
@@ -38,10 +39,14 @@ void gb_llama_layers(const gb_llama_layer *layers, int64_t num_layers, int64_t h
         const gb_llama_layer *l = layers + i;
         // Quest: quest_top [num_layers, S] holds each sequence's block budget in each layer.
         const gb_quest quest = {l->quest_summaries, quest_top ? quest_top + i * S : NULL, NULL, 0};
+        // H2O's history: observe->out is [num_layers, num_rows, KVH, width], a layer's slice to each call.
+        const gb_observe layer_observe = observe ? (gb_observe){observe->rows, observe->num_rows, observe->width,
+                                                                observe->out + i * observe->num_rows * KVH * observe->width}
+                                                 : (gb_observe){0};
         gb_qlinear(x, T, hidden, hidden, PROLOGUE_RMS_NORM, l->input_norm, eps, &l->qkv, qkv_n, qkv, qkv_n, NULL, 0);
         gb_paged_attention(qkv, T, qkv_n, cos, sin, l->k_cache, l->v_cache, cache_bf16, slot_mapping,
                            query_start_loc, S, block_tables, max_blocks, context_lens, H, KVH, D, BS, scale,
-                           l->sliding_window, l->quest_summaries ? &quest : NULL, attn);
+                           l->sliding_window, l->quest_summaries ? &quest : NULL, observe ? &layer_observe : NULL, attn);
         gb_qlinear(attn, T, H * D, H * D, PROLOGUE_NONE, NULL, 0.0f, &l->o, hidden, x, hidden, x, hidden);
         gb_qlinear(x, T, hidden, hidden, PROLOGUE_RMS_NORM, l->post_attention_norm, eps, &l->gate_up, 2 * intermediate,
                    gate_up, 2 * intermediate, NULL, 0);

@@ -214,12 +214,13 @@ static void quest_select(const float *q, int64_t G, int64_t D, const float *summ
 }
 
 // window > 0: each query sees only its last `window` keys (the model's sliding window). quest: NULL, or
-// Quest's summaries (kept up to date) and the sequences' block budgets (kernels.h).
+// Quest's summaries (kept up to date) and the sequences' block budgets (kernels.h). observe: NULL, or where
+// tokens add the attention their keys received (kernels.h).
 void gb_paged_attention(const float *qkv, int64_t T, int64_t ld_qkv, const float *cos, const float *sin,
                         void *k_cache, void *v_cache, int cache_bf16, const int64_t *slot_mapping,
                         const int32_t *query_start_loc, int64_t S, const int32_t *block_tables, int64_t max_blocks,
                         const int32_t *context_lens, int64_t H, int64_t KVH, int64_t D, int64_t BS, float scale,
-                        int64_t window, const gb_quest *quest, float *out) {
+                        int64_t window, const gb_quest *quest, const gb_observe *observe, float *out) {
     const int64_t G = H / KVH, elem = cache_bf16 ? 2 : 4, row = KVH * D * elem;  // row: bytes per token
     // A task is a new token and all its heads (it reads whole cache rows), or one kv head of it where
     // the step has too few tokens to keep the threads busy (a batch-1 decode step).
@@ -321,6 +322,12 @@ void gb_paged_attention(const float *qkv, int64_t T, int64_t ld_qkv, const float
                 else ATTEND(D, 0);
             }
 #undef ATTEND
+            if (observe && observe->rows[t] >= 0)  // probs [NK · G, n]: this task's kv heads' query heads
+                for (int64_t j = 0; j < NK; j++) {
+                    float *received = observe->out + (observe->rows[t] * KVH + kvh + j) * observe->width + start;
+                    for (int64_t g = 0; g < G; g++)
+                        for (int64_t i = 0; i < n; i++) received[i] += probs[(j * G + g) * n + i];
+                }
         }
         free(rotated);
         free(q);
