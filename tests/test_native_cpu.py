@@ -38,7 +38,8 @@ def test_paged_attention_is_the_torch_path(heads, kv_heads, head_dim, window, st
     the cache bit for bit, the output to float32 rounding. Decode tokens with contexts of 1 token, at block
     boundaries and over several blocks in shuffled order; in "mixed" steps also whole prompts and prompt
     chunks after cached tokens (causal within the chunk), and a batch small enough to split kv heads.
-    A bfloat16 cache holds what torch's rounding stores, read back widened."""
+    A bfloat16 cache holds what torch's rounding stores, read back widened. What each key received (the
+    `observe` output, H2O's history) is the probabilities summed over each kv head's query heads."""
     runnable(isa)
     g = torch.Generator().manual_seed(heads * head_dim)
     block_size, num_blocks = 16, 40
@@ -68,27 +69,36 @@ def test_paged_attention_is_the_torch_path(heads, kv_heads, head_dim, window, st
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g)
     cos, sin = RotaryEmbedding(head_dim, 10000.0)(torch.tensor(positions), torch.float32)
     scale = head_dim**-0.5
+    received = torch.zeros(tokens, kv_heads, max(contexts))  # [rows, KV, width]: every token observes
     out = cpu_native.paged_attention(
         qkv, cos.view(tokens, head_dim), sin.view(tokens, head_dim), k_cache, v_cache, slots,
         torch.tensor(starts, dtype=torch.int32), tables, torch.tensor(contexts, dtype=torch.int32), heads, scale,
-        window, isa,
+        window, isa, observe=(torch.arange(tokens, dtype=torch.int32), received),
     )  # fmt: skip
 
     qk = apply_rotary(qkv[:, : (heads + kv_heads) * head_dim].view(tokens, -1, head_dim), cos, sin)
     v = qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
     attention_torch.store_kv(qk[:, heads:], v, expected_k, expected_v, slots)
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
-    reference, _ = attention_torch.attention(
-        qk[:, :heads].contiguous(), qk[:, heads:], v, expected_k, expected_v, tables, starts, contexts, scale, window
-    )
+    reference, probs = attention_torch.attention(
+        qk[:, :heads].contiguous(), qk[:, heads:], v, expected_k, expected_v, tables, starts, contexts, scale, window,
+        return_probs=True,
+    )  # fmt: skip
     torch.testing.assert_close(out, reference.reshape(tokens, -1), rtol=1e-5, atol=1e-5)
+    expected = torch.zeros_like(received)
+    for i, p in enumerate(probs):  # [H, q_len, context] -> [q_len, KV, context], summed over each group
+        q_len, context = p.shape[1:]
+        expected[starts[i] : starts[i + 1], :, :context] = p.transpose(0, 1).reshape(q_len, kv_heads, -1, context).sum(2)
+    torch.testing.assert_close(received, expected, rtol=1e-5, atol=1e-5)
     # A batch of fewer than 4 tokens splits its kv heads over tasks: the same numbers.
+    received_few = torch.zeros(1, kv_heads, max(contexts))
     few = cpu_native.paged_attention(
         qkv[-1:], cos.view(tokens, head_dim)[-1:], sin.view(tokens, head_dim)[-1:], k_cache, v_cache, slots[-1:],
         torch.tensor([0, 1], dtype=torch.int32), tables[-1:], torch.tensor(contexts[-1:], dtype=torch.int32), heads,
-        scale, window, isa,
+        scale, window, isa, observe=(torch.zeros(1, dtype=torch.int32), received_few),
     )  # fmt: skip
     torch.testing.assert_close(few, reference.reshape(tokens, -1)[-1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(received_few, expected[-1:], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("isa", X86_ISAS)

@@ -13,9 +13,10 @@ Measured on a tiny model (tests/test_kv_eviction.py): 4,096 tokens generated und
 context on the SmolLM2-135M shape (bench/kv_eviction.py, CPU): 504 blocks -> 33, and a decode step on the
 native path 27.9 -> 5.1 ms. A decode step over evicted caches runs on the CUDA decode graphs (each row's
 slots are its `num_kv_slots`, not its position): on the H200, 32 such sequences 38.2 -> 5.6 ms a step
-(bench/kv_eviction.py); h2o's rows take the readable attention, which hands them the probabilities they
-accumulate. The choice and the bookkeeping run on the host (no device work or wait per sequence); the
-moves of all sequences go to the device in one copy a step.
+(bench/kv_eviction.py). h2o's rows run the native stack on the CPU, whose attention writes the probabilities
+they accumulate (StepPlan.observed_rows), and the readable attention elsewhere. The choice and the
+bookkeeping run on the host (no device work or wait per sequence); the moves of all sequences go to the
+device in one copy a step.
 """
 
 from __future__ import annotations

@@ -520,8 +520,8 @@ class H2O(SparsityMethod):
     selects_from = "history of scores"
     saves = (
         "KV memory: evicts, per KV head, the older keys that received the least attention; a sequence holds "
-        "(heavy_ratio + recent_ratio) of its tokens. Not decode time: its decode steps run the readable "
-        "attention, which hands it the probabilities it accumulates"
+        "(heavy_ratio + recent_ratio) of its tokens, and decode time on the native CPU stack (its attention "
+        "writes the probabilities h2o accumulates); on the GPU its decode steps run the readable attention"
     )
     evicts = True
     observes_scores = True

@@ -40,13 +40,16 @@ void gb_llama_layers(const gb_llama_layer *layers, int64_t num_layers, int64_t h
         // Quest: quest_top [num_layers, S] holds each sequence's block budget in each layer.
         const gb_quest quest = {l->quest_summaries, quest_top ? quest_top + i * S : NULL, NULL, 0};
         // H2O's history: observe->out is [num_layers, num_rows, KVH, width], a layer's slice to each call.
-        const gb_observe layer_observe = observe ? (gb_observe){observe->rows, observe->num_rows, observe->width,
-                                                                observe->out + i * observe->num_rows * KVH * observe->width}
-                                                 : (gb_observe){0};
+        gb_observe layer_observe = {0};
+        if (observe) {
+            layer_observe = *observe;
+            layer_observe.out += i * observe->num_rows * KVH * observe->width;
+        }
         gb_qlinear(x, T, hidden, hidden, PROLOGUE_RMS_NORM, l->input_norm, eps, &l->qkv, qkv_n, qkv, qkv_n, NULL, 0);
         gb_paged_attention(qkv, T, qkv_n, cos, sin, l->k_cache, l->v_cache, cache_bf16, slot_mapping,
                            query_start_loc, S, block_tables, max_blocks, context_lens, H, KVH, D, BS, scale,
-                           l->sliding_window, l->quest_summaries ? &quest : NULL, observe ? &layer_observe : NULL, attn);
+                           l->sliding_window, l->quest_summaries ? &quest : NULL, observe ? &layer_observe : NULL,
+                           attn);
         gb_qlinear(attn, T, H * D, H * D, PROLOGUE_NONE, NULL, 0.0f, &l->o, hidden, x, hidden, x, hidden);
         gb_qlinear(x, T, hidden, hidden, PROLOGUE_RMS_NORM, l->post_attention_norm, eps, &l->gate_up, 2 * intermediate,
                    gate_up, 2 * intermediate, NULL, 0);
