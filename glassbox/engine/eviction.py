@@ -115,6 +115,8 @@ class Moves:
     def apply(self, kv_cache: KVCache) -> None:
         """Move the keys and values (one host-to-device copy of the indices and one indexed copy per cache
         and kind of move)."""
+        if not (self.slots or self.rows):
+            return
         device = kv_cache.k.device
         slots = torch.from_numpy(np.concatenate(self.slots, axis=1)).to(device) if self.slots else None
         rows = torch.from_numpy(np.concatenate(self.rows, axis=1)).to(device) if self.rows else None

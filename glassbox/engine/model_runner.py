@@ -128,17 +128,12 @@ class ModelRunner:
         """How this step runs (see engine/step_plan.py for the rule)."""
         masked, quest = self._sparse_rows(batch, timed)
         sizes, logprob_rows = (len(batch.items), batch.num_tokens, num_sampled), tuple(prompt_logprob_rows)
-        observed = tuple(i for i in masked if self._observes(batch.items[i][0].sparsity))
+        observed = tuple(i for i in masked if batch.items[i][0].sparsity.observes)
         if observed and len(observed) == len(masked):  # masked only to observe: the native stack writes that
             plan = self._plan(*sizes, (), logprob_rows, timed, launched_ahead=False, quest=quest)
             if plan.executor == "native_stack":
                 return dataclasses.replace(plan, observed_rows=observed)
         return self._plan(*sizes, masked, logprob_rows, timed, launched_ahead=False, quest=quest)
-
-    @staticmethod
-    def _observes(state: SparsityState) -> bool:
-        """A row over an evicted cache whose method observes the attention its keys receive (h2o)."""
-        return state.slots is not None and state.method.observes_scores
 
     def plan_ahead(self, num_seqs: int, quest: dict[int, list[int]] | None = None) -> StepPlan:
         """The plan of a decode step launched ahead of the host (`launch_decode`): every row sampled, none

@@ -653,6 +653,11 @@ class SparsityState:
     slots: KVSlots | None = None
     evicted: int = 0  # tokens evicted from each (layer, KV head) of the cache since it was (re)computed
 
+    @property
+    def observes(self) -> bool:
+        """Over an evicted cache, its method observes the attention the kept keys receive (h2o)."""
+        return self.slots is not None and self.method.observes_scores
+
     def forget_cache(self) -> None:
         self.slots, self.evicted = None, 0
 
@@ -687,7 +692,7 @@ class SparsityState:
             positions = range(context_len - q_len, context_len)
             self.host_kept += sum(self.slots.num_slots + i + 1 for i in range(q_len)) * num_heads * num_layers
             self.host_allowed += sum(p + 1 for p in positions) * num_heads * num_layers
-            return self.method.observes_scores
+            return self.observes
         if not self.method.is_dense(context_len):
             return True
         self.count_dense(q_len, context_len, num_heads, layer_windows)
